@@ -1,0 +1,146 @@
+"""The ``visionzoo`` command: argument parsing only. Each sub-command turns its arguments into
+a resolved config or a path and calls one function that does the work."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from visionzoo.errors import UserError
+
+EXAMPLES = """examples:
+  visionzoo recipes                                         # the recipes and their seed targets
+  visionzoo recipes --show resnet50_cifar100 optim.lr=0.2   # one recipe, fully resolved
+  make demo                                                 # = visionzoo train fashion_mnist
+  visionzoo train resnet50_cifar100 --data ~/data/cifar-100-python
+  visionzoo train alexnet_imagenet --data /data/imagenet --perf        # short run, prints FPS
+  visionzoo train nfnet_f0_imagenet --data /data/imagenet optim.lr=0.2 data.batch_size=64
+  visionzoo eval runs/<run> --data /data/imagenet
+"""
+
+# The seed scripts' flags, as aliases of config keys.
+FLAG_ALIASES = {
+    "epochs": "train.epochs",
+    "batch_size": "data.batch_size",
+    "lr": "optim.lr",
+    "workers": "data.workers",
+    "seed": "train.seed",
+    "amp": "train.amp",
+    "device": "train.device",
+}
+# apex opt levels of the seeds: O1 (autocast) and O2 (fp16 weights, fp32 master copy) both map to
+# fp16 autocast with a loss scaler; O0 is full precision.
+AMP_ALIASES = {"o0": "none", "o1": "fp16", "o2": "fp16", "true": "auto", "false": "none"}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.2")
+    p.add_argument("--data", help="data folder, or 'synthetic' for random images")
+    g = p.add_argument_group("seed-script flags (aliases of config keys)")
+    g.add_argument("--epochs", type=int, help="train.epochs")
+    g.add_argument("--batch-size", type=int, help="data.batch_size (global, all devices)")
+    g.add_argument("--lr", type=float, help="optim.lr")
+    g.add_argument("--workers", type=int, help="data.workers (per device)")
+    g.add_argument("--seed", type=int, help="train.seed")
+    g.add_argument("--amp", nargs="?", const="auto", help="train.amp: auto|none|bf16|fp16 (apex O0/O1/O2 accepted)")
+    g.add_argument("--device", help="train.device: auto|cpu|cuda|cuda:N|mps")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """Config overrides from the aliases, --data and the positional key=value list (last wins)."""
+    out = []
+    if args.data:
+        out += ["data.name=synthetic"] if args.data == "synthetic" else [f"data.path={args.data}"]
+    for flag, key in FLAG_ALIASES.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            if flag == "amp":
+                value = AMP_ALIASES.get(str(value).lower(), value)
+            out.append(f"{key}={value}")
+    return out + list(args.overrides)
+
+
+def cmd_recipes(args: argparse.Namespace) -> None:
+    from visionzoo.config import load_config, recipe_names, to_yaml
+    from visionzoo.report import format_table
+
+    if args.show:
+        print(to_yaml(load_config(args.show, _overrides(args))), end="")
+        return
+    rows = []
+    for name in recipe_names():
+        c = load_config(name)
+        rows.append({"recipe": name, "model": f"{c.model.library} {c.model.name}", "data": c.data.name,
+                     "seed target": c.seed_target, "source": c.source})
+    print(format_table(rows, ("recipe", "model", "data", "seed target", "source")))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from visionzoo.config import load_config
+    from visionzoo.engine.supervised import fit
+
+    overrides = _overrides(args)
+    if args.steps is not None:
+        overrides.append(f"train.perf_steps={args.steps}")
+    if args.output:
+        overrides.append(f"output={args.output}")
+    cfg = load_config(args.recipe, overrides)
+    fit(cfg, perf=args.perf)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from visionzoo.engine.evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(args.checkpoint, _overrides(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command (tests run each --help)."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="visionzoo", description=__doc__, epilog=EXAMPLES, formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("recipes", help="list the recipes, or print one resolved (--show)", formatter_class=fmt,
+                       epilog="examples:\n  visionzoo recipes\n  visionzoo recipes --show nfnet_f0_imagenet train.epochs=10\n")
+    p.add_argument("--show", metavar="RECIPE", help="print RECIPE fully resolved, as YAML")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("train", help="train a recipe (or time it with --perf)", formatter_class=fmt,
+                       epilog="examples:\n  visionzoo train fashion_mnist\n"
+                              "  visionzoo train resnet50_cifar100 --data ~/data/cifar-100-python --epochs 10\n"
+                              "  visionzoo train densenet201_imagenet --data synthetic --perf --steps 50\n")
+    p.add_argument("recipe", help="recipe name (visionzoo recipes) or a recipe YAML file")
+    _add_config_flags(p)
+    p.add_argument("--perf", action="store_true", help="performance run: time a fixed number of steps, report img/s")
+    p.add_argument("--steps", type=int, help="timed steps of a --perf run (train.perf_steps, default 100)")
+    p.add_argument("--output", help="run folder (default runs/<recipe>-<timestamp>)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint: top-1, top-5, loss", formatter_class=fmt,
+                       epilog="examples:\n  visionzoo eval runs/fashion_mnist-20261123-101500\n"
+                              "  visionzoo eval runs/<run>/best.safetensors --data /data/imagenet --batch-size 128\n")
+    p.add_argument("checkpoint", help="a run folder or a .safetensors file")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code (2 for a user error, with one line on stderr)."""
+    parser = build_parser()
+    # key=value overrides may stand anywhere, also after flags, which argparse alone cannot parse.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    try:
+        args.func(args)
+    except UserError as err:
+        print(f"visionzoo: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("visionzoo: interrupted", file=sys.stderr)
+        return 130
+    return 0

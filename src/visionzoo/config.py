@@ -1,0 +1,270 @@
+"""Typed configuration: dataclasses are the schema, one YAML per recipe fills them in, and
+dotted ``key=value`` overrides change any field. Unknown keys and wrong types are user errors
+that name the closest valid key.
+
+Resolution order: dataclass defaults < recipe YAML < command-line overrides.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from visionzoo.errors import UserError
+
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+DATASETS = ("imagefolder", "cifar10", "cifar100", "fashion_mnist", "mnist", "synthetic")
+
+
+def _check(value: Any, allowed: tuple, key: str) -> None:
+    if value not in allowed:
+        raise UserError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are augmented."""
+
+    name: str = "imagefolder"  # one of DATASETS
+    path: Optional[str] = None  # folder of the data set; None: the data set's default location
+    num_classes: int = 1000  # used by synthetic data; real data sets count their classes
+    batch_size: int = 256  # global batch (all devices together), images per optimizer step
+    workers: int = 8  # DataLoader worker processes per device (capped at the CPU count)
+    # In-memory data sets (CIFAR, MNIST): keep the split on the device and augment whole batches
+    # there (no workers); ImageFolder always uses the DataLoader.
+    device_resident: bool = True
+    in_chans: int = 3
+    # Train-time augmentation.
+    augment: str = "imagenet"  # imagenet: RandomResizedCrop; cifar: pad + RandomCrop; none
+    image_size: int = 224  # train crop size, pixels
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop
+    crop_padding: int = 4  # pixels of zero padding before RandomCrop (augment=cifar)
+    hflip: float = 0.5  # probability of a horizontal flip
+    randaugment: Optional[str] = None  # timm RandAugment string, e.g. rand-m9-n2-mstd0.5
+    interpolation: str = "bilinear"  # bilinear | bicubic
+    # Evaluation preprocessing: resize the short side to test_resize, centre-crop test_size.
+    test_size: int = 224
+    test_resize: int = 256
+    # Normalisation in pixel units (0-255), as MMClassification writes them.
+    mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
+    std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    synthetic_samples: int = 512  # images per split for data.name=synthetic
+
+    def __post_init__(self) -> None:
+        _check(self.name, DATASETS, "data.name")
+        _check(self.augment, ("imagenet", "cifar", "none"), "data.augment")
+        _check(self.interpolation, ("bilinear", "bicubic", "nearest"), "data.interpolation")
+        if self.batch_size < 1:
+            raise UserError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise UserError(f"data.mean and data.std need {self.in_chans} values (data.in_chans)")
+
+
+@dataclass
+class ModelConfig:
+    """Which network; its constructor arguments are saved with every checkpoint."""
+
+    name: str = "resnet50"  # registry name: see visionzoo.models.MODELS, or any timm/torchvision name
+    library: str = "torchvision"  # torchvision | timm | visionzoo
+    drop_rate: float = 0.0  # dropout before the classifier (timm drop_rate / AlexNet dropout)
+    drop_path_rate: float = 0.0  # stochastic depth (timm models only)
+    channels_last: bool = True  # NHWC memory format on accelerators (faster convolutions)
+    sync_bn: bool = False  # SyncBatchNorm across devices (multi-device runs)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor args, e.g. img_size
+
+    def __post_init__(self) -> None:
+        _check(self.library, ("torchvision", "timm", "visionzoo"), "model.library")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and gradient clipping."""
+
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.1  # peak learning rate for the global batch data.batch_size
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    weight_decay: float = 1e-4
+    wd_exclude_bias_norm: bool = False  # no weight decay on biases and normalisation gains
+    clip_mode: str = "none"  # none | norm | value | agc (adaptive gradient clipping, NFNet)
+    clip_value: float = 0.0  # max norm (norm), max value (value), or clip factor (agc)
+    agc_exclude: list[str] = field(default_factory=list)  # parameter-name prefixes AGC skips
+
+    def __post_init__(self) -> None:
+        _check(self.name, ("sgd", "adamw"), "optim.name")
+        _check(self.clip_mode, ("none", "norm", "value", "agc"), "optim.clip_mode")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, precomputed for every step."""
+
+    name: str = "cosine"  # cosine | step | constant
+    by: str = "step"  # step: LR changes every step; epoch: once per epoch
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 0.0  # LR at the first warm-up step
+    min_lr: float = 0.0  # cosine end value
+    milestones: list[int] = field(default_factory=list)  # epochs where step decay happens
+    gamma: float = 0.1  # step decay factor
+
+    def __post_init__(self) -> None:
+        _check(self.name, ("cosine", "step", "constant"), "schedule.name")
+        _check(self.by, ("step", "epoch"), "schedule.by")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    epochs: int = 90
+    amp: str = "auto"  # auto (bf16 where supported, else fp32) | none | bf16 | fp16
+    loss_scale: str = "dynamic"  # fp16 only: dynamic, or a number for a static scale
+    init_scale: float = 65536.0  # first dynamic loss scale
+    label_smoothing: float = 0.0
+    mixup: float = 0.0  # mixup alpha (0: off)
+    cutmix: float = 0.0  # cutmix alpha (0: off)
+    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    ema_decay: float = 0.0  # exponential moving average of weights (0: off)
+    accum_steps: int = 1  # micro-batches per optimizer step
+    seed: int = 0
+    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | ...
+    deterministic: bool = False  # deterministic algorithms (slower; bit-exact reruns on CPU)
+    cudnn_benchmark: bool = True
+    compile: bool = False  # torch.compile the model (minutes of compile time on large models)
+    eval_every: int = 1  # validate every N epochs (and always after the last)
+    max_steps_per_epoch: int = 0  # stop an epoch early after N steps (0: the whole epoch)
+    log_every: int = 50  # steps between metrics.jsonl step records
+    perf_warmup_steps: int = 10  # --perf: untimed steps
+    perf_steps: int = 100  # --perf: timed steps
+
+    def __post_init__(self) -> None:
+        _check(self.amp, AMP_MODES, "train.amp")
+        if self.loss_scale != "dynamic":
+            try:
+                float(self.loss_scale)
+            except ValueError:
+                raise UserError(f"train.loss_scale must be 'dynamic' or a number, got {self.loss_scale!r}")
+        if self.accum_steps < 1:
+            raise UserError("train.accum_steps must be >= 1")
+
+
+@dataclass
+class RecipeConfig:
+    """A whole recipe: everything a run needs, saved as config.yaml in the run folder."""
+
+    recipe: str = ""
+    description: str = ""
+    seed_target: str = ""  # what the seed document reports, for the recipes table
+    source: str = ""  # the reference implementation the hyper-parameters follow
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: Optional[str] = None  # run folder; None: runs/<recipe>-<timestamp>
+
+
+RECIPES_PACKAGE = "visionzoo.recipes"
+
+
+def recipe_names() -> list[str]:
+    """Names of the recipes shipped with visionzoo (the YAML files in visionzoo/recipes)."""
+    files = resources.files(RECIPES_PACKAGE).iterdir()
+    return sorted(f.name[:-5] for f in files if f.name.endswith(".yaml"))
+
+
+def _recipe_text(name: str) -> tuple[str, str]:
+    """The YAML text of a recipe given by name or by path, and the name to record."""
+    path = Path(name)
+    if name.endswith((".yaml", ".yml")):
+        if not path.is_file():
+            raise UserError(f"recipe file not found: {name}")
+        return path.read_text(), path.stem
+    names = recipe_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"unknown recipe '{name}'{hint} (visionzoo recipes lists them)")
+    return resources.files(RECIPES_PACKAGE).joinpath(f"{name}.yaml").read_text(), name
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in node.items():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        if isinstance(v, (dict, DictConfig)):
+            keys += _all_keys(v, f"{full}.")
+    return keys
+
+
+def _explain(err: OmegaConfBaseException, schema: DictConfig, where: str) -> UserError:
+    """Turn an OmegaConf error into one line that names the key and the closest valid one."""
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, ConfigKeyError) or "not in struct" in str(err) or "Key '" in str(err):
+        close = difflib.get_close_matches(key, _all_keys(schema), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return UserError(f"{where}: unknown config key '{key}'{hint}")
+    if isinstance(err, ValidationError):
+        msg = str(err).splitlines()[0]
+        return UserError(f"{where}: bad value for '{key}': {msg}")
+    return UserError(f"{where}: {str(err).splitlines()[0]}")
+
+
+def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        raise _explain(err, base, where) from None
+
+
+def resolve(base: Any, name: str, overrides: list[str] | None = None) -> RecipeConfig:
+    """Merge ``base`` (a recipe mapping) over the defaults, then ``key=value`` overrides."""
+    schema = OmegaConf.structured(RecipeConfig)
+    cfg = _merge(schema, base, f"recipe {name}")
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not of the form key=value (e.g. optim.lr=0.1)")
+        try:
+            dot = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as err:
+            raise UserError(f"override '{item}': {str(err).splitlines()[0]}") from None
+        cfg = _merge(cfg, dot, f"override '{item}'")
+    if not cfg.recipe:
+        cfg.recipe = name
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise _explain(err, schema, f"recipe {name}") from None
+
+
+def load_config(recipe: str, overrides: list[str] | None = None) -> RecipeConfig:
+    """Resolve a recipe (name or YAML path) plus ``key=value`` overrides into a RecipeConfig."""
+    text, name = _recipe_text(recipe)
+    try:
+        recipe_cfg = OmegaConf.create(text)
+    except Exception as err:  # yaml syntax errors come in several types
+        raise UserError(f"recipe {name}: not valid YAML: {str(err).splitlines()[0]}") from None
+    return resolve(recipe_cfg, name, overrides)
+
+
+def to_yaml(cfg: RecipeConfig) -> str:
+    """The resolved config as YAML (what `recipes --show` prints and runs save)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: RecipeConfig) -> dict:
+    """The resolved config as plain Python containers (stored inside checkpoints)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def from_dict(d: dict, overrides: list[str] | None = None) -> RecipeConfig:
+    """Rebuild a RecipeConfig from to_dict's output (as stored in checkpoints), plus overrides."""
+    return resolve(d, d.get("recipe", "checkpoint"), overrides)

@@ -1,0 +1,1 @@
+"""Readers that turn data sets on disk into arrays and torch Datasets."""

@@ -1,0 +1,98 @@
+"""A loader for data sets that fit in memory (CIFAR, MNIST): the whole uint8 split lives on the
+training device, and each batch is cropped, flipped and normalised there with tensor ops.
+
+No worker processes and no per-image Python: on a GPU the split is uploaded once; on a CPU
+it is still ~3x faster than per-image transforms. The augmentation is the same as the
+per-image path (``transforms.train_transform`` with augment=cifar): zero padding by
+``crop_padding``, a uniformly placed crop, a horizontal flip with probability ``hflip``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def random_crop_flip(
+    x: torch.Tensor, size: int, padding: int, hflip: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Per-sample random crop of ``size`` after zero padding, and random horizontal flip, of a
+    [B, C, H, W] batch (any dtype). Offsets are uniform over every valid position."""
+    b, _, h, w = x.shape
+    if padding > 0:
+        x = F.pad(x, (padding, padding, padding, padding))
+    ph, pw = h + 2 * padding, w + 2 * padding
+    dev = x.device
+    # Random numbers come from a CPU generator, so a run draws the same crops on any device.
+    oy = torch.randint(0, ph - size + 1, (b,), generator=generator).to(dev)
+    ox = torch.randint(0, pw - size + 1, (b,), generator=generator).to(dev)
+    ar = torch.arange(size, device=dev)
+    rows = (oy[:, None] + ar)[:, :, None]  # [B, S, 1]
+    cols = (ox[:, None] + ar)[:, None, :]  # [B, 1, S]
+    if hflip > 0:
+        flip = torch.rand(b, generator=generator).to(dev) < hflip
+        # A flipped crop reads its columns right to left.
+        cols = torch.where(flip[:, None, None], cols.flip(-1), cols)
+    batch_idx = torch.arange(b, device=dev)[:, None, None]
+    out = x[batch_idx, :, rows, cols]  # [B, S, S, C]
+    return out.permute(0, 3, 1, 2)
+
+
+class InMemoryLoader:
+    """Iterates ``(images, targets, 0)`` batches from a TensorImageDataset held on ``device``.
+
+    Training shuffles with a permutation seeded by (seed, epoch) — call ``set_epoch`` as with a
+    DistributedSampler — and drops the last partial batch; each rank takes its own slice of the
+    permutation. Evaluation walks the split in order, each rank a contiguous shard, with no
+    sample repeated."""
+
+    def __init__(
+        self, dataset, batch_size: int, train: bool, device: torch.device, d, seed: int = 0,
+        rank: int = 0, world_size: int = 1, memory_format: torch.memory_format = torch.contiguous_format,
+    ):
+        self.dataset = dataset
+        self.images = dataset.images.to(device)
+        self.labels = dataset.labels.to(device)
+        self.batch_size, self.train, self.device = batch_size, train, device
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.augment, self.size, self.padding, self.hflip = d.augment, d.image_size, d.crop_padding, d.hflip
+        self.mean = torch.tensor(d.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(d.std, device=device).view(1, -1, 1, 1)
+        self.memory_format = memory_format
+        n = len(self.labels)
+        if train:
+            self.per_rank = n // world_size
+            self.indices = None
+        else:  # contiguous shards; the first n % world ranks take one extra sample
+            base, extra = divmod(n, world_size)
+            start = rank * base + min(rank, extra)
+            self.indices = torch.arange(start, start + base + (rank < extra), device=device)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.per_rank // self.batch_size
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def _order(self) -> tuple[torch.Tensor, torch.Generator | None]:
+        if not self.train:
+            return self.indices, None
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(len(self.labels), generator=g)
+        mine = perm[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+        return mine.to(self.device), g
+
+    def __iter__(self):
+        order, g = self._order()
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.train and self.augment == "cifar":
+                x = random_crop_flip(x, self.size, self.padding, self.hflip, g)
+            elif self.train and self.augment == "none" and self.hflip > 0:
+                x = random_crop_flip(x, x.shape[-1], 0, self.hflip, g)
+            x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+            yield x, self.labels[idx], 0

@@ -1,0 +1,141 @@
+"""From a DataConfig to datasets and loaders: which reader, which split, which transforms."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+from visionzoo.data.batched import InMemoryLoader
+from visionzoo.data.cifar import load_cifar
+from visionzoo.data.folder import ImageFolderDataset, collate_skip_bad, find_classes
+from visionzoo.data.idx import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, MNIST_CLASSES, load_idx_split
+from visionzoo.data.synthetic import SyntheticDataset
+from visionzoo.data.tensor_dataset import TensorImageDataset
+from visionzoo.data.transforms import eval_transform, train_transform
+from visionzoo.errors import UserError
+
+VAL_DIR_NAMES = ("val", "validation", "test")
+
+
+@dataclass
+class Splits:
+    """The datasets of a run; ``classes`` comes from the data, not from the recipe."""
+
+    train: Dataset | None
+    val: Dataset
+    classes: list[str]
+
+
+def _existing_dir(path: str | None, what: str) -> Path:
+    if not path:
+        raise UserError(f"{what} needs a data folder: pass --data PATH")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"data path does not exist: {p}")
+    if not p.is_dir():
+        raise UserError(f"data path is not a folder: {p}")
+    return p
+
+
+def _imagefolder(d, train: bool) -> Splits:
+    root = _existing_dir(d.path, "an ImageFolder data set")
+    val_dir = next((root / n for n in VAL_DIR_NAMES if (root / n).is_dir()), None)
+    if val_dir is None:
+        raise UserError(f"{root} has no val/ folder (expected {root}/train/<class>/... and {root}/val/<class>/...)")
+    train_dir = root / "train"
+    if train and not train_dir.is_dir():
+        raise UserError(f"{root} has no train/ folder (expected {root}/train/<class>/...)")
+    # Labels are the training split's class folders, so val indices always mean the same class.
+    classes = find_classes(train_dir if train_dir.is_dir() else val_dir)
+    train_ds = ImageFolderDataset(train_dir, classes, train_transform(d)) if train else None
+    val_ds = ImageFolderDataset(val_dir, classes, eval_transform(d))
+    return Splits(train_ds, val_ds, classes)
+
+
+def _in_memory(d, train: bool) -> Splits:
+    if d.name in ("cifar10", "cifar100"):
+        nc = 10 if d.name == "cifar10" else 100
+        if d.path is None:
+            raise UserError(f"{d.name} needs --data: the folder holding cifar-{nc}-python* (or its parent)")
+        _existing_dir(d.path, d.name)
+        load = lambda is_train: load_cifar(d.path, is_train, nc)  # noqa: E731
+    else:
+        path = d.path or (DEFAULT_FASHION_MNIST_DIR if d.name == "fashion_mnist" else None)
+        if path is None:
+            raise UserError("mnist needs --data: the folder holding the IDX files")
+        _existing_dir(path, d.name)
+        names = FASHION_MNIST_CLASSES if d.name == "fashion_mnist" else MNIST_CLASSES
+
+        def load(is_train: bool):
+            images, labels = load_idx_split(path, is_train)
+            return images, labels, list(names)
+
+    val_images, val_labels, classes = load(False)
+    val_ds = TensorImageDataset(val_images, val_labels, classes, eval_transform(d))
+    train_ds = None
+    if train:
+        images, labels, _ = load(True)
+        train_ds = TensorImageDataset(images, labels, classes, train_transform(d))
+    return Splits(train_ds, val_ds, classes)
+
+
+def build_datasets(d, train: bool = True) -> Splits:
+    """The train (when ``train``) and validation datasets a DataConfig describes."""
+    if d.name == "synthetic":
+        shape = (d.in_chans, d.image_size, d.image_size)
+        val_shape = (d.in_chans, d.test_size, d.test_size)
+        train_ds = SyntheticDataset(d.synthetic_samples, shape, d.num_classes, seed=0) if train else None
+        val_ds = SyntheticDataset(max(d.synthetic_samples // 4, 1), val_shape, d.num_classes, seed=1)
+        return Splits(train_ds, val_ds, val_ds.classes)
+    if d.name == "imagefolder":
+        return _imagefolder(d, train)
+    return _in_memory(d, train)
+
+
+def build_loader(
+    ds: Dataset, batch_size: int, workers: int, train: bool, seed: int,
+    rank: int = 0, world_size: int = 1, pin_memory: bool = False,
+) -> DataLoader:
+    """A loader yielding ``(images, targets, n_bad)``; ``batch_size`` is per device.
+
+    Training shuffles with a seeded sampler (a DistributedSampler on several devices) and drops
+    the last partial batch; evaluation keeps every sample in order.
+    """
+    if world_size > 1:
+        sampler = DistributedSampler(ds, world_size, rank, shuffle=train, seed=seed, drop_last=train)
+    elif train:
+        sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed))
+    else:
+        sampler = SequentialSampler(ds)
+    workers = max(0, min(workers, os.cpu_count() or 1))
+    return DataLoader(
+        ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_skip_bad,
+        pin_memory=pin_memory, drop_last=train, persistent_workers=workers > 0 and train,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def build_loaders(
+    splits: Splits, d, batch_size: int, device: torch.device, seed: int, rank: int = 0,
+    world_size: int = 1, memory_format: torch.memory_format = torch.contiguous_format,
+) -> tuple:
+    """Train and val loaders for ``splits`` (train is None when ``splits.train`` is), both
+    yielding ``(images, targets, n_bad)`` with ``batch_size`` images per device.
+
+    In-memory splits use the device-resident loader when ``d.device_resident`` and the
+    augmentation is one it implements (crop/flip); everything else goes through DataLoader."""
+    resident = (d.device_resident and isinstance(splits.val, TensorImageDataset)
+                and d.augment in ("cifar", "none") and not d.randaugment)
+    if resident:
+        def make(ds, train):
+            return InMemoryLoader(ds, batch_size, train, device, d, seed, rank, world_size, memory_format)
+    else:
+        def make(ds, train):
+            return build_loader(ds, batch_size, d.workers, train, seed, rank, world_size,
+                                pin_memory=device.type == "cuda")
+    train = make(splits.train, True) if splits.train is not None else None
+    return train, make(splits.val, False)

@@ -1,0 +1,203 @@
+"""An ImageFolder (root/<class>/<images...>) that survives real-world folders.
+
+Differences from torchvision's ImageFolder: a fixed class list can be imposed
+(so a validation split can never silently get shifted labels), symlink loops
+are walked once, hidden files are ignored, odd pixel modes are converted to
+8-bit RGB properly, and undecodable files come back as None so that
+``collate_skip_bad`` can drop and count them instead of crashing an epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from visionzoo.errors import UserError
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "collate_skip_bad", "find_classes"]
+
+# ImageFile.LOAD_TRUNCATED_IMAGES is deliberately left at Pillow's default
+# (False): a truncated file must raise in __getitem__ and be counted as bad,
+# not be half-decoded into an image with a grey bottom that trains silently.
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
+)
+
+# What a broken or non-image file can raise while Pillow opens and decodes it.
+# UnidentifiedImageError is an OSError, listed for the reader. struct.error
+# and EOFError come out of some plugins (TIFF, GIF) on cut-off headers;
+# DecompressionBombError is Pillow refusing an absurdly large image.
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    UnidentifiedImageError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    Image.DecompressionBombError,
+)
+
+# Unsigned 16-bit greyscale modes (Pillow's names for the byte orders).
+_UNSIGNED_16_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def find_classes(root: str | Path) -> list[str]:
+    """Return the sorted names of the non-hidden sub-folders of ``root``."""
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"image folder not found: {root}")
+    if not root.is_dir():
+        raise UserError(f"image folder path is not a folder: {root}")
+    with os.scandir(root) as it:
+        # is_dir() follows symlinks, so a class folder may be a link.
+        classes = sorted(e.name for e in it if not _hidden(e.name) and e.is_dir())
+    if not classes:
+        raise UserError(f"image folder {root} has no class sub-folders (expected root/<class>/<images>)")
+    return classes
+
+
+def _scan_class_dir(class_dir: str) -> list[str]:
+    """All image files below ``class_dir`` (links followed, each real folder once), sorted."""
+    found: list[str] = []
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:
+            # A link back to a folder already walked (a loop, or two links to
+            # one folder): walking it again would loop or duplicate samples.
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        dirnames[:] = [d for d in dirnames if not _hidden(d)]
+        for name in filenames:
+            if _hidden(name):  # .DS_Store, ._foo.jpg (macOS resource forks), editor temp files
+                continue
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(os.path.join(dirpath, name))
+    found.sort()
+    return found
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _UNSIGNED_16_MODES or mode == "I":
+        arr = np.asarray(img).astype(np.int64)
+        if mode in _UNSIGNED_16_MODES:
+            lo, hi = 0, 65535
+        elif arr.size and arr.min() >= 0 and arr.max() <= 65535:
+            # Pillow reads some 16-bit files (e.g. 16-bit TIFF, PNG in older
+            # Pillow releases) into the 32-bit "I" mode; their real range is 16 bits.
+            lo, hi = 0, 65535
+        else:
+            lo, hi = -(2**31), 2**31 - 1
+        # Scale the mode's whole range onto 0..255. Pillow's own convert("L")
+        # clips instead, which turns nearly every 16-bit image pure white.
+        scaled = np.rint((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    if mode == "P":
+        # A palette may carry transparency; go through RGBA so it is honoured.
+        mode = "RGBA" if "transparency" in img.info else "RGB"
+        img = img.convert(mode)
+        if mode == "RGB":
+            return img
+    if img.mode in {"RGBA", "LA", "PA", "La", "RGBa"}:
+        # Alpha is composited onto black (transparent -> black, half-transparent
+        # -> darkened) rather than dropped: the colour under a fully
+        # transparent pixel is undefined and often garbage.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    # L, 1, CMYK, YCbCr, F (float, clipped by Pillow), ...
+    return img.convert("RGB")
+
+
+class ImageFolderDataset(Dataset):
+    """Images in ``root/<class>/**/<file>``, labelled by class folder.
+
+    ``classes`` fixes the class list (pass the training split's classes when
+    building a validation split); a folder in ``root`` outside that list is an
+    error. ``empty_classes`` names the classes with no images here; they keep
+    their index so labels stay aligned. ``__getitem__`` returns None for files
+    that cannot be decoded: use ``collate_skip_bad`` as the DataLoader's collate_fn.
+    """
+
+    def __init__(self, root: str | Path, classes: list[str] | None = None,
+                 transform: Callable[[Image.Image], Any] | None = None) -> None:
+        self.root = str(root)
+        found = find_classes(root)
+        if classes is None:
+            classes = found
+        else:
+            known = set(classes)
+            for name in found:
+                if name not in known:
+                    raise UserError(
+                        f"class '{name}' in {root} is not among the {len(classes)} training classes"
+                    )
+        self.classes: list[str] = list(classes)
+        self.class_to_idx: dict[str, int] = {c: i for i, c in enumerate(self.classes)}
+        self.transform = transform
+
+        self.samples: list[tuple[str, int]] = []
+        self.empty_classes: list[str] = []
+        present = set(found)
+        for name in self.classes:
+            paths = _scan_class_dir(os.path.join(self.root, name)) if name in present else []
+            if not paths:
+                self.empty_classes.append(name)
+            self.samples.extend((p, self.class_to_idx[name]) for p in paths)
+        if not self.samples:
+            raise UserError(
+                f"image folder {root} has no image files (looked for "
+                f"{', '.join(sorted(IMAGE_EXTENSIONS))} in its class folders)"
+            )
+        self.targets: list[int] = [t for _, t in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        path, target = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                # load() forces the full decode here, so truncated data raises
+                # inside this try rather than later in the transform.
+                img.load()
+                rgb = _to_rgb(img)
+                if rgb is img:
+                    # Detach from the file: the with-block closes it.
+                    rgb = img.copy()
+        except _DECODE_ERRORS:
+            return None
+        return (self.transform(rgb) if self.transform else rgb), target
+
+
+def collate_skip_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack the good (image tensor, target) items; return (images, targets, n_dropped).
+
+    ``None`` items (undecodable files) are dropped and counted. If all are
+    bad, images and targets are empty tensors of shape [0]; skip such batches.
+    """
+    good = [item for item in batch if item is not None]
+    dropped = len(batch) - len(good)
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64), dropped
+    images = torch.stack([img for img, _ in good])
+    targets = torch.tensor([t for _, t in good], dtype=torch.int64)
+    return images, targets, dropped

@@ -1,0 +1,1 @@
+"""Training and evaluation loops: plain functions, read top to bottom."""

@@ -1,0 +1,84 @@
+"""Supervised evaluation: loss, top-1 and top-5 accuracy over a whole split."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
+    """Number of samples whose target is among the k highest logits, for each k (k is capped
+    at the number of classes, so top-5 on a 3-class problem is top-3)."""
+    maxk = min(max(ks), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred.eq(targets.unsqueeze(1))
+    return [hit[:, : min(k, maxk)].any(dim=1).sum() for k in ks]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None,
+    channels_last: bool = False, reduce=None,
+) -> dict:
+    """Mean cross-entropy loss, Acc@1 and Acc@5 (percent) of ``model`` over ``loader``.
+
+    Sums stay on the device until the end (one synchronisation per split). ``reduce``, when
+    given, sums the totals over processes (each rank evaluates its own shard)."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
+    bad = 0
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for images, targets, n_bad in loader:
+        bad += n_bad
+        if images.numel() == 0:
+            continue
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        with autocast:
+            logits = model(images)
+        logits = logits.float()
+        top1, top5 = topk_correct(logits, targets)
+        loss = F.cross_entropy(logits, targets, reduction="sum")
+        totals += torch.stack([loss.double(), top1.double(), top5.double(), torch.tensor(len(targets), device=device, dtype=torch.float64)])
+    if reduce is not None:
+        totals = reduce(totals)
+    loss_sum, top1, top5, count = totals.tolist()
+    count = max(count, 1.0)
+    return {
+        "loss": loss_sum / count, "acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count,
+        "samples": int(count), "bad_images": bad,
+    }
+
+
+def evaluate_checkpoint(checkpoint: str, overrides: list[str]) -> dict:
+    """``visionzoo eval``: rebuild the model of a checkpoint, evaluate it on the validation split
+    of its data set (or the one ``overrides`` name), print and return the figures."""
+    from visionzoo.checkpoint import load_model
+    from visionzoo.config import from_dict
+    from visionzoo.data.build import build_datasets, build_loaders
+    from visionzoo.errors import UserError
+    from visionzoo.runtime import precision_name, resolve_amp, resolve_device
+
+    model, meta = load_model(checkpoint)
+    # The training config, with this command's overrides (--data, --batch-size ...) on top.
+    cfg = from_dict(meta["config"], overrides)
+    device = resolve_device(cfg.train.device)
+    amp_dtype = resolve_amp(cfg.train.amp, device)
+    splits = build_datasets(cfg.data, train=False)
+    if cfg.data.name != "synthetic" and splits.classes != meta["classes"]:
+        raise UserError(f"the data's {len(splits.classes)} classes are not the {len(meta['classes'])} "
+                        f"classes the checkpoint was trained on")
+    channels_last = cfg.model.channels_last
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    _, loader = build_loaders(splits, cfg.data, cfg.data.batch_size, device, 0, memory_format=memory_format)
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    result = evaluate(model, loader, device, amp_dtype, channels_last)
+    print(f"{checkpoint}: Acc@1 {result['acc1']:.2f}%  Acc@5 {result['acc5']:.2f}%  loss {result['loss']:.4f}  "
+          f"({result['samples']} images, {precision_name(amp_dtype)} on {device})"
+          + (f", {result['bad_images']} unreadable skipped" if result["bad_images"] else ""))
+    return result

@@ -1,0 +1,52 @@
+"""One optimizer step with mixed precision: scale → backward → unscale → clip → step → update.
+
+Both loss-scaling styles of the seeds (apex O1/O2 with a dynamic scale, or a static scale such
+as DenseNet's 1024) map onto ``torch.amp.GradScaler``: a static scale is the dynamic scaler
+reset to the same value after every step. Steps whose gradients are not finite are skipped by
+the scaler and counted."""
+
+from __future__ import annotations
+
+import torch
+
+from visionzoo.optim import clip_gradients
+
+
+class GradStep:
+    """Applies a loss to the optimizer; one instance per run."""
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, device: torch.device, amp_dtype: torch.dtype | None,
+        loss_scale: str, init_scale: float, clip_mode: str, clip_value: float, clip_params: list,
+    ):
+        self.optimizer = optimizer
+        self.clip_mode, self.clip_value, self.clip_params = clip_mode, clip_value, clip_params
+        fp16 = amp_dtype == torch.float16
+        self.static_scale = float(loss_scale) if fp16 and loss_scale != "dynamic" else None
+        scale = self.static_scale or init_scale
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=scale, enabled=fp16)
+        self.skipped = 0  # optimizer steps dropped for non-finite gradients
+
+    def __call__(self, loss: torch.Tensor, update: bool = True) -> None:
+        """Backward ``loss``; when ``update``, also clip and step (gradient accumulation
+        calls with update=False for all micro-batches but the last)."""
+        self.scaler.scale(loss).backward()
+        if not update:
+            return
+        if self.clip_mode != "none":
+            self.scaler.unscale_(self.optimizer)
+            clip_gradients(self.clip_params, self.clip_mode, self.clip_value)
+        self.scaler.step(self.optimizer)
+        if self.scaler.is_enabled():
+            # step() has already synchronised to read this flag, so reading it again is free.
+            found_inf = self.scaler._found_inf_per_device(self.optimizer)  # noqa: SLF001
+            self.skipped += int(sum(v.item() for v in found_inf.values()) > 0)
+        self.scaler.update(self.static_scale)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict(), "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scaler.load_state_dict(state["scaler"])
+        self.skipped = state["skipped"]

@@ -1,0 +1,78 @@
+"""Optimizers, gradient clipping and per-step schedules.
+
+Schedules are precomputed as one value per optimizer step (DINO's style) and indexed by the
+global step, so resuming mid-epoch and logging the LR are both trivial."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool) -> list[dict]:
+    """One group, or two when biases and normalisation gains (every 1-D tensor) skip decay."""
+    if not exclude_bias_norm:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, o, device_type: str) -> torch.optim.Optimizer:
+    """SGD (optionally Nesterov) or AdamW for an OptimConfig, using the fastest kernels the
+    device has (fused on CUDA, foreach elsewhere)."""
+    groups = param_groups(model, o.weight_decay, o.wd_exclude_bias_norm)
+    fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, **fast)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), **fast)
+
+
+def clip_parameters(model: nn.Module, o) -> list[torch.Tensor]:
+    """The parameters gradient clipping acts on: AGC leaves out the classifier (as NFNets do)."""
+    if o.clip_mode != "agc" or not o.agc_exclude:
+        return [p for p in model.parameters() if p.requires_grad]
+    return [
+        p for n, p in model.named_parameters()
+        if p.requires_grad and not any(n.startswith(prefix) for prefix in o.agc_exclude)
+    ]
+
+
+def clip_gradients(params: Iterable[torch.Tensor], mode: str, value: float) -> None:
+    """Clip in place: ``norm`` (global L2 norm), ``value`` or ``agc`` (timm's adaptive clipping,
+    unit-wise ratio of gradient norm to parameter norm, eps 1e-3)."""
+    if mode == "none":
+        return
+    from timm.utils import dispatch_clip_grad
+
+    dispatch_clip_grad(params, value, mode=mode)
+
+
+def lr_schedule(s, base_lr: float, epochs: int, steps_per_epoch: int) -> np.ndarray:
+    """LR for every optimizer step of the run: linear warm-up from ``warmup_lr``, then cosine to
+    ``min_lr``, step decay at ``milestones``, or constant. ``by=epoch`` holds each value for a
+    whole epoch (as schedulers stepped once per epoch do)."""
+    total = epochs * steps_per_epoch
+    steps = np.arange(total, dtype=np.float64)
+    t = np.floor(steps / steps_per_epoch) * steps_per_epoch if s.by == "epoch" else steps
+    warm = int(round(s.warmup_epochs * steps_per_epoch))
+    if s.name == "cosine":
+        span = max(total - warm, 1)
+        progress = np.clip((t - warm) / span, 0.0, 1.0)
+        lrs = s.min_lr + 0.5 * (base_lr - s.min_lr) * (1 + np.cos(math.pi * progress))
+    elif s.name == "step":
+        epoch = np.floor(steps / steps_per_epoch)
+        drops = sum((epoch >= m).astype(np.float64) for m in s.milestones) if s.milestones else 0.0
+        lrs = base_lr * s.gamma ** drops * np.ones_like(steps)
+    else:
+        lrs = np.full_like(steps, base_lr)
+    if warm > 0:
+        ramp = s.warmup_lr + (base_lr - s.warmup_lr) * np.arange(warm) / warm
+        lrs[:warm] = ramp[: len(lrs[:warm])]
+    return lrs

@@ -1,0 +1,73 @@
+"""What a run leaves behind: its folder, metrics.jsonl, results.json and the seed-style table."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from visionzoo.checkpoint import atomic_write
+
+# The columns of the seeds' results tables, in their order.
+TABLE_COLUMNS = ("recipe", "Acc@1", "FPS", "devices", "epochs", "precision", "torch")
+
+
+def new_run_dir(recipe: str, output: str | None, root: str = "runs") -> Path:
+    """``output`` if given, else ``runs/<recipe>-<YYYYmmdd-HHMMSS>`` (made unique)."""
+    if output:
+        path = Path(output).expanduser()
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = Path(root) / f"{recipe}-{stamp}"
+        n = 1
+        while path.exists():
+            n += 1
+            path = Path(root) / f"{recipe}-{stamp}-{n}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl; every record gets a wall-clock time."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._f = open(self.path, "a", buffering=1)
+
+    def write(self, **record: Any) -> None:
+        record.setdefault("time", round(time.time(), 3))
+        self._f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def format_table(rows: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS) -> str:
+    """A Markdown table, the form the seeds' READMEs use."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(run_dir: Path, results: dict) -> str:
+    """Save results.json and results.md (the table row); return the table text."""
+    table = format_table([results])
+    atomic_write(run_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
+    atomic_write(run_dir / "results.md", lambda tmp: Path(tmp).write_text(table + "\n"))
+    return table

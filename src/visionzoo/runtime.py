@@ -1,0 +1,65 @@
+"""Where and how a run computes: device choice, numeric precision, seeding, timing syncs.
+
+Written against ``torch.accelerator`` so that any accelerator PyTorch knows (CUDA, MPS, XPU, or
+an out-of-tree backend such as an NPU) works without changes to the engines."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from visionzoo.errors import UserError
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto``: the current accelerator (cuda > mps > ...) if there is one, else the CPU."""
+    if name == "auto":
+        acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        if acc is None:
+            return torch.device("cpu")
+        return torch.device(acc.type, local_rank) if acc.type != "mps" else torch.device("mps")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}' (try auto, cpu, cuda, cuda:1, mps)") from None
+    if device.type != "cpu":
+        acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        if acc is None or acc.type != device.type:
+            raise UserError(f"device '{name}' is not available on this machine")
+    return device
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for train.amp, or None for full fp32.
+
+    ``auto`` picks bf16 on CUDA GPUs that support it (no loss scaling needed) and fp32 on the
+    CPU, where bf16 autocast is slower than fp32 on most processors."""
+    if mode == "none":
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    if mode == "fp16":
+        return torch.float16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The name the results row uses for a precision."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (every device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so wall-clock timings are real."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
