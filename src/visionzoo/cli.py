@@ -15,6 +15,8 @@ EXAMPLES = """examples:
   visionzoo train alexnet_imagenet --data /data/imagenet --perf        # short run, prints FPS
   visionzoo train nfnet_f0_imagenet --data /data/imagenet optim.lr=0.2 data.batch_size=64
   visionzoo eval runs/<run> --data /data/imagenet
+  visionzoo export runs/<run>                               # -> <run>/model.onnx, checked vs PyTorch
+  visionzoo infer runs/<run>/model.onnx --data /data/imagenet   # or: ... model.onnx image.jpg
 """
 
 # The seed scripts' flags, as aliases of config keys.
@@ -84,6 +86,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.output:
         overrides.append(f"output={args.output}")
     cfg = load_config(args.recipe, overrides)
+    if cfg.task == "dino":
+        from visionzoo.engine.dino import fit_dino
+
+        fit_dino(cfg, perf=args.perf)
+        return
     fit(cfg, perf=args.perf)
 
 
@@ -91,6 +98,31 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from visionzoo.engine.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(args.checkpoint, _overrides(args))
+
+
+def cmd_knn(args: argparse.Namespace) -> None:
+    from visionzoo.engine.knn import knn_checkpoint
+
+    knn_checkpoint(args.checkpoint, _overrides(args))
+
+
+def cmd_linear(args: argparse.Namespace) -> None:
+    from visionzoo.engine.knn import linear_checkpoint
+
+    epochs, args.epochs = args.epochs, None  # here --epochs is the probe's, not the pre-training's
+    linear_checkpoint(args.checkpoint, _overrides(args) + ([f"dino.linear_epochs={epochs}"] if epochs else []))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from visionzoo.export import export_checkpoint
+
+    export_checkpoint(args.checkpoint, args.format, args.opset, args.output, args.tolerance)
+
+
+def cmd_infer(args: argparse.Namespace) -> None:
+    from visionzoo.infer import run_infer
+
+    run_infer(args.model, args.images, args.data, args.batch_size, args.workers, args.output)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +154,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a run folder or a .safetensors file")
     _add_config_flags(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("knn", help="weighted k-NN accuracy of a (DINO) checkpoint's frozen backbone", formatter_class=fmt,
+                       epilog="examples:\n  visionzoo knn runs/dino_fashion_mnist-20261123-101500\n"
+                              "  visionzoo knn runs/<run> --data /data/imagenet dino.knn_k=[20]\n")
+    p.add_argument("checkpoint", help="a run folder or a .safetensors file")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_knn)
+
+    p = sub.add_parser("linear", help="linear probe on a (DINO) checkpoint's frozen backbone: Acc@1", formatter_class=fmt,
+                       epilog="examples:\n  visionzoo linear runs/<run> --data /data/imagenet          # 100 epochs\n"
+                              "  visionzoo linear runs/<run> --epochs 10 dino.linear_augment=false\n")
+    p.add_argument("checkpoint", help="a run folder or a .safetensors file")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_linear)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (or TorchScript / .pt2), checked against PyTorch",
+                       formatter_class=fmt,
+                       epilog="examples:\n  visionzoo export runs/fashion_mnist-20261123-101500      # -> <run>/model.onnx + model.json\n"
+                              "  visionzoo export runs/<run>/best.safetensors --opset 18 --output exported/\n"
+                              "  visionzoo export runs/<run> --format torchscript\n")
+    p.add_argument("checkpoint", help="a run folder or a .safetensors file")
+    p.add_argument("--format", default="onnx", choices=("onnx", "torchscript", "pt2"), help="default: onnx")
+    p.add_argument("--opset", type=int, help="ONNX opset (9-20, default 17)")
+    p.add_argument("--output", help="output file or folder (default: next to the checkpoint, <name>.onnx)")
+    p.add_argument("--tolerance", type=float,
+                   help="parity limit: max |torch - exported| <= tolerance * max(1, max |logit|) (default 1e-4)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("infer", help="run an exported ONNX model: accuracy and speed on a split, or top-5 per image",
+                       formatter_class=fmt,
+                       epilog="examples:\n  visionzoo infer runs/<run>/model.onnx --data /usr/share/datasets/fashion-mnist\n"
+                              "  visionzoo infer runs/<run>/model.onnx --data /data/imagenet --batch-size 64 --output acc.json\n"
+                              "  visionzoo infer runs/<run>/model.onnx shoe.png shirt.jpg\n")
+    p.add_argument("model", help="a .onnx file written by visionzoo export (its .json sidecar next to it)")
+    p.add_argument("images", nargs="*", help="image files to classify (instead of --data)")
+    p.add_argument("--data", help="data folder of the validation split (default: the recipe's), or 'synthetic'")
+    p.add_argument("--batch-size", type=int, help="images per ONNX Runtime call (default: the recipe's, at most 256)")
+    p.add_argument("--workers", type=int, help="data.workers: loader processes for image folders")
+    p.add_argument("--output", help="JSON results file (default: <model>.infer.json next to the model)")
+    p.set_defaults(func=cmd_infer)
     return parser
 
 

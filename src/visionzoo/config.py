@@ -156,10 +156,76 @@ class TrainConfig:
 
 
 @dataclass
+class DinoConfig:
+    """Self-distillation with no labels (task=dino), as in facebookresearch/dino main_dino.py.
+
+    Only DINO's own knobs live here; the usual sections hold the rest: optim (adamw, lr *per
+    256 images*, weight_decay = start of the weight-decay schedule), schedule (warmup_epochs,
+    min_lr), data (global batch_size, image_size = global crop size, mean/std, interpolation)
+    and train (epochs, amp, eval_every = k-NN every N epochs, 0: after the last only)."""
+
+    # Projection head: MLP in→hidden→hidden→bottleneck (GELU), L2-normalise, weight-normed last layer.
+    out_dim: int = 65536  # prototypes K; larger K helps on ImageNet, a few thousand suit small data
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    head_layers: int = 3
+    use_bn_in_head: bool = False
+    norm_last_layer: bool = True  # fix the last layer's weight-norm gain to 1: more stable training
+    freeze_last_layer: int = 1  # epochs during which the last layer is not updated (stabilises start)
+    # Teacher and loss.
+    momentum_teacher: float = 0.996  # EMA momentum at step 0, cosine to 1; raise (0.9995) for small batches
+    warmup_teacher_temp: float = 0.04  # teacher temperature at epoch 0
+    teacher_temp: float = 0.04  # after the warm-up; above 0.07 training tends to collapse
+    warmup_teacher_temp_epochs: int = 0  # linear warm-up length (reference variant: 0.04→0.07 over 30)
+    student_temp: float = 0.1
+    center_momentum: float = 0.9  # EMA of the teacher output mean that is subtracted (centering)
+    # DINO-specific optimisation.
+    weight_decay_end: float = 0.4  # cosine from optim.weight_decay to this (not on biases/norms)
+    clip_grad: float = 3.0  # max L2 norm of each parameter's gradient, clipped tensor by tensor; 0: off
+    # Multi-crop: two global crops of data.image_size px plus local_crops_number small ones.
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    local_crops_number: int = 8
+    local_crop_size: int = 96  # pixels
+    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])  # b, c, s, h
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])  # global 1, global 2, locals
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # pixels, drawn uniformly
+    solarize_p: float = 0.2  # second global crop only
+    # Evaluation of the teacher backbone (visionzoo knn / linear; k-NN at the end of training).
+    knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    knn_temperature: float = 0.07
+    knn_report_k: int = 20  # the k whose top-1 is the run's Acc@1
+    linear_epochs: int = 100
+    linear_lr: float = 0.001  # SGD m0.9 cosine, per 256 images (reference eval_linear.py)
+    linear_batch_size: int = 1024  # global (reference: 128 per device × 8)
+    linear_n_last_blocks: int = 4  # ViT: concatenate the [CLS] token of the last N blocks
+    linear_avgpool: bool = False  # ViT: also append the mean patch token (reference: ViT-B only)
+    linear_augment: bool = True  # train the probe on augmented images (reference); False: cache
+    # the features of the un-augmented training split once (much faster on a CPU)
+
+    def __post_init__(self) -> None:
+        for key in ("global_crops_scale", "local_crops_scale", "blur_sigma"):
+            lo_hi = getattr(self, key)
+            if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+                raise UserError(f"dino.{key} must be [low, high] with 0 < low <= high, got {list(lo_hi)}")
+        if len(self.color_jitter) != 4 or len(self.blur_p) != 3:
+            raise UserError("dino.color_jitter needs 4 values (b, c, s, h) and dino.blur_p 3 (global 1, global 2, local)")
+        if min(self.teacher_temp, self.warmup_teacher_temp, self.student_temp) <= 0:
+            raise UserError("dino temperatures must be > 0")
+        if self.local_crops_number < 0 or self.out_dim < 1 or self.head_layers < 1:
+            raise UserError("dino.local_crops_number must be >= 0, dino.out_dim and dino.head_layers >= 1")
+        if not self.knn_k or self.knn_report_k not in self.knn_k:
+            raise UserError(f"dino.knn_report_k={self.knn_report_k} must be one of dino.knn_k={list(self.knn_k)}")
+
+
+@dataclass
 class RecipeConfig:
     """A whole recipe: everything a run needs, saved as config.yaml in the run folder."""
 
     recipe: str = ""
+    task: str = "supervised"  # supervised | dino (self-supervised: see DinoConfig)
     description: str = ""
     seed_target: str = ""  # what the seed document reports, for the recipes table
     source: str = ""  # the reference implementation the hyper-parameters follow
@@ -168,7 +234,11 @@ class RecipeConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)  # used when task=dino
     output: Optional[str] = None  # run folder; None: runs/<recipe>-<timestamp>
+
+    def __post_init__(self) -> None:
+        _check(self.task, ("supervised", "dino"), "task")
 
 
 RECIPES_PACKAGE = "visionzoo.recipes"

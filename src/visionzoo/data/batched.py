@@ -50,13 +50,15 @@ class InMemoryLoader:
     def __init__(
         self, dataset, batch_size: int, train: bool, device: torch.device, d, seed: int = 0,
         rank: int = 0, world_size: int = 1, memory_format: torch.memory_format = torch.contiguous_format,
+        augment: bool = True,
     ):
         self.dataset = dataset
         self.images = dataset.images.to(device)
         self.labels = dataset.labels.to(device)
         self.batch_size, self.train, self.device = batch_size, train, device
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
-        self.augment, self.size, self.padding, self.hflip = d.augment, d.image_size, d.crop_padding, d.hflip
+        self.augment = d.augment if augment else "off"
+        self.size, self.padding, self.hflip = d.image_size, d.crop_padding, d.hflip
         self.mean = torch.tensor(d.mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(d.std, device=device).view(1, -1, 1, 1)
         self.memory_format = memory_format

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
@@ -13,7 +14,6 @@ from visionzoo.data.batched import InMemoryLoader
 from visionzoo.data.cifar import load_cifar
 from visionzoo.data.folder import ImageFolderDataset, collate_skip_bad, find_classes
 from visionzoo.data.idx import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, MNIST_CLASSES, load_idx_split
-from visionzoo.data.synthetic import SyntheticDataset
 from visionzoo.data.tensor_dataset import TensorImageDataset
 from visionzoo.data.transforms import eval_transform, train_transform
 from visionzoo.errors import UserError
@@ -83,14 +83,24 @@ def _in_memory(d, train: bool) -> Splits:
     return Splits(train_ds, val_ds, classes)
 
 
+def _synthetic(d, train: bool) -> Splits:
+    """Random uint8 images at the recipe's crop sizes, with random labels: a throughput source
+    that costs no decoding (the device-resident loader only normalises them)."""
+    g = np.random.default_rng(0)
+    classes = [str(i) for i in range(d.num_classes)]
+
+    def split(n: int, size: int) -> TensorImageDataset:
+        images = g.integers(0, 256, (n, size, size, d.in_chans), dtype=np.uint8)
+        return TensorImageDataset(images, g.integers(0, d.num_classes, n), classes)
+
+    train_ds = split(d.synthetic_samples, d.image_size) if train else None
+    return Splits(train_ds, split(max(d.synthetic_samples // 4, 1), d.test_size), classes)
+
+
 def build_datasets(d, train: bool = True) -> Splits:
     """The train (when ``train``) and validation datasets a DataConfig describes."""
     if d.name == "synthetic":
-        shape = (d.in_chans, d.image_size, d.image_size)
-        val_shape = (d.in_chans, d.test_size, d.test_size)
-        train_ds = SyntheticDataset(d.synthetic_samples, shape, d.num_classes, seed=0) if train else None
-        val_ds = SyntheticDataset(max(d.synthetic_samples // 4, 1), val_shape, d.num_classes, seed=1)
-        return Splits(train_ds, val_ds, val_ds.classes)
+        return _synthetic(d, train)
     if d.name == "imagefolder":
         return _imagefolder(d, train)
     return _in_memory(d, train)
@@ -127,12 +137,15 @@ def build_loaders(
     yielding ``(images, targets, n_bad)`` with ``batch_size`` images per device.
 
     In-memory splits use the device-resident loader when ``d.device_resident`` and the
-    augmentation is one it implements (crop/flip); everything else goes through DataLoader."""
-    resident = (d.device_resident and isinstance(splits.val, TensorImageDataset)
-                and d.augment in ("cifar", "none") and not d.randaugment)
+    augmentation is one it implements (crop/flip); synthetic data always does, unaugmented, so
+    that a --perf run on it measures the model; everything else goes through DataLoader."""
+    synthetic = d.name == "synthetic"
+    resident = synthetic or (d.device_resident and isinstance(splits.val, TensorImageDataset)
+                             and d.augment in ("cifar", "none") and not d.randaugment)
     if resident:
         def make(ds, train):
-            return InMemoryLoader(ds, batch_size, train, device, d, seed, rank, world_size, memory_format)
+            return InMemoryLoader(ds, batch_size, train, device, d, seed, rank, world_size, memory_format,
+                                  augment=not synthetic)
     else:
         def make(ds, train):
             return build_loader(ds, batch_size, d.workers, train, seed, rank, world_size,

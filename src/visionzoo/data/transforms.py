@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
@@ -28,7 +29,7 @@ def _randaugment(config_str: str, image_size: int, mean: list[float], interp: st
     hparams = {
         "translate_const": int(image_size * 0.45),  # timm's default translation, 45% of the crop
         "img_mean": tuple(int(round(m)) for m in mean),  # fill colour for shear/rotate/translate
-        "interpolation": _INTERP[interp],
+        "interpolation": {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[interp],
     }
     return rand_augment_transform(config_str, hparams)
 

@@ -1,0 +1,78 @@
+"""Shared fixtures: small data sets written in the real on-disk formats."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as a gzipped IDX file (the MNIST format)."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def pattern_images(labels: np.ndarray, size: int, channels: int, seed: int) -> np.ndarray:
+    """Images a small network learns to tell apart in a few dozen steps: class k is a stripe
+    texture (period 2 + k % 5 pixels, horizontal or vertical by (k // 5) % 2) at a random phase,
+    over noise. [N, H, W] for one channel, else [N, H, W, C]."""
+    rng = np.random.default_rng(seed)
+    coord = np.arange(size)
+    imgs = np.empty((len(labels), size, size), dtype=np.int64)
+    for i, k in enumerate(labels):
+        period = 2 + k % 5
+        stripes = ((coord + rng.integers(period)) % period) < period / 2
+        imgs[i] = np.where(stripes[None, :] if (k // 5) % 2 else stripes[:, None], 200, 40)
+    imgs = imgs + rng.integers(0, 40, size=imgs.shape)
+    imgs = np.clip(imgs, 0, 255).astype(np.uint8)
+    return imgs if channels == 1 else np.repeat(imgs[..., None], channels, axis=-1)
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir(tmp_path_factory) -> Path:
+    """Fashion-MNIST-format IDX files: 640 train / 200 test images, 10 learnable classes."""
+    root = tmp_path_factory.mktemp("fmnist")
+    for prefix, n, seed in (("train", 640, 0), ("t10k", 200, 1)):
+        labels = np.arange(n) % 10
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", pattern_images(labels, 28, 1, seed))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar100_dir(tmp_path_factory) -> Path:
+    """A cifar-100-python folder with 200 train / 100 test images in the distributed pickle format."""
+    root = tmp_path_factory.mktemp("cifar") / "cifar-100-python"
+    root.mkdir()
+    for split, n, seed in (("train", 200, 0), ("test", 100, 1)):
+        labels = np.arange(n) % 100
+        hwc = pattern_images(labels, 32, 3, seed)
+        rows = hwc.transpose(0, 3, 1, 2).reshape(n, 3072)  # R plane, G plane, B plane
+        with open(root / split, "wb") as f:
+            pickle.dump({b"data": rows, b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 5).tolist()}, f, protocol=2)
+    with open(root / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)],
+                     b"coarse_label_names": [f"s{i}".encode() for i in range(20)]}, f, protocol=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def imagefolder_dir(tmp_path_factory) -> Path:
+    """train/ and val/ ImageFolder trees of 4 classes, JPEG and PNG, 80x60 images."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    for split, n, seed in (("train", 8, 0), ("val", 3, 1)):
+        labels = np.repeat(np.arange(4), n)
+        imgs = pattern_images(labels, 80, 3, seed)[:, :60]
+        for i, (img, k) in enumerate(zip(imgs, labels)):
+            d = root / split / f"class_{k}"
+            d.mkdir(parents=True, exist_ok=True)
+            ext = "JPEG" if i % 2 else "png"
+            Image.fromarray(img).save(d / f"img_{i}.{ext}", format="JPEG" if ext == "JPEG" else "PNG")
+    return root
