@@ -13,6 +13,9 @@ EXAMPLES = """examples:
   make demo                                                 # = visionzoo train fashion_mnist
   visionzoo train resnet50_cifar100 --data ~/data/cifar-100-python
   visionzoo train alexnet_imagenet --data /data/imagenet --perf        # short run, prints FPS
+  visionzoo train densenet201_imagenet --data /data/imagenet --devices 8   # 8 GPUs on this machine
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+      -m visionzoo train nfnet_f0_imagenet --data /data/imagenet         # several machines
   visionzoo train nfnet_f0_imagenet --data /data/imagenet optim.lr=0.2 data.batch_size=64
   visionzoo eval runs/<run> --data /data/imagenet
   visionzoo export runs/<run>                               # -> <run>/model.onnx, checked vs PyTorch
@@ -77,7 +80,9 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from visionzoo import distributed
     from visionzoo.config import load_config
+    from visionzoo.data.build import check_data_path
     from visionzoo.engine.supervised import fit
 
     overrides = _overrides(args)
@@ -85,7 +90,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         overrides.append(f"train.perf_steps={args.steps}")
     if args.output:
         overrides.append(f"output={args.output}")
-    cfg = load_config(args.recipe, overrides)
+    cfg = load_config(args.recipe, overrides)  # config mistakes stop here, before any launch
+    if args.devices > 1 and not distributed.in_launched_worker():
+        check_data_path(cfg.data)
+        raise SystemExit(distributed.launch_local(args.devices, args.argv))
     if cfg.task == "dino":
         from visionzoo.engine.dino import fit_dino
 
@@ -146,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perf", action="store_true", help="performance run: time a fixed number of steps, report img/s")
     p.add_argument("--steps", type=int, help="timed steps of a --perf run (train.perf_steps, default 100)")
     p.add_argument("--output", help="run folder (default runs/<recipe>-<timestamp>)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="worker processes on this machine, one per GPU (gloo on the CPU); "
+                        "under torchrun this is ignored: torchrun decides")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: top-1, top-5, loss", formatter_class=fmt,
@@ -207,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher hands to its workers
     try:
         args.func(args)
     except UserError as err:

@@ -7,6 +7,7 @@ Resolution order: dataclass defaults < recipe YAML < command-line overrides.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -35,6 +36,9 @@ class DataConfig:
     path: Optional[str] = None  # folder of the data set; None: the data set's default location
     num_classes: int = 1000  # used by synthetic data; real data sets count their classes
     batch_size: int = 256  # global batch (all devices together), images per optimizer step
+    # >0: keep this many images per device on any number of devices instead; the global batch
+    # becomes per-device x devices x accum_steps and optim.lr scales linearly with it.
+    batch_size_per_device: int = 0
     workers: int = 8  # DataLoader worker processes per device (capped at the CPU count)
     # In-memory data sets (CIFAR, MNIST): keep the split on the device and augment whole batches
     # there (no workers); ImageFolder always uses the DataLoader.
@@ -135,6 +139,7 @@ class TrainConfig:
     accum_steps: int = 1  # micro-batches per optimizer step
     seed: int = 0
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:1 | ...
+    dist_timeout: int = 1800  # seconds a collective may wait for the other ranks before failing
     deterministic: bool = False  # deterministic algorithms (slower; bit-exact reruns on CPU)
     cudnn_benchmark: bool = True
     compile: bool = False  # torch.compile the model (minutes of compile time on large models)
@@ -323,6 +328,27 @@ def load_config(recipe: str, overrides: list[str] | None = None) -> RecipeConfig
     except Exception as err:  # yaml syntax errors come in several types
         raise UserError(f"recipe {name}: not valid YAML: {str(err).splitlines()[0]}") from None
     return resolve(recipe_cfg, name, overrides)
+
+
+def for_world_size(cfg: RecipeConfig, world_size: int) -> RecipeConfig:
+    """The config as it runs on ``world_size`` devices, with both batch numbers filled in.
+
+    By default the recipe's global batch is kept and split over the devices. With
+    ``data.batch_size_per_device`` set, the per-device batch is kept instead, the global batch
+    grows with the device count, and ``optim.lr`` follows the linear scaling rule
+    (lr x new global batch / recipe global batch)."""
+    cfg = copy.deepcopy(cfg)
+    d, accum = cfg.data, cfg.train.accum_steps
+    if d.batch_size_per_device > 0:
+        new_global = d.batch_size_per_device * world_size * accum
+        cfg.optim.lr = cfg.optim.lr * new_global / d.batch_size
+        d.batch_size = new_global
+    else:
+        if d.batch_size % (world_size * accum):
+            raise UserError(f"data.batch_size={d.batch_size} (global) does not split into {world_size} "
+                            f"device(s) x {accum} accumulation step(s); set data.batch_size_per_device instead")
+        d.batch_size_per_device = d.batch_size // (world_size * accum)
+    return cfg
 
 
 def to_yaml(cfg: RecipeConfig) -> str:

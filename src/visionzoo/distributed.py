@@ -6,6 +6,9 @@ the reductions are identities, so the engines have a single code path."""
 from __future__ import annotations
 
 import os
+import socket
+import sys
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -59,3 +62,49 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def in_launched_worker() -> bool:
+    """True inside a worker that torchrun (or ``launch_local``) started: never launch again."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def params_in_sync(model: torch.nn.Module) -> bool:
+    """Whether every rank holds the same weights (compares a float64 checksum of all of them)."""
+    if not dist.is_initialized():
+        return True
+    with torch.no_grad():
+        total = sum((p.detach().double() * (i + 1)).sum() for i, p in enumerate(model.parameters()))
+        sums = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
+        dist.all_gather(sums, total)
+    return all(torch.equal(s, sums[0]) for s in sums)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_local(nproc: int, argv: list[str], monitor_interval: float = 0.5) -> int:
+    """Run ``python -m visionzoo ARGV`` in ``nproc`` worker processes on this machine through
+    torch's elastic launcher (what torchrun runs). If any worker fails, the launcher stops the
+    others and this returns 1 with one line naming the failed rank; 0 when all succeed."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # Each CPU worker gets its share of the cores; oversubscribed threads slow everything down.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"visionzoo-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
+        monitor_interval=monitor_interval, start_method="spawn",
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", "visionzoo", *argv)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        print(f"visionzoo: error: worker rank {rank} failed (exit code {failure.exitcode}); "
+              f"the other workers were stopped", file=sys.stderr)
+        return 1
+    return 0

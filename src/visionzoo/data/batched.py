@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from visionzoo.data.samplers import eval_indices, train_indices
+
 
 def random_crop_flip(
     x: torch.Tensor, size: int, padding: int, hflip: float, generator: torch.Generator | None = None
@@ -42,10 +44,9 @@ def random_crop_flip(
 class InMemoryLoader:
     """Iterates ``(images, targets, 0)`` batches from a TensorImageDataset held on ``device``.
 
-    Training shuffles with a permutation seeded by (seed, epoch) — call ``set_epoch`` as with a
-    DistributedSampler — and drops the last partial batch; each rank takes its own slice of the
-    permutation. Evaluation walks the split in order, each rank a contiguous shard, with no
-    sample repeated."""
+    Samples are split over ranks exactly as the DataLoader path splits them (data/samplers.py):
+    call ``set_epoch`` every epoch; training drops the last partial batch; evaluation walks each
+    rank's contiguous shard in order, no sample repeated."""
 
     def __init__(
         self, dataset, batch_size: int, train: bool, device: torch.device, d, seed: int = 0,
@@ -63,13 +64,8 @@ class InMemoryLoader:
         self.std = torch.tensor(d.std, device=device).view(1, -1, 1, 1)
         self.memory_format = memory_format
         n = len(self.labels)
-        if train:
-            self.per_rank = n // world_size
-            self.indices = None
-        else:  # contiguous shards; the first n % world ranks take one extra sample
-            base, extra = divmod(n, world_size)
-            start = rank * base + min(rank, extra)
-            self.indices = torch.arange(start, start + base + (rank < extra), device=device)
+        self.per_rank = n // world_size
+        self.indices = None if train else eval_indices(n, rank, world_size).to(device)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -82,10 +78,10 @@ class InMemoryLoader:
     def _order(self) -> tuple[torch.Tensor, torch.Generator | None]:
         if not self.train:
             return self.indices, None
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(len(self.labels), generator=g)
-        mine = perm[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
-        return mine.to(self.device), g
+        order = train_indices(len(self.labels), self.seed, self.epoch, self.rank, self.world_size)
+        # Augmentation draws differ per rank and epoch, but are reproducible.
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1024 + self.rank)
+        return order.to(self.device), g
 
     def __iter__(self):
         order, g = self._order()

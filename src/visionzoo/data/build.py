@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset
 
 from visionzoo.data.batched import InMemoryLoader
 from visionzoo.data.cifar import load_cifar
 from visionzoo.data.folder import ImageFolderDataset, collate_skip_bad, find_classes
+from visionzoo.data.samplers import ShardSampler
 from visionzoo.data.idx import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, MNIST_CLASSES, load_idx_split
 from visionzoo.data.tensor_dataset import TensorImageDataset
 from visionzoo.data.transforms import eval_transform, train_transform
@@ -97,6 +98,12 @@ def _synthetic(d, train: bool) -> Splits:
     return Splits(train_ds, split(max(d.synthetic_samples // 4, 1), d.test_size), classes)
 
 
+def check_data_path(d) -> None:
+    """Fail early (before workers are launched) on a data path that does not exist."""
+    if d.name != "synthetic" and d.path:
+        _existing_dir(d.path, d.name)
+
+
 def build_datasets(d, train: bool = True) -> Splits:
     """The train (when ``train``) and validation datasets a DataConfig describes."""
     if d.name == "synthetic":
@@ -112,15 +119,10 @@ def build_loader(
 ) -> DataLoader:
     """A loader yielding ``(images, targets, n_bad)``; ``batch_size`` is per device.
 
-    Training shuffles with a seeded sampler (a DistributedSampler on several devices) and drops
-    the last partial batch; evaluation keeps every sample in order.
+    Training shuffles per epoch (``loader.sampler.set_epoch``) and drops the last partial
+    batch; evaluation gives each rank a contiguous shard (see data/samplers.py).
     """
-    if world_size > 1:
-        sampler = DistributedSampler(ds, world_size, rank, shuffle=train, seed=seed, drop_last=train)
-    elif train:
-        sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed))
-    else:
-        sampler = SequentialSampler(ds)
+    sampler = ShardSampler(len(ds), train, seed, rank, world_size)
     workers = max(0, min(workers, os.cpu_count() or 1))
     return DataLoader(
         ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_skip_bad,

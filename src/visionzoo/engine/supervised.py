@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from visionzoo import distributed
 from visionzoo.checkpoint import BEST, STATE, WEIGHTS, save_state, save_weights
-from visionzoo.config import RecipeConfig, to_dict, to_yaml
+from visionzoo.config import RecipeConfig, for_world_size, to_dict, to_yaml
 from visionzoo.data.build import build_datasets, build_loaders
 from visionzoo.engine.evaluate import evaluate
 from visionzoo.engine.step import GradStep
@@ -151,20 +151,15 @@ def _criterion(cfg: RecipeConfig, num_classes: int) -> tuple[nn.Module, Any]:
     return nn.CrossEntropyLoss(label_smoothing=t.label_smoothing), None
 
 
-def _per_device_batch(cfg: RecipeConfig, world_size: int) -> int:
-    g, accum = cfg.data.batch_size, cfg.train.accum_steps
-    if g % (world_size * accum):
-        raise UserError(f"data.batch_size={g} (global) does not split into {world_size} device(s) "
-                        f"× {accum} accumulation step(s)")
-    return g // (world_size * accum)
-
-
 def fit(cfg: RecipeConfig, perf: bool = False) -> dict:
     """Train ``cfg`` (or time it, with ``perf``); write the run folder; return results.json's dict."""
     t0 = time.perf_counter()
     info = distributed.from_env()
+    cfg = for_world_size(cfg, info.world_size)
     device = resolve_device(cfg.train.device, info.local_rank)
-    distributed.init(info, device)
+    if cfg.model.sync_bn and info.enabled and device.type == "cpu":
+        raise UserError("model.sync_bn=true needs an accelerator (PyTorch's SyncBatchNorm has no CPU kernel)")
+    distributed.init(info, device, cfg.train.dist_timeout)
     seed_everything(cfg.train.seed + info.rank)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -173,7 +168,7 @@ def fit(cfg: RecipeConfig, perf: bool = False) -> dict:
 
     splits = build_datasets(cfg.data, train=True)
     num_classes = len(splits.classes)
-    batch = _per_device_batch(cfg, info.world_size)
+    batch = cfg.data.batch_size_per_device
     use_cl = cfg.model.channels_last
     memory_format = torch.channels_last if use_cl else torch.contiguous_format
     train_loader, val_loader = build_loaders(splits, cfg.data, batch, device, cfg.train.seed,
@@ -255,7 +250,8 @@ def fit(cfg: RecipeConfig, perf: bool = False) -> dict:
                           epoch_time=None)
             last_epoch = epoch + 1 == cfg.train.epochs
             if last_epoch or (cfg.train.eval_every > 0 and (epoch + 1) % cfg.train.eval_every == 0):
-                last_eval = evaluate(ema.module if ema else model, val_loader, **eval_kw)
+                # The bare module: ranks evaluate unequal shards, and DDP's forward may communicate.
+                last_eval = evaluate(ema.module if ema else (net if info.enabled else model), val_loader, **eval_kw)
                 record.update(val_loss=last_eval["loss"], acc1=last_eval["acc1"], acc5=last_eval["acc5"])
             record["epoch_time"] = time.perf_counter() - t_epoch
             if info.is_main:
@@ -290,6 +286,7 @@ def fit(cfg: RecipeConfig, perf: bool = False) -> dict:
         "E2ETrainingTime": time.perf_counter() - t0,
         "bad_images": loop.bad_images + (last_eval["bad_images"] if last_eval else 0),
         "skipped_steps": stepper.skipped,
+        "ranks_in_sync": distributed.params_in_sync(net),  # DDP keeps replicas equal; checked
         "device": str(device),
         "run_dir": str(run_dir) if run_dir else None,
     }
@@ -298,7 +295,8 @@ def fit(cfg: RecipeConfig, perf: bool = False) -> dict:
             _save(run_dir, loop, meta, epochs_done, None)
         log.close()
         table = write_results(run_dir, results)
-        print(("\n" + table + "\n") + (f"Final Performance images/sec : {fps:.2f}\n" if fps else "")
+        per_device = f" ({fps / info.world_size:.2f} per device)" if fps and info.enabled else ""
+        print(("\n" + table + "\n") + (f"Final Performance images/sec : {fps:.2f}{per_device}\n" if fps else "")
               + (f"Final Train Accuracy : {results['TrainAccuracy']:.2f}\n" if last_eval else "")
               + f"E2E Training Duration sec : {results['E2ETrainingTime']:.0f}", flush=True)
         if results["bad_images"]:

@@ -7,22 +7,26 @@ import torch
 import torch.nn as nn
 
 
-def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
-    )
+def _block(cin: int, cout: int, norm: str) -> nn.Sequential:
+    # GroupNorm makes the network independent of the batch split, e.g. to compare 1- and
+    # N-device runs exactly (SyncBatchNorm has no CPU kernel).
+    layer = nn.BatchNorm2d(cout) if norm == "bn" else nn.GroupNorm(min(8, cout), cout)
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), layer, nn.ReLU(inplace=True))
 
 
 class SmallCNN(nn.Module):
     """conv-conv-pool ×2, conv-pool, then a linear classifier over global-average-pooled features."""
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 32, drop_rate: float = 0.0):
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 32, drop_rate: float = 0.0,
+                 norm: str = "bn"):
         super().__init__()
+        if norm not in ("bn", "gn"):
+            raise ValueError(f"norm must be bn or gn, got {norm!r}")
         w = width
         self.features = nn.Sequential(
-            _block(in_chans, w), _block(w, w), nn.MaxPool2d(2),  # 28 -> 14
-            _block(w, 2 * w), _block(2 * w, 2 * w), nn.MaxPool2d(2),  # 14 -> 7
-            _block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1),
+            _block(in_chans, w, norm), _block(w, w, norm), nn.MaxPool2d(2),  # 28 -> 14
+            _block(w, 2 * w, norm), _block(2 * w, 2 * w, norm), nn.MaxPool2d(2),  # 14 -> 7
+            _block(2 * w, 4 * w, norm), nn.AdaptiveAvgPool2d(1),
         )
         self.dropout = nn.Dropout(drop_rate)
         self.fc = nn.Linear(4 * w, num_classes)

@@ -1,0 +1,115 @@
+"""Multi-process training on the CPU with gloo, through visionzoo's own launcher (torch's
+elastic agent): same results as one process, exact validation, a dead worker ends the job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import pattern_images, write_idx
+from visionzoo.cli import main
+from visionzoo.config import for_world_size, load_config
+from visionzoo.errors import UserError
+from visionzoo.report import read_metrics
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(scope="module")
+def odd_fmnist(tmp_path_factory) -> Path:
+    """IDX files with 256 train and 201 test images: 201 does not split evenly over 2 ranks."""
+    root = tmp_path_factory.mktemp("odd_fmnist")
+    for prefix, n, seed in (("train", 256, 0), ("t10k", 201, 1)):
+        labels = np.arange(n) % 10
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", pattern_images(labels, 28, 1, seed))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
+    return root
+
+
+def test_global_batch_is_split_and_recorded():
+    cfg = for_world_size(load_config("resnet50_cifar100"), 8)
+    assert (cfg.data.batch_size, cfg.data.batch_size_per_device, cfg.optim.lr) == (128, 16, 0.1)
+    with pytest.raises(UserError, match="does not split"):
+        for_world_size(load_config("resnet50_cifar100"), 3)
+
+
+def test_per_device_batch_scales_lr_linearly():
+    cfg = for_world_size(load_config("resnet50_cifar100", ["data.batch_size_per_device=32"]), 8)
+    assert (cfg.data.batch_size, cfg.data.batch_size_per_device) == (256, 32)
+    assert cfg.optim.lr == pytest.approx(0.1 * 256 / 128)
+
+
+# No augmentation and GroupNorm: a step on 2 devices is then the same computation as on one.
+EXACT = ["--epochs", "2", "--device", "cpu", "--workers", "0", "data.batch_size=32", "data.augment=none",
+         "data.hflip=0", "model.kwargs.norm=gn", "train.log_every=0"]
+
+
+def _run(tmp_path: Path, name: str, data: Path, extra: list[str]) -> tuple[dict, list[dict]]:
+    run = tmp_path / name
+    argv = ["train", "fashion_mnist", "--data", str(data), "--output", str(run), *EXACT, *extra]
+    env = {**os.environ, "PYTHONPATH": SRC}
+    proc = subprocess.run([sys.executable, "-m", "visionzoo", *argv], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((run / "results.json").read_text())
+    return results, [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "epoch"]
+
+
+@pytest.mark.parametrize("resident", ["true", "false"])
+def test_two_processes_match_one(odd_fmnist, tmp_path, resident, capsys):
+    extra = [f"data.device_resident={resident}"]
+    one, one_epochs = _run(tmp_path, "one", odd_fmnist, extra)
+    two, two_epochs = _run(tmp_path, "two", odd_fmnist, ["--devices", "2", *extra])
+    assert two["devices"] == 2 and two["ranks_in_sync"] is True
+    assert not (tmp_path / "two" / "rank1").exists()
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    # Same global batches in the same order: per-epoch loss agrees to float round-off.
+    for a, b in zip(one_epochs, two_epochs):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
+    assert abs(two["Acc@1"] - one["Acc@1"]) <= 1.0
+    # Exact validation: the 2-rank Acc@1 over 201 images is what one process measures on the same weights.
+    assert main(["eval", str(tmp_path / "two"), "--data", str(odd_fmnist), "--device", "cpu", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"Acc@1 {two['Acc@1']:.2f}%" in out and "(201 images" in out
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def test_killing_a_worker_ends_the_job(tmp_path):
+    run = tmp_path / "killed"
+    argv = ["train", "fashion_mnist", "--data", "synthetic", "--devices", "2", "--epochs", "100000", "--device", "cpu",
+            "--output", str(run), "train.log_every=1", "data.batch_size=8", "data.synthetic_samples=64"]
+    env = {**os.environ, "PYTHONPATH": SRC}
+    proc = subprocess.Popen([sys.executable, "-m", "visionzoo", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.time() < deadline, "training never started"
+            time.sleep(0.5)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGKILL)
+        t0 = time.time()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        assert time.time() - t0 < 120
+        assert "worker rank" in err and "failed" in err
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
