@@ -133,6 +133,15 @@ def cmd_infer(args: argparse.Namespace) -> None:
     run_infer(args.model, args.images, args.data, args.batch_size, args.workers, args.output)
 
 
+def cmd_runs(args: argparse.Namespace) -> None:
+    from visionzoo.runs import print_compare, print_runs
+
+    if args.compare:
+        print_compare(*args.compare)
+    else:
+        print_runs(args.dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command (tests run each --help)."""
     fmt = argparse.RawDescriptionHelpFormatter
@@ -205,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="data.workers: loader processes for image folders")
     p.add_argument("--output", help="JSON results file (default: <model>.infer.json next to the model)")
     p.set_defaults(func=cmd_infer)
+    p = sub.add_parser("runs", help="list the runs under a folder, or compare two runs", formatter_class=fmt,
+                       epilog="examples:\n  visionzoo runs\n  visionzoo runs /scratch/runs\n"
+                              "  visionzoo runs --compare runs/a runs/b     # differing config keys + results\n")
+    p.add_argument("dir", nargs="?", default="runs", help="folder holding run folders (default: runs)")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="show two runs' config differences and results")
+    p.set_defaults(func=cmd_runs)
     return parser
 
 

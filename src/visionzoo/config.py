@@ -226,6 +226,17 @@ class DinoConfig:
 
 
 @dataclass
+class LogConfig:
+    """What a run shows and records besides metrics.jsonl."""
+
+    progress: str = "auto"  # auto: a progress bar on a terminal, plain lines otherwise | bar | lines | off
+    tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
+
+    def __post_init__(self) -> None:
+        _check(self.progress, ("auto", "bar", "lines", "off"), "log.progress")
+
+
+@dataclass
 class RecipeConfig:
     """A whole recipe: everything a run needs, saved as config.yaml in the run folder."""
 
@@ -240,6 +251,7 @@ class RecipeConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)  # used when task=dino
+    log: LogConfig = field(default_factory=LogConfig)
     output: Optional[str] = None  # run folder; None: runs/<recipe>-<timestamp>
 
     def __post_init__(self) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from datetime import datetime
 from pathlib import Path
@@ -30,18 +32,45 @@ def new_run_dir(recipe: str, output: str | None, root: str = "runs") -> Path:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl; every record gets a wall-clock time."""
+    """Appends one JSON object per line to metrics.jsonl; every record gets a wall-clock time.
 
-    def __init__(self, path: Path):
+    With ``tensorboard_dir`` the same numbers also go to TensorBoard, tagged ``<kind>/<key>``
+    and stepped by optimizer step (step records) or epoch (epoch records)."""
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
         self.path = Path(path)
         self._f = open(self.path, "a", buffering=1)
+        self._tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("warning: log.tensorboard=true but the tensorboard package is not installed "
+                      "(pip install tensorboard); writing metrics.jsonl only", flush=True)
+            else:
+                self._tb = SummaryWriter(str(tensorboard_dir))
 
     def write(self, **record: Any) -> None:
         record.setdefault("time", round(time.time(), 3))
         self._f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            kind = record.get("kind", "misc")
+            step = record.get("step" if kind == "step" else "epoch", 0)
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("time", "step", "epoch"):
+                    self._tb.add_scalar(f"{kind}/{key}", value, step)
 
     def close(self) -> None:
         self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def mark_status(run_dir: Path, status: str, **extra: Any) -> None:
+    """Record a run's state in status.json: running (with pid and host), finished or failed."""
+    record = {"status": status, "pid": os.getpid(), "host": socket.gethostname(),
+              "time": datetime.now().isoformat(timespec="seconds"), **extra}
+    atomic_write(Path(run_dir) / "status.json", lambda tmp: Path(tmp).write_text(json.dumps(record) + "\n"))
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -9,6 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from visionzoo.progress import Progress
+
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
     """Number of samples whose target is among the k highest logits, for each k (k is capped
@@ -22,7 +24,7 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None,
-    channels_last: bool = False, reduce=None,
+    channels_last: bool = False, reduce=None, progress: str = "off",
 ) -> dict:
     """Mean cross-entropy loss, Acc@1 and Acc@5 (percent) of ``model`` over ``loader``.
 
@@ -33,7 +35,7 @@ def evaluate(
     bad = 0
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for images, targets, n_bad in loader:
+    for images, targets, n_bad in Progress(loader, len(loader), "validate", progress, leave=False):
         bad += n_bad
         if images.numel() == 0:
             continue
@@ -77,7 +79,7 @@ def evaluate_checkpoint(checkpoint: str, overrides: list[str]) -> dict:
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     _, loader = build_loaders(splits, cfg.data, cfg.data.batch_size, device, 0, memory_format=memory_format)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    result = evaluate(model, loader, device, amp_dtype, channels_last)
+    result = evaluate(model, loader, device, amp_dtype, channels_last, progress=cfg.log.progress)
     print(f"{checkpoint}: Acc@1 {result['acc1']:.2f}%  Acc@5 {result['acc5']:.2f}%  loss {result['loss']:.4f}  "
           f"({result['samples']} images, {precision_name(amp_dtype)} on {device})"
           + (f", {result['bad_images']} unreadable skipped" if result["bad_images"] else ""))

@@ -26,7 +26,9 @@ from visionzoo.engine.step import GradStep
 from visionzoo.errors import UserError
 from visionzoo.models import build_model
 from visionzoo.optim import build_optimizer, clip_parameters, lr_schedule
-from visionzoo.report import MetricsLog, format_table, new_run_dir, write_results
+from visionzoo.progress import Progress
+from visionzoo.plots import plot_curves
+from visionzoo.report import MetricsLog, mark_status, new_run_dir, write_results
 from visionzoo.runtime import precision_name, resolve_amp, resolve_device, seed_everything, synchronize
 
 
@@ -46,8 +48,9 @@ class Loop:
     accum_steps: int = 1
     mixup: Any = None
     ema: Any = None
-    log: MetricsLog | None = None
+    log: MetricsLog | None = None  # rank 0 only
     log_every: int = 50
+    progress: str = "auto"  # auto | bar | lines | off
     global_step: int = 0  # optimizer steps taken
     bad_images: int = 0
     last_loss: float = float("nan")
@@ -78,7 +81,10 @@ def train_one_epoch(loop: Loop, loader, epoch: int, max_steps: int = 0, time_aft
     autocast = torch.autocast(loop.device.type, dtype=loop.amp_dtype) if loop.amp_dtype else nullcontext()
     t_start = None if time_after > 0 else time.perf_counter()
     micro = 0
-    for images, targets, n_bad in loader:
+    total = min(len(loader) // loop.accum_steps, max_steps) if max_steps else len(loader) // loop.accum_steps
+    progress = Progress(loader, total * loop.accum_steps, f"epoch {epoch + 1}", loop.progress,
+                        enabled=loop.log is not None)
+    for images, targets, n_bad in progress:
         loop.bad_images += n_bad
         if images.numel() == 0:
             continue
@@ -119,13 +125,12 @@ def train_one_epoch(loop: Loop, loader, epoch: int, max_steps: int = 0, time_aft
             loop.last_loss = float(loss.item())  # a sync, only at log points
             elapsed = time.perf_counter() - t_start if t_start else 0.0
             img_s = stats.timed_images / elapsed if elapsed > 0 else None
-            loop.log.write(kind="step", epoch=epoch, step=loop.global_step, loss=loop.last_loss,
-                           lr=float(loop.optimizer.param_groups[0]["lr"]), img_s=img_s)
-            print(f"epoch {epoch + 1} step {stats.steps}/{len(loader) // loop.accum_steps} "
-                  f"loss {loop.last_loss:.4f} lr {loop.optimizer.param_groups[0]['lr']:.4g}"
-                  + (f" {img_s:.0f} img/s" if img_s else ""), flush=True)
+            lr = float(loop.optimizer.param_groups[0]["lr"])
+            loop.log.write(kind="step", epoch=epoch + 1, step=loop.global_step, loss=loop.last_loss, lr=lr, img_s=img_s)
+            progress.update(loss=loop.last_loss, lr=lr, **{"img/s": img_s})
         if max_steps and stats.steps >= max_steps:
             break
+    progress.close()
     synchronize(loop.device)
     if t_start is not None:
         stats.timed_seconds = time.perf_counter() - t_start
@@ -205,20 +210,78 @@ def fit(cfg: RecipeConfig, perf: bool = False) -> dict:
     if info.is_main:
         run_dir = new_run_dir(cfg.recipe, cfg.output)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        log = MetricsLog(run_dir / "metrics.jsonl")
+        log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.log.tensorboard else None)
+        mark_status(run_dir, "running")
         print(f"visionzoo: {'perf run' if perf else 'training'} {cfg.recipe} | {model_args['library']} "
               f"{model_args['name']} | {len(splits.train)} train / {len(splits.val)} val images, "
               f"{num_classes} classes | {info.world_size} × {device} {precision_name(amp_dtype)} | "
               f"batch {cfg.data.batch_size} | run folder {run_dir}", flush=True)
 
     loop = Loop(model, net, optimizer, stepper, lrs, criterion, device, amp_dtype, memory_format,
-                cfg.train.accum_steps, mixup, ema, log, cfg.train.log_every)
+                cfg.train.accum_steps, mixup, ema, log, cfg.train.log_every, cfg.log.progress)
     meta = {"config": to_dict(cfg), "model": model_args, "classes": splits.classes}
-    # Per-epoch reshuffling: the device-resident loader and DistributedSampler both take set_epoch.
-    sampler = train_loader if hasattr(train_loader, "set_epoch") else getattr(train_loader, "sampler", None)
     eval_kw = dict(device=device, amp_dtype=amp_dtype, channels_last=use_cl,
-                   reduce=distributed.all_reduce_sum if info.enabled else None)
+                   reduce=distributed.all_reduce_sum if info.enabled else None,
+                   progress=cfg.log.progress if info.is_main else "off")
 
+    try:
+        timed_images, timed_seconds, epochs_done, last_eval = _run_epochs(
+            cfg, perf, loop, train_loader, val_loader, steps_per_epoch, info, eval_kw, run_dir, meta)
+    except BaseException as err:
+        if info.is_main:
+            mark_status(run_dir, "failed", error=f"{type(err).__name__}: {err}"[:500])
+            log.close()
+        raise
+    fps = timed_images / timed_seconds if timed_seconds > 0 else None
+    results = {
+        "recipe": cfg.recipe,
+        "Acc@1": last_eval["acc1"] if last_eval else None,
+        "Acc@5": last_eval["acc5"] if last_eval else None,
+        "FPS": fps,
+        "FPS_per_device": fps / info.world_size if fps else None,
+        "devices": info.world_size,
+        "epochs": round(epochs_done, 2),
+        "precision": precision_name(amp_dtype),
+        "torch": torch.__version__.split("+")[0],
+        "mode": "perf" if perf else "full",
+        "batch_size": cfg.data.batch_size,
+        "steps": loop.global_step,
+        "ActualFPS": fps,
+        "TrainingTime": 1000.0 * cfg.data.batch_size / fps if fps else None,  # ms per optimizer step
+        "TrainAccuracy": last_eval["acc1"] if last_eval else None,  # the seeds' name for final val Acc@1
+        "ActualLoss": loop.last_loss,
+        "E2ETrainingTime": time.perf_counter() - t0,
+        "bad_images": loop.bad_images + (last_eval["bad_images"] if last_eval else 0),
+        "skipped_steps": stepper.skipped,
+        "ranks_in_sync": distributed.params_in_sync(net),  # DDP keeps replicas equal; checked
+        "device": str(device),
+        "run_dir": str(run_dir) if run_dir else None,
+    }
+    if info.is_main:
+        if perf:
+            _save(run_dir, loop, meta, epochs_done, None)
+        log.close()
+        table = write_results(run_dir, results)
+        mark_status(run_dir, "finished")
+        if not perf:
+            plot_curves(run_dir, f"{cfg.recipe} ({precision_name(amp_dtype)}, {info.world_size} device(s))")
+        per_device = f" ({fps / info.world_size:.2f} per device)" if fps and info.enabled else ""
+        print(("\n" + table + "\n") + (f"Final Performance images/sec : {fps:.2f}{per_device}\n" if fps else "")
+              + (f"Final Train Accuracy : {results['TrainAccuracy']:.2f}\n" if last_eval else "")
+              + f"E2E Training Duration sec : {results['E2ETrainingTime']:.0f}", flush=True)
+        if results["bad_images"]:
+            print(f"warning: {results['bad_images']} unreadable image(s) were skipped", flush=True)
+    distributed.shutdown()
+    return results
+
+
+def _run_epochs(cfg: RecipeConfig, perf: bool, loop: Loop, train_loader, val_loader, steps_per_epoch: int,
+                info: distributed.DistInfo, eval_kw: dict, run_dir, meta: dict) -> tuple:
+    """The epochs of a full run (train, validate, checkpoint) or the steps of a --perf run.
+    Returns (timed images, timed seconds, epochs done, last evaluation or None)."""
+    ema, net, model, optimizer, log = loop.ema, loop.net, loop.model, loop.optimizer, loop.log
+    # Per-epoch reshuffling: both loaders' samplers take set_epoch.
+    sampler = train_loader if hasattr(train_loader, "set_epoch") else getattr(train_loader, "sampler", None)
     timed_images, timed_seconds, epochs_done, best, last_eval = 0, 0.0, 0, -math.inf, None
     if perf:
         # A performance run: a fixed number of optimizer steps, timed after the warm-up steps.
@@ -265,44 +328,7 @@ def fit(cfg: RecipeConfig, perf: bool = False) -> dict:
                     best = record["acc1"]
                     save_weights(run_dir / BEST, ema.module if ema else net, {**meta, "epoch": epoch + 1, "acc1": best})
 
-    fps = timed_images / timed_seconds if timed_seconds > 0 else None
-    results = {
-        "recipe": cfg.recipe,
-        "Acc@1": last_eval["acc1"] if last_eval else None,
-        "Acc@5": last_eval["acc5"] if last_eval else None,
-        "FPS": fps,
-        "FPS_per_device": fps / info.world_size if fps else None,
-        "devices": info.world_size,
-        "epochs": round(epochs_done, 2),
-        "precision": precision_name(amp_dtype),
-        "torch": torch.__version__.split("+")[0],
-        "mode": "perf" if perf else "full",
-        "batch_size": cfg.data.batch_size,
-        "steps": loop.global_step,
-        "ActualFPS": fps,
-        "TrainingTime": 1000.0 * cfg.data.batch_size / fps if fps else None,  # ms per optimizer step
-        "TrainAccuracy": last_eval["acc1"] if last_eval else None,  # the seeds' name for final val Acc@1
-        "ActualLoss": loop.last_loss,
-        "E2ETrainingTime": time.perf_counter() - t0,
-        "bad_images": loop.bad_images + (last_eval["bad_images"] if last_eval else 0),
-        "skipped_steps": stepper.skipped,
-        "ranks_in_sync": distributed.params_in_sync(net),  # DDP keeps replicas equal; checked
-        "device": str(device),
-        "run_dir": str(run_dir) if run_dir else None,
-    }
-    if info.is_main:
-        if perf:
-            _save(run_dir, loop, meta, epochs_done, None)
-        log.close()
-        table = write_results(run_dir, results)
-        per_device = f" ({fps / info.world_size:.2f} per device)" if fps and info.enabled else ""
-        print(("\n" + table + "\n") + (f"Final Performance images/sec : {fps:.2f}{per_device}\n" if fps else "")
-              + (f"Final Train Accuracy : {results['TrainAccuracy']:.2f}\n" if last_eval else "")
-              + f"E2E Training Duration sec : {results['E2ETrainingTime']:.0f}", flush=True)
-        if results["bad_images"]:
-            print(f"warning: {results['bad_images']} unreadable image(s) were skipped", flush=True)
-    distributed.shutdown()
-    return results
+    return timed_images, timed_seconds, epochs_done, last_eval
 
 
 def _save(run_dir, loop: Loop, meta: dict, epoch: float, acc1: float | None) -> None:

@@ -1,0 +1,117 @@
+"""Run management: what the run folders under a directory hold, and how two runs differ."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from visionzoo.errors import UserError
+from visionzoo.report import format_table, read_metrics
+
+RUN_COLUMNS = ("run", "recipe", "status", "epochs", "best Acc@1", "FPS", "started")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_status(run_dir: Path) -> str:
+    """finished, running or failed. A run whose status says running but whose process is gone
+    from this machine was killed (SIGKILL, power loss): it counts as failed."""
+    if (run_dir / "results.json").is_file():
+        return "finished"
+    try:
+        status = json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return "failed"
+    if status.get("status") == "running" and status.get("host") == socket.gethostname():
+        return "running" if _pid_alive(int(status.get("pid", -1))) else "failed"
+    return status.get("status", "failed")
+
+
+def summarize(run_dir: Path) -> dict[str, Any]:
+    """One row of ``visionzoo runs`` for a run folder."""
+    row: dict[str, Any] = {"run": run_dir.name, "status": run_status(run_dir)}
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        cfg = {}
+    row["recipe"] = cfg.get("recipe", "?")
+    records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    total = (cfg.get("train") or {}).get("epochs")
+    row["epochs"] = f"{len(epochs)}/{total}" if total else str(len(epochs))
+    accs = [r["acc1"] for r in epochs if r.get("acc1") is not None]
+    row["best Acc@1"] = max(accs) if accs else None
+    results = {}
+    if (run_dir / "results.json").is_file():
+        results = json.loads((run_dir / "results.json").read_text())
+        if results.get("mode") == "perf":
+            row["epochs"] = "perf"
+    row["FPS"] = results.get("FPS")
+    stamp = records[0].get("time") if records else (run_dir / "config.yaml").stat().st_mtime
+    row["started"] = datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M") if stamp else "-"
+    return row
+
+
+def list_runs(root: str | Path) -> list[dict[str, Any]]:
+    """Rows for every run folder (a folder with a config.yaml) directly under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"no runs folder at {root}")
+    dirs = sorted((d for d in root.iterdir() if (d / "config.yaml").is_file()), key=lambda d: d.stat().st_mtime)
+    return [summarize(d) for d in dirs]
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def compare(a: str | Path, b: str | Path) -> tuple[list[tuple[str, Any, Any]], list[dict[str, Any]]]:
+    """The config keys whose values differ between two runs (key, value in a, value in b),
+    and the two runs' summary rows."""
+    flat = []
+    for run in (Path(a), Path(b)):
+        if not (run / "config.yaml").is_file():
+            raise UserError(f"{run} is not a run folder (no config.yaml)")
+        flat.append(_flatten(yaml.safe_load((run / "config.yaml").read_text())))
+    keys = sorted(set(flat[0]) | set(flat[1]))
+    ignore = {"output"}  # always differs, says nothing about the runs
+    diffs = [(k, flat[0].get(k), flat[1].get(k)) for k in keys if k not in ignore and flat[0].get(k) != flat[1].get(k)]
+    return diffs, [summarize(Path(a)), summarize(Path(b))]
+
+
+def print_runs(root: str | Path) -> None:
+    """``visionzoo runs [DIR]``."""
+    rows = list_runs(root)
+    print(format_table(rows, RUN_COLUMNS) if rows else f"no runs under {root}")
+
+
+def print_compare(a: str | Path, b: str | Path) -> None:
+    """``visionzoo runs --compare A B``."""
+    diffs, rows = compare(a, b)
+    name_a, name_b = Path(a).name, Path(b).name
+    # Config values print as written (format_table would round floats such as learning rates).
+    print(format_table([{"key": k, name_a: repr(va) if isinstance(va, str) else str(va),
+                         name_b: repr(vb) if isinstance(vb, str) else str(vb)} for k, va, vb in diffs],
+                       ("key", name_a, name_b))
+          if diffs else "the two runs have the same config")
+    print()
+    print(format_table(rows, RUN_COLUMNS))

@@ -1,0 +1,112 @@
+"""What a user sees around a run: log lines, the results table, curves.png, run listing,
+comparison, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+from PIL import Image
+
+from visionzoo.cli import main
+from visionzoo.report import format_table, read_metrics
+from visionzoo.runs import compare, list_runs
+
+SHORT = ["--epochs", "2", "--device", "cpu", "data.batch_size=64", "train.log_every=2"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(fmnist_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    assert main(["train", "fashion_mnist", "--data", str(fmnist_dir), "--output", str(root / "a"), *SHORT,
+                 "log.progress=lines", "log.tensorboard=true"]) == 0
+    assert main(["train", "fashion_mnist", "--data", str(fmnist_dir), "--output", str(root / "b"), *SHORT,
+                 "optim.lr=0.05", "train.seed=3"]) == 0
+    return root
+
+
+def test_plain_log_lines_when_not_a_terminal(fmnist_dir, tmp_path, capsys):
+    assert main(["train", "fashion_mnist", "--data", str(fmnist_dir), "--output", str(tmp_path / "r"), *SHORT]) == 0
+    out = capsys.readouterr().out
+    steps = re.findall(r"^epoch (\d) step (\d+)/(\d+) loss [\d.]+ lr [\d.e-]+( img/s [\d.]+)? \| ETA \d\d:\d\d$", out, re.M)
+    assert len(steps) == 2 * (10 // 2)  # 640/64 = 10 steps per epoch, logged every 2
+    assert steps[0][:3] == ("1", "2", "10")
+    assert "\r" not in out  # no progress-bar redraws in a log file
+
+
+def test_results_table_format():
+    row = {"recipe": "x", "Acc@1": 91.234, "FPS": 2300.0, "devices": 8, "epochs": 90, "precision": "bf16", "torch": "2.11.0"}
+    assert format_table([row]).splitlines() == [
+        "| recipe | Acc@1 | FPS | devices | epochs | precision | torch |",
+        "|---|---|---|---|---|---|---|",
+        "| x | 91.23 | 2300.00 | 8 | 90 | bf16 | 2.11.0 |",
+    ]
+    assert format_table([{"recipe": "y", "Acc@1": None}]).splitlines()[-1] == "| y | - | - | - | - | - | - |"
+
+
+def test_run_folder_has_results_and_curves(two_runs):
+    run = two_runs / "a"
+    results = json.loads((run / "results.json").read_text())
+    table = (run / "results.md").read_text()
+    assert f"| fashion_mnist | {results['Acc@1']:.2f} | {results['FPS']:.2f} | 1 | 2 | fp32 |" in table
+    png = run / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    with Image.open(png) as im:
+        assert im.size[0] >= 800 and im.size[1] >= 600
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
+
+
+def test_tensorboard_has_the_metrics_jsonl_scalars(two_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(two_runs / "a" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"step/loss", "step/lr", "epoch/acc1", "epoch/train_loss"} <= tags
+    epochs = [r for r in read_metrics(two_runs / "a" / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert [e.value for e in acc.Scalars("epoch/acc1")] == pytest.approx([r["acc1"] for r in epochs])
+
+
+def test_runs_lists_finished_and_failed(two_runs, fmnist_dir, monkeypatch, capsys):
+    # A run that raised mid-training...
+    import visionzoo.engine.supervised as sup
+
+    def broken(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(sup, "evaluate", broken)
+    with pytest.raises(RuntimeError):
+        main(["train", "fashion_mnist", "--data", str(fmnist_dir), "--output", str(two_runs / "c"), *SHORT])
+    monkeypatch.undo()
+    # ...and one whose process was killed (status says running, the process is gone).
+    (two_runs / "d").mkdir()
+    (two_runs / "d" / "config.yaml").write_text((two_runs / "a" / "config.yaml").read_text())
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    import socket
+
+    (two_runs / "d" / "status.json").write_text(json.dumps({"status": "running", "pid": dead.pid, "host": socket.gethostname()}))
+
+    rows = {r["run"]: r for r in list_runs(two_runs)}
+    assert rows["a"]["status"] == rows["b"]["status"] == "finished"
+    assert rows["c"]["status"] == "failed" and rows["d"]["status"] == "failed"
+    assert rows["a"]["epochs"] == "2/2" and rows["c"]["epochs"] == "0/2"
+    best = max(r["acc1"] for r in read_metrics(two_runs / "a" / "metrics.jsonl") if r["kind"] == "epoch")
+    assert rows["a"]["best Acc@1"] == best
+    assert main(["runs", str(two_runs)]) == 0
+    assert "| a | fashion_mnist | finished | 2/2 |" in capsys.readouterr().out
+
+
+def test_compare_shows_exactly_the_changed_keys(two_runs, capsys):
+    diffs, rows = compare(two_runs / "a", two_runs / "b")
+    assert {k for k, _, _ in diffs} == {"optim.lr", "train.seed", "log.progress", "log.tensorboard"}
+    assert ("optim.lr", 0.1, 0.05) in diffs
+    assert main(["runs", "--compare", str(two_runs / "a"), str(two_runs / "b")]) == 0
+    assert "| optim.lr | 0.1 | 0.05 |" in capsys.readouterr().out
+
+
+def test_runs_on_missing_folder_is_a_user_error(tmp_path, capsys):
+    assert main(["runs", str(tmp_path / "nope")]) == 2
+    assert "no runs folder" in capsys.readouterr().err
