@@ -95,3 +95,78 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         raise UserError(f"checkpoint {path} does not fit model {meta['model']['name']}: "
                         f"{len(missing)} missing and {len(unexpected)} unexpected tensors")
     return model, meta
+
+
+CHECKPOINTS = "checkpoints"
+
+
+def publish(src: Path, dst: Path) -> None:
+    """Make ``dst`` the same file as ``src`` (a hard link: no second copy of the bytes), atomically."""
+    tmp = dst.with_name(f".{dst.name}.link")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:  # file systems without hard links
+        import shutil
+
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def save_checkpoint(run_dir: Path, step: int, net: torch.nn.Module, meta: dict, state: dict, keep: int,
+                    ema_net: torch.nn.Module | None = None) -> Path:
+    """Write the pair ``checkpoints/step-N.safetensors`` + ``step-N.pt`` (each atomically),
+    point ``model.safetensors`` at the new weights, and delete all but the newest ``keep`` pairs.
+
+    A full disk or an unwritable folder is a UserError; older checkpoints are left intact."""
+    folder = Path(run_dir) / CHECKPOINTS
+    name = f"step-{step:09d}"
+    try:
+        folder.mkdir(exist_ok=True)
+        save_weights(folder / f"{name}.safetensors", net, meta)
+        if ema_net is not None:
+            save_weights(folder / f"{name}.ema.safetensors", ema_net, meta)
+        save_state(folder / f"{name}.pt", state)  # written last: a pair is complete once it exists
+        publish(folder / f"{name}.safetensors", Path(run_dir) / WEIGHTS)
+        if ema_net is not None:
+            publish(folder / f"{name}.ema.safetensors", Path(run_dir) / "model_ema.safetensors")
+    except OSError as err:
+        older = [p.name for p, _ in checkpoint_pairs(run_dir) if not p.name.startswith(name)]
+        kept = f"the previous checkpoint {older[0]} is intact" if older else "no earlier checkpoint exists"
+        raise UserError(f"cannot write checkpoint {name} in {folder}: {err.strerror or err}; {kept}") from None
+    for weights, state_path in checkpoint_pairs(run_dir)[keep:]:
+        for p in (weights, state_path, weights.with_name(weights.name.replace(".safetensors", ".ema.safetensors"))):
+            p.unlink(missing_ok=True)
+    return folder / f"{name}.safetensors"
+
+
+def checkpoint_pairs(run_dir: Path) -> list[tuple[Path, Path]]:
+    """Complete (weights, state) pairs of a run, newest first."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    pairs = []
+    for state_path in folder.glob("step-*.pt"):
+        weights = state_path.with_suffix(".safetensors")
+        if weights.is_file():
+            pairs.append((weights, state_path))
+    return sorted(pairs, key=lambda p: p[1].name, reverse=True)
+
+
+def load_latest(run_dir: Path) -> tuple[dict, dict, Path]:
+    """The newest checkpoint of a run that loads: (state dict of the weights, training state,
+    weights path). A truncated newest pair (a crash mid-write) falls back to the one before."""
+    errors = []
+    for weights, state_path in checkpoint_pairs(run_dir):
+        try:
+            tensors, _ = load_weights(weights)
+            state = load_state(state_path)
+            ema = weights.with_name(weights.name.replace(".safetensors", ".ema.safetensors"))
+            if ema.is_file():
+                state["ema_weights"] = load_weights(ema)[0]
+            return tensors, state, weights
+        except UserError as err:
+            errors.append(str(err))
+    detail = f" ({'; '.join(errors)})" if errors else ""
+    raise UserError(f"no usable checkpoint in {Path(run_dir) / CHECKPOINTS}{detail}")

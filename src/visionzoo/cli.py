@@ -83,6 +83,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from visionzoo import distributed
     from visionzoo.config import load_config
     from visionzoo.data.build import check_data_path
+    from visionzoo.engine.resume import check_resumable, find_auto_resume
     from visionzoo.engine.supervised import fit
 
     overrides = _overrides(args)
@@ -91,15 +92,24 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.output:
         overrides.append(f"output={args.output}")
     cfg = load_config(args.recipe, overrides)  # config mistakes stop here, before any launch
+    resume_dir = None
+    if args.resume == "auto":
+        resume_dir = find_auto_resume(cfg.recipe, args.output)
+        if resume_dir is None and not distributed.in_launched_worker():
+            print("visionzoo: no unfinished run to resume; starting a new one")
+    elif args.resume:
+        resume_dir = check_resumable(args.resume)
+    if resume_dir is not None:  # the run's own resolved config, with this command's overrides on top
+        cfg = load_config(str(resume_dir / "config.yaml"), overrides)
     if args.devices > 1 and not distributed.in_launched_worker():
         check_data_path(cfg.data)
         raise SystemExit(distributed.launch_local(args.devices, args.argv))
     if cfg.task == "dino":
         from visionzoo.engine.dino import fit_dino
 
-        fit_dino(cfg, perf=args.perf)
+        fit_dino(cfg, perf=args.perf, resume_dir=resume_dir)
         return
-    fit(cfg, perf=args.perf)
+    fit(cfg, perf=args.perf, resume_dir=resume_dir)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -163,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perf", action="store_true", help="performance run: time a fixed number of steps, report img/s")
     p.add_argument("--steps", type=int, help="timed steps of a --perf run (train.perf_steps, default 100)")
     p.add_argument("--output", help="run folder (default runs/<recipe>-<timestamp>)")
+    p.add_argument("--resume", metavar="RUN_DIR|auto",
+                   help="continue a run from its newest checkpoint (auto: the newest unfinished run of "
+                        "this recipe, or of --output)")
     p.add_argument("--devices", type=int, default=1,
                    help="worker processes on this machine, one per GPU (gloo on the CPU); "
                         "under torchrun this is ignored: torchrun decides")

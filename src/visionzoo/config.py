@@ -144,6 +144,9 @@ class TrainConfig:
     cudnn_benchmark: bool = True
     compile: bool = False  # torch.compile the model (minutes of compile time on large models)
     eval_every: int = 1  # validate every N epochs (and always after the last)
+    checkpoint_every_steps: int = 0  # also checkpoint every N optimizer steps (0: at epoch ends only)
+    keep_checkpoints: int = 2  # newest checkpoints kept in checkpoints/ (plus best.safetensors)
+    skip_nonfinite: int = 0  # steps with a NaN/inf loss that may be skipped before the run stops
     max_steps_per_epoch: int = 0  # stop an epoch early after N steps (0: the whole epoch)
     log_every: int = 50  # steps between metrics.jsonl step records
     perf_warmup_steps: int = 10  # --perf: untimed steps
@@ -201,7 +204,7 @@ class DinoConfig:
     # Evaluation of the teacher backbone (visionzoo knn / linear; k-NN at the end of training).
     knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
     knn_temperature: float = 0.07
-    knn_report_k: int = 20  # the k whose top-1 is the run's Acc@1
+    knn_report_k: int = 20  # the k whose top-1 is a training run's Acc@1 (evaluated too if not in knn_k)
     linear_epochs: int = 100
     linear_lr: float = 0.001  # SGD m0.9 cosine, per 256 images (reference eval_linear.py)
     linear_batch_size: int = 1024  # global (reference: 128 per device × 8)
@@ -221,8 +224,8 @@ class DinoConfig:
             raise UserError("dino temperatures must be > 0")
         if self.local_crops_number < 0 or self.out_dim < 1 or self.head_layers < 1:
             raise UserError("dino.local_crops_number must be >= 0, dino.out_dim and dino.head_layers >= 1")
-        if not self.knn_k or self.knn_report_k not in self.knn_k:
-            raise UserError(f"dino.knn_report_k={self.knn_report_k} must be one of dino.knn_k={list(self.knn_k)}")
+        if not self.knn_k or min(self.knn_k) < 1 or self.knn_report_k < 1:
+            raise UserError(f"dino.knn_k={list(self.knn_k)} and dino.knn_report_k must be >= 1")
 
 
 @dataclass

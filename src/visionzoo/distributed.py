@@ -57,6 +57,11 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def world_size() -> int:
+    """Processes in the job (1 without a process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """The sum of ``t`` over all ranks (``t`` itself with one process)."""
     if dist.is_initialized():

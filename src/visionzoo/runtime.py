@@ -63,3 +63,36 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so wall-clock timings are real."""
     if device.type != "cpu":
         torch.accelerator.synchronize(device)
+
+
+class StopSignal:
+    """Turns SIGTERM and SIGINT into a flag the training loop polls, so a run can write a
+    checkpoint before it exits. A second signal exits at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:  # noqa: ANN001
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "StopSignal":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None

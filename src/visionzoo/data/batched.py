@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from visionzoo.data.samplers import eval_indices, train_indices
+from visionzoo.data.samplers import eval_indices, sample_seed, train_indices
 
 
 def random_crop_flip(
@@ -57,7 +57,7 @@ class InMemoryLoader:
         self.images = dataset.images.to(device)
         self.labels = dataset.labels.to(device)
         self.batch_size, self.train, self.device = batch_size, train, device
-        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.seed, self.rank, self.world_size, self.epoch, self.skip_batches = seed, rank, world_size, 0, 0
         self.augment = d.augment if augment else "off"
         self.size, self.padding, self.hflip = d.image_size, d.crop_padding, d.hflip
         self.mean = torch.tensor(d.mean, device=device).view(1, -1, 1, 1)
@@ -67,25 +67,24 @@ class InMemoryLoader:
         self.per_rank = n // world_size
         self.indices = None if train else eval_indices(n, rank, world_size).to(device)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select the epoch's order; ``skip_batches`` resumes after that many batches."""
+        self.epoch, self.skip_batches = epoch, skip_batches
 
     def __len__(self) -> int:
         if self.train:
-            return self.per_rank // self.batch_size
+            return self.per_rank // self.batch_size - self.skip_batches
         return math.ceil(len(self.indices) / self.batch_size)
 
-    def _order(self) -> tuple[torch.Tensor, torch.Generator | None]:
-        if not self.train:
-            return self.indices, None
-        order = train_indices(len(self.labels), self.seed, self.epoch, self.rank, self.world_size)
-        # Augmentation draws differ per rank and epoch, but are reproducible.
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1024 + self.rank)
-        return order.to(self.device), g
-
     def __iter__(self):
-        order, g = self._order()
-        for i in range(len(self)):
+        if self.train:
+            order = train_indices(len(self.labels), self.seed, self.epoch, self.rank, self.world_size).to(self.device)
+        else:
+            order = self.indices
+        first = self.skip_batches if self.train else 0
+        for i in range(first, first + len(self)):
+            # Augmentation is seeded per (epoch, rank, batch): reproducible, and resumable mid-epoch.
+            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, i * self.world_size + self.rank))
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.images[idx]
             if self.train and self.augment == "cifar":

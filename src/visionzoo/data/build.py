@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from visionzoo.data.batched import InMemoryLoader
 from visionzoo.data.cifar import load_cifar
 from visionzoo.data.folder import ImageFolderDataset, collate_skip_bad, find_classes
-from visionzoo.data.samplers import ShardSampler
+from visionzoo.data.samplers import SeededDataset, ShardSampler
 from visionzoo.data.idx import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, MNIST_CLASSES, load_idx_split
 from visionzoo.data.tensor_dataset import TensorImageDataset
 from visionzoo.data.transforms import eval_transform, train_transform
@@ -123,9 +123,12 @@ def build_loader(
     batch; evaluation gives each rank a contiguous shard (see data/samplers.py).
     """
     sampler = ShardSampler(len(ds), train, seed, rank, world_size)
+    if train:
+        ds = SeededDataset(ds, seed)
     workers = max(0, min(workers, os.cpu_count() or 1))
     return DataLoader(
         ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_skip_bad,
+        generator=torch.Generator().manual_seed(seed),  # leaves the global RNG alone
         pin_memory=pin_memory, drop_last=train, persistent_workers=workers > 0 and train,
         prefetch_factor=4 if workers > 0 else None,
     )

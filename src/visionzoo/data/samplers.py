@@ -6,14 +6,25 @@ torch.randperm as DistributedSampler draws it — cut to a multiple of the world
 takes every world-th index from r. Optimizer step i on N devices then sees exactly the global
 batch that step i sees on one device, which makes 1- and N-device runs comparable.
 
-Evaluation: contiguous shards with no padding, so no sample is counted twice."""
+Evaluation: contiguous shards with no padding, so no sample is counted twice.
+
+Random augmentation is seeded per sample from (seed, epoch, index) — ``SeededDataset`` for
+per-image transforms, ``sample_seed`` per batch in the device-resident loader — so the images
+of a step do not depend on the number of loader workers, and a run resumed in the middle of an
+epoch draws exactly what the uninterrupted run drew."""
 
 from __future__ import annotations
 
-from typing import Iterator
+import random
+from typing import Any, Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A seed for one sample (or batch) of one epoch, distinct for every triple in practice."""
+    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % (2**63 - 1)
 
 
 def train_indices(n: int, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
@@ -31,22 +42,52 @@ def eval_indices(n: int, rank: int, world_size: int) -> torch.Tensor:
     return torch.arange(start, start + base + (rank < extra))
 
 
-class ShardSampler(Sampler[int]):
-    """A Sampler over ``train_indices`` (call set_epoch every epoch) or ``eval_indices``."""
+class ShardSampler(Sampler):
+    """Training: ``(index, epoch)`` pairs of ``train_indices`` (call set_epoch every epoch;
+    ``skip`` leaves out the first samples, to resume mid-epoch). Evaluation: ``eval_indices``."""
 
     def __init__(self, n: int, train: bool, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.n, self.train, self.seed, self.rank, self.world_size, self.epoch = n, train, seed, rank, world_size, 0
+        self.n, self.train, self.seed, self.rank, self.world_size = n, train, seed, rank, world_size
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
 
-    def _indices(self) -> torch.Tensor:
-        if self.train:
-            return train_indices(self.n, self.seed, self.epoch, self.rank, self.world_size)
-        return eval_indices(self.n, self.rank, self.world_size)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices().tolist())
+    def __iter__(self) -> Iterator:
+        if not self.train:
+            return iter(eval_indices(self.n, self.rank, self.world_size).tolist())
+        order = train_indices(self.n, self.seed, self.epoch, self.rank, self.world_size)[self.skip:]
+        return iter((i, self.epoch) for i in order.tolist())
 
     def __len__(self) -> int:
-        return len(self._indices()) if not self.train else self.n // self.world_size
+        if not self.train:
+            return len(eval_indices(self.n, self.rank, self.world_size))
+        return max(self.n // self.world_size - self.skip, 0)
+
+
+class SeededDataset(Dataset):
+    """Wraps a training dataset so item ``(index, epoch)`` is transformed under RNGs seeded by
+    ``sample_seed``; the caller's RNG streams are left as they were."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        index, epoch = item
+        s = sample_seed(self.seed, epoch, index)
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            random.seed(s)  # timm's RandAugment draws from Python's random
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+
+    def __getattr__(self, name: str) -> Any:  # classes, targets, samples ... of the wrapped set
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)

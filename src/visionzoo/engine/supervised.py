@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,8 @@ import torch
 import torch.nn as nn
 
 from visionzoo import distributed
-from visionzoo.checkpoint import BEST, STATE, WEIGHTS, save_state, save_weights
+from visionzoo.checkpoint import BEST, WEIGHTS, load_latest, publish, save_checkpoint
+from visionzoo.engine.resume import per_rank, rng_state, set_rng_state, truncate_metrics
 from visionzoo.config import RecipeConfig, for_world_size, to_dict, to_yaml
 from visionzoo.data.build import build_datasets, build_loaders
 from visionzoo.engine.evaluate import evaluate
@@ -29,7 +31,7 @@ from visionzoo.optim import build_optimizer, clip_parameters, lr_schedule
 from visionzoo.progress import Progress
 from visionzoo.plots import plot_curves
 from visionzoo.report import MetricsLog, mark_status, new_run_dir, write_results
-from visionzoo.runtime import precision_name, resolve_amp, resolve_device, seed_everything, synchronize
+from visionzoo.runtime import StopSignal, precision_name, resolve_amp, resolve_device, seed_everything, synchronize
 
 
 @dataclass
@@ -52,8 +54,17 @@ class Loop:
     log_every: int = 50
     progress: str = "auto"  # auto | bar | lines | off
     global_step: int = 0  # optimizer steps taken
+    epoch: int = 0  # the epoch being trained (0-based)
+    batches_in_epoch: int = 0  # batches of this epoch already trained on (resume skips them)
+    epoch_sums: torch.Tensor | None = None  # this rank's loss×n, correct, n of the current epoch
     bad_images: int = 0
+    nonfinite_skipped: int = 0
+    nonfinite: torch.Tensor | None = None  # device flag: a non-finite loss was seen (checked lazily)
+    skip_nonfinite: int = 0
     last_loss: float = float("nan")
+    checkpoint_every: int = 0
+    checkpoint: Any = None  # callable writing a checkpoint of the current position (all ranks call it)
+    stop: Any = None  # runtime.StopSignal
 
 
 @dataclass
@@ -64,33 +75,57 @@ class EpochStats:
     images: int = 0
     timed_images: int = 0
     timed_seconds: float = 0.0
-    step_times: list[float] = field(default_factory=list)
 
     @property
     def img_per_s(self) -> float:
         return self.timed_images / self.timed_seconds if self.timed_seconds > 0 else float("nan")
 
 
-def train_one_epoch(loop: Loop, loader, epoch: int, max_steps: int = 0, time_after: int = 0) -> EpochStats:
-    """Train over ``loader`` (at most ``max_steps`` optimizer steps when > 0). Throughput is
-    timed from optimizer step ``time_after`` on, so warm-up (cuDNN autotuning, compilation,
-    worker start-up) is left out."""
+class Interrupted(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint of the current step has been written."""
+
+
+def _check_finite(loop: Loop) -> None:
+    """Stop with a clear message if a non-finite loss went by since the last check (one sync)."""
+    if loop.nonfinite is not None and bool(distributed.all_reduce_sum(loop.nonfinite.clone()) > 0):
+        raise UserError(f"the loss became NaN/inf before step {loop.global_step}; the last good checkpoint "
+                        "is kept. Lower optim.lr, use train.amp=bf16/none, or let train.skip_nonfinite=N "
+                        "steps be skipped")
+
+
+def _stop_requested(loop: Loop) -> bool:
+    """Whether any rank got SIGTERM/SIGINT (all ranks must agree before stopping)."""
+    flag = torch.tensor(float(loop.stop is not None and loop.stop.requested), device=loop.device)
+    return bool(distributed.all_reduce_sum(flag) > 0)
+
+
+def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0) -> EpochStats:
+    """Train on the rest of epoch ``loop.epoch`` (at most ``max_steps`` optimizer steps in the
+    epoch when > 0). Throughput is timed from optimizer step ``time_after`` on, so warm-up
+    (cuDNN autotuning, compilation, worker start-up) is left out."""
     loop.model.train()
     stats = EpochStats()
-    sums = torch.zeros(3, dtype=torch.float64, device=loop.device)  # loss×n, correct, n
+    if loop.epoch_sums is None:
+        loop.epoch_sums = torch.zeros(3, dtype=torch.float64, device=loop.device)  # loss×n, correct, n
+    sums = loop.epoch_sums
     autocast = torch.autocast(loop.device.type, dtype=loop.amp_dtype) if loop.amp_dtype else nullcontext()
     t_start = None if time_after > 0 else time.perf_counter()
-    micro = 0
-    total = min(len(loader) // loop.accum_steps, max_steps) if max_steps else len(loader) // loop.accum_steps
-    progress = Progress(loader, total * loop.accum_steps, f"epoch {epoch + 1}", loop.progress,
+    accum = loop.accum_steps
+    done = loop.batches_in_epoch // accum  # optimizer steps already taken in this epoch
+    total = min(len(loader) // accum + done, max_steps) if max_steps else len(loader) // accum + done
+    check_stop_every = 10 if distributed.world_size() > 1 else 1  # a collective per check on several ranks
+    progress = Progress(loader, (total - done) * accum, f"epoch {loop.epoch + 1}", loop.progress,
                         enabled=loop.log is not None)
     for images, targets, n_bad in progress:
+        if done >= total:
+            break
         loop.bad_images += n_bad
+        loop.batches_in_epoch += 1
         if images.numel() == 0:
             continue
         images = images.to(loop.device, non_blocking=True, memory_format=loop.memory_format)
         targets = targets.to(loop.device, non_blocking=True)
-        update = (micro + 1) % loop.accum_steps == 0
+        update = loop.batches_in_epoch % accum == 0
         if update:
             for group in loop.optimizer.param_groups:
                 group["lr"] = loop.lrs[min(loop.global_step, len(loop.lrs) - 1)]
@@ -101,11 +136,21 @@ def train_one_epoch(loop: Loop, loader, epoch: int, max_steps: int = 0, time_aft
         with no_sync(), autocast:
             logits = loop.model(images)
             loss = loop.criterion(logits, targets)
-        loop.step(loss / loop.accum_steps, update=update)
-        micro += 1
+        finite = torch.isfinite(loss.detach())
+        if loop.skip_nonfinite > 0 and not bool(distributed.all_reduce_sum(finite.float()) == distributed.world_size()):
+            # Drop this step everywhere; stop once more than the allowed number went by.
+            loop.nonfinite_skipped += 1
+            loop.optimizer.zero_grad(set_to_none=True)
+            if loop.nonfinite_skipped > loop.skip_nonfinite:
+                raise UserError(f"{loop.nonfinite_skipped} steps had a NaN/inf loss (train.skip_nonfinite="
+                                f"{loop.skip_nonfinite}); stopping, the last good checkpoint is kept")
+            continue
+        if loop.amp_dtype != torch.float16:  # fp16: the loss scaler skips such steps itself
+            loop.nonfinite = loop.nonfinite + (~finite).float() if loop.nonfinite is not None else (~finite).float()
+        loop.step(loss / accum, update=update)
         n = len(hard_targets)
         sums += torch.stack([
-            loss.detach().double() * n,
+            torch.nan_to_num(loss.detach().double()) * n,
             (logits.detach().argmax(1) == hard_targets).sum().double(),
             torch.tensor(n, dtype=torch.float64, device=loop.device),
         ])
@@ -117,6 +162,7 @@ def train_one_epoch(loop: Loop, loader, epoch: int, max_steps: int = 0, time_aft
         if loop.ema is not None:
             loop.ema.update(loop.net, step=loop.global_step)
         loop.global_step += 1
+        done += 1
         stats.steps += 1
         if stats.steps == time_after:
             synchronize(loop.device)
@@ -126,16 +172,19 @@ def train_one_epoch(loop: Loop, loader, epoch: int, max_steps: int = 0, time_aft
             elapsed = time.perf_counter() - t_start if t_start else 0.0
             img_s = stats.timed_images / elapsed if elapsed > 0 else None
             lr = float(loop.optimizer.param_groups[0]["lr"])
-            loop.log.write(kind="step", epoch=epoch + 1, step=loop.global_step, loss=loop.last_loss, lr=lr, img_s=img_s)
+            loop.log.write(kind="step", epoch=loop.epoch + 1, step=loop.global_step, loss=loop.last_loss, lr=lr, img_s=img_s)
             progress.update(loss=loop.last_loss, lr=lr, **{"img/s": img_s})
-        if max_steps and stats.steps >= max_steps:
-            break
+        if loop.checkpoint is not None and done < total:
+            if loop.checkpoint_every and loop.global_step % loop.checkpoint_every == 0:
+                loop.checkpoint()
+            if loop.global_step % check_stop_every == 0 and _stop_requested(loop):
+                loop.checkpoint()
+                raise Interrupted
     progress.close()
     synchronize(loop.device)
     if t_start is not None:
         stats.timed_seconds = time.perf_counter() - t_start
-    sums = distributed.all_reduce_sum(sums)
-    loss_sum, correct, count = sums.tolist()
+    loss_sum, correct, count = distributed.all_reduce_sum(sums.clone()).tolist()
     if count > 0:
         stats.loss, stats.acc1 = loss_sum / count, 100.0 * correct / count
         loop.last_loss = stats.loss
@@ -156,8 +205,9 @@ def _criterion(cfg: RecipeConfig, num_classes: int) -> tuple[nn.Module, Any]:
     return nn.CrossEntropyLoss(label_smoothing=t.label_smoothing), None
 
 
-def fit(cfg: RecipeConfig, perf: bool = False) -> dict:
-    """Train ``cfg`` (or time it, with ``perf``); write the run folder; return results.json's dict."""
+def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -> dict:
+    """Train ``cfg`` (or time it, with ``perf``) and write the run folder; with ``resume_dir``,
+    continue that run from its newest usable checkpoint. Returns results.json's dict."""
     t0 = time.perf_counter()
     info = distributed.from_env()
     cfg = for_world_size(cfg, info.world_size)
@@ -173,11 +223,10 @@ def fit(cfg: RecipeConfig, perf: bool = False) -> dict:
 
     splits = build_datasets(cfg.data, train=True)
     num_classes = len(splits.classes)
-    batch = cfg.data.batch_size_per_device
     use_cl = cfg.model.channels_last
     memory_format = torch.channels_last if use_cl else torch.contiguous_format
-    train_loader, val_loader = build_loaders(splits, cfg.data, batch, device, cfg.train.seed,
-                                             info.rank, info.world_size, memory_format)
+    train_loader, val_loader = build_loaders(splits, cfg.data, cfg.data.batch_size_per_device, device,
+                                             cfg.train.seed, info.rank, info.world_size, memory_format)
     steps_per_epoch = len(train_loader) // cfg.train.accum_steps
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
@@ -189,12 +238,6 @@ def fit(cfg: RecipeConfig, perf: bool = False) -> dict:
     net = net.to(device, memory_format=memory_format)
     if cfg.model.sync_bn and info.enabled:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    model: nn.Module = net
-    if info.enabled:
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.train.compile:
-        model = torch.compile(model)
-
     optimizer = build_optimizer(net, cfg.optim, device.type)
     lrs = lr_schedule(cfg.schedule, cfg.optim.lr, cfg.train.epochs, steps_per_epoch)
     stepper = GradStep(optimizer, device, amp_dtype, cfg.train.loss_scale, cfg.train.init_scale,
@@ -205,35 +248,103 @@ def fit(cfg: RecipeConfig, perf: bool = False) -> dict:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(net, decay=cfg.train.ema_decay)
+    state = None
+    if resume_dir is not None:
+        tensors, state, weights_path = load_latest(resume_dir)
+        if len(state["ranks"]) != info.world_size:
+            raise UserError(f"{weights_path} was written by {len(state['ranks'])} process(es); "
+                            f"resume with --devices {len(state['ranks'])}")
+        net.load_state_dict(tensors)
+        optimizer.load_state_dict(state["optimizer"])
+        stepper.load_state_dict(state["grad_step"])
+        if ema is not None and "ema_weights" in state:
+            ema.module.load_state_dict(state["ema_weights"])
+    model: nn.Module = net
+    if info.enabled:
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        model = torch.compile(model)
 
     run_dir = log = None
     if info.is_main:
-        run_dir = new_run_dir(cfg.recipe, cfg.output)
+        run_dir = Path(resume_dir) if resume_dir is not None else new_run_dir(cfg.recipe, cfg.output)
+        if state is not None:
+            truncate_metrics(run_dir, state["global_step"], state["epoch"])
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.log.tensorboard else None)
         mark_status(run_dir, "running")
+        where = (f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['global_step']} ({weights_path.name})"
+                 if state is not None else f"run folder {run_dir}")
         print(f"visionzoo: {'perf run' if perf else 'training'} {cfg.recipe} | {model_args['library']} "
               f"{model_args['name']} | {len(splits.train)} train / {len(splits.val)} val images, "
               f"{num_classes} classes | {info.world_size} × {device} {precision_name(amp_dtype)} | "
-              f"batch {cfg.data.batch_size} | run folder {run_dir}", flush=True)
+              f"batch {cfg.data.batch_size} | {where}", flush=True)
 
     loop = Loop(model, net, optimizer, stepper, lrs, criterion, device, amp_dtype, memory_format,
-                cfg.train.accum_steps, mixup, ema, log, cfg.train.log_every, cfg.log.progress)
+                cfg.train.accum_steps, mixup, ema, log, cfg.train.log_every, cfg.log.progress,
+                skip_nonfinite=cfg.train.skip_nonfinite, checkpoint_every=cfg.train.checkpoint_every_steps)
     meta = {"config": to_dict(cfg), "model": model_args, "classes": splits.classes}
+    best = {"acc1": -math.inf}
+    if state is not None:
+        loop.global_step, loop.epoch, loop.batches_in_epoch = state["global_step"], state["epoch"], state["batches_in_epoch"]
+        loop.bad_images, best["acc1"] = state["bad_images"], state["best_acc1"]
+        mine = state["ranks"][info.rank]
+        loop.epoch_sums = mine["epoch_sums"].to(device)
+        set_rng_state(mine["rng"], device)  # last: setup above drew from the RNGs
+
+    def checkpoint(acc1: float | None = None) -> None:
+        """Write the current position (a collective: every rank calls it at the same step)."""
+        _check_finite(loop)  # never save weights that went through a NaN step
+        train_state = {
+            "epoch": loop.epoch, "batches_in_epoch": loop.batches_in_epoch, "global_step": loop.global_step,
+            "optimizer": optimizer.state_dict(), "grad_step": stepper.state_dict(),
+            "bad_images": loop.bad_images, "best_acc1": best["acc1"],
+            "ranks": per_rank({"rng": rng_state(device), "epoch_sums": loop.epoch_sums.cpu()
+                               if loop.epoch_sums is not None else torch.zeros(3, dtype=torch.float64)}),
+        }
+        if info.is_main:
+            save_checkpoint(run_dir, loop.global_step, net, {**meta, "epoch": loop.epoch, "acc1": acc1},
+                            train_state, cfg.train.keep_checkpoints, ema.module if ema is not None else None)
+
+    loop.checkpoint = checkpoint
     eval_kw = dict(device=device, amp_dtype=amp_dtype, channels_last=use_cl,
                    reduce=distributed.all_reduce_sum if info.enabled else None,
                    progress=cfg.log.progress if info.is_main else "off")
-
     try:
-        timed_images, timed_seconds, epochs_done, last_eval = _run_epochs(
-            cfg, perf, loop, train_loader, val_loader, steps_per_epoch, info, eval_kw, run_dir, meta)
+        with StopSignal() as loop.stop:
+            timed_images, timed_seconds, epochs_done, last_eval = _run_epochs(
+                cfg, perf, loop, train_loader, val_loader, steps_per_epoch, info, eval_kw, run_dir, best)
     except BaseException as err:
         if info.is_main:
-            mark_status(run_dir, "failed", error=f"{type(err).__name__}: {err}"[:500])
+            status = "interrupted" if isinstance(err, Interrupted) else "failed"
+            mark_status(run_dir, status, error=f"{type(err).__name__}: {err}"[:500])
             log.close()
+        if isinstance(err, Interrupted):
+            raise UserError(f"stopped by a signal; checkpoint written at step {loop.global_step}; "
+                            f"continue with --resume {run_dir or 'RUN_DIR'}") from None
         raise
     fps = timed_images / timed_seconds if timed_seconds > 0 else None
-    results = {
+    results = _results(cfg, perf, loop, info, device, amp_dtype, last_eval, fps, epochs_done, t0, run_dir)
+    if info.is_main:
+        log.close()
+        table = write_results(run_dir, results)
+        mark_status(run_dir, "finished")
+        if not perf:
+            plot_curves(run_dir, f"{cfg.recipe} ({precision_name(amp_dtype)}, {info.world_size} device(s))")
+        per_device = f" ({fps / info.world_size:.2f} per device)" if fps and info.enabled else ""
+        print(("\n" + table + "\n") + (f"Final Performance images/sec : {fps:.2f}{per_device}\n" if fps else "")
+              + (f"Final Train Accuracy : {results['TrainAccuracy']:.2f}\n" if last_eval else "")
+              + f"E2E Training Duration sec : {results['E2ETrainingTime']:.0f}", flush=True)
+        if results["bad_images"]:
+            print(f"warning: {results['bad_images']} unreadable image(s) were skipped", flush=True)
+    distributed.shutdown()
+    return results
+
+
+def _results(cfg: RecipeConfig, perf: bool, loop: Loop, info, device, amp_dtype, last_eval: dict | None,
+             fps: float | None, epochs_done: float, t0: float, run_dir) -> dict:
+    """results.json: the seed-style row plus the figures the seeds' scripts print."""
+    return {
         "recipe": cfg.recipe,
         "Acc@1": last_eval["acc1"] if last_eval else None,
         "Acc@5": last_eval["acc5"] if last_eval else None,
@@ -252,93 +363,67 @@ def fit(cfg: RecipeConfig, perf: bool = False) -> dict:
         "ActualLoss": loop.last_loss,
         "E2ETrainingTime": time.perf_counter() - t0,
         "bad_images": loop.bad_images + (last_eval["bad_images"] if last_eval else 0),
-        "skipped_steps": stepper.skipped,
-        "ranks_in_sync": distributed.params_in_sync(net),  # DDP keeps replicas equal; checked
+        "skipped_steps": loop.step.skipped + loop.nonfinite_skipped,
+        "ranks_in_sync": distributed.params_in_sync(loop.net),  # DDP keeps replicas equal; checked
         "device": str(device),
         "run_dir": str(run_dir) if run_dir else None,
     }
-    if info.is_main:
-        if perf:
-            _save(run_dir, loop, meta, epochs_done, None)
-        log.close()
-        table = write_results(run_dir, results)
-        mark_status(run_dir, "finished")
-        if not perf:
-            plot_curves(run_dir, f"{cfg.recipe} ({precision_name(amp_dtype)}, {info.world_size} device(s))")
-        per_device = f" ({fps / info.world_size:.2f} per device)" if fps and info.enabled else ""
-        print(("\n" + table + "\n") + (f"Final Performance images/sec : {fps:.2f}{per_device}\n" if fps else "")
-              + (f"Final Train Accuracy : {results['TrainAccuracy']:.2f}\n" if last_eval else "")
-              + f"E2E Training Duration sec : {results['E2ETrainingTime']:.0f}", flush=True)
-        if results["bad_images"]:
-            print(f"warning: {results['bad_images']} unreadable image(s) were skipped", flush=True)
-    distributed.shutdown()
-    return results
 
 
 def _run_epochs(cfg: RecipeConfig, perf: bool, loop: Loop, train_loader, val_loader, steps_per_epoch: int,
-                info: distributed.DistInfo, eval_kw: dict, run_dir, meta: dict) -> tuple:
+                info: distributed.DistInfo, eval_kw: dict, run_dir, best: dict) -> tuple:
     """The epochs of a full run (train, validate, checkpoint) or the steps of a --perf run.
     Returns (timed images, timed seconds, epochs done, last evaluation or None)."""
-    ema, net, model, optimizer, log = loop.ema, loop.net, loop.model, loop.optimizer, loop.log
-    # Per-epoch reshuffling: both loaders' samplers take set_epoch.
-    sampler = train_loader if hasattr(train_loader, "set_epoch") else getattr(train_loader, "sampler", None)
-    timed_images, timed_seconds, epochs_done, best, last_eval = 0, 0.0, 0, -math.inf, None
+    timed_images, timed_seconds, last_eval = 0, 0.0, None
+    eval_model = loop.ema.module if loop.ema is not None else (loop.net if info.enabled else loop.model)
     if perf:
         # A performance run: a fixed number of optimizer steps, timed after the warm-up steps.
-        warm, steps = cfg.train.perf_warmup_steps, cfg.train.perf_steps
-        epoch = 0
-        while loop.global_step < warm + steps:
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
-            done_before = loop.global_step
-            s = train_one_epoch(loop, train_loader, epoch, max_steps=warm + steps - loop.global_step,
-                                time_after=max(warm - done_before, 0))
-            timed_images += s.timed_images
-            timed_seconds += s.timed_seconds
-            epoch += 1
-        timed_images *= info.world_size
-        epochs_done = loop.global_step / steps_per_epoch
-    else:
-        for epoch in range(cfg.train.epochs):
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
-            t_epoch = time.perf_counter()
-            s = train_one_epoch(loop, train_loader, epoch, max_steps=steps_per_epoch,
-                                time_after=min(cfg.train.perf_warmup_steps, steps_per_epoch // 2) if epoch == 0 else 0)
+        warm, total = cfg.train.perf_warmup_steps, cfg.train.perf_warmup_steps + cfg.train.perf_steps
+        while loop.global_step < total:
+            _set_epoch(train_loader, loop.epoch, 0)
+            s = train_one_epoch(loop, train_loader, max_steps=total - loop.global_step,
+                                time_after=max(warm - loop.global_step, 0))
             timed_images += s.timed_images * info.world_size
             timed_seconds += s.timed_seconds
-            epochs_done = epoch + 1
-            record = dict(kind="epoch", epoch=epoch + 1, train_loss=s.loss, train_acc1=s.acc1,
-                          lr=float(optimizer.param_groups[0]["lr"]), img_s=s.img_per_s * info.world_size,
-                          epoch_time=None)
-            last_epoch = epoch + 1 == cfg.train.epochs
-            if last_epoch or (cfg.train.eval_every > 0 and (epoch + 1) % cfg.train.eval_every == 0):
-                # The bare module: ranks evaluate unequal shards, and DDP's forward may communicate.
-                last_eval = evaluate(ema.module if ema else (net if info.enabled else model), val_loader, **eval_kw)
-                record.update(val_loss=last_eval["loss"], acc1=last_eval["acc1"], acc5=last_eval["acc5"])
-            record["epoch_time"] = time.perf_counter() - t_epoch
-            if info.is_main:
-                log.write(**record)
-                print(f"epoch {epoch + 1}/{cfg.train.epochs}: train loss {s.loss:.4f} acc {s.acc1:.2f}% "
-                      f"| {record['img_s']:.0f} img/s"
-                      + (f" | val loss {last_eval['loss']:.4f} Acc@1 {last_eval['acc1']:.2f}% "
-                         f"Acc@5 {last_eval['acc5']:.2f}%" if "acc1" in record else ""), flush=True)
-                _save(run_dir, loop, meta, epoch + 1, record.get("acc1"))
-                if record.get("acc1") is not None and record["acc1"] > best:
-                    best = record["acc1"]
-                    save_weights(run_dir / BEST, ema.module if ema else net, {**meta, "epoch": epoch + 1, "acc1": best})
+            loop.epoch, loop.batches_in_epoch, loop.epoch_sums = loop.epoch + 1, 0, None
+        loop.checkpoint()
+        return timed_images, timed_seconds, loop.global_step / steps_per_epoch, None
 
-    return timed_images, timed_seconds, epochs_done, last_eval
+    first_epoch = loop.epoch
+    for epoch in range(first_epoch, cfg.train.epochs):
+        _set_epoch(train_loader, epoch, loop.batches_in_epoch)
+        t_epoch = time.perf_counter()
+        warm = min(cfg.train.perf_warmup_steps, steps_per_epoch // 2) if epoch == first_epoch else 0
+        s = train_one_epoch(loop, train_loader, max_steps=steps_per_epoch, time_after=warm)
+        _check_finite(loop)
+        timed_images += s.timed_images * info.world_size
+        timed_seconds += s.timed_seconds
+        record = dict(kind="epoch", epoch=epoch + 1, train_loss=s.loss, train_acc1=s.acc1,
+                      lr=float(loop.optimizer.param_groups[0]["lr"]), img_s=s.img_per_s * info.world_size)
+        if epoch + 1 == cfg.train.epochs or (cfg.train.eval_every > 0 and (epoch + 1) % cfg.train.eval_every == 0):
+            # The bare module: ranks evaluate unequal shards, and DDP's forward may communicate.
+            last_eval = evaluate(eval_model, val_loader, **eval_kw)
+            record.update(val_loss=last_eval["loss"], acc1=last_eval["acc1"], acc5=last_eval["acc5"])
+        record["epoch_time"] = time.perf_counter() - t_epoch
+        loop.epoch, loop.batches_in_epoch, loop.epoch_sums = epoch + 1, 0, None
+        improved = record.get("acc1") is not None and record["acc1"] > best["acc1"]
+        if improved:
+            best["acc1"] = record["acc1"]
+        loop.checkpoint(record.get("acc1"))
+        if info.is_main:
+            loop.log.write(**record)
+            print(f"epoch {epoch + 1}/{cfg.train.epochs}: train loss {s.loss:.4f} acc {s.acc1:.2f}% "
+                  f"| {record['img_s']:.0f} img/s"
+                  + (f" | val loss {last_eval['loss']:.4f} Acc@1 {last_eval['acc1']:.2f}% "
+                     f"Acc@5 {last_eval['acc5']:.2f}%" if "acc1" in record else ""), flush=True)
+            if improved:
+                publish(run_dir / ("model_ema.safetensors" if loop.ema is not None else WEIGHTS), run_dir / BEST)
+    return timed_images, timed_seconds, loop.epoch, last_eval
 
 
-def _save(run_dir, loop: Loop, meta: dict, epoch: float, acc1: float | None) -> None:
-    """Weights (safetensors) and the training state, both replaced atomically."""
-    weights_meta = {**meta, "epoch": epoch, "acc1": acc1}
-    save_weights(run_dir / WEIGHTS, loop.net, weights_meta)
-    if loop.ema is not None:
-        save_weights(run_dir / "model_ema.safetensors", loop.ema.module, weights_meta)
-    save_state(run_dir / STATE, {
-        "epoch": epoch, "global_step": loop.global_step,
-        "optimizer": loop.optimizer.state_dict(), "grad_step": loop.step.state_dict(),
-        "ema": loop.ema.module.state_dict() if loop.ema is not None else None,
-    })
+def _set_epoch(loader, epoch: int, skip_batches: int) -> None:
+    """Select an epoch's sample order in either kind of loader, skipping batches already trained on."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch, skip_batches)
+    else:
+        loader.sampler.set_epoch(epoch, skip_batches * loader.batch_size)

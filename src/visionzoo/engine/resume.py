@@ -1,0 +1,104 @@
+"""What it takes to continue a run exactly: the training state a checkpoint holds, putting it
+back, and finding the run that ``--resume auto`` means.
+
+Exactness rests on three things: every random draw of the data pipeline is a function of
+(seed, epoch, sample) (data/samplers.py), so skipping the batches already seen reproduces the
+rest of the epoch; the RNG streams of the training process itself (dropout, mixup, drop path)
+are saved per rank and restored; and the optimizer, loss scaler, EMA and the running sums of
+the current epoch are saved with the weights."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from visionzoo.errors import UserError
+
+RUN_FILES = ("config.yaml", "metrics.jsonl")
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's RNG streams (Python, NumPy, torch CPU, and the device's)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["device"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Put back what ``rng_state`` captured."""
+    random.setstate(_as_tuple(state["python"]))
+    np.random.set_state(tuple(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "device" in state:
+        torch.cuda.set_rng_state(state["device"], device)
+
+
+def _as_tuple(x: Any) -> Any:
+    # weights_only loading gives lists where Python's random state needs tuples.
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def per_rank(value: Any) -> list[Any]:
+    """``value`` from every rank (a list of one without a process group); a collective."""
+    if not dist.is_initialized():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def truncate_metrics(run_dir: Path, global_step: int, epochs_done: int) -> None:
+    """Drop the metrics.jsonl records written after the checkpoint being resumed from, so the
+    file reads as if the run had never stopped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+        if r.get("kind") == "epoch" and r.get("epoch", 0) > epochs_done:
+            continue
+        if r.get("kind") == "step" and r.get("step", 0) > global_step:
+            continue
+        kept.append(line)
+    path.write_text("".join(f"{line}\n" for line in kept))
+
+
+def find_auto_resume(recipe: str, output: str | None, root: str = "runs") -> Path | None:
+    """``--resume auto``: ``output`` if it holds an unfinished run, else the newest unfinished
+    run of this recipe under ``root``; None when there is nothing to resume."""
+    from visionzoo.checkpoint import checkpoint_pairs
+
+    if output:
+        candidates = [Path(output)]
+    else:
+        base = Path(root)
+        candidates = sorted(base.glob(f"{recipe}-*"), key=lambda p: p.stat().st_mtime, reverse=True) if base.is_dir() else []
+    for run in candidates:
+        if run.is_dir() and not (run / "results.json").exists() and checkpoint_pairs(run):
+            return run
+    return None
+
+
+def check_resumable(run_dir: Path) -> Path:
+    """A run folder given to ``--resume``: it must exist and hold a config and checkpoints."""
+    from visionzoo.checkpoint import checkpoint_pairs
+
+    run_dir = Path(run_dir).expanduser()
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--resume {run_dir}: not a run folder (no config.yaml)")
+    if not checkpoint_pairs(run_dir):
+        raise UserError(f"--resume {run_dir}: the run has no checkpoint to continue from")
+    return run_dir
