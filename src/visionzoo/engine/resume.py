@@ -25,7 +25,10 @@ RUN_FILES = ("config.yaml", "metrics.jsonl")
 
 def rng_state(device: torch.device) -> dict[str, Any]:
     """This process's RNG streams (Python, NumPy, torch CPU, and the device's)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # Plain values and tensors only, so the state loads with torch.load(weights_only=True).
+    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["device"] = torch.cuda.get_rng_state(device)
     return state
@@ -34,7 +37,8 @@ def rng_state(device: torch.device) -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     """Put back what ``rng_state`` captured."""
     random.setstate(_as_tuple(state["python"]))
-    np.random.set_state(tuple(state["numpy"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "device" in state:
         torch.cuda.set_rng_state(state["device"], device)

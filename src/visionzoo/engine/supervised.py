@@ -85,10 +85,16 @@ class Interrupted(Exception):
     """SIGTERM/SIGINT arrived; a checkpoint of the current step has been written."""
 
 
-def _check_finite(loop: Loop) -> None:
-    """Stop with a clear message if a non-finite loss went by since the last check (one sync)."""
-    if loop.nonfinite is not None and bool(distributed.all_reduce_sum(loop.nonfinite.clone()) > 0):
-        raise UserError(f"the loss became NaN/inf before step {loop.global_step}; the last good checkpoint "
+def _check_finite(loop: Loop, weights: bool = False) -> None:
+    """Stop with a clear message if a non-finite loss went by since the last check, or (with
+    ``weights``) if a weight or buffer is no longer finite: one sync."""
+    flag = loop.nonfinite.clone() if loop.nonfinite is not None else torch.zeros((), device=loop.device)
+    if weights:
+        tensors = [t for t in loop.net.state_dict().values() if t.is_floating_point()]  # BN statistics too
+        flag = flag + torch.stack([(~torch.isfinite(t)).any() for t in tensors]).float().sum()
+    if bool(distributed.all_reduce_sum(flag) > 0):
+        what = "the loss or the weights" if weights else "the loss"
+        raise UserError(f"{what} became NaN/inf by step {loop.global_step}; the last good checkpoint "
                         "is kept. Lower optim.lr, use train.amp=bf16/none, or let train.skip_nonfinite=N "
                         "steps be skipped")
 
@@ -128,7 +134,7 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
         update = loop.batches_in_epoch % accum == 0
         if update:
             for group in loop.optimizer.param_groups:
-                group["lr"] = loop.lrs[min(loop.global_step, len(loop.lrs) - 1)]
+                group["lr"] = float(loop.lrs[min(loop.global_step, len(loop.lrs) - 1)])  # no NumPy scalars in state
         hard_targets = targets
         if loop.mixup is not None:
             images, targets = loop.mixup(images, targets)
@@ -294,7 +300,7 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
 
     def checkpoint(acc1: float | None = None) -> None:
         """Write the current position (a collective: every rank calls it at the same step)."""
-        _check_finite(loop)  # never save weights that went through a NaN step
+        _check_finite(loop, weights=True)  # never save weights that went through a NaN step
         train_state = {
             "epoch": loop.epoch, "batches_in_epoch": loop.batches_in_epoch, "global_step": loop.global_step,
             "optimizer": optimizer.state_dict(), "grad_step": stepper.state_dict(),
