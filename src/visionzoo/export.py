@@ -1,0 +1,319 @@
+"""``visionzoo export``: a checkpoint as an ONNX model (or TorchScript / torch.export ``.pt2``)
+plus a JSON sidecar holding everything inference needs, checked against PyTorch before it is
+kept.
+
+The sidecar of ``X.onnx`` is ``X.json`` (of other files: the file name plus ``.json``). It
+stores the input shape, the eval preprocessing (resize, crop, interpolation, mean/std in 0-255
+units, channels), the class names, the recipe with its resolved ``data`` section (so ``infer``
+rebuilds the same validation split), the source checkpoint (path + sha256) and the parity
+result. Export runs a random batch through PyTorch and through the exported file; a difference
+beyond the tolerance is an error and no file is kept."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from visionzoo.checkpoint import atomic_write, load_model, resolve_weights
+from visionzoo.errors import UserError
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}
+DEFAULT_OPSET = 17  # ONNX Runtime >= 1.14 runs it; the TorchScript exporter's best-tested range
+# The TorchScript exporter writes opsets 9 (its base) to 20 (its maximum).
+ONNX_MIN_OPSET, ONNX_MAX_OPSET = 9, 20
+# Parity passes when max |torch - exported| <= tolerance * max(1, max |torch logit|): relative
+# for large logits (trained nets reach 10-30), absolute near zero (random-init nets).
+DEFAULT_TOLERANCE = 1e-4
+TRACE_BATCH, CHECK_BATCH = 2, 3  # checked at another batch size than traced: proves the dynamic axis
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+
+
+def sidecar_path(model_path: str | Path) -> Path:
+    """Where the JSON sidecar of an exported file lives."""
+    p = Path(model_path)
+    return p.with_suffix(".json") if p.suffix == ".onnx" else p.with_name(p.name + ".json")
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def input_size(d) -> int:
+    """Side of the square images the model sees at evaluation (see data.transforms.eval_transform):
+    the centre crop when images are resized, else the stored size (CIFAR, MNIST: image_size).
+    Synthetic validation images are generated at test_size."""
+    return d.test_size if (d.test_resize > 0 or d.name == "synthetic") else d.image_size
+
+
+def _output_path(weights: Path, fmt: str, output: str | None) -> Path:
+    suffix = FORMATS[fmt]
+    default_name = weights.name.removesuffix(".safetensors") + suffix
+    if output is None:
+        return weights.parent / default_name
+    out = Path(output).expanduser()
+    # A folder (existing, or named without a file suffix) gets the default file name inside.
+    if out.is_dir() or not out.suffix:
+        out.mkdir(parents=True, exist_ok=True)
+        return out / default_name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _share(path: Path) -> None:
+    """Give a written file the umask's permissions: atomic_write's temporary files are private
+    (0600), but an exported model is meant to be copied and served by other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """[n_out, n_in] averaging matrix of adaptive average pooling along one axis (PyTorch's bins:
+    floor(i*n_in/n_out) .. ceil((i+1)*n_in/n_out))."""
+    m = torch.zeros(n_out, n_in)
+    for i in range(n_out):
+        a, b = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        m[i, a:b] = 1.0 / (b - a)
+    return m
+
+
+class _PoolAsMatmul(nn.Module):
+    """AdaptiveAvgPool2d for one fixed input size as two matrix products. The TorchScript ONNX
+    exporter refuses output sizes that do not divide the input (AlexNet's 6x6 pool on inputs
+    under 224 px, where the features are 1x1 or 3x3); matrix products export everywhere."""
+
+    def __init__(self, in_hw: tuple[int, int], out_hw: tuple[int, int]):
+        super().__init__()
+        self.register_buffer("ph", _pool_matrix(in_hw[0], out_hw[0]), persistent=False)
+        self.register_buffer("pwt", _pool_matrix(in_hw[1], out_hw[1]).T.contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ph @ x @ self.pwt  # [Oh, Ih] @ [B, C, Ih, Iw] @ [Iw, Ow]
+
+
+def _replace_uneven_pools(model: nn.Module, example: torch.Tensor) -> int:
+    """Swap (in place) the AdaptiveAvgPool2d layers whose output does not divide their input at
+    this input size for _PoolAsMatmul; returns how many. The parity check, against outputs
+    computed before the swap, covers it."""
+    shapes: dict[str, tuple] = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, (i[0].shape[-2:], o.shape[-2:])))
+             for n, m in model.named_modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    with torch.no_grad():
+        model(example)
+    for h in hooks:
+        h.remove()
+    swapped = 0
+    for name, (i, o) in shapes.items():
+        if i[0] % o[0] or i[1] % o[1]:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, _PoolAsMatmul(tuple(i), tuple(o)))
+            swapped += 1
+    return swapped
+
+
+@contextlib.contextmanager
+def _quiet_native_output() -> Iterator[None]:
+    """Silence file descriptors 1 and 2 (C++ writers included). The TorchScript ONNX exporter
+    leaves its C++ log switched on and prints the whole IR graph (hundreds of lines) on any
+    failure; the exception's message already says what failed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    try:
+        with open(os.devnull, "w") as null:
+            for fd in saved:
+                os.dup2(null.fileno(), fd)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+def _export_onnx(model: nn.Module, example: torch.Tensor, path: str, opset: int) -> None:
+    _replace_uneven_pools(model, example)
+    with warnings.catch_warnings(), _quiet_native_output():
+        # torch >= 2.9 flags the TorchScript-based exporter as legacy; the torch.export-based
+        # one needs onnxscript, which is not a dependency. The output is checked below either way.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), path, dynamo=False, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+
+
+def _run_onnx(path: str, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: no per-optimizer warnings on the terminal
+    try:
+        # The CPU provider always: a GPU provider's TF32/fused kernels would blur the comparison.
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: x})[0]
+    except Exception as err:  # onnxruntime's pybind errors share no useful base class
+        raise UserError(f"ONNX Runtime cannot run the exported model: {_first_line(err)}") from None
+
+
+def _export_torchscript(model: nn.Module, example: torch.Tensor, path: str, opset: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript is deprecated upstream; still widely deployed
+        traced = torch.jit.trace(model, example, check_trace=False)
+        torch.jit.save(traced, path)
+
+
+def _run_torchscript(path: str, x: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            return torch.jit.load(path, map_location="cpu")(torch.from_numpy(x)).numpy()
+
+
+def _export_pt2(model: nn.Module, example: torch.Tensor, path: str, opset: int) -> None:
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    # Through a file object: torch.export warns about paths not ending in .pt2 (atomic_write's temporary name).
+    with open(path, "wb") as f:
+        torch.export.save(program, f)
+
+
+def _run_pt2(path: str, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        with open(path, "rb") as f:
+            return torch.export.load(f).module()(torch.from_numpy(x)).numpy()
+
+
+_EXPORTERS: dict[str, tuple[Callable, Callable]] = {
+    "onnx": (_export_onnx, _run_onnx),
+    "torchscript": (_export_torchscript, _run_torchscript),
+    "pt2": (_export_pt2, _run_pt2),
+}
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as err:
+        raise UserError(f"ONNX export needs onnx and onnxruntime ({err.name} is missing): "
+                        "pip install 'visionzoo[export]'") from None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:  # the export extra is optional for torchscript/pt2
+        return None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def export_checkpoint(
+    checkpoint: str, fmt: str = "onnx", opset: int | None = None, output: str | None = None,
+    tolerance: float | None = None,
+) -> dict:
+    """``visionzoo export``: write the checkpoint (a run folder or a .safetensors file) as ``fmt``
+    with its sidecar, after checking the exported model against PyTorch; return the sidecar.
+    ``opset`` and ``tolerance`` default to DEFAULT_OPSET and DEFAULT_TOLERANCE."""
+    from visionzoo import __version__
+    from visionzoo.config import from_dict, to_dict
+
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format '{fmt}' (have: {', '.join(FORMATS)})")
+    opset = DEFAULT_OPSET if opset is None else opset
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+    if fmt == "onnx":
+        _require_onnx()
+        if not ONNX_MIN_OPSET <= opset <= ONNX_MAX_OPSET:
+            raise UserError(f"--opset {opset} is outside what the exporter writes ({ONNX_MIN_OPSET}-{ONNX_MAX_OPSET})")
+    weights = resolve_weights(checkpoint)
+    model, meta = load_model(weights)
+    if meta["config"].get("task", "supervised") != "supervised" or not meta.get("classes"):
+        raise UserError(f"{weights} is not a supervised classifier checkpoint; export writes image classifiers")
+    model = model.float().eval()
+    cfg = from_dict(meta["config"])
+    d = cfg.data
+    size = input_size(d)
+    chans, classes = int(meta["model"]["in_chans"]), list(meta["classes"])
+    out_path = _output_path(weights, fmt, output)
+
+    # Random images in normalised units, like real preprocessed inputs; seeded for reruns.
+    g = torch.Generator().manual_seed(0)
+    example = torch.randn(TRACE_BATCH, chans, size, size, generator=g)
+    check = torch.randn(CHECK_BATCH, chans, size, size, generator=g)
+    with torch.no_grad():
+        reference = model(check).float().numpy()
+    export_fn, run_fn = _EXPORTERS[fmt]
+    parity: dict = {}
+
+    def write(tmp: str) -> None:
+        try:
+            with torch.no_grad():
+                export_fn(model, example, tmp, opset)
+        except (RuntimeError, ValueError, NotImplementedError) as err:
+            # Unsupported operators, data-dependent control flow, bad opsets: one line, no traceback.
+            raise UserError(f"{fmt} export of {meta['model']['name']} failed: {_first_line(err)}") from None
+        got = run_fn(tmp, check.numpy())
+        same_shape = got.shape == reference.shape
+        diff = float(np.max(np.abs(got.astype(np.float64) - reference))) if same_shape else float("inf")
+        limit = tolerance * max(1.0, float(np.max(np.abs(reference))))
+        parity.update(max_abs_diff=diff, tolerance=tolerance, limit=limit, batch=CHECK_BATCH,
+                      runtime="onnxruntime CPUExecutionProvider" if fmt == "onnx" else f"torch {fmt}")
+        if not diff <= limit:  # also catches NaN
+            raise UserError(f"{fmt} export of {meta['model']['name']} does not match PyTorch: max abs "
+                            f"difference {diff:.3g} on a random batch of {CHECK_BATCH} (limit {limit:.3g} = "
+                            f"tolerance {tolerance:g} x max(1, max |logit|)); nothing written")
+
+    atomic_write(out_path, write)
+    _share(out_path)
+    sidecar = {
+        "format": fmt,
+        "file": out_path.name,
+        "sha256": sha256_file(out_path),
+        "opset": opset if fmt == "onnx" else None,
+        "input": {"name": INPUT_NAME, "shape": ["batch", chans, size, size], "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(classes)], "kind": "logits"},
+        "preprocess": {
+            "in_chans": chans, "image_mode": "L" if chans == 1 else "RGB", "input_size": size,
+            "resize": d.test_resize, "crop": d.test_size if d.test_resize > 0 else None,
+            "interpolation": d.interpolation, "mean": list(d.mean), "std": list(d.std), "pixel_range": "0-255",
+        },
+        "classes": classes,
+        "recipe": cfg.recipe,
+        "data": to_dict(cfg)["data"],
+        "model": meta["model"],
+        "checkpoint": {"path": str(weights.resolve()), "sha256": sha256_file(weights),
+                       "epoch": meta.get("epoch"), "acc1": meta.get("acc1")},
+        "parity": parity,
+        "versions": {"visionzoo": __version__, "torch": torch.__version__,
+                     **{pkg: _version(pkg) for pkg in ("onnx", "onnxruntime")}},
+    }
+    side = sidecar_path(out_path)
+    atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
+    _share(side)
+    print(f"{out_path}: {fmt} export of {meta['model']['library']} {meta['model']['name']} "
+          f"(input [batch, {chans}, {size}, {size}], {len(classes)} classes); parity vs PyTorch: "
+          f"max abs diff {parity['max_abs_diff']:.2e} (limit {parity['limit']:.2e}); sidecar {side}")
+    return sidecar

@@ -1,0 +1,241 @@
+"""``visionzoo infer``: run an exported ONNX model with ONNX Runtime, without PyTorch models.
+
+Over a validation split it reports top-1/top-5, images/s and mean latency per image (the
+figures of the seeds' ``acc.log``) and writes them as JSON; over image files it prints the
+top-5 classes of each. Everything it needs (preprocessing, classes, the recipe's data section)
+comes from the sidecar that ``visionzoo export`` wrote next to the model, so the split is read
+and preprocessed exactly as ``visionzoo eval`` reads it."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from visionzoo.checkpoint import atomic_write
+from visionzoo.errors import UserError
+from visionzoo.export import sha256_file, sidecar_path
+
+TOPK = 5
+MAX_DEFAULT_BATCH = 256  # recipes' global batches (1024) are sized for 8 GPUs, not one CPU process
+SIDECAR_KEYS = ("format", "input", "output", "classes", "data", "preprocess")
+
+
+def providers() -> list[str]:
+    """ONNX Runtime providers to use, best first: CUDA where this onnxruntime has it, then CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def read_sidecar(model_path: Path) -> dict:
+    """The sidecar of an exported model, checked for the keys inference needs."""
+    side = sidecar_path(model_path)
+    if not side.is_file():
+        raise UserError(f"no sidecar {side.name} next to {model_path} (it holds the preprocessing and "
+                        f"class names): export the checkpoint again with visionzoo export")
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read sidecar {side}: {_first_line(err)}") from None
+    missing = [k for k in SIDECAR_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise UserError(f"{side} is not a visionzoo export sidecar (missing {', '.join(missing)})")
+    if meta["format"] != "onnx":
+        raise UserError(f"{side} describes a {meta['format']} export; visionzoo infer runs ONNX models")
+    return meta
+
+
+def load_exported(model_path: str | Path) -> tuple[Any, dict]:
+    """An ONNX Runtime session for ``model_path`` and its sidecar, after checking that the
+    two agree on the input shape and the number of classes."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("visionzoo infer needs onnxruntime: pip install 'visionzoo[export]'") from None
+    path = Path(model_path).expanduser()
+    if not path.is_file():
+        raise UserError(f"model not found: {path}")
+    meta = read_sidecar(path)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: ONNX Runtime's optimizer warnings are noise here
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers())
+    except Exception as err:  # onnxruntime's pybind errors share no useful base class
+        raise UserError(f"{path} is not an ONNX model ONNX Runtime can load: {_first_line(err)}") from None
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    want_in, n_classes = list(meta["input"]["shape"]), len(meta["classes"])
+    got_in = list(inputs[0].shape) if len(inputs) == 1 else None
+    # Symbolic dimensions (the batch axis, or spatial axes of a re-exported model) match anything.
+    if got_in is None or len(got_in) != len(want_in) or any(
+            isinstance(g, int) and g != w for g, w in zip(got_in[1:], want_in[1:])):
+        raise UserError(f"{sidecar_path(path).name} does not match {path.name}: the sidecar says input "
+                        f"{want_in}, the model takes {[i.shape for i in inputs]}")
+    got_out = outputs[0].shape[-1] if outputs and outputs[0].shape else None
+    if not isinstance(got_out, int) or got_out != n_classes:
+        raise UserError(f"{sidecar_path(path).name} does not match {path.name}: the sidecar names "
+                        f"{n_classes} classes, the model outputs {got_out}")
+    if meta.get("sha256") and sha256_file(path) != meta["sha256"]:
+        # A converted or optimised copy of the model is fine as long as the shapes agree.
+        print(f"visionzoo: warning: {path.name} is not the file {sidecar_path(path).name} was written for "
+              f"(sha256 differs); its input and output shapes match, so going on", file=sys.stderr)
+    return session, meta
+
+
+def _data_config(meta: dict, overrides: list[str]):
+    from visionzoo.config import from_dict
+
+    return from_dict({"recipe": meta.get("recipe") or "export", "data": meta["data"]}, overrides).data
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def infer_split(model: str, data: str | None = None, batch_size: int | None = None,
+                workers: int | None = None, output: str | None = None) -> dict:
+    """Accuracy and speed of an ONNX model over the validation split of its recipe's data set
+    (``data`` overrides the folder, as ``eval --data`` does); prints them and writes JSON."""
+    from tqdm import tqdm
+
+    from visionzoo.data.build import build_datasets, build_loaders
+    from visionzoo.engine.evaluate import topk_correct
+
+    session, meta = load_exported(model)
+    overrides = []
+    if data:
+        overrides.append("data.name=synthetic" if data == "synthetic" else f"data.path={data}")
+    if workers is not None:
+        overrides.append(f"data.workers={workers}")
+    d = _data_config(meta, overrides)
+    batch = batch_size if batch_size is not None else min(d.batch_size, MAX_DEFAULT_BATCH)
+    if batch < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch}")
+    splits = build_datasets(d, train=False)
+    if d.name != "synthetic" and splits.classes != meta["classes"]:
+        raise UserError(f"the data's {len(splits.classes)} classes are not the {len(meta['classes'])} "
+                        f"classes the model was trained on")
+    # The loader eval uses (same reader, same preprocessing), on the CPU: ONNX Runtime takes numpy.
+    _, loader = build_loaders(splits, d, batch, torch.device("cpu"), 0)
+    name, shape = session.get_inputs()[0].name, tuple(meta["input"]["shape"][1:])
+    session.run(None, {name: np.zeros((1, *shape), np.float32)})  # the first run allocates memory arenas
+
+    correct1 = correct5 = count = bad = 0
+    run_s = 0.0
+    t0 = time.perf_counter()
+    for images, targets, n_bad in tqdm(loader, desc="infer", unit="batch", leave=False,
+                                       disable=not sys.stderr.isatty()):
+        bad += n_bad
+        if images.numel() == 0:
+            continue
+        x = np.ascontiguousarray(images.numpy(), dtype=np.float32)
+        if x.shape[1:] != shape:
+            raise UserError(f"the data's images are preprocessed to {list(x.shape[1:])} but the model "
+                            f"takes {list(shape)}")
+        t = time.perf_counter()
+        logits = session.run(None, {name: x})[0]
+        run_s += time.perf_counter() - t
+        c1, c5 = topk_correct(torch.from_numpy(logits), targets)
+        correct1, correct5, count = correct1 + int(c1), correct5 + int(c5), count + len(targets)
+    wall = time.perf_counter() - t0
+    if count == 0:
+        raise UserError("no readable images in the validation split")
+
+    import onnxruntime
+
+    result = {
+        "model": str(model), "data": d.path if d.name != "synthetic" else "synthetic", "dataset": d.name,
+        "acc1": 100.0 * correct1 / count, "acc5": 100.0 * correct5 / count, "samples": count, "bad_images": bad,
+        "images_per_s": count / wall,  # end to end: reading, preprocessing and the model
+        "ms_per_image": 1000.0 * run_s / count,  # mean time in ONNX Runtime per image
+        "wall_s": wall, "batch_size": batch, "provider": session.get_providers()[0],
+        "onnxruntime": onnxruntime.__version__,
+    }
+    out = Path(output) if output else Path(model).with_name(Path(model).stem + ".infer.json")
+    _write_json(out, result)
+    print(f"{model}: Acc@1 {result['acc1']:.2f}%  Acc@5 {result['acc5']:.2f}%  ({count} images"
+          + (f", {bad} unreadable skipped" if bad else "") + f") | {result['images_per_s']:.1f} images/s, "
+          f"{result['ms_per_image']:.3f} ms per image in ONNX Runtime ({result['provider']}, batch {batch}), "
+          f"{wall:.1f} s in all | results {out}")
+    return result
+
+
+def preprocess_image(path: str | Path, d, in_chans: int, size: int) -> tuple[np.ndarray, str]:
+    """One image file as the model's [C, size, size] float32 input: the recipe's eval transform
+    (data.transforms.eval_transform) on the decoded image, grey (L) for 1-channel models, else
+    RGB. Returns the array and a note (non-empty when the image had to be resized)."""
+    from PIL import Image
+
+    from visionzoo.data.folder import _DECODE_ERRORS, _to_rgb
+    from visionzoo.data.transforms import eval_transform
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"image not found: {p}")
+    try:
+        with Image.open(p) as img:
+            img.load()  # decode now, so a truncated file fails here and not in the transform
+            # _to_rgb first: it scales 16-bit grey and composites alpha, which convert("L") would not.
+            img = _to_rgb(img).convert("L") if in_chans == 1 else _to_rgb(img).copy()
+    except _DECODE_ERRORS as err:
+        raise UserError(f"cannot decode image {p}: {_first_line(err)}") from None
+    x = eval_transform(d)(img)
+    note = ""
+    if tuple(x.shape[-2:]) != (size, size) and d.test_resize == 0:
+        # The recipe evaluates images at their stored size (CIFAR, MNIST); another size is
+        # brought to the model's by the usual short-side resize and centre crop.
+        note = f"resized from {img.width}x{img.height}"
+        x = eval_transform(replace(d, test_resize=size, test_size=size))(img)
+    if tuple(x.shape) != (in_chans, size, size):
+        raise UserError(f"{p} preprocesses to {list(x.shape)}, the model takes {[in_chans, size, size]}")
+    return x.numpy().astype(np.float32), note
+
+
+def predict_images(model: str, images: list[str], output: str | None = None, topk: int = TOPK) -> list[dict]:
+    """Top-``topk`` classes and probabilities of each image file; prints them, returns them
+    (and writes them as JSON to ``output`` when given)."""
+    session, meta = load_exported(model)
+    d = _data_config(meta, [])
+    _, chans, size, _ = meta["input"]["shape"]
+    name, classes = session.get_inputs()[0].name, meta["classes"]
+    results = []
+    for path in images:
+        x, note = preprocess_image(path, d, chans, size)
+        t = time.perf_counter()
+        logits = session.run(None, {name: x[None]})[0][0].astype(np.float64)
+        ms = 1000.0 * (time.perf_counter() - t)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        top = np.argsort(-probs)[:min(topk, len(classes))]
+        preds = [{"class": classes[i], "index": int(i), "prob": float(probs[i])} for i in top]
+        results.append({"image": str(path), "top": preds, "ms": ms, **({"note": note} if note else {})})
+        print(f"{path}:" + (f" ({note})" if note else ""))
+        for pr in preds:
+            print(f"  {100 * pr['prob']:6.2f}%  {pr['class']}")
+    if output:
+        _write_json(Path(output), results)
+    return results
+
+
+def run_infer(model: str, images: list[str], data: str | None = None, batch_size: int | None = None,
+              workers: int | None = None, output: str | None = None) -> Any:
+    """``visionzoo infer``: a validation split (``data``) or image files, not both."""
+    if images and data:
+        raise UserError("give either --data PATH (a validation split) or image files, not both")
+    if images:
+        return predict_images(model, images, output)
+    # Without --data: the split the recipe trained on (data.path in the sidecar).
+    return infer_split(model, data, batch_size, workers, output)
