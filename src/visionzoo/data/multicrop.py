@@ -7,7 +7,8 @@ solarized. Probabilities follow the reference (BYOL's asymmetric recipe): blur 1
 crop 1, 0.1 on global crop 2, 0.5 on local crops; solarize 0.2 on global crop 2 only.
 
 Works on PIL images (ImageFolder) and on uint8 CHW tensors (CIFAR, MNIST-style IDX files);
-solarization therefore thresholds at 128 in 0-255 units, before normalisation."""
+solarization therefore thresholds at 128 in 0-255 units, before normalisation. Single-channel
+in-memory data sets have a batched version (``InMemoryMultiCropLoader``, below)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ import math
 import os
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode, v2
+
+from visionzoo.data.samplers import SeededDataset, ShardSampler, sample_seed, train_indices
 
 
 def _blur(sigma: list[float], size: int, p: float) -> v2.Transform:
@@ -78,13 +83,129 @@ def collate_multicrop(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, in
 
 def multicrop_loader(ds: Dataset, batch_size: int, workers: int, seed: int, rank: int = 0,
                      world_size: int = 1, pin_memory: bool = False) -> DataLoader:
-    """A shuffling loader (``batch_size`` images per device, last partial batch dropped) that
-    yields ``(crops, targets, n_bad)``; call ``loader.sampler.set_epoch`` every epoch."""
-    if world_size > 1:
-        sampler = DistributedSampler(ds, world_size, rank, shuffle=True, seed=seed, drop_last=True)
-    else:
-        sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed))
+    """A loader of ``(crops, targets, n_bad)`` batches, ``batch_size`` images per device, with
+    the shared shard rule and per-sample seeded augmentation of data/samplers.py (call
+    ``loader.sampler.set_epoch`` every epoch); the last partial batch is dropped."""
     workers = max(0, min(workers, os.cpu_count() or 1))
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=collate_multicrop, pin_memory=pin_memory, drop_last=True,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    return DataLoader(SeededDataset(ds, seed), batch_size=batch_size,
+                      sampler=ShardSampler(len(ds), True, seed, rank, world_size), num_workers=workers,
+                      collate_fn=collate_multicrop, generator=torch.Generator().manual_seed(seed),
+                      pin_memory=pin_memory, drop_last=True, persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None)
+
+
+# ----------------------------------------------------------------------------- batched, in memory
+# Single-channel images held in memory (MNIST-style) are augmented a whole batch at a time with
+# tensor ops: per-image transforms cost ~1 ms per crop on a CPU core, as much as a small ViT's
+# training step. The distribution is the per-image one's: saturation, hue and greyscale are
+# identities on one channel; crops resample with area averaging (roi_align) instead of
+# antialiased bilinear/bicubic; colour jitter applies brightness and contrast in a random order.
+
+def random_resized_boxes(n: int, h: int, w: int, scale: list[float], g: torch.Generator,
+                         ratio: tuple[float, float] = (3 / 4, 4 / 3), tries: int = 10) -> torch.Tensor:
+    """[n, 4] boxes (x1, y1, x2, y2) in pixels, drawn as RandomResizedCrop.get_params does: area
+    fraction U(scale), log aspect ratio uniform; first of ``tries`` that fits, else the whole image."""
+    area = torch.empty(n, tries).uniform_(scale[0], scale[1], generator=g) * h * w
+    log_r = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
+    cw = torch.sqrt(area * torch.exp(log_r)).round()
+    ch = torch.sqrt(area / torch.exp(log_r)).round()
+    ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.zeros(n, dtype=torch.long))
+    cw = torch.where(ok.any(1), cw.gather(1, first[:, None])[:, 0], torch.full((n,), float(w)))
+    ch = torch.where(ok.any(1), ch.gather(1, first[:, None])[:, 0], torch.full((n,), float(h)))
+    x1 = (torch.rand(n, generator=g) * (w - cw + 1)).floor()
+    y1 = (torch.rand(n, generator=g) * (h - ch + 1)).floor()
+    return torch.stack([x1, y1, x1 + cw, y1 + ch], dim=1)
+
+
+def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.Tensor:
+    """Blur every image of [B, C, H, W] with its own sigma (px; 0 leaves it unchanged), separable
+    kernel of size k, reflect padding (as torchvision's GaussianBlur)."""
+    b, c, h, w = x.shape
+    r = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
+    s = sigma.to(x.device, x.dtype).clamp(min=1e-6)[:, None]
+    kern = torch.exp(-0.5 * (r[None] / s) ** 2)
+    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B*C, k]
+    y = F.pad(x.reshape(1, b * c, h, w), (k // 2,) * 4, mode="reflect")
+    y = F.conv2d(y, kern[:, None, :, None], groups=b * c)
+    y = F.conv2d(y, kern[:, None, None, :], groups=b * c)
+    return y.reshape(b, c, h, w)
+
+
+class BatchedMultiCrop:
+    """uint8 [B, 1, H, W] batch → the same list of crops as MultiCropTransform, normalised."""
+
+    def __init__(self, d, dino):
+        self.d, self.dino = d, dino
+        self.mean, self.std = float(d.mean[0]), float(d.std[0])
+
+    def _crop(self, x: torch.Tensor, size: int, scale: list[float], blur_p: float, solarize_p: float,
+              g: torch.Generator) -> torch.Tensor:
+        d, dino, b, dev = self.d, self.dino, x.shape[0], x.device
+        boxes = random_resized_boxes(b, x.shape[-2], x.shape[-1], scale, g)
+        rois = torch.cat([torch.arange(b, dtype=torch.float32)[:, None], boxes], 1).to(dev)
+        y = roi_align(x, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+        def draw(p: float) -> torch.Tensor:  # per-image Bernoulli(p), on the batch's device
+            return (torch.rand(b, generator=g) < p).to(dev)[:, None, None, None]
+
+        def factor(spread: float) -> torch.Tensor:  # ColorJitter's U(1 - s, 1 + s) per image
+            return torch.empty(b).uniform_(max(0.0, 1 - spread), 1 + spread, generator=g).to(dev)[:, None, None, None]
+
+        y = torch.where(draw(d.hflip), y.flip(-1), y)
+        bright, contrast = factor(dino.color_jitter[0]), factor(dino.color_jitter[1])
+
+        def brightness(t):
+            return (t * bright).clamp(0, 255)
+
+        def contrast_(t):
+            return (contrast * t + (1 - contrast) * t.mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 255)
+
+        jittered = torch.where(draw(0.5), contrast_(brightness(y)), brightness(contrast_(y)))
+        y = torch.where(draw(dino.color_jitter_p), jittered, y)
+        sigma = torch.empty(b).uniform_(dino.blur_sigma[0], dino.blur_sigma[1], generator=g)
+        sigma = torch.where(torch.rand(b, generator=g) < blur_p, sigma, torch.zeros(b))
+        k = 2 * math.ceil(3 * dino.blur_sigma[1]) + 1
+        k = max(1, min(k, size if size % 2 else size - 1))
+        if k > 1 and bool((sigma > 0).any()):
+            y = gaussian_blur_batch(y, sigma, k)
+        if solarize_p > 0:
+            y = torch.where(draw(solarize_p) & (y >= 128), 255 - y, y)
+        return (y - self.mean) / self.std
+
+    def __call__(self, images: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
+        d, dino = self.d, self.dino
+        x = images.float()
+        p1, p2, pl = dino.blur_p
+        crops = [self._crop(x, d.image_size, dino.global_crops_scale, p1, 0.0, g),
+                 self._crop(x, d.image_size, dino.global_crops_scale, p2, dino.solarize_p, g)]
+        crops += [self._crop(x, dino.local_crop_size, dino.local_crops_scale, pl, 0.0, g)
+                  for _ in range(dino.local_crops_number)]
+        return crops
+
+
+class InMemoryMultiCropLoader:
+    """Multi-crop batches ``(crops, labels, 0)`` of a single-channel TensorImageDataset kept on
+    ``device``, in the order of the shared shard rule (``samplers.train_indices``; call
+    ``set_epoch``); the last partial batch is dropped."""
+
+    def __init__(self, dataset, batch_size: int, device: torch.device, d, dino, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.images, self.labels = dataset.images.to(device), dataset.labels.to(device)
+        self.batch_size, self.device, self.seed, self.rank, self.world_size = batch_size, device, seed, rank, world_size
+        self.epoch = 0
+        self.augment = BatchedMultiCrop(d, dino)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.labels) // self.world_size // self.batch_size
+
+    def __iter__(self):
+        order = train_indices(len(self.labels), self.seed, self.epoch, self.rank, self.world_size)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size].to(self.device)
+            # Each rank's batch i of the epoch draws its own augmentation.
+            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, i * self.world_size + self.rank))
+            yield self.augment(self.images[idx], g), self.labels[idx], 0

@@ -1,0 +1,335 @@
+"""Self-supervised training with DINO (facebookresearch/dino main_dino.py), read top to bottom.
+
+A step: multi-crop batch → teacher (EMA network, global crops only, no gradients) and student
+(all crops) under autocast → cross-entropy of the centred, sharpened teacher distribution of
+each global crop against the student's distribution of every *other* crop → backward, per-tensor
+gradient clipping, last layer frozen in the first epoch(s), optimizer step → teacher EMA update
+→ centre update (mean teacher output over all ranks).
+
+LR, weight decay, teacher momentum and teacher temperature are precomputed per optimizer step
+(numpy arrays indexed by the global step). optim.lr is per 256 images: the peak LR is
+optim.lr × global batch / 256, on any number of devices. Labels are never read in training; the
+teacher backbone is evaluated by weighted k-NN after the last epoch (and every train.eval_every
+epochs), and that k-NN top-1 is the run's Acc@1. Checkpoints (epoch ends) hold the teacher
+backbone as model.safetensors and student, teacher, centre and optimizer in the state file."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from visionzoo import distributed
+from visionzoo.checkpoint import load_latest, save_checkpoint
+from visionzoo.config import RecipeConfig, for_world_size, to_dict, to_yaml
+from visionzoo.data.build import build_datasets
+from visionzoo.data.multicrop import InMemoryMultiCropLoader, MultiCropTransform, multicrop_loader
+from visionzoo.data.tensor_dataset import TensorImageDataset
+from visionzoo.engine.knn import knn_eval
+from visionzoo.engine.resume import truncate_metrics
+from visionzoo.errors import UserError
+from visionzoo.models import build_model, create
+from visionzoo.models.dino import DINOLoss, build_dino, cancel_last_layer_grads, update_teacher
+from visionzoo.optim import build_optimizer, lr_schedule
+from visionzoo.plots import plot_curves
+from visionzoo.report import MetricsLog, mark_status, new_run_dir, write_results
+from visionzoo.runtime import precision_name, resolve_amp, resolve_device, seed_everything, synchronize
+
+
+def cosine_schedule(start: float, end: float, total_steps: int, warmup_steps: int = 0,
+                    warmup_start: float = 0.0) -> np.ndarray:
+    """The reference's cosine_scheduler: linear warm-up from ``warmup_start`` to ``start``, then
+    ``end + (start - end) * (1 + cos(pi * i / n)) / 2`` for i = 0..n-1 (n = remaining steps)."""
+    warm = np.linspace(warmup_start, start, warmup_steps) if warmup_steps > 0 else np.array([])
+    i = np.arange(total_steps - warmup_steps)
+    main = end + 0.5 * (start - end) * (1 + np.cos(np.pi * i / max(len(i), 1)))
+    return np.concatenate([warm, main])[:total_steps]
+
+
+def teacher_temp_schedule(warmup_temp: float, temp: float, warmup_epochs: int, epochs: int,
+                          steps_per_epoch: int) -> np.ndarray:
+    """Per step: ``linspace(warmup_temp, temp, warmup_epochs)`` over the first epochs, then
+    ``temp``; constant within an epoch, as the reference indexes it by epoch."""
+    per_epoch = np.concatenate([np.linspace(warmup_temp, temp, warmup_epochs),
+                                np.full(max(epochs - warmup_epochs, 0), temp)])[:epochs]
+    return np.repeat(per_epoch, steps_per_epoch)
+
+
+@torch.no_grad()
+def clip_per_tensor(params: list[torch.Tensor], max_norm: float) -> None:
+    """Scale each gradient whose own L2 norm exceeds ``max_norm`` down to it (the reference's
+    clip_gradients: tensor by tensor, unlike torch's global-norm clipping)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch.stack(torch._foreach_norm(grads))
+    coefs = (max_norm / (norms.float() + 1e-6)).clamp(max=1.0)
+    for g, c in zip(grads, coefs.unbind()):
+        g.mul_(c.to(g.dtype))
+
+
+class DinoStep:
+    """scale → backward → unscale → per-tensor clip → drop last-layer grads (frozen epochs) →
+    step → update, with a GradScaler for fp16 (a no-op otherwise)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, student: nn.Module, device: torch.device,
+                 amp_dtype: torch.dtype | None, loss_scale: str, init_scale: float, clip_grad: float):
+        self.optimizer, self.student, self.clip_grad = optimizer, student, clip_grad
+        fp16 = amp_dtype == torch.float16
+        self.static_scale = float(loss_scale) if fp16 and loss_scale != "dynamic" else None
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=self.static_scale or init_scale, enabled=fp16)
+        self.params = [p for p in student.parameters() if p.requires_grad]
+
+    def __call__(self, loss: torch.Tensor, freeze_last_layer: bool) -> None:
+        self.scaler.scale(loss).backward()
+        if self.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            clip_per_tensor(self.params, self.clip_grad)
+        if freeze_last_layer:
+            cancel_last_layer_grads(self.student)
+        self.scaler.step(self.optimizer)
+        self.scaler.update(self.static_scale)
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _train_loader(cfg: RecipeConfig, device: torch.device, rank: int, world_size: int):
+    """Multi-crop batches of the training images (labels carried, never used): augmented a batch
+    at a time on the device for single-channel in-memory data, per image in DataLoader workers
+    otherwise. Returns the loader, the number of images and the data's class names."""
+    d, dc, batch = cfg.data, cfg.dino, cfg.data.batch_size_per_device
+    splits = build_datasets(d, train=True)
+    ds = splits.train
+    if d.device_resident and d.in_chans == 1 and isinstance(ds, TensorImageDataset):
+        return InMemoryMultiCropLoader(ds, batch, device, d, dc, cfg.train.seed, rank, world_size), len(ds), splits.classes
+    if not hasattr(ds, "transform"):
+        raise UserError(f"data.name={d.name} gives no per-image transform to apply multi-crop to")
+    ds.transform = MultiCropTransform(d, dc)
+    loader = multicrop_loader(ds, batch, d.workers, cfg.train.seed, rank, world_size, pin_memory=device.type == "cuda")
+    return loader, len(ds), splits.classes
+
+
+def _feature_dim(backbone: nn.Module, in_chans: int, size: int) -> int:
+    dim = getattr(backbone, "num_features", None)
+    if dim is None:
+        with torch.no_grad():
+            dim = backbone.eval()(torch.zeros(2, in_chans, size, size)).shape[-1]
+        backbone.train()
+    if not dim:
+        raise UserError("the DINO backbone must return features with num_classes=0 (use a timm model)")
+    return int(dim)
+
+
+def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -> dict:
+    """Train ``cfg`` with DINO (or time it, with ``perf``); write the run folder; with
+    ``resume_dir``, continue that run from its newest checkpoint (an epoch end). Returns results."""
+    t0 = time.perf_counter()
+    info = distributed.from_env()
+    base_lr = cfg.optim.lr  # per 256 images; for_world_size's own LR rescaling is not wanted here
+    cfg = for_world_size(cfg, info.world_size)
+    cfg.optim.lr = base_lr
+    d, dc, t = cfg.data, cfg.dino, cfg.train
+    device = resolve_device(t.device, info.local_rank)
+    distributed.init(info, device, t.dist_timeout)
+    seed_everything(t.seed + info.rank)
+    torch.backends.cudnn.benchmark = t.cudnn_benchmark
+    amp_dtype = resolve_amp(t.amp, device)
+    if t.accum_steps != 1:
+        raise UserError("task=dino does not support train.accum_steps (centre and teacher move every step)")
+
+    loader, n_images, classes = _train_loader(cfg, device, info.rank, info.world_size)
+    sampler = loader if hasattr(loader, "set_epoch") else loader.sampler
+    steps_per_epoch = min(len(loader), t.max_steps_per_epoch) if t.max_steps_per_epoch else len(loader)
+    if steps_per_epoch < 1:
+        raise UserError(f"the training split ({n_images} images) is smaller than one global batch "
+                        f"({d.batch_size}); lower data.batch_size")
+
+    backbone, model_args = build_model(cfg.model, 0, d.in_chans)
+    teacher_args = {**model_args, "drop_rate": 0.0, "drop_path_rate": 0.0}  # the reference's teacher
+    student, teacher = build_dino(backbone, create(teacher_args), _feature_dim(backbone, d.in_chans, d.image_size), dc)
+    student, teacher = student.to(device), teacher.to(device)
+    criterion = DINOLoss(dc.out_dim, dc.student_temp, dc.center_momentum).to(device)
+    optimizer = build_optimizer(student, cfg.optim, device.type)
+    stepper = DinoStep(optimizer, student, device, amp_dtype, t.loss_scale, t.init_scale, dc.clip_grad)
+    step, first_epoch = 0, 0
+    if resume_dir is not None:
+        _, state, _ = load_latest(resume_dir)
+        student.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        criterion.load_state_dict(state["dino_loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        stepper.scaler.load_state_dict(state["scaler"])
+        step, first_epoch = state["global_step"], state["epoch"]
+    model: nn.Module = student
+    if info.enabled:
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+        if resume_dir is None:  # DDP gave every rank rank 0's student: the teacher starts from it too
+            teacher.load_state_dict(student.state_dict())
+    teacher_fwd: nn.Module = teacher
+    if t.compile:
+        model, teacher_fwd = torch.compile(model), torch.compile(teacher)
+
+    # At least one epoch of schedule, so that a --perf run of a 0-epoch config has values.
+    sched_epochs = max(t.epochs, 1)
+    total = sched_epochs * steps_per_epoch
+    peak_lr = base_lr * d.batch_size / 256  # the linear scaling rule of the reference
+    lrs = lr_schedule(cfg.schedule, peak_lr, sched_epochs, steps_per_epoch)
+    wds = cosine_schedule(cfg.optim.weight_decay, dc.weight_decay_end, total)
+    moms = cosine_schedule(dc.momentum_teacher, 1.0, total)
+    temps = teacher_temp_schedule(dc.warmup_teacher_temp, dc.teacher_temp, dc.warmup_teacher_temp_epochs,
+                                  sched_epochs, steps_per_epoch)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    reduce = distributed.all_reduce_sum if info.enabled else None
+
+    run_dir = log = None
+    meta = {"config": to_dict(cfg), "model": teacher_args, "classes": classes, "task": "dino"}
+    if info.is_main:
+        run_dir = Path(resume_dir) if resume_dir is not None else new_run_dir(cfg.recipe, cfg.output)
+        if resume_dir is not None:
+            truncate_metrics(run_dir, step, first_epoch)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.log.tensorboard else None)
+        mark_status(run_dir, "running")
+        print(f"visionzoo: DINO {'perf run' if perf else 'training'} {cfg.recipe} | {model_args['library']} "
+              f"{model_args['name']} | {n_images} images × {2 + dc.local_crops_number} crops | "
+              f"{info.world_size} × {device} {precision_name(amp_dtype)} | batch {d.batch_size}, peak lr "
+              f"{peak_lr:.3g} | " + (f"resuming {run_dir} at epoch {first_epoch + 1}" if resume_dir else f"run folder {run_dir}"),
+              flush=True)
+
+    def checkpoint(epoch: float, acc1: float | None) -> None:
+        if info.is_main:
+            state = {"epoch": epoch, "global_step": step, "student": student.state_dict(),
+                     "teacher": teacher.state_dict(), "dino_loss": criterion.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scaler": stepper.scaler.state_dict()}
+            save_checkpoint(run_dir, step, teacher.backbone, {**meta, "epoch": epoch, "acc1": acc1}, state,
+                            t.keep_checkpoints)
+
+    last_loss, knn, nonfinite = float("nan"), None, 0
+    # Throughput counts training steps only (no k-NN, no checkpoints), after `warm` untimed steps.
+    warm = t.perf_warmup_steps if perf else min(t.perf_warmup_steps, steps_per_epoch // 2)
+    stop_at = step + warm + t.perf_steps
+    timing, timed_images, timed_seconds, t_mark, warm_at = warm == 0, 0, 0.0, 0.0, step + warm
+    epoch = first_epoch
+    try:
+        while (step < stop_at) if perf else (epoch < t.epochs):
+            sampler.set_epoch(epoch)
+            student.train()
+            teacher.train()  # as the reference; the teacher has no dropout or drop path
+            loss_sum, count, done_in_epoch = 0.0, 0, 0
+            t_epoch = t_mark = time.perf_counter()
+            for crops, _, _ in loader:
+                if not crops:  # every image of the batch was unreadable
+                    continue
+                it = min(step, total - 1)  # a perf run may outlast the schedule
+                for i, group in enumerate(optimizer.param_groups):  # floats: the state loads weights_only
+                    group["lr"] = float(lrs[it])
+                    if i == 0:  # only the first group (weights, not biases/norms) is decayed
+                        group["weight_decay"] = float(wds[it])
+                crops = [c.to(device, non_blocking=True) for c in crops]
+                with autocast:
+                    with torch.no_grad():
+                        teacher_out = teacher_fwd(crops[:2])
+                    loss = criterion(model(crops), teacher_out, float(temps[it]))
+                # One sync per step, as the reference: stop on a diverged loss. Summed over ranks, so
+                # that a NaN on any rank stops (or skips on) every rank alike, and DDP never hangs.
+                last_loss = distributed.all_reduce_sum(loss.detach().float().clone()).item() / info.world_size
+                if not math.isfinite(last_loss):
+                    nonfinite += 1
+                    if nonfinite > t.skip_nonfinite:
+                        raise UserError(f"loss is {last_loss} at epoch {epoch + 1}, step {step}: training diverged "
+                                        f"(try a lower optim.lr, train.amp=bf16 or none, a longer "
+                                        f"schedule.warmup_epochs, or train.skip_nonfinite=N)")
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                stepper(loss, freeze_last_layer=epoch < dc.freeze_last_layer)
+                update_teacher(student, teacher, float(moms[it]))
+                criterion.update_center(teacher_out, reduce)
+                n = crops[0].shape[0]
+                loss_sum, count = loss_sum + last_loss * n, count + n
+                step, done_in_epoch = step + 1, done_in_epoch + 1
+                if timing:
+                    timed_images += n * info.world_size
+                elif step == warm_at:
+                    synchronize(device)
+                    timing, t_mark = True, time.perf_counter()
+                if info.is_main and t.log_every > 0 and step % t.log_every == 0:
+                    elapsed = timed_seconds + (time.perf_counter() - t_mark if timing else 0.0)
+                    rate = timed_images / elapsed if elapsed > 0 and timed_images else None
+                    log.write(kind="step", epoch=epoch, step=step, loss=last_loss, lr=float(lrs[it]),
+                              wd=float(wds[it]), momentum=float(moms[it]), teacher_temp=float(temps[it]), img_s=rate)
+                    print(f"epoch {epoch + 1} step {done_in_epoch}/{steps_per_epoch} loss {last_loss:.4f} "
+                          f"lr {lrs[it]:.3g}" + (f" {rate:.0f} img/s" if rate else ""), flush=True)
+                if done_in_epoch >= steps_per_epoch or (perf and step >= stop_at):
+                    break
+            synchronize(device)
+            if timing:
+                timed_seconds += time.perf_counter() - t_mark
+            train_seconds = time.perf_counter() - t_epoch
+            epoch += 1
+            if perf:
+                continue
+            sums = distributed.all_reduce_sum(torch.tensor([loss_sum, count], dtype=torch.float64, device=device))
+            record = dict(kind="epoch", epoch=epoch, train_loss=float(sums[0] / sums[1].clamp(min=1)),
+                          lr=float(optimizer.param_groups[0]["lr"]), img_s=float(sums[1]) / train_seconds)
+            if epoch == t.epochs or (t.eval_every > 0 and epoch % t.eval_every == 0):
+                knn = _knn(teacher.backbone, cfg, device, amp_dtype)
+                record.update(knn={str(k): v for k, v in knn.items()}, acc1=knn[dc.knn_report_k][0],
+                              acc5=knn[dc.knn_report_k][1])
+            checkpoint(epoch, record.get("acc1"))
+            record["epoch_time"] = time.perf_counter() - t_epoch
+            if info.is_main:
+                log.write(**record)
+                print(f"epoch {epoch}/{t.epochs}: loss {record['train_loss']:.4f}" + (
+                    f" | k-NN (k={dc.knn_report_k}) top-1 {record['acc1']:.2f}%" if "acc1" in record else ""), flush=True)
+        if perf:
+            checkpoint(step / steps_per_epoch, None)
+        elif t.epochs == 0:  # no training: evaluate the initial network (a baseline)
+            knn = _knn(teacher.backbone, cfg, device, amp_dtype)
+            checkpoint(0, knn[dc.knn_report_k][0])
+    except BaseException as err:
+        if info.is_main:
+            mark_status(run_dir, "failed", error=f"{type(err).__name__}: {err}"[:500])
+            log.close()
+        raise
+
+    fps = timed_images / timed_seconds if timed_seconds > 0 else None
+    top1, top5 = knn[dc.knn_report_k] if knn else (None, None)
+    results = {
+        "recipe": cfg.recipe, "Acc@1": top1, "Acc@5": top5,
+        "eval": f"k-NN k={dc.knn_report_k}" if knn else None,
+        "FPS": fps,  # original images per second (each gives 2 + local_crops_number crops)
+        "FPS_per_device": fps / info.world_size if fps else None,
+        "devices": info.world_size, "epochs": round(step / steps_per_epoch, 2), "precision": precision_name(amp_dtype),
+        "torch": torch.__version__.split("+")[0], "mode": "perf" if perf else "full",
+        "batch_size": d.batch_size, "crops_per_image": 2 + dc.local_crops_number, "steps": step,
+        "ActualFPS": fps, "TrainingTime": 1000.0 * d.batch_size / fps if fps else None,  # ms per step
+        "TrainAccuracy": top1, "ActualLoss": last_loss, "E2ETrainingTime": time.perf_counter() - t0,
+        "knn": {str(k): {"top1": a, "top5": b} for k, (a, b) in knn.items()} if knn else None,
+        "skipped_steps": nonfinite,  # non-finite losses skipped (train.skip_nonfinite)
+        "ranks_in_sync": distributed.params_in_sync(student) and distributed.params_in_sync(teacher),
+        "device": str(device), "run_dir": str(run_dir) if run_dir else None,
+    }
+    if info.is_main:
+        log.close()
+        table = write_results(run_dir, results)
+        mark_status(run_dir, "finished")
+        if not perf and t.epochs > 0:
+            plot_curves(run_dir, f"{cfg.recipe} (DINO, k-NN accuracy; {precision_name(amp_dtype)}, {info.world_size} device(s))")
+        print("\n" + table + "\n" + (f"Final Performance images/sec : {fps:.2f}\n" if fps else "")
+              + (f"Final k-NN Accuracy (k={dc.knn_report_k}) : {top1:.2f}\n" if knn else "")
+              + f"E2E Training Duration sec : {results['E2ETrainingTime']:.0f}", flush=True)
+    distributed.shutdown()
+    return results
+
+
+def _knn(backbone: nn.Module, cfg: RecipeConfig, device, amp_dtype) -> dict[int, tuple[float, float]]:
+    """k-NN of the teacher backbone for dino.knn_k and dino.knn_report_k (every rank takes part)."""
+    ks = sorted(set(cfg.dino.knn_k) | {cfg.dino.knn_report_k})
+    res, _ = knn_eval(backbone, cfg.data, cfg.dino, device, amp_dtype, cfg.data.batch_size_per_device, ks)
+    if distributed.from_env().is_main:
+        print("k-NN: " + ", ".join(f"{k}-NN {a:.2f}%" for k, (a, _) in res.items()), flush=True)
+    return res

@@ -1,0 +1,245 @@
+"""Evaluating a frozen backbone without fine-tuning it: weighted k-NN and a linear probe
+(facebookresearch/dino eval_knn.py and eval_linear.py).
+
+k-NN: L2-normalised features of the training split (eval preprocessing, no augmentation) are
+the memory bank; each validation image votes over its k most similar training images with
+weight exp(cosine / T). Similarities are computed a chunk of queries at a time, so memory stays
+at ``max_elements`` floats whatever the split sizes. The number of classes comes from the data.
+
+Linear probe: a linear layer on frozen features (for ViTs: the [CLS] tokens of the last N
+blocks, concatenated), SGD momentum 0.9 without weight decay, cosine per epoch."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset
+
+from visionzoo.data.build import build_datasets, build_loader
+from visionzoo.data.transforms import eval_transform
+from visionzoo.errors import UserError
+
+FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def cls_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The backbone's own output (a timm ViT built with num_classes=0: the final [CLS] token)."""
+    return model(x)
+
+
+def probe_features(n_last_blocks: int, avgpool: bool) -> FeatureFn:
+    """The linear probe's input: for ViTs, the normed [CLS] tokens of the last ``n_last_blocks``
+    blocks (plus the mean patch token of the last block with ``avgpool``); other backbones: their
+    output."""
+    def fn(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if n_last_blocks < 1 or not hasattr(model, "forward_intermediates"):
+            return model(x)
+        depth = len(getattr(model, "blocks", ())) or n_last_blocks  # a shallower model gives all its blocks
+        inter = model.forward_intermediates(x, indices=min(n_last_blocks, depth), return_prefix_tokens=True, norm=True,
+                                            output_fmt="NLC", intermediates_only=True)
+        out = [prefix[:, 0] for _, prefix in inter]
+        if avgpool:
+            out.append(inter[-1][0].mean(dim=1))
+        return torch.cat(out, dim=-1)
+    return fn
+
+
+def eval_splits(d) -> tuple[Dataset, Dataset, list[str]]:
+    """The training split with *evaluation* preprocessing (the k-NN memory bank) and the
+    validation split, as build_datasets reads them."""
+    splits = build_datasets(d, train=True)
+    if hasattr(splits.train, "transform"):  # synthetic data has no transform to swap
+        splits.train.transform = eval_transform(d)
+    return splits.train, splits.val, splits.classes
+
+
+def _gather(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate the rows of ``t`` from every rank (ranks may hold different row counts)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    most = int(max(s.item() for s in sizes))
+    padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module, ds: Dataset, batch_size: int, workers: int, device: torch.device,
+    amp_dtype: torch.dtype | None = None, fn: FeatureFn = cls_features,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 features [N, D] and labels [N] of ``ds`` (undecodable images left out), on
+    ``device``. Under torch.distributed each rank extracts every world_size-th image and the
+    results are all-gathered, so every rank ends with the whole split (in rank-major order)."""
+    model.eval()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        ds = Subset(ds, range(dist.get_rank(), len(ds), dist.get_world_size()))
+    loader = build_loader(ds, batch_size, workers, train=False, seed=0, pin_memory=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    feats, labels = [], []
+    for images, targets, _ in loader:
+        if images.numel() == 0:
+            continue
+        with autocast:
+            f = fn(model, images.to(device, non_blocking=True))
+        feats.append(f.float())
+        labels.append(targets.to(device))
+    if not feats:
+        raise UserError("no readable images to extract features from")
+    return _gather(torch.cat(feats)), _gather(torch.cat(labels))
+
+
+@torch.no_grad()
+def knn_classify(
+    train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, test_labels: torch.Tensor,
+    ks: list[int], temperature: float, num_classes: int, max_elements: int = 2**25,
+) -> dict[int, tuple[float, float]]:
+    """Weighted k-NN accuracy: ``{k: (top1 %, top5 %)}`` for every k in ``ks``.
+
+    Features must already be L2-normalised. Neighbour j of a query votes for its label with
+    weight exp(sim_j / temperature); the top-5 counts the first min(5, k) classes by vote (as
+    the reference does). One top-k of the largest k serves every smaller k."""
+    n_train = train_feats.shape[0]
+    maxk = min(max(ks), n_train)
+    chunk = max(1, max_elements // max(n_train, 1))
+    hits = {k: [0, 0] for k in ks}
+    for start in range(0, test_feats.shape[0], chunk):
+        q, y = test_feats[start:start + chunk], test_labels[start:start + chunk]
+        sim, idx = (q @ train_feats.T).topk(maxk, dim=1)  # sorted, most similar first
+        neighbours, weights = train_labels[idx], (sim / temperature).exp()
+        for k in ks:
+            kk = min(k, maxk)
+            votes = torch.zeros(q.shape[0], num_classes, device=q.device)
+            votes.scatter_add_(1, neighbours[:, :kk], weights[:, :kk])
+            pred = votes.topk(min(5, kk, num_classes), dim=1).indices
+            correct = pred == y[:, None]
+            hits[k][0] += int(correct[:, 0].sum())
+            hits[k][1] += int(correct.any(dim=1).sum())
+    n = max(test_feats.shape[0], 1)
+    return {k: (100.0 * h1 / n, 100.0 * h5 / n) for k, (h1, h5) in hits.items()}
+
+
+def knn_eval(backbone: nn.Module, d, dino, device: torch.device, amp_dtype: torch.dtype | None,
+             batch_size: int, ks: list[int] | None = None) -> tuple[dict[int, tuple[float, float]], list[str]]:
+    """Extract the normalised features of both splits of ``d`` and run ``knn_classify`` for
+    ``ks`` (default: dino.knn_k)."""
+    train_ds, val_ds, classes = eval_splits(d)
+    train_f, train_y = extract_features(backbone, train_ds, batch_size, d.workers, device, amp_dtype)
+    val_f, val_y = extract_features(backbone, val_ds, batch_size, d.workers, device, amp_dtype)
+    res = knn_classify(F.normalize(train_f, dim=1), train_y, F.normalize(val_f, dim=1), val_y,
+                       list(ks or dino.knn_k), dino.knn_temperature, len(classes))
+    return res, classes
+
+
+def train_linear(
+    backbone: nn.Module, d, dino, device: torch.device, amp_dtype: torch.dtype | None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train a linear probe on frozen ``backbone`` features; return val Acc@1/Acc@5 (%) after the
+    last epoch (the reference prints the best epoch's; a single final figure avoids picking
+    on the validation set)."""
+    fn = probe_features(dino.linear_n_last_blocks, dino.linear_avgpool)
+    splits = build_datasets(d, train=True)  # train split with its training augmentation
+    classes = splits.classes
+    batch = dino.linear_batch_size
+    val_f, val_y = extract_features(backbone, splits.val, d.batch_size, d.workers, device, amp_dtype, fn)
+    cached = None
+    if not dino.linear_augment:  # features of the un-augmented training images, computed once
+        if hasattr(splits.train, "transform"):
+            splits.train.transform = eval_transform(d)
+        cached = extract_features(backbone, splits.train, d.batch_size, d.workers, device, amp_dtype, fn)
+    probe = nn.Linear(val_f.shape[1], len(classes)).to(device)
+    nn.init.normal_(probe.weight, std=0.01)
+    nn.init.zeros_(probe.bias)
+    base_lr = dino.linear_lr * batch / 256  # the reference's linear scaling rule
+    opt = torch.optim.SGD(probe.parameters(), lr=base_lr, momentum=0.9, weight_decay=0.0)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    loader = None if cached else build_loader(splits.train, batch, d.workers, train=True, seed=0,
+                                              pin_memory=device.type == "cuda")
+    if loader is not None and len(loader) == 0:
+        raise UserError(f"the training split ({len(splits.train)} images) is smaller than one probe "
+                        f"batch (dino.linear_batch_size={batch})")
+    gen = torch.Generator().manual_seed(0)
+    for epoch in range(dino.linear_epochs):
+        for g in opt.param_groups:  # CosineAnnealingLR(T_max=epochs), stepped once per epoch
+            g["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * epoch / dino.linear_epochs))
+        backbone.eval()
+        total, count = 0.0, 0
+        if cached is not None:
+            feats, labels = cached
+            perm = torch.randperm(len(labels), generator=gen).to(device)
+            batches = ((feats[perm[i:i + batch]], labels[perm[i:i + batch]]) for i in range(0, len(perm), batch))
+        else:
+            loader.sampler.set_epoch(epoch)  # a new order (and new augmentations) every epoch
+            batches = _feature_batches(backbone, loader, device, autocast, fn)
+        for x, y in batches:
+            loss = F.cross_entropy(probe(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, count = total + loss.item() * len(y), count + len(y)
+        log(f"linear epoch {epoch + 1}/{dino.linear_epochs}: loss {total / max(count, 1):.4f} "
+            f"lr {opt.param_groups[0]['lr']:.4g}")
+    with torch.no_grad():
+        logits = probe(val_f)
+        top = logits.topk(min(5, len(classes)), dim=1).indices == val_y[:, None]
+    n = max(len(val_y), 1)
+    return {"acc1": 100.0 * float(top[:, 0].sum()) / n, "acc5": 100.0 * float(top.any(1).sum()) / n,
+            "samples": len(val_y), "features": val_f.shape[1], "classes": len(classes)}
+
+
+def _feature_batches(backbone, loader, device, autocast, fn):
+    """(features, labels) of augmented training batches through the frozen backbone."""
+    for images, targets, _ in loader:
+        if images.numel() == 0:
+            continue
+        with torch.no_grad(), autocast:
+            f = fn(backbone, images.to(device, non_blocking=True))
+        yield f.float(), targets.to(device)
+
+
+def _load(checkpoint: str, overrides: list[str]):
+    """The backbone of a run folder / .safetensors file, its config (plus overrides), device, amp."""
+    from visionzoo.checkpoint import load_model
+    from visionzoo.config import from_dict
+    from visionzoo.runtime import resolve_amp, resolve_device
+
+    model, meta = load_model(checkpoint)
+    cfg = from_dict(meta["config"], overrides)
+    device = resolve_device(cfg.train.device)
+    return model.to(device), cfg, device, resolve_amp(cfg.train.amp, device)
+
+
+def knn_checkpoint(checkpoint: str, overrides: list[str]) -> dict:
+    """``visionzoo knn``: weighted k-NN of a checkpoint's backbone on its (or --data's) data set."""
+    from visionzoo.runtime import precision_name
+
+    model, cfg, device, amp_dtype = _load(checkpoint, overrides)
+    res, classes = knn_eval(model, cfg.data, cfg.dino, device, amp_dtype, cfg.data.batch_size)
+    print(f"{checkpoint}: weighted k-NN, T={cfg.dino.knn_temperature}, {len(classes)} classes "
+          f"({precision_name(amp_dtype)} on {device})")
+    for k, (top1, top5) in res.items():
+        print(f"  {k}-NN: Top1 {top1:.2f}%  Top5 {top5:.2f}%")
+    return {k: {"top1": t1, "top5": t5} for k, (t1, t5) in res.items()}
+
+
+def linear_checkpoint(checkpoint: str, overrides: list[str]) -> dict:
+    """``visionzoo linear``: train and evaluate a linear probe on a checkpoint's frozen backbone."""
+    model, cfg, device, amp_dtype = _load(checkpoint, overrides)
+    for p in model.parameters():
+        p.requires_grad = False
+    res = train_linear(model, cfg.data, cfg.dino, device, amp_dtype)
+    print(f"{checkpoint}: linear probe ({res['features']} features, {cfg.dino.linear_epochs} epochs): "
+          f"Acc@1 {res['acc1']:.2f}%  Acc@5 {res['acc5']:.2f}%  ({res['samples']} images)")
+    return res
