@@ -229,6 +229,10 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
 
     splits = build_datasets(cfg.data, train=True)
     num_classes = len(splits.classes)
+    empty = getattr(splits.train, "empty_classes", [])
+    if empty and info.is_main:  # they keep their label index; the model can never predict them well
+        print(f"warning: {len(empty)} class folder(s) with no training images: {', '.join(empty[:5])}"
+              + (" ..." if len(empty) > 5 else ""), flush=True)
     use_cl = cfg.model.channels_last
     memory_format = torch.channels_last if use_cl else torch.contiguous_format
     train_loader, val_loader = build_loaders(splits, cfg.data, cfg.data.batch_size_per_device, device,
