@@ -4,10 +4,8 @@ matches PyTorch in ONNX Runtime; a trained Fashion-MNIST run gives the same accu
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ from PIL import Image
 
 pytest.importorskip("onnxruntime")
 
+from conftest import pattern_images  # noqa: E402
 from visionzoo.checkpoint import save_weights  # noqa: E402
 from visionzoo.cli import main  # noqa: E402
 from visionzoo.config import load_config, to_dict  # noqa: E402
@@ -95,40 +94,11 @@ def test_parity_failure_is_a_user_error_and_writes_nothing(tmp_path: Path, capsy
 # ---------------------------------------------------------------- Fashion-MNIST end to end
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
-
-
-def _class_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """28x28 images whose class is visible whatever the demo's crops and flips do: class k is
-    a stripe texture of period 2 + k % 5 pixels, horizontal for k < 5 and vertical otherwise,
-    at a random phase, over noise."""
-    coord = np.arange(28)
-    imgs = np.empty((len(labels), 28, 28), dtype=np.int64)
-    for i, k in enumerate(labels):
-        period = 2 + k % 5
-        on = ((coord + rng.integers(period)) % period) < period / 2
-        imgs[i] = np.where(on[None, :] if k >= 5 else on[:, None], 200, 40)
-    return np.clip(imgs + rng.integers(0, 40, size=imgs.shape), 0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fmnist_idx")
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 512), ("t10k", 200)):
-        labels = rng.integers(0, 10, n)
-        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", _class_images(labels, rng))
-        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return root
-
-
-def test_train_export_infer_matches_eval(tmp_path: Path, idx_dir: Path, capsys) -> None:
+def test_train_export_infer_matches_eval(tmp_path: Path, fmnist_dir: Path, capsys) -> None:
     run = tmp_path / "run"
-    assert main(["train", "fashion_mnist", "--data", str(idx_dir), "--epochs", "1", "--batch-size", "32",
+    assert main(["train", "fashion_mnist", "--data", str(fmnist_dir), "--epochs", "1", "--batch-size", "32",
                  "--output", str(run)]) == 0
-    assert main(["eval", str(run), "--data", str(idx_dir)]) == 0
+    assert main(["eval", str(run), "--data", str(fmnist_dir)]) == 0
     eval_acc1 = float(re.findall(r"Acc@1 ([\d.]+)%", capsys.readouterr().out)[-1])
     assert eval_acc1 > 20.0  # the classes are easy: a single epoch learns something
 
@@ -136,7 +106,7 @@ def test_train_export_infer_matches_eval(tmp_path: Path, idx_dir: Path, capsys) 
     out = capsys.readouterr().out
     assert "max abs diff" in out and (run / "model.onnx").is_file() and (run / "model.json").is_file()
 
-    assert main(["infer", str(run / "model.onnx"), "--data", str(idx_dir), "--batch-size", "64"]) == 0
+    assert main(["infer", str(run / "model.onnx"), "--data", str(fmnist_dir), "--batch-size", "64"]) == 0
     result = json.loads((run / "model.infer.json").read_text())
     assert result["samples"] == 200
     assert abs(result["acc1"] - eval_acc1) <= 0.1
@@ -145,7 +115,7 @@ def test_train_export_infer_matches_eval(tmp_path: Path, idx_dir: Path, capsys) 
 
     # One test image as a PNG: infer names one of the Fashion-MNIST classes, first the right one
     # when the model has learned it.
-    image = _class_images(np.array([1]), np.random.default_rng(5))[0]
+    image = pattern_images(np.array([1]), 28, 1, seed=5)[0]
     Image.fromarray(image, mode="L").save(tmp_path / "trouser.png")
     Image.fromarray(np.stack([image] * 3, -1)).resize((56, 56)).save(tmp_path / "big_rgb.jpg")
     assert main(["infer", str(run / "model.onnx"), str(tmp_path / "trouser.png"), str(tmp_path / "big_rgb.jpg"),
@@ -184,6 +154,28 @@ def test_imagefolder_infer_matches_eval(tmp_path: Path, capsys) -> None:
     assert main(["infer", str(run / "model.onnx"), str(tmp_path / "data" / "val" / "fox" / "1.png")]) == 0
     out = capsys.readouterr().out  # a random-init model: any class, but five of them, named
     assert sum(f"%  {c}" in out for c in classes) == 3
+
+
+def test_dino_exports_its_backbone_as_features(tmp_path: Path, fmnist_dir: Path, capsys) -> None:
+    """A DINO run exports the teacher backbone: [batch, dim] features, said in the sidecar;
+    infer refuses it with a pointer to knn/linear instead of printing meaningless classes."""
+    run = tmp_path / "dino"
+    assert main(["train", "dino_fashion_mnist", "--data", str(fmnist_dir), "--output", str(run), "train.epochs=0",
+                 "model.kwargs={img_size: 28, patch_size: 7, embed_dim: 24, depth: 1, num_heads: 3, dynamic_img_size: true}",
+                 "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.knn_k=[5]", "dino.knn_report_k=5"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run)]) == 0
+    assert "DINO teacher backbone: [CLS] features of 24 dims" in capsys.readouterr().out
+    side = json.loads((run / "model.json").read_text())
+    assert side["output"] == {"name": "features", "kind": "features", "shape": ["batch", 24]}
+    assert side["parity"]["max_abs_diff"] <= side["parity"]["limit"]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_outputs()[0].name == "features"
+    feats = session.run(None, {"images": np.zeros((5, 1, 28, 28), np.float32)})[0]
+    assert feats.shape == (5, 24)
+    _one_line_error(capsys, main(["infer", str(run / "model.onnx"), "x.png"]), "DINO backbone", "visionzoo knn")
 
 
 # ---------------------------------------------------------------- bad input

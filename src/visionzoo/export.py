@@ -36,7 +36,7 @@ ONNX_MIN_OPSET, ONNX_MAX_OPSET = 9, 20
 # for large logits (trained nets reach 10-30), absolute near zero (random-init nets).
 DEFAULT_TOLERANCE = 1e-4
 TRACE_BATCH, CHECK_BATCH = 2, 3  # checked at another batch size than traced: proves the dynamic axis
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
+INPUT_NAME, OUTPUT_NAME, FEATURES_NAME = "images", "logits", "features"
 
 
 def sidecar_path(model_path: str | Path) -> Path:
@@ -148,7 +148,8 @@ def _quiet_native_output() -> Iterator[None]:
             os.close(copy)
 
 
-def _export_onnx(model: nn.Module, example: torch.Tensor, path: str, opset: int) -> None:
+def _export_onnx(model: nn.Module, example: torch.Tensor, path: str, opset: int,
+                 output_name: str = OUTPUT_NAME) -> None:
     _replace_uneven_pools(model, example)
     with warnings.catch_warnings(), _quiet_native_output():
         # torch >= 2.9 flags the TorchScript-based exporter as legacy; the torch.export-based
@@ -156,8 +157,8 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: str, opset: int)
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model, (example,), path, dynamo=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            input_names=[INPUT_NAME], output_names=[output_name],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}},
         )
 
 
@@ -174,7 +175,8 @@ def _run_onnx(path: str, x: np.ndarray) -> np.ndarray:
         raise UserError(f"ONNX Runtime cannot run the exported model: {_first_line(err)}") from None
 
 
-def _export_torchscript(model: nn.Module, example: torch.Tensor, path: str, opset: int) -> None:
+def _export_torchscript(model: nn.Module, example: torch.Tensor, path: str, opset: int,
+                        output_name: str = OUTPUT_NAME) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript is deprecated upstream; still widely deployed
         traced = torch.jit.trace(model, example, check_trace=False)
@@ -188,7 +190,8 @@ def _run_torchscript(path: str, x: np.ndarray) -> np.ndarray:
             return torch.jit.load(path, map_location="cpu")(torch.from_numpy(x)).numpy()
 
 
-def _export_pt2(model: nn.Module, example: torch.Tensor, path: str, opset: int) -> None:
+def _export_pt2(model: nn.Module, example: torch.Tensor, path: str, opset: int,
+                output_name: str = OUTPUT_NAME) -> None:
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     # Through a file object: torch.export warns about paths not ending in .pt2 (atomic_write's temporary name).
@@ -250,8 +253,10 @@ def export_checkpoint(
             raise UserError(f"--opset {opset} is outside what the exporter writes ({ONNX_MIN_OPSET}-{ONNX_MAX_OPSET})")
     weights = resolve_weights(checkpoint)
     model, meta = load_model(weights)
-    if meta["config"].get("task", "supervised") != "supervised" or not meta.get("classes"):
-        raise UserError(f"{weights} is not a supervised classifier checkpoint; export writes image classifiers")
+    # A DINO run's weights are the teacher backbone: it exports as a feature extractor.
+    features = meta.get("task", meta["config"].get("task", "supervised")) == "dino"
+    if not features and not meta.get("classes"):
+        raise UserError(f"{weights} holds no class names: it is not a classifier checkpoint visionzoo wrote")
     model = model.float().eval()
     cfg = from_dict(meta["config"])
     d = cfg.data
@@ -271,7 +276,7 @@ def export_checkpoint(
     def write(tmp: str) -> None:
         try:
             with torch.no_grad():
-                export_fn(model, example, tmp, opset)
+                export_fn(model, example, tmp, opset, FEATURES_NAME if features else OUTPUT_NAME)
         except (RuntimeError, ValueError, NotImplementedError) as err:
             # Unsupported operators, data-dependent control flow, bad opsets: one line, no traceback.
             raise UserError(f"{fmt} export of {meta['model']['name']} failed: {_first_line(err)}") from None
@@ -294,7 +299,8 @@ def export_checkpoint(
         "sha256": sha256_file(out_path),
         "opset": opset if fmt == "onnx" else None,
         "input": {"name": INPUT_NAME, "shape": ["batch", chans, size, size], "dtype": "float32"},
-        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(classes)], "kind": "logits"},
+        "output": {"name": FEATURES_NAME if features else OUTPUT_NAME, "kind": "features" if features else "logits",
+                   "shape": ["batch", int(reference.shape[-1]) if features else len(classes)]},
         "preprocess": {
             "in_chans": chans, "image_mode": "L" if chans == 1 else "RGB", "input_size": size,
             "resize": d.test_resize, "crop": d.test_size if d.test_resize > 0 else None,
@@ -313,7 +319,9 @@ def export_checkpoint(
     side = sidecar_path(out_path)
     atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
     _share(side)
+    what = (f"DINO teacher backbone: [CLS] features of {reference.shape[-1]} dims, no classifier"
+            if features else f"{len(classes)} classes")
     print(f"{out_path}: {fmt} export of {meta['model']['library']} {meta['model']['name']} "
-          f"(input [batch, {chans}, {size}, {size}], {len(classes)} classes); parity vs PyTorch: "
+          f"(input [batch, {chans}, {size}, {size}], {what}); parity vs PyTorch: "
           f"max abs diff {parity['max_abs_diff']:.2e} (limit {parity['limit']:.2e}); sidecar {side}")
     return sidecar

@@ -75,6 +75,9 @@ def load_exported(model_path: str | Path) -> tuple[Any, dict]:
         session = ort.InferenceSession(str(path), options, providers=providers())
     except Exception as err:  # onnxruntime's pybind errors share no useful base class
         raise UserError(f"{path} is not an ONNX model ONNX Runtime can load: {_first_line(err)}") from None
+    if meta.get("output", {}).get("kind") == "features":
+        raise UserError(f"{path.name} is a DINO backbone (it outputs features, not class scores): evaluate "
+                        f"it with visionzoo knn or visionzoo linear on its run folder")
     inputs, outputs = session.get_inputs(), session.get_outputs()
     want_in, n_classes = list(meta["input"]["shape"]), len(meta["classes"])
     got_in = list(inputs[0].shape) if len(inputs) == 1 else None
