@@ -155,7 +155,11 @@ def cmd_runs(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command (tests run each --help)."""
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="visionzoo", description=__doc__, epilog=EXAMPLES, formatter_class=fmt)
+    parser = argparse.ArgumentParser(
+        prog="visionzoo", epilog=EXAMPLES, formatter_class=fmt,
+        description="Train, evaluate, time, export and run the classic image-classification recipes "
+                    "(AlexNet, DenseNet-201, ResNet-50 on CIFAR-100, NFNet-F0, DINO ViT-S/16) on 1 device, "
+                    "N devices or many machines. Details of a command: visionzoo COMMAND --help.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("recipes", help="list the recipes, or print one resolved (--show)", formatter_class=fmt,
