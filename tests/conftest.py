@@ -35,15 +35,19 @@ def pattern_images(labels: np.ndarray, size: int, channels: int, seed: int) -> n
     return imgs if channels == 1 else np.repeat(imgs[..., None], channels, axis=-1)
 
 
-@pytest.fixture(scope="session")
-def fmnist_dir(tmp_path_factory) -> Path:
-    """Fashion-MNIST-format IDX files: 640 train / 200 test images, 10 learnable classes."""
-    root = tmp_path_factory.mktemp("fmnist")
-    for prefix, n, seed in (("train", 640, 0), ("t10k", 200, 1)):
+def write_fmnist(root: Path, n_train: int, n_test: int) -> Path:
+    """The four Fashion-MNIST IDX files in ``root``: pattern images of 10 classes in turn."""
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
         labels = np.arange(n) % 10
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", pattern_images(labels, 28, 1, seed))
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
     return root
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir(tmp_path_factory) -> Path:
+    """Fashion-MNIST-format IDX files: 640 train / 200 test images, 10 learnable classes."""
+    return write_fmnist(tmp_path_factory.mktemp("fmnist"), 640, 200)
 
 
 @pytest.fixture(scope="session")

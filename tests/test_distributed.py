@@ -11,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import pattern_images, write_idx
+from conftest import write_fmnist
 from visionzoo.cli import main
 from visionzoo.config import for_world_size, load_config
 from visionzoo.errors import UserError
@@ -26,12 +25,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 @pytest.fixture(scope="module")
 def odd_fmnist(tmp_path_factory) -> Path:
     """IDX files with 256 train and 201 test images: 201 does not split evenly over 2 ranks."""
-    root = tmp_path_factory.mktemp("odd_fmnist")
-    for prefix, n, seed in (("train", 256, 0), ("t10k", 201, 1)):
-        labels = np.arange(n) % 10
-        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", pattern_images(labels, 28, 1, seed))
-        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels.astype(np.uint8))
-    return root
+    return write_fmnist(tmp_path_factory.mktemp("odd_fmnist"), 256, 201)
 
 
 def test_global_batch_is_split_and_recorded():
