@@ -112,6 +112,27 @@ def cmd_train(args: argparse.Namespace) -> None:
     fit(cfg, perf=args.perf, resume_dir=resume_dir)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from visionzoo import distributed
+    from visionzoo.bench import run_bench
+    from visionzoo.config import load_config
+    from visionzoo.data.build import check_data_path
+
+    synthetic = args.data == "synthetic"
+    if synthetic:  # bench's own source: decode-free images through the recipe's loader
+        args.data = None
+    overrides = _overrides(args)
+    if args.steps is not None:
+        overrides.append(f"train.perf_steps={args.steps}")
+    if args.compile:
+        overrides.append("train.compile=true")
+    cfg = load_config(args.recipe, overrides)
+    if args.devices > 1 and not distributed.in_launched_worker():
+        check_data_path(cfg.data)
+        raise SystemExit(distributed.launch_local(args.devices, args.argv))
+    run_bench(cfg, synthetic=synthetic, precisions=args.precision, output=args.output)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from visionzoo.engine.evaluate import evaluate_checkpoint
 
@@ -184,6 +205,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes on this machine, one per GPU (gloo on the CPU); "
                         "under torchrun this is ignored: torchrun decides")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="training img/s: model-only vs end-to-end (with the data path), per precision",
+                       formatter_class=fmt,
+                       epilog="examples:\n  visionzoo bench fashion_mnist\n"
+                              "  visionzoo bench resnet50_cifar100 --data synthetic --steps 50 data.batch_size=512\n"
+                              "  visionzoo bench alexnet_imagenet --data /data/imagenet --precision bf16 --compile\n")
+    p.add_argument("recipe", help="recipe name (visionzoo recipes) or a recipe YAML file")
+    _add_config_flags(p)
+    p.add_argument("--steps", type=int, help="timed steps per measurement (train.perf_steps, default 100; "
+                                             "untimed warm-up: train.perf_warmup_steps)")
+    p.add_argument("--precision", metavar="LIST",
+                   help="comma-separated fp32,bf16,fp16 (default: fp32, bf16 where supported, and the recipe's)")
+    p.add_argument("--compile", action="store_true", help="also time each precision with torch.compile (slow to compile)")
+    p.add_argument("--output", help="JSON file (*.json) or folder for bench.json (default runs/<recipe>-bench-<time>/)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="worker processes on this machine, one per GPU; img/s are totals over all of them")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: top-1, top-5, loss", formatter_class=fmt,
                        epilog="examples:\n  visionzoo eval runs/fashion_mnist-20261123-101500\n"

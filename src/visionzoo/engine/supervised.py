@@ -197,7 +197,7 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
     return stats
 
 
-def _criterion(cfg: RecipeConfig, num_classes: int) -> tuple[nn.Module, Any]:
+def build_criterion(cfg: RecipeConfig, num_classes: int) -> tuple[nn.Module, Any]:
     """Loss and mixup/cutmix: soft-target cross-entropy when images are mixed (the label
     smoothing then lives in the mixed targets), plain cross-entropy otherwise."""
     t = cfg.train
@@ -209,6 +209,37 @@ def _criterion(cfg: RecipeConfig, num_classes: int) -> tuple[nn.Module, Any]:
                       mode="batch", label_smoothing=t.label_smoothing, num_classes=num_classes)
         return SoftTargetCrossEntropy(), mixup
     return nn.CrossEntropyLoss(label_smoothing=t.label_smoothing), None
+
+
+def build_training(cfg: RecipeConfig, num_classes: int, device: torch.device, amp_dtype: torch.dtype | None,
+                   memory_format: torch.memory_format, steps_per_epoch: int, ddp: bool) -> tuple:
+    """The recipe's network (on ``device``), optimizer, per-step LR schedule, GradStep, loss,
+    mixup and EMA, as training and ``visionzoo bench`` both use them. Returns
+    ``(net, model_args, optimizer, lrs, stepper, criterion, mixup, ema)``."""
+    net, model_args = build_model(cfg.model, num_classes, cfg.data.in_chans)
+    net = net.to(device, memory_format=memory_format)
+    if cfg.model.sync_bn and ddp:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    optimizer = build_optimizer(net, cfg.optim, device.type)
+    lrs = lr_schedule(cfg.schedule, cfg.optim.lr, cfg.train.epochs, steps_per_epoch)
+    stepper = GradStep(optimizer, device, amp_dtype, cfg.train.loss_scale, cfg.train.init_scale,
+                       cfg.optim.clip_mode, cfg.optim.clip_value, clip_parameters(net, cfg.optim))
+    criterion, mixup = build_criterion(cfg, num_classes)
+    ema = None
+    if cfg.train.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(net, decay=cfg.train.ema_decay)
+    return net, model_args, optimizer, lrs, stepper, criterion, mixup, ema
+
+
+def wrap_model(net: nn.Module, device: torch.device, ddp: bool, compile: bool) -> nn.Module:
+    """What the training step calls: ``net`` in DistributedDataParallel (more than one rank)
+    and ``torch.compile`` (``compile``)."""
+    model: nn.Module = net
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if compile else model
 
 
 def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -> dict:
@@ -244,20 +275,8 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
         raise UserError(f"the training split ({len(splits.train)} images) is smaller than one global "
                         f"batch ({cfg.data.batch_size}); lower data.batch_size")
 
-    net, model_args = build_model(cfg.model, num_classes, cfg.data.in_chans)
-    net = net.to(device, memory_format=memory_format)
-    if cfg.model.sync_bn and info.enabled:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    optimizer = build_optimizer(net, cfg.optim, device.type)
-    lrs = lr_schedule(cfg.schedule, cfg.optim.lr, cfg.train.epochs, steps_per_epoch)
-    stepper = GradStep(optimizer, device, amp_dtype, cfg.train.loss_scale, cfg.train.init_scale,
-                       cfg.optim.clip_mode, cfg.optim.clip_value, clip_parameters(net, cfg.optim))
-    criterion, mixup = _criterion(cfg, num_classes)
-    ema = None
-    if cfg.train.ema_decay > 0:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(net, decay=cfg.train.ema_decay)
+    net, model_args, optimizer, lrs, stepper, criterion, mixup, ema = build_training(
+        cfg, num_classes, device, amp_dtype, memory_format, steps_per_epoch, info.enabled)
     state = None
     if resume_dir is not None:
         tensors, state, weights_path = load_latest(resume_dir)
@@ -269,11 +288,7 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
         stepper.load_state_dict(state["grad_step"])
         if ema is not None and "ema_weights" in state:
             ema.module.load_state_dict(state["ema_weights"])
-    model: nn.Module = net
-    if info.enabled:
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.train.compile:
-        model = torch.compile(model)
+    model = wrap_model(net, device, info.enabled, cfg.train.compile)
 
     run_dir = log = None
     if info.is_main:
@@ -380,6 +395,21 @@ def _results(cfg: RecipeConfig, perf: bool, loop: Loop, info, device, amp_dtype,
     }
 
 
+def timed_steps(loop: Loop, loader, until_step: int, time_from_step: int) -> tuple[int, float]:
+    """Train until ``loop.global_step == until_step`` (over as many passes of ``loader`` as that
+    takes), timing the steps after ``time_from_step``: a performance run. Returns (images over
+    all ranks, seconds) of the timed steps."""
+    images, seconds = 0, 0.0
+    while loop.global_step < until_step:
+        set_loader_epoch(loader, loop.epoch, 0)
+        s = train_one_epoch(loop, loader, max_steps=until_step - loop.global_step,
+                            time_after=max(time_from_step - loop.global_step, 0))
+        images += s.timed_images * distributed.world_size()
+        seconds += s.timed_seconds
+        loop.epoch, loop.batches_in_epoch, loop.epoch_sums = loop.epoch + 1, 0, None
+    return images, seconds
+
+
 def _run_epochs(cfg: RecipeConfig, perf: bool, loop: Loop, train_loader, val_loader, steps_per_epoch: int,
                 info: distributed.DistInfo, eval_kw: dict, run_dir, best: dict) -> tuple:
     """The epochs of a full run (train, validate, checkpoint) or the steps of a --perf run.
@@ -389,19 +419,13 @@ def _run_epochs(cfg: RecipeConfig, perf: bool, loop: Loop, train_loader, val_loa
     if perf:
         # A performance run: a fixed number of optimizer steps, timed after the warm-up steps.
         warm, total = cfg.train.perf_warmup_steps, cfg.train.perf_warmup_steps + cfg.train.perf_steps
-        while loop.global_step < total:
-            _set_epoch(train_loader, loop.epoch, 0)
-            s = train_one_epoch(loop, train_loader, max_steps=total - loop.global_step,
-                                time_after=max(warm - loop.global_step, 0))
-            timed_images += s.timed_images * info.world_size
-            timed_seconds += s.timed_seconds
-            loop.epoch, loop.batches_in_epoch, loop.epoch_sums = loop.epoch + 1, 0, None
+        timed_images, timed_seconds = timed_steps(loop, train_loader, total, warm)
         loop.checkpoint()
         return timed_images, timed_seconds, loop.global_step / steps_per_epoch, None
 
     first_epoch = loop.epoch
     for epoch in range(first_epoch, cfg.train.epochs):
-        _set_epoch(train_loader, epoch, loop.batches_in_epoch)
+        set_loader_epoch(train_loader, epoch, loop.batches_in_epoch)
         t_epoch = time.perf_counter()
         warm = min(cfg.train.perf_warmup_steps, steps_per_epoch // 2) if epoch == first_epoch else 0
         s = train_one_epoch(loop, train_loader, max_steps=steps_per_epoch, time_after=warm)
@@ -431,7 +455,7 @@ def _run_epochs(cfg: RecipeConfig, perf: bool, loop: Loop, train_loader, val_loa
     return timed_images, timed_seconds, loop.epoch, last_eval
 
 
-def _set_epoch(loader, epoch: int, skip_batches: int) -> None:
+def set_loader_epoch(loader, epoch: int, skip_batches: int) -> None:
     """Select an epoch's sample order in either kind of loader, skipping batches already trained on."""
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch, skip_batches)

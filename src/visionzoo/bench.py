@@ -1,0 +1,292 @@
+"""``visionzoo bench``: how fast one recipe trains on this machine, and how much of that speed
+the data path keeps.
+
+For each precision (and, opt-in, torch.compile) setting, one fresh model is timed twice:
+
+- model-only: a synthetic batch already on the device, stepped over and over: forward,
+  loss, backward and optimizer step through the training loop itself (``train_one_epoch``
+  with the recipe's model, optimizer, GradStep, autocast, channels_last, loss, mixup, EMA);
+- end-to-end: the same loop fed by the recipe's real loader and augmentations, from the
+  data folder or from a decode-free synthetic source.
+
+Both run ``train.perf_warmup_steps`` untimed steps, then ``train.perf_steps`` timed ones,
+with the device synchronised before each clock reading, exactly as ``train --perf`` times them.
+Their ratio says how much of the hardware's speed survives the data path."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from visionzoo import distributed
+from visionzoo.config import RecipeConfig, for_world_size, to_dict
+from visionzoo.data.batched import InMemoryLoader
+from visionzoo.data.build import Splits, build_datasets, build_loaders
+from visionzoo.data.tensor_dataset import TensorImageDataset
+from visionzoo.data.transforms import eval_transform, train_transform
+from visionzoo.engine.supervised import Loop, build_training, set_loader_epoch, timed_steps, train_one_epoch, wrap_model
+from visionzoo.errors import UserError
+from visionzoo.report import format_table, new_run_dir
+from visionzoo.runtime import precision_name, resolve_amp, resolve_device, seed_everything, synchronize
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Stored image size (height, width) of the decode-free synthetic source: the data set's own for
+# in-memory data sets, ImageNet's typical 500x375 photo for ImageFolder recipes.
+SOURCE_SIZE = {"cifar10": (32, 32), "cifar100": (32, 32), "mnist": (28, 28), "fashion_mnist": (28, 28)}
+IMAGEFOLDER_SOURCE = (375, 500)
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
+COLUMNS = ("setting", "model-only img/s", "end-to-end img/s", "ratio", "first step s")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the benchmark: a precision, eager or compiled."""
+
+    precision: str  # fp32 | bf16 | fp16
+    compile: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.precision + (" compile" if self.compile else "")
+
+
+class RepeatBatch:
+    """The model-only source: one batch already on the device, yielded ``n`` times (a loader
+    as ``train_one_epoch`` expects one: ``(images, targets, n_bad)`` items and ``len``)."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, n: int):
+        self.images, self.targets, self.n = images, targets, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return ((self.images, self.targets, 0) for _ in range(self.n))
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        pass
+
+
+class DecodedPool(Dataset):
+    """``n`` training items cycling over a few already-decoded PIL images: an ImageFolder
+    without the JPEG decode, so the recipe's per-image transforms run in DataLoader workers
+    exactly as on real files."""
+
+    def __init__(self, images: list, labels: np.ndarray, classes: list[str], transform):
+        self.images, self.labels, self.classes, self.transform = images, labels, classes, transform
+        self.targets = [int(t) for t in labels]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.images[index % len(self.images)]), int(self.labels[index])
+
+
+def synthetic_source(d, n: int, seed: int = 0) -> Splits:
+    """Random images shaped like the recipe's stored data (no files, no decode), wrapped so that
+    ``build_loaders`` picks the loader the real data would get: the device-resident loader with
+    its batch augmentation for CIFAR/MNIST-style recipes, DataLoader workers running the
+    per-image train transform (RandomResizedCrop, RandAugment, ...) for ImageFolder recipes."""
+    g = np.random.default_rng(seed)
+    num_classes = NUM_CLASSES.get(d.name, d.num_classes)
+    classes = [str(i) for i in range(num_classes)]
+    labels = g.integers(0, num_classes, n)
+    if d.name in SOURCE_SIZE:
+        h, w = SOURCE_SIZE[d.name]
+        images = g.integers(0, 256, (n, h, w, d.in_chans), dtype=np.uint8)
+        val = images[: max(n // 8, 1)]
+        return Splits(TensorImageDataset(images, labels, classes, train_transform(d)),
+                      TensorImageDataset(val, labels[: len(val)], classes, eval_transform(d)), classes)
+    if d.in_chans != 3:  # ImageFolder images are always converted to RGB
+        raise UserError(f"ImageFolder recipes read 3-channel images (data.in_chans={d.in_chans})")
+    from PIL import Image
+
+    h, w = IMAGEFOLDER_SOURCE
+    pool = [Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(16)]
+    return Splits(DecodedPool(pool, labels, classes, train_transform(d)),
+                  DecodedPool(pool, labels[:16], classes, eval_transform(d)), classes)
+
+
+def _bf16_supported(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            pass
+    except (RuntimeError, AssertionError):
+        return False
+    return True
+
+
+def bench_settings(cfg: RecipeConfig, device: torch.device, precisions: str | None) -> list[Setting]:
+    """The settings to time: ``precisions`` (comma-separated) or fp32, bf16 where the device has
+    bf16 autocast, and the recipe's own precision; each also compiled when train.compile is set."""
+    if precisions:
+        names = [p.strip() for p in precisions.split(",") if p.strip()]
+        bad = [p for p in names if p not in PRECISIONS]
+        if bad or not names:
+            raise UserError(f"--precision {precisions!r}: use a comma-separated list of {', '.join(PRECISIONS)}")
+        if "bf16" in names and not _bf16_supported(device):
+            raise UserError(f"{device} has no bf16 autocast; leave bf16 out of --precision")
+    else:
+        names = ["fp32"] + (["bf16"] if _bf16_supported(device) else [])
+        names.append(precision_name(resolve_amp(cfg.train.amp, device)))
+    names = list(dict.fromkeys(names))  # unique, in order
+    return [Setting(p, c) for p in names for c in ((False, True) if cfg.train.compile else (False,))]
+
+
+def _timed(loop: Loop, loader, warmup: int, steps: int) -> dict:
+    """``warmup`` untimed then ``steps`` timed optimizer steps of ``loader``, as ``train --perf``."""
+    start = loop.global_step
+    images, seconds = timed_steps(loop, loader, start + warmup + steps, start + warmup)
+    return {"images": images, "seconds": seconds, "steps": loop.global_step - start - warmup,
+            "img_s": images / seconds if seconds > 0 else None}
+
+
+def bench_setting(cfg: RecipeConfig, setting: Setting, device: torch.device, num_classes: int,
+                  train_loader, steps_per_epoch: int, template: torch.Tensor) -> dict:
+    """Build the recipe's model, optimizer and step for ``setting`` as ``fit`` does, then time
+    the first step (it includes compilation), model-only steps and end-to-end steps."""
+    info = distributed.from_env()
+    seed_everything(cfg.train.seed + info.rank)
+    amp_dtype = PRECISIONS[setting.precision]
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    net, _, optimizer, lrs, stepper, criterion, mixup, ema = build_training(
+        cfg, num_classes, device, amp_dtype, memory_format, steps_per_epoch, info.enabled)
+    model = wrap_model(net, device, info.enabled, setting.compile)
+    loop = Loop(model, net, optimizer, stepper, lrs, criterion, device, amp_dtype, memory_format,
+                cfg.train.accum_steps, mixup, ema, log=None, progress="off")
+
+    accum, warmup, steps = cfg.train.accum_steps, cfg.train.perf_warmup_steps, cfg.train.perf_steps
+    # Random values shaped, typed and laid out (strides) like the loader's batches on the device.
+    images = torch.randn_like(template.to(device, memory_format=memory_format))
+    targets = torch.randint(0, num_classes, (len(images),), device=device)
+
+    synchronize(device)
+    t0 = time.perf_counter()
+    train_one_epoch(loop, RepeatBatch(images, targets, accum), max_steps=1)  # synchronises at its end
+    first_step_s = time.perf_counter() - t0
+    model_only = _timed(loop, RepeatBatch(images, targets, (warmup + steps) * accum), warmup, steps)
+    end_to_end = _timed(loop, train_loader, warmup, steps)
+    ratio = (end_to_end["img_s"] / model_only["img_s"]) if model_only["img_s"] and end_to_end["img_s"] else None
+    return {
+        "setting": setting.name, "precision": setting.precision, "compile": setting.compile,
+        "model_only_img_s": model_only["img_s"], "end_to_end_img_s": end_to_end["img_s"], "ratio": ratio,
+        "first_step_s": first_step_s,  # includes compilation when compile is on
+        "compile_s": first_step_s if setting.compile else None,
+        "model_only": model_only, "end_to_end": end_to_end,
+        "bad_images": loop.bad_images, "skipped_steps": stepper.skipped,
+        "final_loss": loop.last_loss,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _machine(device: torch.device) -> dict:
+    """What the numbers were measured on."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {"device": str(device), "device_name": name, "host": platform.node(), "cpu": platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__.split("+")[0], "python": platform.python_version()}
+
+
+def _output_file(cfg: RecipeConfig, output: str | None) -> Path:
+    """``--output`` as a .json file, or bench.json in ``--output`` (a folder), or in
+    runs/<recipe>-bench-<time>/ (no config.yaml: ``visionzoo runs`` lists training runs only)."""
+    if output and output.endswith(".json"):
+        path = Path(output).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+    return new_run_dir(f"{cfg.recipe}-bench", output) / "bench.json"
+
+
+def run_bench(cfg: RecipeConfig, synthetic: bool = False, precisions: str | None = None,
+              output: str | None = None) -> dict:
+    """Time ``cfg`` model-only and end-to-end for each setting; print the table (rank 0) and
+    write the JSON file. ``synthetic``: decode-free random images through the recipe's loader."""
+    if cfg.task != "supervised":
+        raise UserError(f"bench times supervised recipes; for {cfg.recipe} (task={cfg.task}) use "
+                        f"visionzoo train {cfg.recipe} --perf")
+    if cfg.train.perf_steps < 1 or cfg.train.perf_warmup_steps < 0:
+        raise UserError("bench needs --steps (train.perf_steps) >= 1 and train.perf_warmup_steps >= 0")
+    info = distributed.from_env()
+    cfg = for_world_size(cfg, info.world_size)
+    device = resolve_device(cfg.train.device, info.local_rank)
+    if cfg.model.sync_bn and info.enabled and device.type == "cpu":
+        raise UserError("model.sync_bn=true needs an accelerator (PyTorch's SyncBatchNorm has no CPU kernel)")
+    settings = bench_settings(cfg, device, precisions)
+    distributed.init(info, device, cfg.train.dist_timeout)
+    torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
+    d = cfg.data
+    if synthetic:
+        splits = synthetic_source(d, max(d.synthetic_samples, 2 * d.batch_size_per_device * info.world_size), cfg.train.seed)
+        source = "synthetic (decode-free)"
+    else:
+        splits = build_datasets(d, train=True)
+        source = "synthetic (device-resident, no augmentation)" if d.name == "synthetic" else str(d.path or d.name)
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    train_loader, _ = build_loaders(splits, d, d.batch_size_per_device, device, cfg.train.seed, info.rank,
+                                    info.world_size, memory_format)
+    steps_per_epoch = len(train_loader) // cfg.train.accum_steps
+    if steps_per_epoch < 1:
+        raise UserError(f"the training split ({len(splits.train)} images) is smaller than one global "
+                        f"batch ({d.batch_size}); lower data.batch_size")
+    set_loader_epoch(train_loader, 0, 0)
+    template = next(iter(train_loader))[0]  # one batch: the model-only input's shape and layout
+    if template.numel() == 0:
+        raise UserError("the first training batch held no readable image")
+    loader_name = ("device-resident" if isinstance(train_loader, InMemoryLoader)
+                   else f"DataLoader ({train_loader.num_workers} workers per device)")
+    if info.is_main:
+        print(f"visionzoo: bench {cfg.recipe} | {cfg.model.library} {cfg.model.name} | {info.world_size} × {device} | "
+              f"batch {d.batch_size} ({d.batch_size_per_device} per device) | data {source}, {loader_name} | "
+              f"{cfg.train.perf_warmup_steps} warm-up + {cfg.train.perf_steps} timed steps | "
+              f"{', '.join(s.name for s in settings)}", flush=True)
+
+    rows = []
+    for setting in settings:
+        row = bench_setting(cfg, setting, device, len(splits.classes), train_loader, steps_per_epoch, template)
+        rows.append(row)
+        if info.is_main:
+            extra = f", compile {row['compile_s']:.1f} s" if setting.compile else ""
+            print(f"  {setting.name}: model-only {row['model_only_img_s']:.1f} img/s, end-to-end "
+                  f"{row['end_to_end_img_s']:.1f} img/s{extra}", flush=True)
+    result = {
+        "recipe": cfg.recipe, "model": f"{cfg.model.library} {cfg.model.name}", "devices": info.world_size,
+        "batch_size": d.batch_size, "batch_size_per_device": d.batch_size_per_device,
+        "input_shape": list(template.shape),
+        "channels_last": cfg.model.channels_last, "data": source, "loader": loader_name,
+        "warmup_steps": cfg.train.perf_warmup_steps, "steps": cfg.train.perf_steps,
+        "settings": [r["setting"] for r in rows], "results": rows,
+        "machine": _machine(device), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": to_dict(cfg),
+    }
+    if info.is_main:
+        path = _output_file(cfg, output)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        table = format_table([{"setting": r["setting"], "model-only img/s": r["model_only_img_s"],
+                               "end-to-end img/s": r["end_to_end_img_s"], "ratio": r["ratio"],
+                               "first step s": r["first_step_s"]} for r in rows], COLUMNS)
+        print(f"\n{table}\n\nimg/s for all {info.world_size} device(s); ratio = end-to-end / model-only; "
+              f"written to {path}", flush=True)
+        result["path"] = str(path)
+    distributed.shutdown()
+    return result
