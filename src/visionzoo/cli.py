@@ -223,26 +223,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes on this machine, one per GPU; img/s are totals over all of them")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint: top-1, top-5, loss", formatter_class=fmt,
-                       epilog="examples:\n  visionzoo eval runs/fashion_mnist-20261123-101500\n"
-                              "  visionzoo eval runs/<run>/best.safetensors --data /data/imagenet --batch-size 128\n")
-    p.add_argument("checkpoint", help="a run folder or a .safetensors file")
-    _add_config_flags(p)
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("knn", help="weighted k-NN accuracy of a (DINO) checkpoint's frozen backbone", formatter_class=fmt,
-                       epilog="examples:\n  visionzoo knn runs/dino_fashion_mnist-20261123-101500\n"
-                              "  visionzoo knn runs/<run> --data /data/imagenet dino.knn_k=[20]\n")
-    p.add_argument("checkpoint", help="a run folder or a .safetensors file")
-    _add_config_flags(p)
-    p.set_defaults(func=cmd_knn)
-
-    p = sub.add_parser("linear", help="linear probe on a (DINO) checkpoint's frozen backbone: Acc@1", formatter_class=fmt,
-                       epilog="examples:\n  visionzoo linear runs/<run> --data /data/imagenet          # 100 epochs\n"
-                              "  visionzoo linear runs/<run> --epochs 10 dino.linear_augment=false\n")
-    p.add_argument("checkpoint", help="a run folder or a .safetensors file")
-    _add_config_flags(p)
-    p.set_defaults(func=cmd_linear)
+    # Commands that read a checkpoint and take config flags: (name, help, examples, function).
+    for name, text, examples, func in (
+        ("eval", "evaluate a checkpoint: top-1, top-5, loss",
+         ["visionzoo eval runs/fashion_mnist-20261123-101500",
+          "visionzoo eval runs/<run>/best.safetensors --data /data/imagenet --batch-size 128"], cmd_eval),
+        ("knn", "weighted k-NN accuracy of a (DINO) checkpoint's frozen backbone",
+         ["visionzoo knn runs/dino_fashion_mnist-20261123-101500",
+          "visionzoo knn runs/<run> --data /data/imagenet dino.knn_k=[20]"], cmd_knn),
+        ("linear", "linear probe on a (DINO) checkpoint's frozen backbone: Acc@1",
+         ["visionzoo linear runs/<run> --data /data/imagenet          # 100 epochs",
+          "visionzoo linear runs/<run> --epochs 10 dino.linear_augment=false"], cmd_linear),
+    ):
+        p = sub.add_parser(name, help=text, formatter_class=fmt,
+                           epilog="examples:\n" + "".join(f"  {e}\n" for e in examples))
+        p.add_argument("checkpoint", help="a run folder or a .safetensors file")
+        _add_config_flags(p)
+        p.set_defaults(func=func)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX (or TorchScript / .pt2), checked against PyTorch",
                        formatter_class=fmt,
