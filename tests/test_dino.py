@@ -166,13 +166,14 @@ def test_multicrop_shapes_per_image_and_batched() -> None:
     assert [tuple(c.shape) for c in batch] == [(2, 3, 32, 32)] * 2 + [(2, 3, 16, 16)] * 3
     assert targets.tolist() == [1, 2] and bad == 1
 
-    fm = load_config("dino_fashion_mnist")
+    # The recipe itself runs without local crops (a CPU-time choice); switch them on to test both paths.
+    fm = load_config("dino_fashion_mnist", ["dino.local_crops_number=3", "dino.solarize_p=0.5"])
+    n_local, size = fm.dino.local_crops_number, fm.dino.local_crop_size
     grey = MultiCropTransform(fm.data, fm.dino)(torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8))
-    n_local = fm.dino.local_crops_number
-    assert [tuple(c.shape) for c in grey] == [(1, 28, 28)] * 2 + [(1, 12, 12)] * n_local
+    assert [tuple(c.shape) for c in grey] == [(1, 28, 28)] * 2 + [(1, size, size)] * n_local
     images = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
     out = BatchedMultiCrop(fm.data, fm.dino)(images, torch.Generator().manual_seed(0))
-    assert [tuple(c.shape) for c in out] == [(5, 1, 28, 28)] * 2 + [(5, 1, 12, 12)] * n_local
+    assert [tuple(c.shape) for c in out] == [(5, 1, 28, 28)] * 2 + [(5, 1, size, size)] * n_local
     assert all(torch.isfinite(c).all() for c in out)
 
 
