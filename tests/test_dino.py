@@ -321,3 +321,51 @@ def test_recipes_resolve() -> None:
     assert vit.dino.out_dim == 65536 and vit.dino.local_crops_number == 8 and vit.model.drop_path_rate == 0.1
     assert load_config("fashion_mnist").task == "supervised"
 
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("how", ["checkpoint_every_steps", "sigterm"])
+def test_mid_epoch_resume_is_exact(idx_dir: Path, tmp_path: Path, monkeypatch, capsys, how: str) -> None:
+    """Killed mid-epoch (only the step-2 checkpoint left) or stopped by SIGTERM at step 1, then
+    resumed: the teacher ends bit-identical to an uninterrupted run, with the same step count."""
+    import visionzoo.engine.dino as dino_engine
+    from visionzoo.checkpoint import checkpoint_pairs
+
+    common = ["--data", str(idx_dir), *TINY_OVERRIDES, "model.drop_path_rate=0.1", "train.keep_checkpoints=10"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main(["train", "dino_fashion_mnist", "--output", str(ref), *common]) == 0
+    if how == "checkpoint_every_steps":
+        assert main(["train", "dino_fashion_mnist", "--output", str(run), *common, "train.checkpoint_every_steps=2"]) == 0
+        for weights, state in checkpoint_pairs(run):  # as if killed just after step 2's checkpoint
+            if weights.name != "step-000000002.safetensors":
+                weights.unlink()
+                state.unlink()
+        (run / "results.json").unlink()
+    else:
+        class StopAtOnce:  # SIGTERM arrives before the first step
+            requested = True
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return None
+
+        with monkeypatch.context() as m:
+            m.setattr(dino_engine, "StopSignal", StopAtOnce)
+            capsys.readouterr()
+            assert main(["train", "dino_fashion_mnist", "--output", str(run), *common]) == 2
+        assert "stopped by a signal; checkpoint written at step 1" in capsys.readouterr().err
+        assert json.loads((run / "status.json").read_text())["status"] == "interrupted"
+    assert main(["train", "dino_fashion_mnist", "--resume", str(run), *common]) == 0
+    assert json.loads((run / "results.json").read_text())["steps"] == 6
+    a, b = _weights(ref / "model.safetensors"), _weights(run / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ref_state = torch.load(checkpoint_pairs(ref)[0][1], weights_only=True)
+    run_state = torch.load(checkpoint_pairs(run)[0][1], weights_only=True)
+    assert torch.equal(ref_state["dino_loss"]["center"], run_state["dino_loss"]["center"])

@@ -193,18 +193,19 @@ class InMemoryMultiCropLoader:
                  rank: int = 0, world_size: int = 1):
         self.images, self.labels = dataset.images.to(device), dataset.labels.to(device)
         self.batch_size, self.device, self.seed, self.rank, self.world_size = batch_size, device, seed, rank, world_size
-        self.epoch = 0
+        self.epoch, self.skip_batches = 0, 0
         self.augment = BatchedMultiCrop(d, dino)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select the epoch's order; ``skip_batches`` resumes after that many batches."""
+        self.epoch, self.skip_batches = epoch, skip_batches
 
     def __len__(self) -> int:
-        return len(self.labels) // self.world_size // self.batch_size
+        return len(self.labels) // self.world_size // self.batch_size - self.skip_batches
 
     def __iter__(self):
         order = train_indices(len(self.labels), self.seed, self.epoch, self.rank, self.world_size)
-        for i in range(len(self)):
+        for i in range(self.skip_batches, self.skip_batches + len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size].to(self.device)
             # Each rank's batch i of the epoch draws its own augmentation.
             g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, i * self.world_size + self.rank))

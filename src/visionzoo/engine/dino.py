@@ -10,8 +10,10 @@ LR, weight decay, teacher momentum and teacher temperature are precomputed per o
 (numpy arrays indexed by the global step). optim.lr is per 256 images: the peak LR is
 optim.lr × global batch / 256, on any number of devices. Labels are never read in training; the
 teacher backbone is evaluated by weighted k-NN after the last epoch (and every train.eval_every
-epochs), and that k-NN top-1 is the run's Acc@1. Checkpoints (epoch ends) hold the teacher
-backbone as model.safetensors and student, teacher, centre and optimizer in the state file."""
+epochs), and that k-NN top-1 is the run's Acc@1. Checkpoints (epoch ends, every
+train.checkpoint_every_steps, and on SIGTERM/SIGINT) hold the teacher backbone as
+model.safetensors and student, teacher, centre, optimizer, scaler, the position in the epoch and
+every rank's RNG streams in the state file: a resumed run continues exactly."""
 
 from __future__ import annotations
 
@@ -31,14 +33,15 @@ from visionzoo.data.build import build_datasets
 from visionzoo.data.multicrop import InMemoryMultiCropLoader, MultiCropTransform, multicrop_loader
 from visionzoo.data.tensor_dataset import TensorImageDataset
 from visionzoo.engine.knn import knn_eval
-from visionzoo.engine.resume import truncate_metrics
+from visionzoo.engine.resume import per_rank, rng_state, set_rng_state, truncate_metrics
+from visionzoo.engine.supervised import Interrupted, set_loader_epoch
 from visionzoo.errors import UserError
 from visionzoo.models import build_model, create
 from visionzoo.models.dino import DINOLoss, build_dino, cancel_last_layer_grads, update_teacher
 from visionzoo.optim import build_optimizer, lr_schedule
 from visionzoo.plots import plot_curves
 from visionzoo.report import MetricsLog, mark_status, new_run_dir, write_results
-from visionzoo.runtime import precision_name, resolve_amp, resolve_device, seed_everything, synchronize
+from visionzoo.runtime import StopSignal, precision_name, resolve_amp, resolve_device, seed_everything, synchronize
 
 
 def cosine_schedule(start: float, end: float, total_steps: int, warmup_steps: int = 0,
@@ -142,7 +145,6 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
         raise UserError("task=dino does not support train.accum_steps (centre and teacher move every step)")
 
     loader, n_images, classes = _train_loader(cfg, device, info.rank, info.world_size)
-    sampler = loader if hasattr(loader, "set_epoch") else loader.sampler
     steps_per_epoch = min(len(loader), t.max_steps_per_epoch) if t.max_steps_per_epoch else len(loader)
     if steps_per_epoch < 1:
         raise UserError(f"the training split ({n_images} images) is smaller than one global batch "
@@ -155,9 +157,12 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
     criterion = DINOLoss(dc.out_dim, dc.student_temp, dc.center_momentum).to(device)
     optimizer = build_optimizer(student, cfg.optim, device.type)
     stepper = DinoStep(optimizer, student, device, amp_dtype, t.loss_scale, t.init_scale, dc.clip_grad)
-    step, first_epoch = 0, 0
+    step, first_epoch, state = 0, 0, None
     if resume_dir is not None:
         _, state, _ = load_latest(resume_dir)
+        if len(state.get("ranks", [None])) != info.world_size:
+            raise UserError(f"{resume_dir} was written by {len(state['ranks'])} process(es); "
+                            f"resume with --devices {len(state['ranks'])}")
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         criterion.load_state_dict(state["dino_loss"])
@@ -191,109 +196,139 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
         run_dir = Path(resume_dir) if resume_dir is not None else new_run_dir(cfg.recipe, cfg.output)
         if resume_dir is not None:
             truncate_metrics(run_dir, step, first_epoch)
+            where = f"resuming {run_dir} at epoch {first_epoch + 1}, step {step}"
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.log.tensorboard else None)
         mark_status(run_dir, "running")
         print(f"visionzoo: DINO {'perf run' if perf else 'training'} {cfg.recipe} | {model_args['library']} "
               f"{model_args['name']} | {n_images} images × {2 + dc.local_crops_number} crops | "
               f"{info.world_size} × {device} {precision_name(amp_dtype)} | batch {d.batch_size}, peak lr "
-              f"{peak_lr:.3g} | " + (f"resuming {run_dir} at epoch {first_epoch + 1}" if resume_dir else f"run folder {run_dir}"),
+              f"{peak_lr:.3g} | " + (where if resume_dir else f"run folder {run_dir}"),
               flush=True)
 
-    def checkpoint(epoch: float, acc1: float | None) -> None:
+    def checkpoint(epoch: float, acc1: float | None, batches_in_epoch: int = 0, sums: tuple = (0.0, 0, 0)) -> None:
+        """Write the position: ``epoch`` epochs done plus ``batches_in_epoch`` batches of the next,
+        with that epoch's (loss sum, images, steps) so far (a collective: every rank calls it at
+        the same step and hands over its RNG streams)."""
+        ranks = per_rank({"rng": rng_state(device), "epoch_sums": torch.tensor(sums, dtype=torch.float64)})
         if info.is_main:
-            state = {"epoch": epoch, "global_step": step, "student": student.state_dict(),
-                     "teacher": teacher.state_dict(), "dino_loss": criterion.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scaler": stepper.scaler.state_dict()}
+            state = {"epoch": epoch, "global_step": step, "batches_in_epoch": batches_in_epoch,
+                     "student": student.state_dict(), "teacher": teacher.state_dict(),
+                     "dino_loss": criterion.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": stepper.scaler.state_dict(), "nonfinite": nonfinite, "ranks": ranks}
             save_checkpoint(run_dir, step, teacher.backbone, {**meta, "epoch": epoch, "acc1": acc1}, state,
                             t.keep_checkpoints)
 
-    last_loss, knn, nonfinite = float("nan"), None, 0
+    def stop_requested() -> bool:
+        flag = torch.tensor(float(stop.requested), device=device)
+        return bool(distributed.all_reduce_sum(flag) > 0)
+
+    last_loss, knn, nonfinite, skip, resumed_sums = float("nan"), None, 0, 0, (0.0, 0, 0)
+    if state is not None:
+        nonfinite, skip = state.get("nonfinite", 0), state.get("batches_in_epoch", 0)
+        mine = state["ranks"][info.rank]
+        resumed_sums = tuple(mine["epoch_sums"].tolist())
+        set_rng_state(mine["rng"], device)  # last: the set-up above drew from the RNGs
+    check_stop_every = 10 if info.enabled else 1  # a collective per check on several ranks
     # Throughput counts training steps only (no k-NN, no checkpoints), after `warm` untimed steps.
     warm = t.perf_warmup_steps if perf else min(t.perf_warmup_steps, steps_per_epoch // 2)
     stop_at = step + warm + t.perf_steps
     timing, timed_images, timed_seconds, t_mark, warm_at = warm == 0, 0, 0.0, 0.0, step + warm
     epoch = first_epoch
     try:
-        while (step < stop_at) if perf else (epoch < t.epochs):
-            sampler.set_epoch(epoch)
-            student.train()
-            teacher.train()  # as the reference; the teacher has no dropout or drop path
-            loss_sum, count, done_in_epoch = 0.0, 0, 0
-            t_epoch = t_mark = time.perf_counter()
-            for crops, _, _ in loader:
-                if not crops:  # every image of the batch was unreadable
-                    continue
-                it = min(step, total - 1)  # a perf run may outlast the schedule
-                for i, group in enumerate(optimizer.param_groups):  # floats: the state loads weights_only
-                    group["lr"] = float(lrs[it])
-                    if i == 0:  # only the first group (weights, not biases/norms) is decayed
-                        group["weight_decay"] = float(wds[it])
-                crops = [c.to(device, non_blocking=True) for c in crops]
-                with autocast:
-                    with torch.no_grad():
-                        teacher_out = teacher_fwd(crops[:2])
-                    loss = criterion(model(crops), teacher_out, float(temps[it]))
-                # One sync per step, as the reference: stop on a diverged loss. Summed over ranks, so
-                # that a NaN on any rank stops (or skips on) every rank alike, and DDP never hangs.
-                last_loss = distributed.all_reduce_sum(loss.detach().float().clone()).item() / info.world_size
-                if not math.isfinite(last_loss):
-                    nonfinite += 1
-                    if nonfinite > t.skip_nonfinite:
-                        raise UserError(f"loss is {last_loss} at epoch {epoch + 1}, step {step}: training diverged "
-                                        f"(try a lower optim.lr, train.amp=bf16 or none, a longer "
-                                        f"schedule.warmup_epochs, or train.skip_nonfinite=N)")
-                    optimizer.zero_grad(set_to_none=True)
-                    continue
-                stepper(loss, freeze_last_layer=epoch < dc.freeze_last_layer)
-                update_teacher(student, teacher, float(moms[it]))
-                criterion.update_center(teacher_out, reduce)
-                n = crops[0].shape[0]
-                loss_sum, count = loss_sum + last_loss * n, count + n
-                step, done_in_epoch = step + 1, done_in_epoch + 1
+        with StopSignal() as stop:
+            while (step < stop_at) if perf else (epoch < t.epochs):
+                set_loader_epoch(loader, epoch, skip)  # skip: batches a resumed epoch has done already
+                student.train()
+                teacher.train()  # as the reference; the teacher has no dropout or drop path
+                (loss_sum, count), done_in_epoch = (resumed_sums[:2] if skip else (0.0, 0)), int(resumed_sums[2]) if skip else 0
+                seen, fresh, skip = skip, 0, 0  # seen: batches of this epoch consumed; fresh: images this session
+                t_epoch = t_mark = time.perf_counter()
+                for crops, _, _ in loader:
+                    seen += 1
+                    if not crops:  # every image of the batch was unreadable
+                        continue
+                    it = min(step, total - 1)  # a perf run may outlast the schedule
+                    for i, group in enumerate(optimizer.param_groups):  # floats: the state loads weights_only
+                        group["lr"] = float(lrs[it])
+                        if i == 0:  # only the first group (weights, not biases/norms) is decayed
+                            group["weight_decay"] = float(wds[it])
+                    crops = [c.to(device, non_blocking=True) for c in crops]
+                    with autocast:
+                        with torch.no_grad():
+                            teacher_out = teacher_fwd(crops[:2])
+                        loss = criterion(model(crops), teacher_out, float(temps[it]))
+                    # One sync per step, as the reference: stop on a diverged loss. Summed over ranks, so
+                    # that a NaN on any rank stops (or skips on) every rank alike, and DDP never hangs.
+                    last_loss = distributed.all_reduce_sum(loss.detach().float().clone()).item() / info.world_size
+                    if not math.isfinite(last_loss):
+                        nonfinite += 1
+                        if nonfinite > t.skip_nonfinite:
+                            raise UserError(f"loss is {last_loss} at epoch {epoch + 1}, step {step}: training diverged "
+                                            f"(try a lower optim.lr, train.amp=bf16 or none, a longer "
+                                            f"schedule.warmup_epochs, or train.skip_nonfinite=N)")
+                        optimizer.zero_grad(set_to_none=True)
+                        continue
+                    stepper(loss, freeze_last_layer=epoch < dc.freeze_last_layer)
+                    update_teacher(student, teacher, float(moms[it]))
+                    criterion.update_center(teacher_out, reduce)
+                    n = crops[0].shape[0]
+                    loss_sum, count, fresh = loss_sum + last_loss * n, count + n, fresh + n
+                    step, done_in_epoch = step + 1, done_in_epoch + 1
+                    if timing:
+                        timed_images += n * info.world_size
+                    elif step == warm_at:
+                        synchronize(device)
+                        timing, t_mark = True, time.perf_counter()
+                    if info.is_main and t.log_every > 0 and step % t.log_every == 0:
+                        elapsed = timed_seconds + (time.perf_counter() - t_mark if timing else 0.0)
+                        rate = timed_images / elapsed if elapsed > 0 and timed_images else None
+                        log.write(kind="step", epoch=epoch, step=step, loss=last_loss, lr=float(lrs[it]),
+                                  wd=float(wds[it]), momentum=float(moms[it]), teacher_temp=float(temps[it]), img_s=rate)
+                        print(f"epoch {epoch + 1} step {done_in_epoch}/{steps_per_epoch} loss {last_loss:.4f} "
+                              f"lr {lrs[it]:.3g}" + (f" {rate:.0f} img/s" if rate else ""), flush=True)
+                    if done_in_epoch >= steps_per_epoch or (perf and step >= stop_at):
+                        break
+                    if not perf:  # mid-epoch checkpoints, and SIGTERM/SIGINT agreed on by all ranks
+                        position = (epoch, None, seen, (loss_sum, count, done_in_epoch))
+                        if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
+                            checkpoint(*position)
+                        if step % check_stop_every == 0 and stop_requested():
+                            checkpoint(*position)
+                            raise Interrupted
+                synchronize(device)
                 if timing:
-                    timed_images += n * info.world_size
-                elif step == warm_at:
-                    synchronize(device)
-                    timing, t_mark = True, time.perf_counter()
-                if info.is_main and t.log_every > 0 and step % t.log_every == 0:
-                    elapsed = timed_seconds + (time.perf_counter() - t_mark if timing else 0.0)
-                    rate = timed_images / elapsed if elapsed > 0 and timed_images else None
-                    log.write(kind="step", epoch=epoch, step=step, loss=last_loss, lr=float(lrs[it]),
-                              wd=float(wds[it]), momentum=float(moms[it]), teacher_temp=float(temps[it]), img_s=rate)
-                    print(f"epoch {epoch + 1} step {done_in_epoch}/{steps_per_epoch} loss {last_loss:.4f} "
-                          f"lr {lrs[it]:.3g}" + (f" {rate:.0f} img/s" if rate else ""), flush=True)
-                if done_in_epoch >= steps_per_epoch or (perf and step >= stop_at):
-                    break
-            synchronize(device)
-            if timing:
-                timed_seconds += time.perf_counter() - t_mark
-            train_seconds = time.perf_counter() - t_epoch
-            epoch += 1
+                    timed_seconds += time.perf_counter() - t_mark
+                train_seconds = time.perf_counter() - t_epoch
+                epoch += 1
+                if perf:
+                    continue
+                sums = distributed.all_reduce_sum(torch.tensor([loss_sum, count], dtype=torch.float64, device=device))
+                record = dict(kind="epoch", epoch=epoch, train_loss=float(sums[0] / sums[1].clamp(min=1)),
+                              lr=float(optimizer.param_groups[0]["lr"]), img_s=fresh * info.world_size / train_seconds)
+                if epoch == t.epochs or (t.eval_every > 0 and epoch % t.eval_every == 0):
+                    knn = _knn(teacher.backbone, cfg, device, amp_dtype)
+                    record.update(knn={str(k): v for k, v in knn.items()}, acc1=knn[dc.knn_report_k][0],
+                                  acc5=knn[dc.knn_report_k][1])
+                checkpoint(epoch, record.get("acc1"))
+                record["epoch_time"] = time.perf_counter() - t_epoch
+                if info.is_main:
+                    log.write(**record)
+                    print(f"epoch {epoch}/{t.epochs}: loss {record['train_loss']:.4f}" + (
+                        f" | k-NN (k={dc.knn_report_k}) top-1 {record['acc1']:.2f}%" if "acc1" in record else ""), flush=True)
             if perf:
-                continue
-            sums = distributed.all_reduce_sum(torch.tensor([loss_sum, count], dtype=torch.float64, device=device))
-            record = dict(kind="epoch", epoch=epoch, train_loss=float(sums[0] / sums[1].clamp(min=1)),
-                          lr=float(optimizer.param_groups[0]["lr"]), img_s=float(sums[1]) / train_seconds)
-            if epoch == t.epochs or (t.eval_every > 0 and epoch % t.eval_every == 0):
+                checkpoint(step / steps_per_epoch, None)
+            elif t.epochs == 0:  # no training: evaluate the initial network (a baseline)
                 knn = _knn(teacher.backbone, cfg, device, amp_dtype)
-                record.update(knn={str(k): v for k, v in knn.items()}, acc1=knn[dc.knn_report_k][0],
-                              acc5=knn[dc.knn_report_k][1])
-            checkpoint(epoch, record.get("acc1"))
-            record["epoch_time"] = time.perf_counter() - t_epoch
-            if info.is_main:
-                log.write(**record)
-                print(f"epoch {epoch}/{t.epochs}: loss {record['train_loss']:.4f}" + (
-                    f" | k-NN (k={dc.knn_report_k}) top-1 {record['acc1']:.2f}%" if "acc1" in record else ""), flush=True)
-        if perf:
-            checkpoint(step / steps_per_epoch, None)
-        elif t.epochs == 0:  # no training: evaluate the initial network (a baseline)
-            knn = _knn(teacher.backbone, cfg, device, amp_dtype)
-            checkpoint(0, knn[dc.knn_report_k][0])
+                checkpoint(0, knn[dc.knn_report_k][0])
     except BaseException as err:
         if info.is_main:
-            mark_status(run_dir, "failed", error=f"{type(err).__name__}: {err}"[:500])
+            status = "interrupted" if isinstance(err, Interrupted) else "failed"
+            mark_status(run_dir, status, error=f"{type(err).__name__}: {err}"[:500])
             log.close()
+        if isinstance(err, Interrupted):
+            raise UserError(f"stopped by a signal; checkpoint written at step {step}; "
+                            f"continue with --resume {run_dir or 'RUN_DIR'}") from None
         raise
 
     fps = timed_images / timed_seconds if timed_seconds > 0 else None
