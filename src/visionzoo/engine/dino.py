@@ -34,7 +34,7 @@ from visionzoo.data.multicrop import InMemoryMultiCropLoader, MultiCropTransform
 from visionzoo.data.tensor_dataset import TensorImageDataset
 from visionzoo.engine.knn import knn_eval
 from visionzoo.engine.resume import per_rank, rng_state, set_rng_state, truncate_metrics
-from visionzoo.engine.supervised import Interrupted, set_loader_epoch
+from visionzoo.engine.supervised import Interrupted, end_failed_run, set_loader_epoch
 from visionzoo.errors import UserError
 from visionzoo.models import build_model, create
 from visionzoo.models.dino import DINOLoss, build_dino, cancel_last_layer_grads, update_teacher
@@ -322,14 +322,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                 knn = _knn(teacher.backbone, cfg, device, amp_dtype)
                 checkpoint(0, knn[dc.knn_report_k][0])
     except BaseException as err:
-        if info.is_main:
-            status = "interrupted" if isinstance(err, Interrupted) else "failed"
-            mark_status(run_dir, status, error=f"{type(err).__name__}: {err}"[:500])
-            log.close()
-        if isinstance(err, Interrupted):
-            raise UserError(f"stopped by a signal; checkpoint written at step {step}; "
-                            f"continue with --resume {run_dir or 'RUN_DIR'}") from None
-        raise
+        end_failed_run(err, info.is_main, run_dir, log, step)
 
     fps = timed_images / timed_seconds if timed_seconds > 0 else None
     top1, top5 = knn[dc.knn_report_k] if knn else (None, None)

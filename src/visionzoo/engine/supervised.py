@@ -99,6 +99,19 @@ def _check_finite(loop: Loop, weights: bool = False) -> None:
                         "steps be skipped")
 
 
+def end_failed_run(err: BaseException, is_main: bool, run_dir, log, step: int) -> None:
+    """Record why a run ended early (status interrupted or failed, on rank 0) and re-raise:
+    a signal becomes one user-facing line naming the checkpoint to resume from."""
+    if is_main:
+        status = "interrupted" if isinstance(err, Interrupted) else "failed"
+        mark_status(run_dir, status, error=f"{type(err).__name__}: {err}"[:500])
+        log.close()
+    if isinstance(err, Interrupted):
+        raise UserError(f"stopped by a signal; checkpoint written at step {step}; "
+                        f"continue with --resume {run_dir or 'RUN_DIR'}") from None
+    raise err
+
+
 def _stop_requested(loop: Loop) -> bool:
     """Whether any rank got SIGTERM/SIGINT (all ranks must agree before stopping)."""
     flag = torch.tensor(float(loop.stop is not None and loop.stop.requested), device=loop.device)
@@ -340,14 +353,7 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
             timed_images, timed_seconds, epochs_done, last_eval = _run_epochs(
                 cfg, perf, loop, train_loader, val_loader, steps_per_epoch, info, eval_kw, run_dir, best)
     except BaseException as err:
-        if info.is_main:
-            status = "interrupted" if isinstance(err, Interrupted) else "failed"
-            mark_status(run_dir, status, error=f"{type(err).__name__}: {err}"[:500])
-            log.close()
-        if isinstance(err, Interrupted):
-            raise UserError(f"stopped by a signal; checkpoint written at step {loop.global_step}; "
-                            f"continue with --resume {run_dir or 'RUN_DIR'}") from None
-        raise
+        end_failed_run(err, info.is_main, run_dir, log, loop.global_step)
     fps = timed_images / timed_seconds if timed_seconds > 0 else None
     results = _results(cfg, perf, loop, info, device, amp_dtype, last_eval, fps, epochs_done, t0, run_dir)
     if info.is_main:
