@@ -21,6 +21,7 @@ import torch
 from visionzoo.checkpoint import atomic_write
 from visionzoo.errors import UserError
 from visionzoo.export import sha256_file, sidecar_path
+from visionzoo.progress import Progress
 
 TOPK = 5
 MAX_DEFAULT_BATCH = 256  # recipes' global batches (1024) are sized for 8 GPUs, not one CPU process
@@ -112,8 +113,6 @@ def infer_split(model: str, data: str | None = None, batch_size: int | None = No
                 workers: int | None = None, output: str | None = None) -> dict:
     """Accuracy and speed of an ONNX model over the validation split of its recipe's data set
     (``data`` overrides the folder, as ``eval --data`` does); prints them and writes JSON."""
-    from tqdm import tqdm
-
     from visionzoo.data.build import build_datasets, build_loaders
     from visionzoo.engine.evaluate import topk_correct
 
@@ -139,8 +138,7 @@ def infer_split(model: str, data: str | None = None, batch_size: int | None = No
     correct1 = correct5 = count = bad = 0
     run_s = 0.0
     t0 = time.perf_counter()
-    for images, targets, n_bad in tqdm(loader, desc="infer", unit="batch", leave=False,
-                                       disable=not sys.stderr.isatty()):
+    for images, targets, n_bad in Progress(loader, len(loader), "infer", leave=False):
         bad += n_bad
         if images.numel() == 0:
             continue

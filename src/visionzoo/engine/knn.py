@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, Subset
 from visionzoo.data.build import build_datasets, build_loader
 from visionzoo.data.transforms import eval_transform
 from visionzoo.errors import UserError
+from visionzoo.progress import Progress
 
 FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -88,7 +89,8 @@ def extract_features(
     loader = build_loader(ds, batch_size, workers, train=False, seed=0, pin_memory=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     feats, labels = [], []
-    for images, targets, _ in loader:
+    main_rank = not dist.is_initialized() or dist.get_rank() == 0
+    for images, targets, _ in Progress(loader, len(loader), "features", enabled=main_rank, leave=False):
         if images.numel() == 0:
             continue
         with autocast:
