@@ -43,6 +43,10 @@ class DataConfig:
     # In-memory data sets (CIFAR, MNIST): keep the split on the device and augment whole batches
     # there (no workers); ImageFolder always uses the DataLoader.
     device_resident: bool = True
+    # ImageFolder training data: cpu decodes and augments in the loader workers (Pillow);
+    # device has workers read file bytes only and decodes (nvJPEG on CUDA), crops, flips and
+    # normalises each batch on the training device (augment=imagenet, no randaugment).
+    decode: str = "cpu"
     in_chans: int = 3
     # Train-time augmentation.
     augment: str = "imagenet"  # imagenet: RandomResizedCrop; cifar: pad + RandomCrop; none
@@ -64,6 +68,7 @@ class DataConfig:
         _check(self.name, DATASETS, "data.name")
         _check(self.augment, ("imagenet", "cifar", "none"), "data.augment")
         _check(self.interpolation, ("bilinear", "bicubic", "nearest"), "data.interpolation")
+        _check(self.decode, ("cpu", "device"), "data.decode")
         if self.batch_size < 1:
             raise UserError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from visionzoo.data.batched import InMemoryLoader
 from visionzoo.data.cifar import load_cifar
+from visionzoo.data.device_decode import DeviceDecodeLoader
 from visionzoo.data.folder import ImageFolderDataset, collate_skip_bad, find_classes
 from visionzoo.data.samplers import SeededDataset, ShardSampler
 from visionzoo.data.idx import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, MNIST_CLASSES, load_idx_split
@@ -143,7 +144,9 @@ def build_loaders(
 
     In-memory splits use the device-resident loader when ``d.device_resident`` and the
     augmentation is one it implements (crop/flip); synthetic data always does, unaugmented, so
-    that a --perf run on it measures the model; everything else goes through DataLoader."""
+    that a --perf run on it measures the model; everything else goes through DataLoader.
+    With ``d.decode == "device"`` ImageFolder training batches are decoded on ``device``
+    (data/device_decode.py)."""
     synthetic = d.name == "synthetic"
     resident = synthetic or (d.device_resident and isinstance(splits.val, TensorImageDataset)
                              and d.augment in ("cifar", "none") and not d.randaugment)
@@ -155,5 +158,9 @@ def build_loaders(
         def make(ds, train):
             return build_loader(ds, batch_size, d.workers, train, seed, rank, world_size,
                                 pin_memory=device.type == "cuda")
-    train = make(splits.train, True) if splits.train is not None else None
+    if splits.train is not None and d.decode == "device":  # training only; validation stays on the CPU path
+        train = DeviceDecodeLoader(splits.train, batch_size, d.workers, device, d, seed, rank, world_size,
+                                   memory_format)
+    else:
+        train = make(splits.train, True) if splits.train is not None else None
     return train, make(splits.val, False)

@@ -1,0 +1,247 @@
+"""data.decode=device: workers read bytes, the batch is decoded, cropped, flipped and normalised
+on the training device (here the CPU, through the same decode_jpeg call nvJPEG serves on CUDA)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from visionzoo.cli import main
+from visionzoo.config import DataConfig
+from visionzoo.data import device_decode
+from visionzoo.data.build import Splits, build_loaders
+from visionzoo.data.device_decode import (
+    DeviceDecodeLoader, FileBytes, collate_bytes, crop_params, device_jpeg, pil_decode, random_resized_crop,
+)
+from visionzoo.data.folder import ImageFolderDataset, find_classes
+from visionzoo.errors import UserError
+
+MEAN, STD = 128.0, 64.0
+
+
+def _rgb(seed: int, w: int, h: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _jpeg_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _write_tree(root: Path) -> dict[str, Path]:
+    """train/a: 3 RGB JPEGs + a greyscale JPEG; train/b: 2 RGB JPEGs, an RGB PNG, a CMYK JPEG and a
+    truncated JPEG (9 files, 1 broken); val/{a,b}: 2 PNGs each."""
+    sizes = {"a0": (40, 30), "a1": (30, 40), "a2": (48, 48), "b0": (36, 28), "b1": (32, 32)}
+    files = {k: root / f"train/{k[0]}/{k[1]}.jpg" for k in sizes}
+    for p in files.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    for k, (w, h) in sizes.items():
+        files[k].write_bytes(_jpeg_bytes(_rgb(list(sizes).index(k), w, h)))
+    files["grey"] = root / "train/a/grey.jpg"
+    Image.new("L", (24, 20), 90).save(files["grey"], quality=95)
+    files["png"] = root / "train/b/rgb.png"
+    _rgb(5, 26, 22).save(files["png"])
+    files["cmyk"] = root / "train/b/cmyk.jpg"
+    Image.new("CMYK", (20, 16), (0, 255, 255, 0)).save(files["cmyk"])  # pure red once converted
+    files["cut"] = root / "train/b/cut.jpg"
+    data = _jpeg_bytes(_rgb(7, 64, 48))
+    files["cut"].write_bytes(data[: len(data) // 2])
+    for cls in ("a", "b"):
+        (root / "val" / cls).mkdir(parents=True)
+        for i in range(2):
+            _rgb(100 + i, 20, 16).save(root / "val" / cls / f"{i}.png")
+    return files
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("devdecode")
+    return root, _write_tree(root)
+
+
+def _cfg(**kw) -> DataConfig:
+    base = dict(name="imagefolder", image_size=16, crop_scale=[1.0, 1.0], hflip=0.0, workers=0,
+                mean=[MEAN] * 3, std=[STD] * 3, decode="device")
+    return DataConfig(**(base | kw))
+
+
+def _dataset(root: Path) -> ImageFolderDataset:
+    return ImageFolderDataset(root / "train", find_classes(root / "train"))
+
+
+def _batch_of(ds: ImageFolderDataset, paths: list[Path]) -> dict:
+    index = {p: i for i, (p, _) in enumerate(ds.samples)}
+    return collate_bytes([FileBytes(ds.samples)[(index[str(p)], 0)] for p in paths])
+
+
+def test_which_files_go_to_the_device_decoder(tree) -> None:
+    _, f = tree
+    verdict = {k: device_jpeg(p.read_bytes()) for k, p in f.items()}
+    assert verdict == {"a0": True, "a1": True, "a2": True, "b0": True, "b1": True, "grey": True,
+                       "png": False, "cmyk": False, "cut": False}
+    assert device_jpeg(b"") is False and pil_decode(f["cut"].read_bytes()) is None
+
+
+def test_batch_values_fallbacks_and_labels(tree) -> None:
+    root, f = tree
+    ds = _dataset(root)
+    loader = DeviceDecodeLoader(ds, 4, 0, torch.device("cpu"), _cfg())
+    order = ["png", "cmyk", "grey", "cut", "a0", "b1"]
+    images, targets, n_bad = loader.assemble(_batch_of(ds, [f[k] for k in order]), torch.Generator().manual_seed(0))
+    assert images.shape == (5, 3, 16, 16) and images.dtype == torch.float32
+    assert targets.tolist() == [1, 1, 0, 0, 1]  # PNG and CMYK (class b) kept, in order; the cut file dropped
+    assert n_bad == 1 and loader.cpu_fallbacks == 2
+    # CMYK (0, 255, 255, 0) is pure red after Pillow's conversion; greyscale 90 stays 90 in all channels.
+    red = torch.tensor([(255 - MEAN) / STD, (0 - MEAN) / STD, (0 - MEAN) / STD]).view(3, 1, 1)
+    torch.testing.assert_close(images[1], red.expand(3, 16, 16), atol=0.02, rtol=0)
+    torch.testing.assert_close(images[2], torch.full((3, 16, 16), (90 - MEAN) / STD), atol=0.02, rtol=0)
+    # The PNG went through Pillow and a whole-image resize: compare with torchvision on its pixels.
+    png = torch.from_numpy(np.array(Image.open(f["png"]).convert("RGB"))).permute(2, 0, 1)
+    expect = (TF.resize(png, [16, 16], antialias=True).float() - MEAN) / STD
+    assert (images[0] - expect).abs().max() <= 1.0 / STD + 1e-4
+
+
+@pytest.mark.parametrize("interp", ["bilinear", "bicubic"])
+def test_full_crop_is_a_plain_resize(tree, interp: str) -> None:
+    _, f = tree
+    img = torch.from_numpy(np.array(Image.open(f["a0"]))).permute(2, 0, 1)  # 40 x 30
+    g = torch.Generator().manual_seed(1)
+    out = random_resized_crop([img], 16, (1.0, 1.0), (40 / 30, 40 / 30), 0.0, g, interp)
+    mode = InterpolationMode.BICUBIC if interp == "bicubic" else InterpolationMode.BILINEAR
+    ref = TF.resize(img, [16, 16], interpolation=mode, antialias=True).float()
+    assert out.shape == (1, 3, 16, 16)
+    assert (out[0] - ref).abs().max() <= 1.0  # torchvision rounds to uint8
+    assert (out[0] - ref).abs().mean() < 0.3
+
+
+def test_crop_boxes_follow_scale_and_ratio() -> None:
+    g = torch.Generator().manual_seed(0)
+    draws = torch.rand(500, 10, 4, generator=g, dtype=torch.float64).tolist()
+    for u in draws:
+        top, left, h, w = crop_params(60, 80, (0.25, 0.5), (3 / 4, 4 / 3), u)
+        assert 0 <= top <= 60 - h and 0 <= left <= 80 - w
+        assert 0.2 <= h * w / 4800 <= 0.55 and 0.7 <= w / h <= 1.45
+    # No draw fits (scale above the whole image): the central crop at the nearest allowed ratio.
+    assert crop_params(10, 40, (1.0, 1.0), (3 / 4, 4 / 3), [[0.5] * 4] * 10) == (0, 13, 10, 13)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_flip_rate(p: float) -> None:
+    img = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    img[:, :, 4:] = 255  # dark left half, bright right half
+    g = torch.Generator().manual_seed(3)
+    out = random_resized_crop([img] * 2000, 8, (1.0, 1.0), (1.0, 1.0), p, g)
+    flipped = (out[:, 0, 0, 0] > 128).float().mean().item()
+    assert abs(flipped - p) < 0.04
+    assert ((out[:, 0, 0, 0] > 128) != (out[:, 0, 0, -1] > 128)).all()  # every image is one or the other
+
+
+def _epoch(loader, epoch: int, skip: int = 0) -> list:
+    loader.set_epoch(epoch, skip)
+    return list(loader)
+
+
+def test_same_seed_same_batches_and_resume(tree) -> None:
+    root, _ = tree
+    d = _cfg(crop_scale=[0.3, 1.0], hflip=0.5)
+    make = lambda workers=0, seed=0: DeviceDecodeLoader(_dataset(root), 3, workers, torch.device("cpu"),  # noqa: E731
+                                                        d, seed)
+    a, b = make(), make(workers=2)
+    assert len(a) == 3  # 9 files, batch 3, last partial batch dropped
+    e0, e0_again = _epoch(a, 0), _epoch(b, 0)
+    assert sum(n for _, _, n in e0) == 1  # the cut file, wherever the order put it
+    for (x, y, n), (x2, y2, n2) in zip(e0, e0_again, strict=True):  # workers do not change anything
+        assert torch.equal(x, x2) and torch.equal(y, y2) and n == n2
+    e1 = _epoch(a, 1)
+    assert any(x.shape != x1.shape or not torch.equal(x, x1) for (x, *_), (x1, *_) in zip(e0, e1))
+    other_seed = _epoch(make(seed=1), 0)
+    assert any(x.shape != x1.shape or not torch.equal(x, x1) for (x, *_), (x1, *_) in zip(e0, other_seed))
+    resumed = _epoch(a, 0, skip=1)  # mid-epoch resume draws what the uninterrupted epoch drew
+    assert len(resumed) == 2
+    for (x, y, n), (x2, y2, n2) in zip(e0[1:], resumed, strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2) and n == n2
+
+
+def test_ranks_split_the_epoch(tree) -> None:
+    root, _ = tree
+    seen = []
+    for rank in range(2):
+        loader = DeviceDecodeLoader(_dataset(root), 4, 0, torch.device("cpu"), _cfg(), 0, rank, 2)
+        assert len(loader) == 1
+        seen.append(_epoch(loader, 0)[0])
+    assert sum(len(y) + n for _, y, n in seen) == 8  # 9 files: 4 per rank, one left out
+
+
+def test_device_decoder_refusal_falls_back_to_pillow(tree, monkeypatch) -> None:
+    root, f = tree
+    real = device_decode.decode_jpeg
+    refused = len(f["a1"].read_bytes())
+
+    def picky(data, **kw):  # a batch call fails as a whole, like decode_jpeg does; one file is refused
+        chunks = data if isinstance(data, list) else [data]
+        if any(len(c) == refused for c in chunks):
+            raise RuntimeError("unsupported JPEG")
+        return real(data, **kw)
+
+    monkeypatch.setattr(device_decode, "decode_jpeg", picky)
+    ds = _dataset(root)
+    loader = DeviceDecodeLoader(ds, 3, 0, torch.device("cpu"), _cfg())
+    images, targets, n_bad = loader.assemble(_batch_of(ds, [f["a0"], f["a1"], f["b0"]]), torch.Generator())
+    assert images.shape[0] == 3 and targets.tolist() == [0, 0, 1] and n_bad == 0 and loader.cpu_fallbacks == 1
+
+
+def test_unsupported_settings_are_user_errors(tree) -> None:
+    root, _ = tree
+    splits = Splits(_dataset(root), _dataset(root), ["a", "b"])
+    with pytest.raises(UserError, match=r"^data.randaugment needs data.decode=cpu"):
+        build_loaders(splits, _cfg(randaugment="rand-m9-n2"), 2, torch.device("cpu"), 0)
+    with pytest.raises(UserError, match="augment=cifar needs data.decode=cpu"):
+        build_loaders(splits, _cfg(augment="cifar"), 2, torch.device("cpu"), 0)
+    with pytest.raises(UserError, match="data.decode"):
+        _cfg(decode="gpu")
+    train, val = build_loaders(splits, _cfg(), 2, torch.device("cpu"), 0)
+    assert isinstance(train, DeviceDecodeLoader) and not isinstance(val, DeviceDecodeLoader)
+
+
+RECIPE = """\
+recipe: tiny_folder
+description: a small CNN on a tiny ImageFolder
+data: {name: imagefolder, batch_size: 4, workers: 0, in_chans: 3, augment: imagenet, image_size: 16,
+       crop_scale: [0.5, 1.0], test_resize: 18, test_size: 16, mean: [128, 128, 128], std: [64, 64, 64]}
+model: {name: small_cnn, library: visionzoo, kwargs: {width: 4}, channels_last: false}
+optim: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0}
+schedule: {name: cosine, warmup_epochs: 0}
+train: {epochs: 1, amp: none, device: cpu, seed: 0, log_every: 1}
+"""
+
+
+def test_cli_trains_an_epoch_with_device_decode(tmp_path: Path, capsys) -> None:
+    _write_tree(tmp_path / "data")
+    recipe = tmp_path / "tiny_folder.yaml"
+    recipe.write_text(RECIPE)
+    code = main(["train", str(recipe), "--data", str(tmp_path / "data"), "--output", str(tmp_path / "run"),
+                 "--workers", "0", "data.decode=device"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    header = re.search(r"(\d+) train / (\d+) val images, (\d+) classes", out)
+    assert header and header.groups() == ("9", "4", "2"), out
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["bad_images"] == 1 and results["steps"] == 2
+    assert "warning: 1 unreadable image(s) were skipped" in out
+
+    code = main(["train", str(recipe), "--data", str(tmp_path / "data"), "--output", str(tmp_path / "run2"),
+                 "--workers", "0", "data.decode=device", "data.randaugment=rand-m9-n2"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err
+    assert err.strip() == ("visionzoo: error: data.randaugment needs data.decode=cpu "
+                           "(RandAugment runs on PIL images in the workers)")
