@@ -12,6 +12,19 @@ import pytest
 from PIL import Image
 
 
+# A recipe file for a tiny ImageFolder: a width-4 CNN on 16 px crops, one epoch on the CPU.
+TINY_FOLDER_RECIPE = """\
+recipe: tiny_folder
+description: a small CNN on a tiny ImageFolder
+data: {name: imagefolder, batch_size: 4, workers: 0, in_chans: 3, augment: imagenet, image_size: 16,
+       crop_scale: [0.5, 1.0], test_resize: 18, test_size: 16, mean: [128, 128, 128], std: [64, 64, 64]}
+model: {name: small_cnn, library: visionzoo, kwargs: {width: 4}, channels_last: false}
+optim: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0}
+schedule: {name: cosine, warmup_epochs: 0}
+train: {epochs: 1, amp: none, device: cpu, seed: 0, log_every: 1}
+"""
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
     """Write a uint8 array as a gzipped IDX file (the MNIST format)."""
     header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)

@@ -18,18 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import TINY_FOLDER_RECIPE
 from visionzoo.cli import main
 
-RECIPE = """\
-recipe: tiny_folder
-description: a small CNN on a tiny ImageFolder
-data: {name: imagefolder, batch_size: 4, workers: 0, in_chans: 3, augment: imagenet, image_size: 16,
-       crop_scale: [0.5, 1.0], test_resize: 18, test_size: 16, mean: [128, 128, 128], std: [64, 64, 64]}
-model: {name: small_cnn, library: visionzoo, kwargs: {width: 4}, channels_last: false}
-optim: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0}
-schedule: {name: cosine, warmup_epochs: 0}
-train: {epochs: 1, amp: none, device: cpu, seed: 0, log_every: 1}
-"""
 FAST = ["--workers", "0"]
 
 
@@ -43,7 +34,7 @@ def _folder(root: Path) -> Path:
         for cls, n in counts.items():
             (root / split / cls).mkdir(parents=True)
             for i in range(n):
-                _rgb(hash((split, cls, i)) % 1000).save(root / split / cls / f"{i}.png")
+                _rgb(100 * len(split) + 10 * ord(cls) + i).save(root / split / cls / f"{i}.png")
     return root
 
 
@@ -158,10 +149,10 @@ CASES: dict[str, tuple] = {
 def test_bad_input(case: str, tmp_path: Path, capsys) -> None:
     *make, expect = CASES[case]
     recipe = tmp_path / "tiny_folder.yaml"
-    recipe.write_text(RECIPE)
+    recipe.write_text(TINY_FOLDER_RECIPE)
     data, extra = _folder(tmp_path / "data"), []
     if isinstance(make[0], str):  # a broken recipe: one value of the good one replaced
-        recipe.write_text(RECIPE.replace(make[0], make[1]))
+        recipe.write_text(TINY_FOLDER_RECIPE.replace(make[0], make[1]))
     else:
         make = make[0]
         made = make(data)

@@ -15,6 +15,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from conftest import TINY_FOLDER_RECIPE
 from visionzoo.cli import main
 from visionzoo.config import DataConfig
 from visionzoo.data import device_decode
@@ -213,22 +214,10 @@ def test_unsupported_settings_are_user_errors(tree) -> None:
     assert isinstance(train, DeviceDecodeLoader) and not isinstance(val, DeviceDecodeLoader)
 
 
-RECIPE = """\
-recipe: tiny_folder
-description: a small CNN on a tiny ImageFolder
-data: {name: imagefolder, batch_size: 4, workers: 0, in_chans: 3, augment: imagenet, image_size: 16,
-       crop_scale: [0.5, 1.0], test_resize: 18, test_size: 16, mean: [128, 128, 128], std: [64, 64, 64]}
-model: {name: small_cnn, library: visionzoo, kwargs: {width: 4}, channels_last: false}
-optim: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 0.0}
-schedule: {name: cosine, warmup_epochs: 0}
-train: {epochs: 1, amp: none, device: cpu, seed: 0, log_every: 1}
-"""
-
-
 def test_cli_trains_an_epoch_with_device_decode(tmp_path: Path, capsys) -> None:
     _write_tree(tmp_path / "data")
     recipe = tmp_path / "tiny_folder.yaml"
-    recipe.write_text(RECIPE)
+    recipe.write_text(TINY_FOLDER_RECIPE)
     code = main(["train", str(recipe), "--data", str(tmp_path / "data"), "--output", str(tmp_path / "run"),
                  "--workers", "0", "data.decode=device"])
     out, err = capsys.readouterr()

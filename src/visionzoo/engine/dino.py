@@ -160,7 +160,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
     step, first_epoch, state = 0, 0, None
     if resume_dir is not None:
         _, state, _ = load_latest(resume_dir)
-        if len(state.get("ranks", [None])) != info.world_size:
+        if len(state["ranks"]) != info.world_size:
             raise UserError(f"{resume_dir} was written by {len(state['ranks'])} process(es); "
                             f"resume with --devices {len(state['ranks'])}")
         student.load_state_dict(state["student"])
@@ -218,10 +218,6 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                      "scaler": stepper.scaler.state_dict(), "nonfinite": nonfinite, "ranks": ranks}
             save_checkpoint(run_dir, step, teacher.backbone, {**meta, "epoch": epoch, "acc1": acc1}, state,
                             t.keep_checkpoints)
-
-    def stop_requested() -> bool:
-        flag = torch.tensor(float(stop.requested), device=device)
-        return bool(distributed.all_reduce_sum(flag) > 0)
 
     last_loss, knn, nonfinite, skip, resumed_sums = float("nan"), None, 0, 0, (0.0, 0, 0)
     if state is not None:
@@ -293,7 +289,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                         position = (epoch, None, seen, (loss_sum, count, done_in_epoch))
                         if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
                             checkpoint(*position)
-                        if step % check_stop_every == 0 and stop_requested():
+                        if step % check_stop_every == 0 and distributed.any_rank(stop.requested, device):
                             checkpoint(*position)
                             raise Interrupted
                 synchronize(device)

@@ -112,12 +112,6 @@ def end_failed_run(err: BaseException, is_main: bool, run_dir, log, step: int) -
     raise err
 
 
-def _stop_requested(loop: Loop) -> bool:
-    """Whether any rank got SIGTERM/SIGINT (all ranks must agree before stopping)."""
-    flag = torch.tensor(float(loop.stop is not None and loop.stop.requested), device=loop.device)
-    return bool(distributed.all_reduce_sum(flag) > 0)
-
-
 def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0) -> EpochStats:
     """Train on the rest of epoch ``loop.epoch`` (at most ``max_steps`` optimizer steps in the
     epoch when > 0). Throughput is timed from optimizer step ``time_after`` on, so warm-up
@@ -196,7 +190,8 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
         if loop.checkpoint is not None and done < total:
             if loop.checkpoint_every and loop.global_step % loop.checkpoint_every == 0:
                 loop.checkpoint()
-            if loop.global_step % check_stop_every == 0 and _stop_requested(loop):
+            stop = loop.stop is not None and loop.stop.requested
+            if loop.global_step % check_stop_every == 0 and distributed.any_rank(stop, loop.device):
                 loop.checkpoint()
                 raise Interrupted
     progress.close()
