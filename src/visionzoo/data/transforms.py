@@ -23,7 +23,9 @@ def _to_normalised_tensor(mean: list[float], std: list[float]) -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=False), v2.Normalize(mean, std)]
 
 
-def _randaugment(config_str: str, image_size: int, mean: list[float], interp: str) -> Callable:
+def timm_randaugment(config_str: str, image_size: int, mean: list[float], interp: str) -> Callable:
+    """timm's RandAugment for PIL images, as every recipe configures it (the batched GPU version,
+    data/batched_randaugment.py, reads its ops back from this object)."""
     from timm.data.auto_augment import rand_augment_transform
 
     hparams = {
@@ -46,7 +48,7 @@ def train_transform(d) -> Callable:
         ops.append(v2.RandomHorizontalFlip(d.hflip))
     if d.randaugment:
         # timm's RandAugment works on PIL images; tensor inputs make a round trip.
-        ops += [v2.ToPILImage(), _randaugment(d.randaugment, d.image_size, d.mean, d.interpolation)]
+        ops += [v2.ToPILImage(), timm_randaugment(d.randaugment, d.image_size, d.mean, d.interpolation)]
     return v2.Compose(ops + _to_normalised_tensor(d.mean, d.std))
 
 
