@@ -9,10 +9,11 @@ On the GPU machine (no network; run from the repository root):
         --out benchmarks/results/h100-compile        # DenseNet-201 alone compiles for ~6 min
 
 Per-device batch sizes are those of DESIGN.md's model-only H100 table, so the model-only column
-can be compared with it. ``resnet50_cifar100`` reads CIFAR pickles, not JPEGs: it runs on
-synthetic data only (its loader is the device-resident one either way). ``dino_vits16_imagenet``
-is skipped: ``visionzoo bench`` times supervised recipes only (use ``visionzoo train
-dino_vits16_imagenet --data synthetic --perf`` for DINO's end-to-end img/s)."""
+can be compared with it (DINO: the reference's 64 images per GPU, each 2 x 224 + 8 x 96 crops).
+ImageFolder recipes run three times: decode-free synthetic images, the JPEG tree decoded by
+Pillow in the workers (data.decode=cpu) and the JPEG tree decoded and augmented on the device
+(data.decode=device). ``resnet50_cifar100`` reads CIFAR pickles, not JPEGs: it runs on synthetic
+data only (its loader is the device-resident one either way)."""
 
 from __future__ import annotations
 
@@ -29,15 +30,15 @@ RECIPES = {
     "densenet201_imagenet": (128, True),
     "resnet50_cifar100": (512, False),
     "nfnet_f0_imagenet": (128, True),
+    "dino_vits16_imagenet": (64, True),
 }
-SKIPPED = {"dino_vits16_imagenet": "task=dino: visionzoo bench times supervised recipes only"}
 
 
-def run(recipe: str, data: str, out: Path, args: argparse.Namespace, batch: int) -> dict | None:
+def run(recipe: str, data: str, decode: str, out: Path, args: argparse.Namespace, batch: int) -> dict | None:
     """One ``visionzoo bench`` call; its JSON, or None if it failed (the failure is printed)."""
-    file = out / f"{recipe}-{'synthetic' if data == 'synthetic' else 'jpeg'}.json"
+    file = out / f"{recipe}-{'synthetic' if data == 'synthetic' else 'jpeg-' + decode}.json"
     cmd = [sys.executable, "-m", "visionzoo", "bench", recipe, "--data", data, "--output", str(file),
-           "--devices", str(args.devices), f"data.batch_size={batch * args.devices}"]
+           "--devices", str(args.devices), f"data.batch_size={batch * args.devices}", f"data.decode={decode}"]
     cmd += ["--steps", str(args.steps)] if args.steps else []
     cmd += ["--precision", args.precision] if args.precision else []
     cmd += ["--compile"] if args.compile else []
@@ -58,7 +59,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jpegs", help="ImageFolder tree from make_jpeg_tree.py (without it: synthetic data only)")
     p.add_argument("--out", default="benchmarks/results/latest", help="folder for the JSON files and summary.md")
-    p.add_argument("--recipes", nargs="+", default=list(RECIPES) + list(SKIPPED), help="default: all seed recipes")
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), help="default: all seed recipes")
     p.add_argument("--steps", type=int, help="timed steps per measurement (default: the recipe's train.perf_steps, 100)")
     p.add_argument("--precision", help="e.g. fp32,bf16 (default: visionzoo bench's)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (minutes per model)")
@@ -71,15 +72,14 @@ def main() -> None:
 
     rows = []
     for recipe in args.recipes:
-        if recipe in SKIPPED:
-            print(f"skipping {recipe}: {SKIPPED[recipe]}", flush=True)
-            continue
         batch, folder = RECIPES[recipe]
-        sources = ["synthetic"] + ([args.jpegs] if folder and args.jpegs else [])
-        for data in sources:
-            result = run(recipe, data, out, args, batch)
+        sources = [("synthetic", "cpu")]
+        if folder and args.jpegs:
+            sources += [(args.jpegs, "cpu"), (args.jpegs, "device")]
+        for data, decode in sources:
+            result = run(recipe, data, decode, out, args, batch)
             for r in (result or {}).get("results", []):
-                rows.append({"recipe": recipe, "data": "synthetic" if data == "synthetic" else "JPEG files",
+                rows.append({"recipe": recipe, "data": "synthetic" if data == "synthetic" else f"JPEG, {decode} decode",
                              "batch/device": result["batch_size_per_device"], "loader": result["loader"],
                              "setting": r["setting"], "model-only img/s": r["model_only_img_s"],
                              "end-to-end img/s": r["end_to_end_img_s"], "ratio": r["ratio"],

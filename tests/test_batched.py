@@ -49,8 +49,24 @@ def test_no_flip_and_no_padding_is_identity():
 def _loader(n, batch, train, rank=0, world=1, epoch_seed=0):
     images = np.repeat(np.arange(n, dtype=np.uint8), 4).reshape(n, 2, 2)  # every pixel = index
     ds = TensorImageDataset(images, np.arange(n) % 7, [str(i) for i in range(7)])
-    d = SimpleNamespace(augment="none", image_size=2, crop_padding=0, hflip=0.0, mean=[0.0], std=[1.0])
+    d = SimpleNamespace(augment="none", image_size=2, crop_padding=0, hflip=0.0, mean=[0.0], std=[1.0],
+                        randaugment="", interpolation="bilinear")
     return InMemoryLoader(ds, batch, train, torch.device("cpu"), d, epoch_seed, rank, world)
+
+
+def test_randaugment_follows_the_crop_on_the_device():
+    # CIFAR-style data with a RandAugment recipe stays device-resident: crop/flip, then the
+    # batched RandAugment, drawn per (epoch, batch) like the crops — the same batch twice.
+    rng = np.random.default_rng(0)
+    ds = TensorImageDataset(rng.integers(0, 256, (64, 12, 12, 3), dtype=np.uint8), np.arange(64) % 4, list("abcd"))
+    base = dict(augment="cifar", image_size=12, crop_padding=2, hflip=0.5, mean=[0.0] * 3, std=[1.0] * 3,
+                interpolation="bilinear")
+    plain = InMemoryLoader(ds, 32, True, torch.device("cpu"), SimpleNamespace(**base, randaugment=""))
+    heavy = InMemoryLoader(ds, 32, True, torch.device("cpu"), SimpleNamespace(**base, randaugment="rand-m9-n2-mstd0"))
+    (x0, y0, _), (x1, y1, _), (x2, _, _) = next(iter(plain)), next(iter(heavy)), next(iter(heavy))
+    assert torch.equal(y0, y1) and torch.equal(x1, x2) and x1.min() >= 0 and x1.max() <= 255
+    changed = (x1 - x0).abs().amax(dim=(1, 2, 3)) > 1e-3
+    assert 20 <= changed.sum() <= 32  # 2 ops per image at p=0.5: 1/4 of the images keep their crop
 
 
 def test_train_epoch_covers_each_sample_once_across_ranks():

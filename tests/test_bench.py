@@ -78,7 +78,7 @@ def test_repeat_batch_yields_the_same_tensors():
     (["bench", "no_such_recipe"], "unknown recipe 'no_such_recipe'"),
     (["bench", "fashion_mnist", "--data", "/no/such/folder"], "data path does not exist"),
     (["bench", "fashion_mnist", "--precision", "fp8"], "--precision"),
-    (["bench", "dino_fashion_mnist", "--data", "synthetic"], "bench times supervised recipes"),
+    (["bench", "alexnet_imagenet", "--data", "synthetic", "data.decode=device"], "data.decode=device needs JPEG files"),
 ])
 def test_bench_user_errors_are_one_line(args, message, capsys):
     assert main([*args, "--device", "cpu"]) == 2

@@ -45,6 +45,9 @@ def test_overrides_change_values_with_types():
     cfg = load_config("resnet50_cifar100", ["optim.lr=0.2", "data.batch_size=64", "schedule.milestones=[1,2]", "model.kwargs.foo=3"])
     assert cfg.optim.lr == 0.2 and cfg.data.batch_size == 64 and cfg.schedule.milestones == [1, 2]
     assert cfg.model.kwargs == {"foo": 3}
+    # YAML reads a bare `off` as false: the word the help text offers must still work.
+    assert load_config("fashion_mnist", ["log.progress=off"]).log.progress == "off"
+    assert load_config("fashion_mnist", ["train.mixup_mode=elem"]).train.mixup_mode == "elem"
 
 
 @pytest.mark.parametrize("override, words", [
@@ -53,6 +56,7 @@ def test_overrides_change_values_with_types():
     (["train.amp=fp8"], ["train.amp", "fp16"]),
     (["optim.lr"], ["key=value"]),
     (["data.batch_size=0"], ["batch_size"]),
+    (["train.mixup_mode=pair"], ["train.mixup_mode", "elem"]),
 ])
 def test_bad_overrides_are_user_errors(override, words):
     with pytest.raises(UserError) as e:

@@ -11,7 +11,11 @@ For each precision (and, opt-in, torch.compile) setting, one fresh model is time
 
 Both run ``train.perf_warmup_steps`` untimed steps, then ``train.perf_steps`` timed ones,
 with the device synchronised before each clock reading, exactly as ``train --perf`` times them.
-Their ratio says how much of the hardware's speed survives the data path."""
+Their ratio says how much of the hardware's speed survives the data path.
+
+DINO recipes (task=dino) time DINO's own step (``engine/dino.py DinoTraining.step``: teacher on
+the global crops, student on every crop) on synthetic multi-crop batches, then on the recipe's
+multi-crop loader; img/s counts original images (each gives 2 + local_crops_number crops)."""
 
 from __future__ import annotations
 
@@ -28,8 +32,7 @@ from torch.utils.data import Dataset
 
 from visionzoo import distributed
 from visionzoo.config import RecipeConfig, for_world_size, to_dict
-from visionzoo.data.batched import InMemoryLoader
-from visionzoo.data.build import Splits, build_datasets, build_loaders
+from visionzoo.data.build import Splits, build_datasets, build_loaders, cpu_fallbacks, loader_kind
 from visionzoo.data.tensor_dataset import TensorImageDataset
 from visionzoo.data.transforms import eval_transform, train_transform
 from visionzoo.engine.supervised import Loop, build_training, set_loader_epoch, timed_steps, train_one_epoch, wrap_model
@@ -191,6 +194,67 @@ def bench_setting(cfg: RecipeConfig, setting: Setting, device: torch.device, num
     }
 
 
+def _cycle(loader, device: torch.device):
+    """Multi-crop batches of ``loader`` on ``device``, epoch after epoch (all-bad batches skipped)."""
+    epoch = 0
+    while True:
+        set_loader_epoch(loader, epoch, 0)
+        for crops, _, _ in loader:
+            if crops:
+                yield [c.to(device, non_blocking=True) for c in crops]
+        epoch += 1
+
+
+def _dino_timed(training, batches, warmup: int, steps: int, device: torch.device, hp: tuple) -> dict:
+    """``warmup`` untimed then ``steps`` timed DINO steps of ``batches``, images over all ranks."""
+    images, t0, loss = 0, time.perf_counter(), float("nan")
+    for i in range(warmup + steps):
+        if i == warmup:
+            synchronize(device)
+            t0 = time.perf_counter()
+        crops = next(batches)
+        loss = training.step(crops, *hp, freeze_last_layer=False)
+        if i >= warmup:
+            images += crops[0].shape[0] * distributed.world_size()
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    return {"images": images, "seconds": seconds, "steps": steps, "img_s": images / seconds if seconds > 0 else None,
+            "final_loss": loss}
+
+
+def bench_dino_setting(cfg: RecipeConfig, setting: Setting, device: torch.device, train_loader,
+                       template: list[torch.Tensor]) -> dict:
+    """DINO's ``bench_setting``: student and teacher built as ``fit_dino`` builds them, one
+    training step (teacher on the global crops, student on all, loss, clipping, optimizer, EMA,
+    centre) timed first, then model-only on synthetic crops and end-to-end from the loader.
+    Hyper-parameters stay at their step-0 values; the last layer is never frozen."""
+    from visionzoo.engine.dino import build_dino_training
+
+    info = distributed.from_env()
+    seed_everything(cfg.train.seed + info.rank)
+    training = build_dino_training(cfg, device, PRECISIONS[setting.precision])
+    training.wrap(device, info.enabled, setting.compile)
+    dc = cfg.dino
+    hp = (cfg.optim.lr * cfg.data.batch_size / 256, cfg.optim.weight_decay, dc.momentum_teacher, dc.teacher_temp)
+    crops = [torch.randn_like(c.to(device)) for c in template]
+    warmup, steps = cfg.train.perf_warmup_steps, cfg.train.perf_steps
+    synchronize(device)
+    t0 = time.perf_counter()
+    training.step(crops, *hp, freeze_last_layer=False)
+    synchronize(device)
+    first_step_s = time.perf_counter() - t0
+    model_only = _dino_timed(training, iter(lambda: crops, None), warmup, steps, device, hp)
+    end_to_end = _dino_timed(training, _cycle(train_loader, device), warmup, steps, device, hp)
+    ratio = (end_to_end["img_s"] / model_only["img_s"]) if model_only["img_s"] and end_to_end["img_s"] else None
+    return {
+        "setting": setting.name, "precision": setting.precision, "compile": setting.compile,
+        "model_only_img_s": model_only["img_s"], "end_to_end_img_s": end_to_end["img_s"], "ratio": ratio,
+        "first_step_s": first_step_s, "compile_s": first_step_s if setting.compile else None,
+        "model_only": model_only, "end_to_end": end_to_end, "bad_images": None,
+        "skipped_steps": 0, "final_loss": end_to_end["final_loss"],
+    }
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -223,9 +287,6 @@ def run_bench(cfg: RecipeConfig, synthetic: bool = False, precisions: str | None
               output: str | None = None) -> dict:
     """Time ``cfg`` model-only and end-to-end for each setting; print the table (rank 0) and
     write the JSON file. ``synthetic``: decode-free random images through the recipe's loader."""
-    if cfg.task != "supervised":
-        raise UserError(f"bench times supervised recipes; for {cfg.recipe} (task={cfg.task}) use "
-                        f"visionzoo train {cfg.recipe} --perf")
     if cfg.train.perf_steps < 1 or cfg.train.perf_warmup_steps < 0:
         raise UserError("bench needs --steps (train.perf_steps) >= 1 and train.perf_warmup_steps >= 0")
     info = distributed.from_env()
@@ -237,25 +298,32 @@ def run_bench(cfg: RecipeConfig, synthetic: bool = False, precisions: str | None
     distributed.init(info, device, cfg.train.dist_timeout)
     torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
     d = cfg.data
+    dino = cfg.task == "dino"
     if synthetic:
+        if d.decode == "device":
+            raise UserError("--data synthetic feeds decoded images; data.decode=device needs JPEG files (--data PATH)")
         splits = synthetic_source(d, max(d.synthetic_samples, 2 * d.batch_size_per_device * info.world_size), cfg.train.seed)
         source = "synthetic (decode-free)"
     else:
         splits = build_datasets(d, train=True)
         source = "synthetic (device-resident, no augmentation)" if d.name == "synthetic" else str(d.path or d.name)
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    train_loader, _ = build_loaders(splits, d, d.batch_size_per_device, device, cfg.train.seed, info.rank,
-                                    info.world_size, memory_format)
+    if dino:
+        from visionzoo.engine.dino import dino_loader
+
+        train_loader = dino_loader(cfg, splits.train, device, info.rank, info.world_size)
+    else:
+        train_loader, _ = build_loaders(splits, d, d.batch_size_per_device, device, cfg.train.seed, info.rank,
+                                        info.world_size, memory_format)
     steps_per_epoch = len(train_loader) // cfg.train.accum_steps
     if steps_per_epoch < 1:
         raise UserError(f"the training split ({len(splits.train)} images) is smaller than one global "
                         f"batch ({d.batch_size}); lower data.batch_size")
     set_loader_epoch(train_loader, 0, 0)
     template = next(iter(train_loader))[0]  # one batch: the model-only input's shape and layout
-    if template.numel() == 0:
+    if len(template) == 0:
         raise UserError("the first training batch held no readable image")
-    loader_name = ("device-resident" if isinstance(train_loader, InMemoryLoader)
-                   else f"DataLoader ({train_loader.num_workers} workers per device)")
+    loader_name = loader_kind(train_loader)
     if info.is_main:
         print(f"visionzoo: bench {cfg.recipe} | {cfg.model.library} {cfg.model.name} | {info.world_size} × {device} | "
               f"batch {d.batch_size} ({d.batch_size_per_device} per device) | data {source}, {loader_name} | "
@@ -264,7 +332,10 @@ def run_bench(cfg: RecipeConfig, synthetic: bool = False, precisions: str | None
 
     rows = []
     for setting in settings:
-        row = bench_setting(cfg, setting, device, len(splits.classes), train_loader, steps_per_epoch, template)
+        if dino:
+            row = bench_dino_setting(cfg, setting, device, train_loader, template)
+        else:
+            row = bench_setting(cfg, setting, device, len(splits.classes), train_loader, steps_per_epoch, template)
         rows.append(row)
         if info.is_main:
             extra = f", compile {row['compile_s']:.1f} s" if setting.compile else ""
@@ -273,7 +344,8 @@ def run_bench(cfg: RecipeConfig, synthetic: bool = False, precisions: str | None
     result = {
         "recipe": cfg.recipe, "model": f"{cfg.model.library} {cfg.model.name}", "devices": info.world_size,
         "batch_size": d.batch_size, "batch_size_per_device": d.batch_size_per_device,
-        "input_shape": list(template.shape),
+        "input_shape": [list(c.shape) for c in template] if dino else list(template.shape),
+        "task": cfg.task, "cpu_fallbacks": cpu_fallbacks(train_loader, device),
         "channels_last": cfg.model.channels_last, "data": source, "loader": loader_name,
         "warmup_steps": cfg.train.perf_warmup_steps, "steps": cfg.train.perf_steps,
         "settings": [r["setting"] for r in rows], "results": rows,

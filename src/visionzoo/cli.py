@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt,
                        epilog="examples:\n  visionzoo bench fashion_mnist\n"
                               "  visionzoo bench resnet50_cifar100 --data synthetic --steps 50 data.batch_size=512\n"
-                              "  visionzoo bench alexnet_imagenet --data /data/imagenet --precision bf16 --compile\n")
+                              "  visionzoo bench alexnet_imagenet --data /data/imagenet --precision bf16 --compile\n"
+                              "  visionzoo bench dino_vits16_imagenet --data /data/imagenet data.decode=device\n")
     p.add_argument("recipe", help="recipe name (visionzoo recipes) or a recipe YAML file")
     _add_config_flags(p)
     p.add_argument("--steps", type=int, help="timed steps per measurement (train.perf_steps, default 100; "

@@ -140,6 +140,8 @@ class TrainConfig:
     mixup: float = 0.0  # mixup alpha (0: off)
     cutmix: float = 0.0  # cutmix alpha (0: off)
     mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    mixup_prob: float = 1.0  # probability that a batch (batch mode) or an image (elem mode) is mixed
+    mixup_mode: str = "batch"  # batch: one lambda/box per batch (timm); elem: per image, batched on the device
     ema_decay: float = 0.0  # exponential moving average of weights (0: off)
     accum_steps: int = 1  # micro-batches per optimizer step
     seed: int = 0
@@ -159,6 +161,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.amp, AMP_MODES, "train.amp")
+        _check(self.mixup_mode, ("batch", "elem"), "train.mixup_mode")
         if self.loss_scale != "dynamic":
             try:
                 float(self.loss_scale)
@@ -241,6 +244,8 @@ class LogConfig:
     tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
 
     def __post_init__(self) -> None:
+        if self.progress in (False, "False", "false"):  # YAML reads a bare `off` as false
+            self.progress = "off"
         _check(self.progress, ("auto", "bar", "lines", "off"), "log.progress")
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from visionzoo import distributed
 from visionzoo.data.batched import InMemoryLoader
 from visionzoo.data.cifar import load_cifar
 from visionzoo.data.device_decode import DeviceDecodeLoader
@@ -143,13 +144,13 @@ def build_loaders(
     yielding ``(images, targets, n_bad)`` with ``batch_size`` images per device.
 
     In-memory splits use the device-resident loader when ``d.device_resident`` and the
-    augmentation is one it implements (crop/flip); synthetic data always does, unaugmented, so
+    augmentation is one it implements (crop/flip, then RandAugment); synthetic data always does, unaugmented, so
     that a --perf run on it measures the model; everything else goes through DataLoader.
     With ``d.decode == "device"`` ImageFolder training batches are decoded on ``device``
     (data/device_decode.py)."""
     synthetic = d.name == "synthetic"
     resident = synthetic or (d.device_resident and isinstance(splits.val, TensorImageDataset)
-                             and d.augment in ("cifar", "none") and not d.randaugment)
+                             and d.augment in ("cifar", "none"))
     if resident:
         def make(ds, train):
             return InMemoryLoader(ds, batch_size, train, device, d, seed, rank, world_size, memory_format,
@@ -164,3 +165,23 @@ def build_loaders(
     else:
         train = make(splits.train, True) if splits.train is not None else None
     return train, make(splits.val, False)
+
+
+def loader_kind(loader) -> str:
+    """How a training loader produces batches, as results and bench name it."""
+    if isinstance(loader, DeviceDecodeLoader):
+        return f"device decode ({loader.num_workers} byte-reading workers per device)"
+    if isinstance(loader, DataLoader):
+        return f"DataLoader ({loader.num_workers} workers per device)"
+    return "device-resident"
+
+
+def cpu_fallbacks(loader, device: torch.device) -> int | None:
+    """Images a device-decode loader handed to Pillow instead of the device decoder, summed over
+    ranks (a collective when distributed); None for loaders that decode on the CPU anyway."""
+    n = getattr(loader, "cpu_fallbacks", None)
+    if n is None and not distributed.from_env().enabled:
+        return None
+    # Every rank takes part, even one whose loader has no count, so the collective never hangs.
+    total = distributed.all_reduce_sum(torch.tensor([n or 0, n is not None], dtype=torch.float64, device=device))
+    return int(total[0]) if total[1] > 0 else None

@@ -4,7 +4,9 @@ The per-image CPU path (Pillow decode + RandomResizedCrop in loader workers) cos
 image per core, which caps ImageNet-style training on a GPU. Here the DataLoader workers only
 read file bytes; the training process decodes each batch with ``torchvision.io.decode_jpeg``
 on the device (batched nvJPEG on CUDA; the same call decodes on the CPU, which is how the tests
-run it), then crops, resizes (antialiased), flips and normalises every image there.
+run it), then crops, resizes (antialiased), flips, RandAugments (data.randaugment, batched:
+data/batched_randaugment.py) and normalises every image there — or, for DINO, cuts the
+multi-crop views of every image there (data/multicrop.py ``BatchedMultiCrop``).
 
 Files nvJPEG is not given — not a plain 8-bit 1- or 3-channel JPEG (PNG, CMYK, arithmetic or
 12-bit JPEG), or a JPEG with no end-of-image marker after its last scan (cut off) — are decoded
@@ -31,7 +33,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from visionzoo.data.batched_randaugment import BatchedRandAugment
 from visionzoo.data.folder import _DECODE_ERRORS, _to_rgb
+from visionzoo.data.multicrop import BatchedMultiCrop, pad_batch
 from visionzoo.data.samplers import ShardSampler, sample_seed
 from visionzoo.errors import UserError
 
@@ -44,13 +48,11 @@ _SOF_DEVICE = {0xC0, 0xC1, 0xC2}
 _SOF_ALL = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # the others: lossless, arithmetic, ...
 
 
-def check_device_decode(d) -> None:
+def check_device_decode(d, multicrop: bool = False) -> None:
     """The recipe settings data.decode=device cannot honour, as one-line user errors."""
     if d.name != "imagefolder":
         raise UserError(f"data.decode=device reads ImageFolder files; data.name={d.name} needs data.decode=cpu")
-    if d.randaugment:
-        raise UserError("data.randaugment needs data.decode=cpu (RandAugment runs on PIL images in the workers)")
-    if d.augment != "imagenet":
+    if d.augment != "imagenet" and not multicrop:
         raise UserError(f"data.decode=device implements augment=imagenet only; "
                         f"augment={d.augment} needs data.decode=cpu")
     if d.in_chans != 3:
@@ -181,24 +183,56 @@ def random_resized_crop(
     return x.clamp_(0, 255) if mode == "bicubic" else x  # bicubic overshoots, as Pillow/uint8 clamp
 
 
+class SupervisedAugment:
+    """Decoded images (uint8 CHW, many sizes, on the device) → the normalised training batch:
+    RandomResizedCrop + flip, then RandAugment when the recipe has one."""
+
+    def __init__(self, d, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format):
+        self.size, self.scale, self.hflip, self.interpolation = d.image_size, tuple(d.crop_scale), d.hflip, d.interpolation
+        self.mean = torch.tensor(d.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(d.std, device=device).view(1, -1, 1, 1)
+        self.memory_format = memory_format
+        self.randaugment = BatchedRandAugment(d.randaugment, d.image_size, d.mean, d.interpolation) if d.randaugment else None
+
+    def __call__(self, images: list[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        if not images:
+            return torch.empty(0)
+        x = random_resized_crop(images, self.size, self.scale, RATIO, self.hflip, generator, self.interpolation)
+        if self.randaugment is not None:
+            x = self.randaugment(x, generator)
+        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+
+
+class MultiCropAugment:
+    """Decoded images (uint8 CHW, many sizes, on the device) → DINO's list of crop batches."""
+
+    def __init__(self, d, dino):
+        self.multicrop = BatchedMultiCrop(d, dino)
+
+    def __call__(self, images: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+        if not images:
+            return []
+        x, heights, widths = pad_batch(images)
+        return self.multicrop(x, generator, (heights, widths))
+
+
 class DeviceDecodeLoader:
     """Training batches ``(images, targets, n_bad)`` of an ImageFolderDataset decoded and
     augmented on ``device``; ``batch_size`` images per device, last partial batch dropped.
+    ``augment`` turns the decoded images into the batch (default: the recipe's supervised
+    augmentation; ``MultiCropAugment`` for DINO, whose "images" are then a list of crop batches).
     Call ``set_epoch(epoch, skip_batches)`` every epoch. ``cpu_fallbacks`` counts the images
     decoded by Pillow instead of ``decode_jpeg``."""
 
     def __init__(
         self, dataset, batch_size: int, workers: int, device: torch.device, d, seed: int = 0,
         rank: int = 0, world_size: int = 1, memory_format: torch.memory_format = torch.contiguous_format,
+        augment=None,
     ):
-        check_device_decode(d)
+        check_device_decode(d, multicrop=isinstance(augment, MultiCropAugment))
         self.dataset, self.batch_size, self.device = dataset, batch_size, torch.device(device)
         self.seed, self.rank, self.world_size, self.epoch, self.skip_batches = seed, rank, world_size, 0, 0
-        self.size, self.scale, self.hflip = d.image_size, tuple(d.crop_scale), d.hflip
-        self.interpolation = d.interpolation
-        self.mean = torch.tensor(d.mean, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(d.std, device=self.device).view(1, -1, 1, 1)
-        self.memory_format = memory_format
+        self.augment = augment if augment is not None else SupervisedAugment(d, self.device, memory_format)
         self.cpu_fallbacks = 0
         self.sampler = ShardSampler(len(dataset), True, seed, rank, world_size)
         self.num_workers = max(0, min(workers, os.cpu_count() or 1))
@@ -240,8 +274,8 @@ class DeviceDecodeLoader:
                     out.append(None)
         return out
 
-    def assemble(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """One collated batch of bytes → (normalised float images on the device, targets, n_bad)."""
+    def assemble(self, batch: dict, generator: torch.Generator) -> tuple:
+        """One collated batch of bytes → (augmented batch on the device, targets, n_bad)."""
         chunks = list(torch.split(batch["buffer"], batch["lengths"])) if batch["lengths"] else []
         decoded = iter(zip(chunks, self._decode(chunks)))
         pixels = iter(batch["pixels"])
@@ -262,8 +296,4 @@ class DeviceDecodeLoader:
             images.append(img)
             keep.append(k)
         targets = batch["targets"][keep]
-        if not images:
-            return torch.empty(0), targets, n_bad
-        x = random_resized_crop(images, self.size, self.scale, RATIO, self.hflip, generator, self.interpolation)
-        x = ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-        return x, targets.to(self.device, non_blocking=True), n_bad
+        return self.augment(images, generator), targets.to(self.device, non_blocking=True), n_bad

@@ -7,8 +7,8 @@ solarized. Probabilities follow the reference (BYOL's asymmetric recipe): blur 1
 crop 1, 0.1 on global crop 2, 0.5 on local crops; solarize 0.2 on global crop 2 only.
 
 Works on PIL images (ImageFolder) and on uint8 CHW tensors (CIFAR, MNIST-style IDX files);
-solarization therefore thresholds at 128 in 0-255 units, before normalisation. Single-channel
-in-memory data sets have a batched version (``InMemoryMultiCropLoader``, below)."""
+solarization therefore thresholds at 128 in 0-255 units, before normalisation. In-memory data
+sets and JPEGs decoded on the device have a batched version (``BatchedMultiCrop``, below)."""
 
 from __future__ import annotations
 
@@ -94,27 +94,33 @@ def multicrop_loader(ds: Dataset, batch_size: int, workers: int, seed: int, rank
                       prefetch_factor=4 if workers > 0 else None)
 
 
-# ----------------------------------------------------------------------------- batched, in memory
-# Single-channel images held in memory (MNIST-style) are augmented a whole batch at a time with
-# tensor ops: per-image transforms cost ~1 ms per crop on a CPU core, as much as a small ViT's
-# training step. The distribution is the per-image one's: saturation, hue and greyscale are
-# identities on one channel; crops resample with area averaging (roi_align) instead of
-# antialiased bilinear/bicubic; colour jitter applies brightness and contrast in a random order.
+# ----------------------------------------------------------------------------- batched, on the device
+# Images held in memory (MNIST, CIFAR) or decoded on the GPU (ImageFolder with data.decode=device)
+# are augmented a whole batch at a time with tensor ops: per-image transforms cost ~1 ms per crop
+# on a CPU core, as much as a small ViT's training step. The distribution is the per-image one's:
+# per-image crop boxes, flips, jitter factors, jitter order, greyscale, blur sigma and solarize
+# draws, all from a CPU generator (the same draws on any device, and no device sync to pick the
+# images an op applies to). Crops resample with area averaging (roi_align) instead of
+# antialiased bilinear/bicubic. On one channel saturation, hue and greyscale are identities.
 
-def random_resized_boxes(n: int, h: int, w: int, scale: list[float], g: torch.Generator,
+def random_resized_boxes(n: int, h, w, scale: list[float], g: torch.Generator,
                          ratio: tuple[float, float] = (3 / 4, 4 / 3), tries: int = 10) -> torch.Tensor:
     """[n, 4] boxes (x1, y1, x2, y2) in pixels, drawn as RandomResizedCrop.get_params does: area
-    fraction U(scale), log aspect ratio uniform; first of ``tries`` that fits, else the whole image."""
+    fraction U(scale), log aspect ratio uniform; first of ``tries`` that fits, else the whole
+    image. ``h`` and ``w`` are the image size: numbers, or [n] tensors for images of many sizes."""
+    h = torch.as_tensor(h, dtype=torch.float32).expand(n)[:, None]
+    w = torch.as_tensor(w, dtype=torch.float32).expand(n)[:, None]
     area = torch.empty(n, tries).uniform_(scale[0], scale[1], generator=g) * h * w
     log_r = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
     cw = torch.sqrt(area * torch.exp(log_r)).round()
     ch = torch.sqrt(area / torch.exp(log_r)).round()
     ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.zeros(n, dtype=torch.long))
-    cw = torch.where(ok.any(1), cw.gather(1, first[:, None])[:, 0], torch.full((n,), float(w)))
-    ch = torch.where(ok.any(1), ch.gather(1, first[:, None])[:, 0], torch.full((n,), float(h)))
-    x1 = (torch.rand(n, generator=g) * (w - cw + 1)).floor()
-    y1 = (torch.rand(n, generator=g) * (h - ch + 1)).floor()
+    fits = ok.any(1)
+    first = torch.where(fits, ok.float().argmax(1), torch.zeros(n, dtype=torch.long))
+    cw = torch.where(fits, cw.gather(1, first[:, None])[:, 0], w[:, 0])
+    ch = torch.where(fits, ch.gather(1, first[:, None])[:, 0], h[:, 0])
+    x1 = (torch.rand(n, generator=g) * (w[:, 0] - cw + 1)).floor()
+    y1 = (torch.rand(n, generator=g) * (h[:, 0] - ch + 1)).floor()
     return torch.stack([x1, y1, x1 + cw, y1 + ch], dim=1)
 
 
@@ -132,37 +138,124 @@ def gaussian_blur_batch(x: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.T
     return y.reshape(b, c, h, w)
 
 
+def grey(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma of RGB [B, 3, H, W] as [B, 1, H, W] (torchvision's rgb_to_grayscale)."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of RGB [B, 3, H, W] (0-255) by ``shift`` [B] turns (ColorJitter's hue
+    factor in [-0.5, 0.5]) through HSV; saturation and value are kept."""
+    x = x / 255.0
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    flat = maxc == minc
+    chroma = maxc - minc
+    sat = chroma / torch.where(flat, torch.ones_like(maxc), maxc)
+    div = torch.where(flat, torch.ones_like(chroma), chroma)
+    rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
+    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.where(flat, torch.zeros_like(hue), hue)
+    hue = (hue / 6.0 + shift.to(x.device, x.dtype)[:, None, None]) % 1.0
+    sector = torch.floor(hue * 6.0)
+    frac = hue * 6.0 - sector
+    sector = sector.long() % 6
+    v = maxc
+    p = (v * (1 - sat)).clamp(0, 1)
+    q = (v * (1 - sat * frac)).clamp(0, 1)
+    t = (v * (1 - sat * (1 - frac))).clamp(0, 1)
+    # (r, g, b) per sector 0..5: (v,t,p) (q,v,p) (p,v,t) (p,q,v) (t,p,v) (v,p,q)
+    table = torch.stack([torch.stack(c, 0) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))])
+    out = table.gather(0, sector[None, None].expand(1, 3, *sector.shape))[0]  # [3, B, H, W]
+    return out.permute(1, 0, 2, 3) * 255.0
+
+
+def _jitter_op(op: int, y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """ColorJitter's op ``op`` (0 brightness, 1 contrast, 2 saturation, 3 hue) with per-image factors."""
+    if op == 3:
+        return adjust_hue(y, f)
+    f = f.to(y.device)[:, None, None, None]
+    if op == 0:
+        return (y * f).clamp(0, 255)
+    mean = grey(y) if y.shape[1] == 3 else y
+    if op == 1:  # contrast: blend with the mean grey level of the whole image
+        return (f * y + (1 - f) * mean.mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 255)
+    return (f * y + (1 - f) * mean).clamp(0, 255)  # saturation: blend with the grey image
+
+
+def pad_batch(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images of many sizes (CHW, one device) as one float [B, C, Hmax, Wmax] batch padded by
+    repeating the edge pixels (so resampling at a crop's border never reads a fill value), with
+    their heights and widths ([B] CPU tensors)."""
+    hs = torch.tensor([int(i.shape[-2]) for i in images])
+    ws = torch.tensor([int(i.shape[-1]) for i in images])
+    hmax, wmax = int(hs.max()), int(ws.max())
+    out = [i[None].float() if (i.shape[-2], i.shape[-1]) == (hmax, wmax) else
+           F.pad(i[None].float(), (0, wmax - i.shape[-1], 0, hmax - i.shape[-2]), mode="replicate")
+           for i in images]
+    return torch.cat(out), hs, ws
+
+
 class BatchedMultiCrop:
-    """uint8 [B, 1, H, W] batch → the same list of crops as MultiCropTransform, normalised."""
+    """uint8 or float [B, C, H, W] batch (0-255) → the same list of crops as MultiCropTransform,
+    normalised. ``sizes`` = (heights, widths) when the batch holds padded images of many sizes."""
 
     def __init__(self, d, dino):
         self.d, self.dino = d, dino
-        self.mean, self.std = float(d.mean[0]), float(d.std[0])
+        self.mean = torch.tensor(d.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(d.std, dtype=torch.float32).view(1, -1, 1, 1)
 
-    def _crop(self, x: torch.Tensor, size: int, scale: list[float], blur_p: float, solarize_p: float,
+    def _jitter(self, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        b, c, dev = y.shape[0], y.shape[1], y.device
+        bc, cc, sc, hc = self.dino.color_jitter
+
+        def factor(spread: float) -> torch.Tensor:  # ColorJitter's U(1 - s, 1 + s) per image
+            return torch.empty(b).uniform_(max(0.0, 1 - spread), 1 + spread, generator=g)
+
+        bright, contrast = factor(bc), factor(cc)
+        if c == 1:  # brightness and contrast in a random order (the other two are identities)
+            order = (torch.rand(b, generator=g) < 0.5).to(dev)[:, None, None, None]
+            bf, cf = bright.to(dev)[:, None, None, None], contrast.to(dev)[:, None, None, None]
+
+            def brightness(t):
+                return (t * bf).clamp(0, 255)
+
+            def contrast_(t):
+                return (cf * t + (1 - cf) * t.mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 255)
+
+            jittered = torch.where(order, contrast_(brightness(y)), brightness(contrast_(y)))
+            return torch.where((torch.rand(b, generator=g) < self.dino.color_jitter_p).to(dev)[:, None, None, None],
+                               jittered, y)
+        factors = [bright, contrast, factor(sc), torch.empty(b).uniform_(-hc, hc, generator=g)]
+        order = torch.argsort(torch.rand(b, 4, generator=g), dim=1)  # a random permutation per image
+        apply = torch.rand(b, generator=g) < self.dino.color_jitter_p
+        spreads = (bc, cc, sc, hc)
+        y = y.clone()
+        for slot in range(4):
+            for op in range(4):
+                if spreads[op] == 0:
+                    continue
+                rows = torch.nonzero(apply & (order[:, slot] == op))[:, 0]  # CPU: no device sync
+                if len(rows):
+                    idx = rows.to(dev, non_blocking=True)
+                    y[idx] = _jitter_op(op, y[idx], factors[op][rows])
+        return y
+
+    def _crop(self, x: torch.Tensor, sizes, size: int, scale: list[float], blur_p: float, solarize_p: float,
               g: torch.Generator) -> torch.Tensor:
-        d, dino, b, dev = self.d, self.dino, x.shape[0], x.device
-        boxes = random_resized_boxes(b, x.shape[-2], x.shape[-1], scale, g)
-        rois = torch.cat([torch.arange(b, dtype=torch.float32)[:, None], boxes], 1).to(dev)
+        dino, b, c, dev = self.dino, x.shape[0], x.shape[1], x.device
+        h, w = sizes if sizes is not None else (x.shape[-2], x.shape[-1])
+        boxes = random_resized_boxes(b, h, w, scale, g)
+        rois = torch.cat([torch.arange(b, dtype=torch.float32)[:, None], boxes], 1).to(dev, non_blocking=True)
         y = roi_align(x, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
         def draw(p: float) -> torch.Tensor:  # per-image Bernoulli(p), on the batch's device
             return (torch.rand(b, generator=g) < p).to(dev)[:, None, None, None]
 
-        def factor(spread: float) -> torch.Tensor:  # ColorJitter's U(1 - s, 1 + s) per image
-            return torch.empty(b).uniform_(max(0.0, 1 - spread), 1 + spread, generator=g).to(dev)[:, None, None, None]
-
-        y = torch.where(draw(d.hflip), y.flip(-1), y)
-        bright, contrast = factor(dino.color_jitter[0]), factor(dino.color_jitter[1])
-
-        def brightness(t):
-            return (t * bright).clamp(0, 255)
-
-        def contrast_(t):
-            return (contrast * t + (1 - contrast) * t.mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 255)
-
-        jittered = torch.where(draw(0.5), contrast_(brightness(y)), brightness(contrast_(y)))
-        y = torch.where(draw(dino.color_jitter_p), jittered, y)
+        y = torch.where(draw(self.d.hflip), y.flip(-1), y)
+        y = self._jitter(y, g)
+        if c == 3:
+            y = torch.where(draw(dino.grayscale_p), grey(y).expand(-1, 3, -1, -1), y)
         sigma = torch.empty(b).uniform_(dino.blur_sigma[0], dino.blur_sigma[1], generator=g)
         sigma = torch.where(torch.rand(b, generator=g) < blur_p, sigma, torch.zeros(b))
         k = 2 * math.ceil(3 * dino.blur_sigma[1]) + 1
@@ -171,21 +264,22 @@ class BatchedMultiCrop:
             y = gaussian_blur_batch(y, sigma, k)
         if solarize_p > 0:
             y = torch.where(draw(solarize_p) & (y >= 128), 255 - y, y)
-        return (y - self.mean) / self.std
+        return (y - self.mean.to(dev)) / self.std.to(dev)
 
-    def __call__(self, images: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
+    def __call__(self, images: torch.Tensor, g: torch.Generator,
+                 sizes: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
         d, dino = self.d, self.dino
         x = images.float()
         p1, p2, pl = dino.blur_p
-        crops = [self._crop(x, d.image_size, dino.global_crops_scale, p1, 0.0, g),
-                 self._crop(x, d.image_size, dino.global_crops_scale, p2, dino.solarize_p, g)]
-        crops += [self._crop(x, dino.local_crop_size, dino.local_crops_scale, pl, 0.0, g)
+        crops = [self._crop(x, sizes, d.image_size, dino.global_crops_scale, p1, 0.0, g),
+                 self._crop(x, sizes, d.image_size, dino.global_crops_scale, p2, dino.solarize_p, g)]
+        crops += [self._crop(x, sizes, dino.local_crop_size, dino.local_crops_scale, pl, 0.0, g)
                   for _ in range(dino.local_crops_number)]
         return crops
 
 
 class InMemoryMultiCropLoader:
-    """Multi-crop batches ``(crops, labels, 0)`` of a single-channel TensorImageDataset kept on
+    """Multi-crop batches ``(crops, labels, 0)`` of a TensorImageDataset kept on
     ``device``, in the order of the shared shard rule (``samplers.train_indices``; call
     ``set_epoch``); the last partial batch is dropped."""
 

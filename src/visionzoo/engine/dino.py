@@ -29,12 +29,13 @@ import torch.nn as nn
 from visionzoo import distributed
 from visionzoo.checkpoint import load_latest, save_checkpoint
 from visionzoo.config import RecipeConfig, for_world_size, to_dict, to_yaml
-from visionzoo.data.build import build_datasets
+from visionzoo.data.build import build_datasets, cpu_fallbacks, loader_kind
+from visionzoo.data.device_decode import DeviceDecodeLoader, MultiCropAugment
 from visionzoo.data.multicrop import InMemoryMultiCropLoader, MultiCropTransform, multicrop_loader
 from visionzoo.data.tensor_dataset import TensorImageDataset
 from visionzoo.engine.knn import knn_eval
 from visionzoo.engine.resume import per_rank, rng_state, set_rng_state, truncate_metrics
-from visionzoo.engine.supervised import Interrupted, end_failed_run, set_loader_epoch
+from visionzoo.engine.supervised import Interrupted, end_failed_run, report_fallbacks, set_loader_epoch
 from visionzoo.errors import UserError
 from visionzoo.models import build_model, create
 from visionzoo.models.dino import DINOLoss, build_dino, cancel_last_layer_grads, update_teacher
@@ -100,20 +101,20 @@ class DinoStep:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def _train_loader(cfg: RecipeConfig, device: torch.device, rank: int, world_size: int):
-    """Multi-crop batches of the training images (labels carried, never used): augmented a batch
-    at a time on the device for single-channel in-memory data, per image in DataLoader workers
-    otherwise. Returns the loader, the number of images and the data's class names."""
-    d, dc, batch = cfg.data, cfg.dino, cfg.data.batch_size_per_device
-    splits = build_datasets(d, train=True)
-    ds = splits.train
-    if d.device_resident and d.in_chans == 1 and isinstance(ds, TensorImageDataset):
-        return InMemoryMultiCropLoader(ds, batch, device, d, dc, cfg.train.seed, rank, world_size), len(ds), splits.classes
+def dino_loader(cfg: RecipeConfig, ds, device: torch.device, rank: int, world_size: int):
+    """Multi-crop batches of the training images ``ds`` (labels carried, never used), augmented a
+    batch at a time on the device for in-memory data (data.device_resident) and for ImageFolder
+    JPEGs decoded there (data.decode=device), per image in DataLoader workers otherwise."""
+    d, dc, batch, seed = cfg.data, cfg.dino, cfg.data.batch_size_per_device, cfg.train.seed
+    if d.device_resident and isinstance(ds, TensorImageDataset):
+        return InMemoryMultiCropLoader(ds, batch, device, d, dc, seed, rank, world_size)
+    if d.decode == "device":
+        return DeviceDecodeLoader(ds, batch, d.workers, device, d, seed, rank, world_size,
+                                  augment=MultiCropAugment(d, dc))
     if not hasattr(ds, "transform"):
         raise UserError(f"data.name={d.name} gives no per-image transform to apply multi-crop to")
     ds.transform = MultiCropTransform(d, dc)
-    loader = multicrop_loader(ds, batch, d.workers, cfg.train.seed, rank, world_size, pin_memory=device.type == "cuda")
-    return loader, len(ds), splits.classes
+    return multicrop_loader(ds, batch, d.workers, seed, rank, world_size, pin_memory=device.type == "cuda")
 
 
 def _feature_dim(backbone: nn.Module, in_chans: int, size: int) -> int:
@@ -125,6 +126,68 @@ def _feature_dim(backbone: nn.Module, in_chans: int, size: int) -> int:
     if not dim:
         raise UserError("the DINO backbone must return features with num_classes=0 (use a timm model)")
     return int(dim)
+
+
+class DinoTraining:
+    """Student, teacher, loss (with its centre), optimizer and step of one DINO run, and the
+    training step itself, as ``fit_dino`` and ``visionzoo bench`` both use them."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, criterion: DINOLoss, optimizer: torch.optim.Optimizer,
+                 stepper: DinoStep, amp_dtype: torch.dtype | None, device: torch.device, model_args: dict):
+        self.student, self.teacher, self.criterion = student, teacher, criterion
+        self.optimizer, self.stepper, self.model_args = optimizer, stepper, model_args
+        self.model: nn.Module = student  # what the student's forward goes through (DDP, compiled)
+        self.teacher_fwd: nn.Module = teacher
+        self.autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+        self.reduce = None
+
+    def wrap(self, device: torch.device, ddp: bool, compile: bool, sync_teacher: bool = True) -> None:
+        """DDP around the student on several ranks (then, with ``sync_teacher``, the teacher
+        starts from rank 0's student, as DDP gave every rank), and torch.compile when asked."""
+        if ddp:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[device.index] if device.type == "cuda" else None)
+            self.reduce = distributed.all_reduce_sum
+            if sync_teacher:
+                self.teacher.load_state_dict(self.student.state_dict())
+        if compile:
+            self.model, self.teacher_fwd = torch.compile(self.model), torch.compile(self.teacher)
+
+    def step(self, crops: list[torch.Tensor], lr: float, wd: float, momentum: float, teacher_temp: float,
+             freeze_last_layer: bool) -> float:
+        """One optimizer step on a multi-crop batch already on the device; returns the loss
+        averaged over ranks. A non-finite loss takes no step (the caller decides what follows)."""
+        for i, group in enumerate(self.optimizer.param_groups):  # floats: the state loads weights_only
+            group["lr"] = lr
+            if i == 0:  # only the first group (weights, not biases/norms) is decayed
+                group["weight_decay"] = wd
+        with self.autocast():
+            with torch.no_grad():
+                teacher_out = self.teacher_fwd(crops[:2])
+            loss = self.criterion(self.model(crops), teacher_out, teacher_temp)
+        # One sync per step, as the reference: stop on a diverged loss. Summed over ranks, so that a
+        # NaN on any rank stops (or skips on) every rank alike, and DDP never hangs.
+        value = distributed.all_reduce_sum(loss.detach().float().clone()).item() / distributed.from_env().world_size
+        if not math.isfinite(value):
+            self.optimizer.zero_grad(set_to_none=True)
+            return value
+        self.stepper(loss, freeze_last_layer)
+        update_teacher(self.student, self.teacher, momentum)
+        self.criterion.update_center(teacher_out, self.reduce)
+        return value
+
+
+def build_dino_training(cfg: RecipeConfig, device: torch.device, amp_dtype: torch.dtype | None) -> DinoTraining:
+    """The recipe's student and teacher (same initial weights), loss, optimizer and step, on ``device``."""
+    d, dc = cfg.data, cfg.dino
+    backbone, model_args = build_model(cfg.model, 0, d.in_chans)
+    teacher_args = {**model_args, "drop_rate": 0.0, "drop_path_rate": 0.0}  # the reference's teacher
+    student, teacher = build_dino(backbone, create(teacher_args), _feature_dim(backbone, d.in_chans, d.image_size), dc)
+    student, teacher = student.to(device), teacher.to(device)
+    criterion = DINOLoss(dc.out_dim, dc.student_temp, dc.center_momentum).to(device)
+    optimizer = build_optimizer(student, cfg.optim, device.type)
+    stepper = DinoStep(optimizer, student, device, amp_dtype, cfg.train.loss_scale, cfg.train.init_scale, dc.clip_grad)
+    return DinoTraining(student, teacher, criterion, optimizer, stepper, amp_dtype, device, model_args)
 
 
 def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -> dict:
@@ -144,19 +207,18 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
     if t.accum_steps != 1:
         raise UserError("task=dino does not support train.accum_steps (centre and teacher move every step)")
 
-    loader, n_images, classes = _train_loader(cfg, device, info.rank, info.world_size)
+    splits = build_datasets(d, train=True)
+    loader, n_images, classes = dino_loader(cfg, splits.train, device, info.rank, info.world_size), len(splits.train), splits.classes
     steps_per_epoch = min(len(loader), t.max_steps_per_epoch) if t.max_steps_per_epoch else len(loader)
     if steps_per_epoch < 1:
         raise UserError(f"the training split ({n_images} images) is smaller than one global batch "
                         f"({d.batch_size}); lower data.batch_size")
 
-    backbone, model_args = build_model(cfg.model, 0, d.in_chans)
+    parts = build_dino_training(cfg, device, amp_dtype)
+    student, teacher, criterion, optimizer, stepper = (parts.student, parts.teacher, parts.criterion,
+                                                       parts.optimizer, parts.stepper)
+    model_args = parts.model_args
     teacher_args = {**model_args, "drop_rate": 0.0, "drop_path_rate": 0.0}  # the reference's teacher
-    student, teacher = build_dino(backbone, create(teacher_args), _feature_dim(backbone, d.in_chans, d.image_size), dc)
-    student, teacher = student.to(device), teacher.to(device)
-    criterion = DINOLoss(dc.out_dim, dc.student_temp, dc.center_momentum).to(device)
-    optimizer = build_optimizer(student, cfg.optim, device.type)
-    stepper = DinoStep(optimizer, student, device, amp_dtype, t.loss_scale, t.init_scale, dc.clip_grad)
     step, first_epoch, state = 0, 0, None
     if resume_dir is not None:
         _, state, _ = load_latest(resume_dir)
@@ -169,15 +231,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
         optimizer.load_state_dict(state["optimizer"])
         stepper.scaler.load_state_dict(state["scaler"])
         step, first_epoch = state["global_step"], state["epoch"]
-    model: nn.Module = student
-    if info.enabled:
-        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-        if resume_dir is None:  # DDP gave every rank rank 0's student: the teacher starts from it too
-            teacher.load_state_dict(student.state_dict())
-    teacher_fwd: nn.Module = teacher
-    if t.compile:
-        model, teacher_fwd = torch.compile(model), torch.compile(teacher)
-
+    parts.wrap(device, info.enabled, t.compile, sync_teacher=resume_dir is None)
     # At least one epoch of schedule, so that a --perf run of a 0-epoch config has values.
     sched_epochs = max(t.epochs, 1)
     total = sched_epochs * steps_per_epoch
@@ -187,8 +241,6 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
     moms = cosine_schedule(dc.momentum_teacher, 1.0, total)
     temps = teacher_temp_schedule(dc.warmup_teacher_temp, dc.teacher_temp, dc.warmup_teacher_temp_epochs,
                                   sched_epochs, steps_per_epoch)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    reduce = distributed.all_reduce_sum if info.enabled else None
 
     run_dir = log = None
     meta = {"config": to_dict(cfg), "model": teacher_args, "classes": classes, "task": "dino"}
@@ -245,29 +297,16 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                     if not crops:  # every image of the batch was unreadable
                         continue
                     it = min(step, total - 1)  # a perf run may outlast the schedule
-                    for i, group in enumerate(optimizer.param_groups):  # floats: the state loads weights_only
-                        group["lr"] = float(lrs[it])
-                        if i == 0:  # only the first group (weights, not biases/norms) is decayed
-                            group["weight_decay"] = float(wds[it])
                     crops = [c.to(device, non_blocking=True) for c in crops]
-                    with autocast:
-                        with torch.no_grad():
-                            teacher_out = teacher_fwd(crops[:2])
-                        loss = criterion(model(crops), teacher_out, float(temps[it]))
-                    # One sync per step, as the reference: stop on a diverged loss. Summed over ranks, so
-                    # that a NaN on any rank stops (or skips on) every rank alike, and DDP never hangs.
-                    last_loss = distributed.all_reduce_sum(loss.detach().float().clone()).item() / info.world_size
+                    last_loss = parts.step(crops, float(lrs[it]), float(wds[it]), float(moms[it]), float(temps[it]),
+                                           freeze_last_layer=epoch < dc.freeze_last_layer)
                     if not math.isfinite(last_loss):
                         nonfinite += 1
                         if nonfinite > t.skip_nonfinite:
                             raise UserError(f"loss is {last_loss} at epoch {epoch + 1}, step {step}: training diverged "
                                             f"(try a lower optim.lr, train.amp=bf16 or none, a longer "
                                             f"schedule.warmup_epochs, or train.skip_nonfinite=N)")
-                        optimizer.zero_grad(set_to_none=True)
                         continue
-                    stepper(loss, freeze_last_layer=epoch < dc.freeze_last_layer)
-                    update_teacher(student, teacher, float(moms[it]))
-                    criterion.update_center(teacher_out, reduce)
                     n = crops[0].shape[0]
                     loss_sum, count, fresh = loss_sum + last_loss * n, count + n, fresh + n
                     step, done_in_epoch = step + 1, done_in_epoch + 1
@@ -336,6 +375,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
         "skipped_steps": nonfinite,  # non-finite losses skipped (train.skip_nonfinite)
         "ranks_in_sync": distributed.params_in_sync(student) and distributed.params_in_sync(teacher),
         "device": str(device), "run_dir": str(run_dir) if run_dir else None,
+        "loader": loader_kind(loader), "cpu_fallbacks": cpu_fallbacks(loader, device),
     }
     if info.is_main:
         log.close()
@@ -346,6 +386,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
         print("\n" + table + "\n" + (f"Final Performance images/sec : {fps:.2f}\n" if fps else "")
               + (f"Final k-NN Accuracy (k={dc.knn_report_k}) : {top1:.2f}\n" if knn else "")
               + f"E2E Training Duration sec : {results['E2ETrainingTime']:.0f}", flush=True)
+        report_fallbacks(results["cpu_fallbacks"])
     distributed.shutdown()
     return results
 

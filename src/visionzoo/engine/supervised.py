@@ -22,7 +22,8 @@ from visionzoo import distributed
 from visionzoo.checkpoint import BEST, WEIGHTS, load_latest, publish, save_checkpoint
 from visionzoo.engine.resume import per_rank, rng_state, set_rng_state, truncate_metrics
 from visionzoo.config import RecipeConfig, for_world_size, to_dict, to_yaml
-from visionzoo.data.build import build_datasets, build_loaders
+from visionzoo.data.build import build_datasets, build_loaders, cpu_fallbacks, loader_kind
+from visionzoo.data.mix import PerSampleMixup
 from visionzoo.engine.evaluate import evaluate
 from visionzoo.engine.step import GradStep
 from visionzoo.errors import UserError
@@ -142,6 +143,11 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
         if update:
             for group in loop.optimizer.param_groups:
                 group["lr"] = float(loop.lrs[min(loop.global_step, len(loop.lrs) - 1)])  # no NumPy scalars in state
+        if loop.mixup is not None and len(images) % 2:
+            # Mixing pairs sample i with sample B-1-i: a batch that lost an unreadable image drops one more.
+            images, targets = images[:-1], targets[:-1]
+            if len(images) == 0:
+                continue
         hard_targets = targets
         if loop.mixup is not None:
             images, targets = loop.mixup(images, targets)
@@ -210,12 +216,18 @@ def build_criterion(cfg: RecipeConfig, num_classes: int) -> tuple[nn.Module, Any
     smoothing then lives in the mixed targets), plain cross-entropy otherwise."""
     t = cfg.train
     if t.mixup > 0 or t.cutmix > 0:
-        from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
 
-        mixup = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, switch_prob=t.mixup_switch_prob,
-                      mode="batch", label_smoothing=t.label_smoothing, num_classes=num_classes)
-        return SoftTargetCrossEntropy(), mixup
+        if cfg.data.batch_size_per_device % 2:
+            raise UserError(f"mixup/cutmix pair the images of a batch: the batch per device "
+                            f"({cfg.data.batch_size_per_device}) must be even")
+        kw = dict(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, prob=t.mixup_prob, switch_prob=t.mixup_switch_prob,
+                  label_smoothing=t.label_smoothing, num_classes=num_classes)
+        if t.mixup_mode == "elem":  # per-sample lambda, method and box, in a few batched ops
+            return SoftTargetCrossEntropy(), PerSampleMixup(**kw)
+        from timm.data import Mixup
+
+        return SoftTargetCrossEntropy(), Mixup(mode="batch", **kw)
     return nn.CrossEntropyLoss(label_smoothing=t.label_smoothing), None
 
 
@@ -351,6 +363,7 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
         end_failed_run(err, info.is_main, run_dir, log, loop.global_step)
     fps = timed_images / timed_seconds if timed_seconds > 0 else None
     results = _results(cfg, perf, loop, info, device, amp_dtype, last_eval, fps, epochs_done, t0, run_dir)
+    results.update(loader=loader_kind(train_loader), cpu_fallbacks=cpu_fallbacks(train_loader, device))
     if info.is_main:
         log.close()
         table = write_results(run_dir, results)
@@ -363,6 +376,7 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
               + f"E2E Training Duration sec : {results['E2ETrainingTime']:.0f}", flush=True)
         if results["bad_images"]:
             print(f"warning: {results['bad_images']} unreadable image(s) were skipped", flush=True)
+        report_fallbacks(results["cpu_fallbacks"])
     distributed.shutdown()
     return results
 
@@ -394,6 +408,13 @@ def _results(cfg: RecipeConfig, perf: bool, loop: Loop, info, device, amp_dtype,
         "device": str(device),
         "run_dir": str(run_dir) if run_dir else None,
     }
+
+
+def report_fallbacks(n: int | None) -> None:
+    """Say how many images data.decode=device had to decode on the CPU (they slow the batch)."""
+    if n:
+        print(f"note: {n} image(s) were not JPEGs the device decoder takes (PNG, CMYK, ...) and were "
+              f"decoded by Pillow on the CPU", flush=True)
 
 
 def timed_steps(loop: Loop, loader, until_step: int, time_from_step: int) -> tuple[int, float]:
