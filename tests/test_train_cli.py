@@ -77,7 +77,20 @@ def test_perf_run_reports_fps(fmnist_dir, tmp_path, capsys):
     results = json.loads((run / "results.json").read_text())
     assert results["mode"] == "perf" and results["steps"] == 7 and results["Acc@1"] is None
     assert results["FPS"] > 0 and results["TrainingTime"] == pytest.approx(1000 * 16 / results["FPS"])
+    assert results["first_step_s"] > 0 and results["loader"] == "device-resident" and results["cpu_fallbacks"] is None
     assert "Final Performance images/sec" in capsys.readouterr().out
+
+
+def test_compiled_perf_run_says_how_long_compiling_took(tmp_path, capsys):
+    run = tmp_path / "compiled"
+    args = ["train", "fashion_mnist", "--data", "synthetic", "--perf", "--steps", "2", "--output", str(run),
+            "--device", "cpu", "train.perf_warmup_steps=1", "data.batch_size=8", "data.num_classes=10",
+            "train.compile=true", "model.kwargs.width=4"]
+    assert main(args) == 0
+    results = json.loads((run / "results.json").read_text())
+    out = capsys.readouterr().out
+    assert results["FPS"] > 0 and results["first_step_s"] > 0
+    assert f"torch.compile: the first step took {results['first_step_s']:.1f} s" in out
 
 
 @pytest.mark.parametrize("argv, words", [

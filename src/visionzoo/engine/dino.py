@@ -282,7 +282,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
     warm = t.perf_warmup_steps if perf else min(t.perf_warmup_steps, steps_per_epoch // 2)
     stop_at = step + warm + t.perf_steps
     timing, timed_images, timed_seconds, t_mark, warm_at = warm == 0, 0, 0.0, 0.0, step + warm
-    epoch = first_epoch
+    epoch, first_step_s, t_loop = first_epoch, None, time.perf_counter()
     try:
         with StopSignal() as stop:
             while (step < stop_at) if perf else (epoch < t.epochs):
@@ -310,6 +310,9 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                     n = crops[0].shape[0]
                     loss_sum, count, fresh = loss_sum + last_loss * n, count + n, fresh + n
                     step, done_in_epoch = step + 1, done_in_epoch + 1
+                    if first_step_s is None:  # one sync per run: how long compiling (or warming up) took
+                        synchronize(device)
+                        first_step_s = time.perf_counter() - t_loop
                     if timing:
                         timed_images += n * info.world_size
                     elif step == warm_at:
@@ -373,6 +376,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
         "TrainAccuracy": top1, "ActualLoss": last_loss, "E2ETrainingTime": time.perf_counter() - t0,
         "knn": {str(k): {"top1": a, "top5": b} for k, (a, b) in knn.items()} if knn else None,
         "skipped_steps": nonfinite,  # non-finite losses skipped (train.skip_nonfinite)
+        "first_step_s": first_step_s,  # includes compilation with train.compile
         "ranks_in_sync": distributed.params_in_sync(student) and distributed.params_in_sync(teacher),
         "device": str(device), "run_dir": str(run_dir) if run_dir else None,
         "loader": loader_kind(loader), "cpu_fallbacks": cpu_fallbacks(loader, device),
@@ -387,6 +391,8 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
               + (f"Final k-NN Accuracy (k={dc.knn_report_k}) : {top1:.2f}\n" if knn else "")
               + f"E2E Training Duration sec : {results['E2ETrainingTime']:.0f}", flush=True)
         report_fallbacks(results["cpu_fallbacks"])
+        if t.compile and first_step_s:
+            print(f"torch.compile: the first step took {first_step_s:.1f} s (compilation included)", flush=True)
     distributed.shutdown()
     return results
 

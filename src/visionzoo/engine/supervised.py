@@ -64,6 +64,7 @@ class Loop:
     skip_nonfinite: int = 0
     last_loss: float = float("nan")
     checkpoint_every: int = 0
+    first_step_s: float | None = None  # wall time of this session's first step (includes torch.compile)
     checkpoint: Any = None  # callable writing a checkpoint of the current position (all ranks call it)
     stop: Any = None  # runtime.StopSignal
 
@@ -123,6 +124,7 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
         loop.epoch_sums = torch.zeros(3, dtype=torch.float64, device=loop.device)  # loss×n, correct, n
     sums = loop.epoch_sums
     autocast = torch.autocast(loop.device.type, dtype=loop.amp_dtype) if loop.amp_dtype else nullcontext()
+    t_called = time.perf_counter()
     t_start = None if time_after > 0 else time.perf_counter()
     accum = loop.accum_steps
     done = loop.batches_in_epoch // accum  # optimizer steps already taken in this epoch
@@ -183,6 +185,9 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
         loop.global_step += 1
         done += 1
         stats.steps += 1
+        if loop.first_step_s is None:  # one sync per run: how long compiling (or warming up) took
+            synchronize(loop.device)
+            loop.first_step_s = time.perf_counter() - t_called
         if stats.steps == time_after:
             synchronize(loop.device)
             t_start = time.perf_counter()
@@ -377,6 +382,8 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
         if results["bad_images"]:
             print(f"warning: {results['bad_images']} unreadable image(s) were skipped", flush=True)
         report_fallbacks(results["cpu_fallbacks"])
+        if cfg.train.compile and loop.first_step_s:
+            print(f"torch.compile: the first step took {loop.first_step_s:.1f} s (compilation included)", flush=True)
     distributed.shutdown()
     return results
 
@@ -404,6 +411,7 @@ def _results(cfg: RecipeConfig, perf: bool, loop: Loop, info, device, amp_dtype,
         "E2ETrainingTime": time.perf_counter() - t0,
         "bad_images": loop.bad_images + (last_eval["bad_images"] if last_eval else 0),
         "skipped_steps": loop.step.skipped + loop.nonfinite_skipped,
+        "first_step_s": loop.first_step_s,  # includes compilation with train.compile
         "ranks_in_sync": distributed.params_in_sync(loop.net),  # DDP keeps replicas equal; checked
         "device": str(device),
         "run_dir": str(run_dir) if run_dir else None,
