@@ -120,7 +120,7 @@ def test_dino_trains_from_jpegs_decoded_on_the_device(tmp_path: Path) -> None:
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["loader"].startswith("device decode") and results["steps"] == 2  # 11 images, batch 4
-    assert results["cpu_fallbacks"] in (0, 1)  # the PNG, when its batch is one of the two kept
+    assert results["cpu_fallbacks"] == 1  # the PNG is among the 8 images the two seeded batches take
     assert 0 <= results["Acc@1"] <= 100 and results["ActualLoss"] == results["ActualLoss"]
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from visionzoo.checkpoint import atomic_write, load_model, resolve_weights
-from visionzoo.errors import UserError
+from visionzoo.errors import UserError, first_line
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}
 DEFAULT_OPSET = 17  # ONNX Runtime >= 1.14 runs it; the TorchScript exporter's best-tested range
@@ -172,7 +172,7 @@ def _run_onnx(path: str, x: np.ndarray) -> np.ndarray:
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         return session.run(None, {session.get_inputs()[0].name: x})[0]
     except Exception as err:  # onnxruntime's pybind errors share no useful base class
-        raise UserError(f"ONNX Runtime cannot run the exported model: {_first_line(err)}") from None
+        raise UserError(f"ONNX Runtime cannot run the exported model: {first_line(err)}") from None
 
 
 def _export_torchscript(model: nn.Module, example: torch.Tensor, path: str, opset: int,
@@ -228,11 +228,6 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _first_line(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
 def export_checkpoint(
     checkpoint: str, fmt: str = "onnx", opset: int | None = None, output: str | None = None,
     tolerance: float | None = None,
@@ -279,7 +274,7 @@ def export_checkpoint(
                 export_fn(model, example, tmp, opset, FEATURES_NAME if features else OUTPUT_NAME)
         except (RuntimeError, ValueError, NotImplementedError) as err:
             # Unsupported operators, data-dependent control flow, bad opsets: one line, no traceback.
-            raise UserError(f"{fmt} export of {meta['model']['name']} failed: {_first_line(err)}") from None
+            raise UserError(f"{fmt} export of {meta['model']['name']} failed: {first_line(err)}") from None
         got = run_fn(tmp, check.numpy())
         same_shape = got.shape == reference.shape
         diff = float(np.max(np.abs(got.astype(np.float64) - reference))) if same_shape else float("inf")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from visionzoo.checkpoint import atomic_write
-from visionzoo.errors import UserError
+from visionzoo.errors import UserError, first_line
 from visionzoo.export import sha256_file, sidecar_path
 from visionzoo.progress import Progress
 
@@ -36,11 +36,6 @@ def providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def _first_line(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
 def read_sidecar(model_path: Path) -> dict:
     """The sidecar of an exported model, checked for the keys inference needs."""
     side = sidecar_path(model_path)
@@ -50,7 +45,7 @@ def read_sidecar(model_path: Path) -> dict:
     try:
         meta = json.loads(side.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read sidecar {side}: {_first_line(err)}") from None
+        raise UserError(f"cannot read sidecar {side}: {first_line(err)}") from None
     missing = [k for k in SIDECAR_KEYS if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise UserError(f"{side} is not a visionzoo export sidecar (missing {', '.join(missing)})")
@@ -75,7 +70,7 @@ def load_exported(model_path: str | Path) -> tuple[Any, dict]:
     try:
         session = ort.InferenceSession(str(path), options, providers=providers())
     except Exception as err:  # onnxruntime's pybind errors share no useful base class
-        raise UserError(f"{path} is not an ONNX model ONNX Runtime can load: {_first_line(err)}") from None
+        raise UserError(f"{path} is not an ONNX model ONNX Runtime can load: {first_line(err)}") from None
     if meta.get("output", {}).get("kind") == "features":
         raise UserError(f"{path.name} is a DINO backbone (it outputs features, not class scores): evaluate "
                         f"it with visionzoo knn or visionzoo linear on its run folder")
@@ -192,7 +187,7 @@ def preprocess_image(path: str | Path, d, in_chans: int, size: int) -> tuple[np.
             # _to_rgb first: it scales 16-bit grey and composites alpha, which convert("L") would not.
             img = _to_rgb(img).convert("L") if in_chans == 1 else _to_rgb(img).copy()
     except _DECODE_ERRORS as err:
-        raise UserError(f"cannot decode image {p}: {_first_line(err)}") from None
+        raise UserError(f"cannot decode image {p}: {first_line(err)}") from None
     x = eval_transform(d)(img)
     note = ""
     if tuple(x.shape[-2:]) != (size, size) and d.test_resize == 0:

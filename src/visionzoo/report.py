@@ -100,3 +100,10 @@ def write_results(run_dir: Path, results: dict) -> str:
     atomic_write(run_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
     atomic_write(run_dir / "results.md", lambda tmp: Path(tmp).write_text(table + "\n"))
     return table
+
+
+def report_fallbacks(n: int | None) -> None:
+    """Say how many images data.decode=device had to decode on the CPU (they slow the batch)."""
+    if n:
+        print(f"note: {n} image(s) were not JPEGs the device decoder takes (PNG, CMYK, ...) and were "
+              f"decoded by Pillow on the CPU", flush=True)

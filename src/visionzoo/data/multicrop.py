@@ -230,7 +230,6 @@ class BatchedMultiCrop:
         order = torch.argsort(torch.rand(b, 4, generator=g), dim=1)  # a random permutation per image
         apply = torch.rand(b, generator=g) < self.dino.color_jitter_p
         spreads = (bc, cc, sc, hc)
-        y = y.clone()
         for slot in range(4):
             for op in range(4):
                 if spreads[op] == 0:

@@ -35,13 +35,13 @@ from visionzoo.data.multicrop import InMemoryMultiCropLoader, MultiCropTransform
 from visionzoo.data.tensor_dataset import TensorImageDataset
 from visionzoo.engine.knn import knn_eval
 from visionzoo.engine.resume import per_rank, rng_state, set_rng_state, truncate_metrics
-from visionzoo.engine.supervised import Interrupted, end_failed_run, report_fallbacks, set_loader_epoch
+from visionzoo.engine.supervised import Interrupted, end_failed_run, set_loader_epoch
 from visionzoo.errors import UserError
 from visionzoo.models import build_model, create
 from visionzoo.models.dino import DINOLoss, build_dino, cancel_last_layer_grads, update_teacher
 from visionzoo.optim import build_optimizer, lr_schedule
 from visionzoo.plots import plot_curves
-from visionzoo.report import MetricsLog, mark_status, new_run_dir, write_results
+from visionzoo.report import MetricsLog, mark_status, new_run_dir, report_fallbacks, write_results
 from visionzoo.runtime import StopSignal, precision_name, resolve_amp, resolve_device, seed_everything, synchronize
 
 

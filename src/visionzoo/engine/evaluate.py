@@ -78,7 +78,7 @@ def evaluate_checkpoint(checkpoint: str, overrides: list[str]) -> dict:
     channels_last = cfg.model.channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     _, loader = build_loaders(splits, cfg.data, cfg.data.batch_size, device, 0, memory_format=memory_format)
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model = model.to(device, memory_format=memory_format)
     result = evaluate(model, loader, device, amp_dtype, channels_last, progress=cfg.log.progress)
     print(f"{checkpoint}: Acc@1 {result['acc1']:.2f}%  Acc@5 {result['acc5']:.2f}%  loss {result['loss']:.4f}  "
           f"({result['samples']} images, {precision_name(amp_dtype)} on {device})"

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, Subset
 
 from visionzoo.data.build import build_datasets, build_loader
 from visionzoo.data.transforms import eval_transform
+from visionzoo.engine.evaluate import topk_correct
 from visionzoo.errors import UserError
 from visionzoo.progress import Progress
 
@@ -173,11 +174,11 @@ def train_linear(
         raise UserError(f"the training split ({len(splits.train)} images) is smaller than one probe "
                         f"batch (dino.linear_batch_size={batch})")
     gen = torch.Generator().manual_seed(0)
+    backbone.eval()  # frozen: features only, for every epoch
     for epoch in range(dino.linear_epochs):
         for g in opt.param_groups:  # CosineAnnealingLR(T_max=epochs), stepped once per epoch
             g["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * epoch / dino.linear_epochs))
-        backbone.eval()
-        total, count = 0.0, 0
+        total, count = torch.zeros((), device=device), 0
         if cached is not None:
             feats, labels = cached
             perm = torch.randperm(len(labels), generator=gen).to(device)
@@ -190,14 +191,13 @@ def train_linear(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, count = total + loss.item() * len(y), count + len(y)
-        log(f"linear epoch {epoch + 1}/{dino.linear_epochs}: loss {total / max(count, 1):.4f} "
+            total, count = total + loss.detach() * len(y), count + len(y)  # no device sync per step
+        log(f"linear epoch {epoch + 1}/{dino.linear_epochs}: loss {float(total) / max(count, 1):.4f} "
             f"lr {opt.param_groups[0]['lr']:.4g}")
     with torch.no_grad():
-        logits = probe(val_f)
-        top = logits.topk(min(5, len(classes)), dim=1).indices == val_y[:, None]
+        c1, c5 = topk_correct(probe(val_f), val_y)
     n = max(len(val_y), 1)
-    return {"acc1": 100.0 * float(top[:, 0].sum()) / n, "acc5": 100.0 * float(top.any(1).sum()) / n,
+    return {"acc1": 100.0 * float(c1) / n, "acc5": 100.0 * float(c5) / n,
             "samples": len(val_y), "features": val_f.shape[1], "classes": len(classes)}
 
 

@@ -31,7 +31,7 @@ from visionzoo.models import build_model
 from visionzoo.optim import build_optimizer, clip_parameters, lr_schedule
 from visionzoo.progress import Progress
 from visionzoo.plots import plot_curves
-from visionzoo.report import MetricsLog, mark_status, new_run_dir, write_results
+from visionzoo.report import MetricsLog, mark_status, new_run_dir, report_fallbacks, write_results
 from visionzoo.runtime import StopSignal, precision_name, resolve_amp, resolve_device, seed_everything, synchronize
 
 
@@ -416,13 +416,6 @@ def _results(cfg: RecipeConfig, perf: bool, loop: Loop, info, device, amp_dtype,
         "device": str(device),
         "run_dir": str(run_dir) if run_dir else None,
     }
-
-
-def report_fallbacks(n: int | None) -> None:
-    """Say how many images data.decode=device had to decode on the CPU (they slow the batch)."""
-    if n:
-        print(f"note: {n} image(s) were not JPEGs the device decoder takes (PNG, CMYK, ...) and were "
-              f"decoded by Pillow on the CPU", flush=True)
 
 
 def timed_steps(loop: Loop, loader, until_step: int, time_from_step: int) -> tuple[int, float]:
