@@ -247,6 +247,45 @@ def test_cifar_errors(tmp_path: Path) -> None:
         load_cifar(tmp_path, train=True, num_classes=10)
 
 
+class _CreatesFile:
+    """Unpickling this calls open(path, "w"): what a crafted file would do to run code."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_cifar_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    _dump(folder / "batches.meta", {"label_names": [str(i) for i in range(10)]}, True)
+    victim = tmp_path / "pwned"
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": _cifar_rows(2, 0), b"labels": [0, 1], b"x": _CreatesFile(victim)}, f, protocol=2)
+    with pytest.raises(UserError) as e:
+        load_cifar(tmp_path, train=True, num_classes=10)
+    assert not victim.exists()
+    msg = str(e.value)
+    assert "data_batch_1" in msg and "refusing to load io.open" in msg and "\n" not in msg
+
+
+def test_cifar_python2_numpy_module_names_load(tmp_path: Path) -> None:
+    """The distributed files were pickled by Python 2 with NumPy 1 (numpy.core.multiarray)."""
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rows = _cifar_rows(3, 5)
+    _dump(folder / "meta", {"fine_label_names": [f"c{i}" for i in range(100)]}, True)
+    blob = pickle.dumps({b"data": rows, b"fine_labels": [1, 2, 3]}, protocol=2)
+    blob = blob.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+    assert b"numpy.core.multiarray" in blob
+    (folder / "test").write_bytes(blob)
+    images, labels, _ = load_cifar(tmp_path, train=False, num_classes=100)
+    assert labels.tolist() == [1, 2, 3]
+    np.testing.assert_array_equal(images[2, :, :, 0], rows[2, :1024].reshape(32, 32))
+
+
 # ---------------------------------------------------------------- TensorImageDataset
 
 def test_tensor_image_dataset() -> None:

@@ -79,15 +79,37 @@ def _normalise(obj: Any) -> Any:
     return obj
 
 
+# What the distributed CIFAR pickles (and re-pickled copies) reference: NumPy's array and
+# dtype reconstruction, and _codecs.encode, which protocol 2 uses for bytes written by Python 3.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """An unpickler that builds plain data only: dicts, lists, str/bytes, numbers and NumPy
+    arrays. Any other global (os.system, builtins.eval, a class's constructor ...) is refused,
+    so a crafted file in a shared folder cannot run code as the training user."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: CIFAR files hold data only")
+        if module.startswith("numpy.core") and hasattr(np, "_core"):
+            module = module.replace("numpy.core", "numpy._core", 1)  # NumPy 2 moved it; no warning
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"CIFAR file missing: {path}")
     try:
         with open(path, "rb") as f:
-            # pickle is the data set's own distributed format, so there is no
-            # other way to read it. encoding="latin1" is what numpy needs to
-            # rebuild arrays pickled by Python 2 (a byte-for-byte mapping).
-            obj = pickle.load(f, encoding="latin1")
+            # pickle is the data set's own distributed format, read with an unpickler that
+            # admits data only. encoding="latin1" is what numpy needs to rebuild arrays
+            # pickled by Python 2 (a byte-for-byte mapping).
+            obj = _DataUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
             ImportError, IndexError, KeyError, UnicodeDecodeError) as e:
         raise UserError(f"cannot unpickle CIFAR file {path}: {type(e).__name__}: {e}") from None
