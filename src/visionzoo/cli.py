@@ -83,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from visionzoo import distributed
     from visionzoo.config import load_config
     from visionzoo.data.build import check_data_path
-    from visionzoo.engine.resume import check_resumable, find_auto_resume
+    from visionzoo.engine.resume import check_new_run_dir, check_resumable, find_auto_resume, finished_results
     from visionzoo.engine.supervised import fit
 
     overrides = _overrides(args)
@@ -93,12 +93,23 @@ def cmd_train(args: argparse.Namespace) -> None:
         overrides.append(f"output={args.output}")
     cfg = load_config(args.recipe, overrides)  # config mistakes stop here, before any launch
     resume_dir = None
+    # A finished run is left as it is: job scripts (cluster requeues) pass --resume every time.
+    target = args.output if args.resume == "auto" else args.resume
+    done = finished_results(target) if target else None
+    if done is not None:
+        if distributed.from_env().is_main:
+            from visionzoo.report import format_table
+
+            print(f"visionzoo: {target} has finished; nothing to resume\n{format_table([done])}")
+        return
     if args.resume == "auto":
         resume_dir = find_auto_resume(cfg.recipe, args.output)
         if resume_dir is None and not distributed.in_launched_worker():
             print("visionzoo: no unfinished run to resume; starting a new one")
     elif args.resume:
         resume_dir = check_resumable(args.resume)
+    elif args.output:
+        check_new_run_dir(args.output)
     if resume_dir is not None:  # the run's own resolved config, with this command's overrides on top
         cfg = load_config(str(resume_dir / "config.yaml"), overrides)
     if args.devices > 1 and not distributed.in_launched_worker():

@@ -17,9 +17,12 @@ TABLE_COLUMNS = ("recipe", "Acc@1", "FPS", "devices", "epochs", "precision", "to
 
 
 def new_run_dir(recipe: str, output: str | None, root: str = "runs") -> Path:
-    """``output`` if given, else ``runs/<recipe>-<YYYYmmdd-HHMMSS>`` (made unique)."""
+    """``output`` if given, else ``runs/<recipe>-<YYYYmmdd-HHMMSS>`` (made unique). An existing
+    ``output`` folder (an attempt that died before its first checkpoint) loses its old metrics,
+    so the new run's metrics.jsonl starts empty."""
     if output:
         path = Path(output).expanduser()
+        (path / "metrics.jsonl").unlink(missing_ok=True)
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         path = Path(root) / f"{recipe}-{stamp}"

@@ -264,10 +264,14 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
         the same step and hands over its RNG streams)."""
         ranks = per_rank({"rng": rng_state(device), "epoch_sums": torch.tensor(sums, dtype=torch.float64)})
         if info.is_main:
+            # Throughput and wall time so far, so a resumed run's results cover every session.
+            open_s = time.perf_counter() - t_mark if timing and batches_in_epoch else 0.0
             state = {"epoch": epoch, "global_step": step, "batches_in_epoch": batches_in_epoch,
                      "student": student.state_dict(), "teacher": teacher.state_dict(),
                      "dino_loss": criterion.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": stepper.scaler.state_dict(), "nonfinite": nonfinite, "ranks": ranks}
+                     "scaler": stepper.scaler.state_dict(), "nonfinite": nonfinite, "ranks": ranks,
+                     "last_loss": last_loss, "timed": [timed_images, timed_seconds + open_s],
+                     "elapsed_s": elapsed_before + time.perf_counter() - t0}
             save_checkpoint(run_dir, step, teacher.backbone, {**meta, "epoch": epoch, "acc1": acc1}, state,
                             t.keep_checkpoints)
 
@@ -282,6 +286,10 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
     warm = t.perf_warmup_steps if perf else min(t.perf_warmup_steps, steps_per_epoch // 2)
     stop_at = step + warm + t.perf_steps
     timing, timed_images, timed_seconds, t_mark, warm_at = warm == 0, 0, 0.0, 0.0, step + warm
+    elapsed_before = 0.0
+    if state is not None:
+        last_loss, elapsed_before = state.get("last_loss", last_loss), state.get("elapsed_s", 0.0)
+        timed_images, timed_seconds = state.get("timed", (0, 0.0))
     epoch, first_step_s, t_loop = first_epoch, None, time.perf_counter()
     try:
         with StopSignal() as stop:
@@ -348,10 +356,11 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                     knn = _knn(teacher.backbone, cfg, device, amp_dtype)
                     record.update(knn={str(k): v for k, v in knn.items()}, acc1=knn[dc.knn_report_k][0],
                                   acc5=knn[dc.knn_report_k][1])
-                checkpoint(epoch, record.get("acc1"))
                 record["epoch_time"] = time.perf_counter() - t_epoch
-                if info.is_main:
+                if info.is_main:  # before the checkpoint: a resume from it then finds the epoch's record
                     log.write(**record)
+                checkpoint(epoch, record.get("acc1"))
+                if info.is_main:
                     print(f"epoch {epoch}/{t.epochs}: loss {record['train_loss']:.4f}" + (
                         f" | k-NN (k={dc.knn_report_k}) top-1 {record['acc1']:.2f}%" if "acc1" in record else ""), flush=True)
             if perf:
@@ -359,6 +368,10 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
             elif t.epochs == 0:  # no training: evaluate the initial network (a baseline)
                 knn = _knn(teacher.backbone, cfg, device, amp_dtype)
                 checkpoint(0, knn[dc.knn_report_k][0])
+            elif first_epoch >= t.epochs:
+                # Resumed after the last epoch's checkpoint (killed before the results were
+                # written): evaluate the final teacher, as the last epoch did.
+                knn = _knn(teacher.backbone, cfg, device, amp_dtype)
     except BaseException as err:
         end_failed_run(err, info.is_main, run_dir, log, step)
 
@@ -373,7 +386,8 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
         "torch": torch.__version__.split("+")[0], "mode": "perf" if perf else "full",
         "batch_size": d.batch_size, "crops_per_image": 2 + dc.local_crops_number, "steps": step,
         "ActualFPS": fps, "TrainingTime": 1000.0 * d.batch_size / fps if fps else None,  # ms per step
-        "TrainAccuracy": top1, "ActualLoss": last_loss, "E2ETrainingTime": time.perf_counter() - t0,
+        "TrainAccuracy": top1, "ActualLoss": last_loss,
+        "E2ETrainingTime": elapsed_before + time.perf_counter() - t0,  # all sessions of a resumed run
         "knn": {str(k): {"top1": a, "top5": b} for k, (a, b) in knn.items()} if knn else None,
         "skipped_steps": nonfinite,  # non-finite losses skipped (train.skip_nonfinite)
         "first_step_s": first_step_s,  # includes compilation with train.compile

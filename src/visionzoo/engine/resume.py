@@ -96,6 +96,29 @@ def find_auto_resume(recipe: str, output: str | None, root: str = "runs") -> Pat
     return None
 
 
+def finished_results(run_dir: str | Path) -> dict | None:
+    """The results of a run that has finished (results.json is written last, atomically), or
+    None for a folder without them."""
+    path = Path(run_dir).expanduser() / "results.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_new_run_dir(output: str | Path) -> None:
+    """A new run may go into ``output`` unless that folder already holds a run's results or
+    checkpoints: those are never overwritten by a run started without --resume."""
+    out = Path(output).expanduser()
+    if finished_results(out) is not None:
+        raise UserError(f"--output {out} holds a finished run; choose another folder (or delete it)")
+    from visionzoo.checkpoint import checkpoint_pairs
+
+    if checkpoint_pairs(out):
+        raise UserError(f"--output {out} holds an unfinished run: continue it with --resume {out} "
+                        "(or --resume auto), or choose another folder")
+
+
 def check_resumable(run_dir: Path) -> Path:
     """A run folder given to ``--resume``: it must exist and hold a config and checkpoints."""
     from visionzoo.checkpoint import checkpoint_pairs

@@ -65,6 +65,11 @@ class Loop:
     last_loss: float = float("nan")
     checkpoint_every: int = 0
     first_step_s: float | None = None  # wall time of this session's first step (includes torch.compile)
+    # Over every session of a resumed run: timed training images (all ranks) and seconds, and the
+    # wall time of the sessions before this one (so a resumed run's results cover the whole run).
+    timed_images: int = 0
+    timed_seconds: float = 0.0
+    elapsed_before: float = 0.0
     checkpoint: Any = None  # callable writing a checkpoint of the current position (all ranks call it)
     stop: Any = None  # runtime.StopSignal
 
@@ -338,6 +343,9 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
     if state is not None:
         loop.global_step, loop.epoch, loop.batches_in_epoch = state["global_step"], state["epoch"], state["batches_in_epoch"]
         loop.bad_images, best["acc1"] = state["bad_images"], state["best_acc1"]
+        loop.last_loss = state.get("last_loss", loop.last_loss)
+        loop.timed_images, loop.timed_seconds = state.get("timed", (0, 0.0))
+        loop.elapsed_before = state.get("elapsed_s", 0.0)
         mine = state["ranks"][info.rank]
         loop.epoch_sums = mine["epoch_sums"].to(device)
         set_rng_state(mine["rng"], device)  # last: setup above drew from the RNGs
@@ -348,7 +356,8 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
         train_state = {
             "epoch": loop.epoch, "batches_in_epoch": loop.batches_in_epoch, "global_step": loop.global_step,
             "optimizer": optimizer.state_dict(), "grad_step": stepper.state_dict(),
-            "bad_images": loop.bad_images, "best_acc1": best["acc1"],
+            "bad_images": loop.bad_images, "best_acc1": best["acc1"], "last_loss": loop.last_loss,
+            "timed": [loop.timed_images, loop.timed_seconds], "elapsed_s": loop.elapsed_before + time.perf_counter() - t0,
             "ranks": per_rank({"rng": rng_state(device), "epoch_sums": loop.epoch_sums.cpu()
                                if loop.epoch_sums is not None else torch.zeros(3, dtype=torch.float64)}),
         }
@@ -362,11 +371,11 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
                    progress=cfg.log.progress if info.is_main else "off")
     try:
         with StopSignal() as loop.stop:
-            timed_images, timed_seconds, epochs_done, last_eval = _run_epochs(
+            epochs_done, last_eval = _run_epochs(
                 cfg, perf, loop, train_loader, val_loader, steps_per_epoch, info, eval_kw, run_dir, best)
     except BaseException as err:
         end_failed_run(err, info.is_main, run_dir, log, loop.global_step)
-    fps = timed_images / timed_seconds if timed_seconds > 0 else None
+    fps = loop.timed_images / loop.timed_seconds if loop.timed_seconds > 0 else None
     results = _results(cfg, perf, loop, info, device, amp_dtype, last_eval, fps, epochs_done, t0, run_dir)
     results.update(loader=loader_kind(train_loader), cpu_fallbacks=cpu_fallbacks(train_loader, device))
     if info.is_main:
@@ -408,7 +417,7 @@ def _results(cfg: RecipeConfig, perf: bool, loop: Loop, info, device, amp_dtype,
         "TrainingTime": 1000.0 * cfg.data.batch_size / fps if fps else None,  # ms per optimizer step
         "TrainAccuracy": last_eval["acc1"] if last_eval else None,  # the seeds' name for final val Acc@1
         "ActualLoss": loop.last_loss,
-        "E2ETrainingTime": time.perf_counter() - t0,
+        "E2ETrainingTime": loop.elapsed_before + time.perf_counter() - t0,  # all sessions of a resumed run
         "bad_images": loop.bad_images + (last_eval["bad_images"] if last_eval else 0),
         "skipped_steps": loop.step.skipped + loop.nonfinite_skipped,
         "first_step_s": loop.first_step_s,  # includes compilation with train.compile
@@ -435,16 +444,16 @@ def timed_steps(loop: Loop, loader, until_step: int, time_from_step: int) -> tup
 
 def _run_epochs(cfg: RecipeConfig, perf: bool, loop: Loop, train_loader, val_loader, steps_per_epoch: int,
                 info: distributed.DistInfo, eval_kw: dict, run_dir, best: dict) -> tuple:
-    """The epochs of a full run (train, validate, checkpoint) or the steps of a --perf run.
-    Returns (timed images, timed seconds, epochs done, last evaluation or None)."""
-    timed_images, timed_seconds, last_eval = 0, 0.0, None
+    """The epochs of a full run (train, validate, checkpoint) or the steps of a --perf run; timed
+    images and seconds accumulate in ``loop``. Returns (epochs done, last evaluation or None)."""
+    last_eval = None
     eval_model = loop.ema.module if loop.ema is not None else (loop.net if info.enabled else loop.model)
     if perf:
         # A performance run: a fixed number of optimizer steps, timed after the warm-up steps.
         warm, total = cfg.train.perf_warmup_steps, cfg.train.perf_warmup_steps + cfg.train.perf_steps
-        timed_images, timed_seconds = timed_steps(loop, train_loader, total, warm)
+        loop.timed_images, loop.timed_seconds = timed_steps(loop, train_loader, total, warm)
         loop.checkpoint()
-        return timed_images, timed_seconds, loop.global_step / steps_per_epoch, None
+        return loop.global_step / steps_per_epoch, None
 
     first_epoch = loop.epoch
     for epoch in range(first_epoch, cfg.train.epochs):
@@ -453,8 +462,8 @@ def _run_epochs(cfg: RecipeConfig, perf: bool, loop: Loop, train_loader, val_loa
         warm = min(cfg.train.perf_warmup_steps, steps_per_epoch // 2) if epoch == first_epoch else 0
         s = train_one_epoch(loop, train_loader, max_steps=steps_per_epoch, time_after=warm)
         _check_finite(loop)
-        timed_images += s.timed_images * info.world_size
-        timed_seconds += s.timed_seconds
+        loop.timed_images += s.timed_images * info.world_size
+        loop.timed_seconds += s.timed_seconds
         record = dict(kind="epoch", epoch=epoch + 1, train_loss=s.loss, train_acc1=s.acc1,
                       lr=float(loop.optimizer.param_groups[0]["lr"]), img_s=s.img_per_s * info.world_size)
         if epoch + 1 == cfg.train.epochs or (cfg.train.eval_every > 0 and (epoch + 1) % cfg.train.eval_every == 0):
@@ -466,16 +475,21 @@ def _run_epochs(cfg: RecipeConfig, perf: bool, loop: Loop, train_loader, val_loa
         improved = record.get("acc1") is not None and record["acc1"] > best["acc1"]
         if improved:
             best["acc1"] = record["acc1"]
+        if info.is_main:  # before the checkpoint: a resume from it then finds the epoch's record
+            loop.log.write(**record)
         loop.checkpoint(record.get("acc1"))
         if info.is_main:
-            loop.log.write(**record)
             print(f"epoch {epoch + 1}/{cfg.train.epochs}: train loss {s.loss:.4f} acc {s.acc1:.2f}% "
                   f"| {record['img_s']:.0f} img/s"
                   + (f" | val loss {last_eval['loss']:.4f} Acc@1 {last_eval['acc1']:.2f}% "
                      f"Acc@5 {last_eval['acc5']:.2f}%" if "acc1" in record else ""), flush=True)
             if improved:
                 publish(run_dir / ("model_ema.safetensors" if loop.ema is not None else WEIGHTS), run_dir / BEST)
-    return timed_images, timed_seconds, loop.epoch, last_eval
+    if last_eval is None and first_epoch >= cfg.train.epochs > 0:
+        # Resumed after the last epoch's checkpoint (killed before the results were written):
+        # the final weights are there; evaluate them, as the last epoch did.
+        last_eval = evaluate(eval_model, val_loader, **eval_kw)
+    return loop.epoch, last_eval
 
 
 def set_loader_epoch(loader, epoch: int, skip_batches: int) -> None:
