@@ -31,8 +31,8 @@ def test_plain_log_lines_when_not_a_terminal(fmnist_dir, tmp_path, capsys):
     assert main(["train", "fashion_mnist", "--data", str(fmnist_dir), "--output", str(tmp_path / "r"), *SHORT]) == 0
     out = capsys.readouterr().out
     steps = re.findall(r"^epoch (\d) step (\d+)/(\d+) loss [\d.]+ lr [\d.e-]+( img/s [\d.]+)? \| ETA \d\d:\d\d$", out, re.M)
-    assert len(steps) == 2 * (10 // 2)  # 640/64 = 10 steps per epoch, logged every 2
-    assert steps[0][:3] == ("1", "2", "10")
+    assert len(steps) == 1 + 2 * (10 // 2)  # 640/64 = 10 steps per epoch, logged every 2, and the first
+    assert steps[0][:3] == ("1", "1", "10") and steps[1][:3] == ("1", "2", "10")
     assert "\r" not in out  # no progress-bar redraws in a log file
 
 
@@ -110,3 +110,56 @@ def test_compare_shows_exactly_the_changed_keys(two_runs, capsys):
 def test_runs_on_missing_folder_is_a_user_error(tmp_path, capsys):
     assert main(["runs", str(tmp_path / "nope")]) == 2
     assert "no runs folder" in capsys.readouterr().err
+
+
+def test_runs_of_one_run_folder_shows_it(two_runs, capsys):
+    run = two_runs / "a"
+    results = json.loads((run / "results.json").read_text())
+    assert main(["runs", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "no runs under" not in out
+    rows = [line for line in out.splitlines() if line.startswith("| a |")]
+    assert len(rows) == 1 and "| finished | 2/2 |" in rows[0]
+    assert f"| fashion_mnist | {results['Acc@1']:.2f} | {results['FPS']:.2f} | 1 | 2 | fp32 |" in out
+
+
+def test_runs_without_a_runs_folder_says_how_to_get_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["runs"]) == 0
+    assert "visionzoo train fashion_mnist" in capsys.readouterr().out
+
+
+def _metrics(losses: list[float], epochs: int = 2, steps_per_epoch: int = 20, every: int = 5) -> list[dict]:
+    """metrics.jsonl records of a run that logs step 1, then every ``every`` steps."""
+    records = []
+    for step in [1] + list(range(every, epochs * steps_per_epoch + 1, every)):
+        records.append({"kind": "step", "epoch": (step - 1) // steps_per_epoch + 1, "step": step,
+                        "loss": losses[min(len(records), len(losses) - 1)], "lr": 0.01 + 0.001 * step})
+    for e in range(1, epochs + 1):
+        records.append({"kind": "epoch", "epoch": e, "step": e * steps_per_epoch, "train_loss": losses[-1],
+                        "val_loss": losses[-1], "acc1": 50.0 + e, "acc5": 90.0, "train_acc1": 40.0 + e,
+                        "lr": 0.01, "img_s": 100.0})
+    return records
+
+
+def test_curves_integer_epochs_log_loss_best_in_legend_and_per_step_lr():
+    import matplotlib.pyplot as plt
+
+    from visionzoo.plots import curves_figure, step_to_epoch
+
+    assert list(step_to_epoch([0, 10, 20, 30, 50], [{"epoch": 1, "step": 20}, {"epoch": 2, "step": 40}])) == \
+        [0.0, 0.5, 1.0, 1.5, 2.5]  # a step after the last epoch end continues at the epoch length
+    calm = curves_figure(_metrics([2.3, 1.5, 0.9, 0.5]), "calm")
+    loss_ax, acc_ax, lr_ax, _ = calm.axes
+    assert loss_ax.get_yscale() == "linear"
+    for ax in calm.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    assert any("best 52.00% at epoch 2" in t.get_text() for t in acc_ax.get_legend().get_texts())
+    x, y = lr_ax.lines[0].get_data()
+    assert x[0] == pytest.approx(1 / 20) and y[0] == pytest.approx(0.011)  # the first step's LR is drawn
+    assert len(x) == 1 + 40 // 5
+    plt.close(calm)
+    diverged = curves_figure(_metrics([2.3, 5.0, 2e10, float("nan"), float("inf")]), "diverged")
+    assert diverged.axes[0].get_yscale() == "log"
+    plt.close(diverged)

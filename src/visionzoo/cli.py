@@ -279,9 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="JSON results file (default: <model>.infer.json next to the model)")
     p.set_defaults(func=cmd_infer)
     p = sub.add_parser("runs", help="list the runs under a folder, or compare two runs", formatter_class=fmt,
-                       epilog="examples:\n  visionzoo runs\n  visionzoo runs /scratch/runs\n"
+                       epilog="examples:\n  visionzoo runs\n  visionzoo runs /scratch/runs\n  visionzoo runs runs/fashion_mnist-20261123-101500   # one run\n"
                               "  visionzoo runs --compare runs/a runs/b     # differing config keys + results\n")
-    p.add_argument("dir", nargs="?", default="runs", help="folder holding run folders (default: runs)")
+    p.add_argument("dir", nargs="?", default="runs",
+                   help="folder holding run folders, or one run folder (default: runs)")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="show two runs' config differences and results")
     p.set_defaults(func=cmd_runs)
     return parser

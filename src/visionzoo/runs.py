@@ -14,6 +14,7 @@ import yaml
 from visionzoo.errors import UserError
 from visionzoo.report import format_table, read_metrics
 
+DEFAULT_ROOT = "runs"  # where runs go without --output (report.new_run_dir)
 RUN_COLUMNS = ("run", "recipe", "status", "epochs", "best Acc@1", "FPS", "started")
 
 
@@ -66,12 +67,20 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     return row
 
 
+def is_run(path: Path) -> bool:
+    """Whether ``path`` is a run folder (every run writes its config.yaml first)."""
+    return (Path(path) / "config.yaml").is_file()
+
+
 def list_runs(root: str | Path) -> list[dict[str, Any]]:
-    """Rows for every run folder (a folder with a config.yaml) directly under ``root``, oldest first."""
+    """Rows for every run folder directly under ``root``, oldest first; ``root`` itself when it
+    is a run folder."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"no runs folder at {root}")
-    dirs = sorted((d for d in root.iterdir() if (d / "config.yaml").is_file()), key=lambda d: d.stat().st_mtime)
+    if is_run(root):
+        return [summarize(root)]
+    dirs = sorted((d for d in root.iterdir() if is_run(d)), key=lambda d: d.stat().st_mtime)
     return [summarize(d) for d in dirs]
 
 
@@ -89,7 +98,7 @@ def compare(a: str | Path, b: str | Path) -> tuple[list[tuple[str, Any, Any]], l
     and the two runs' summary rows."""
     flat = []
     for run in (Path(a), Path(b)):
-        if not (run / "config.yaml").is_file():
+        if not is_run(run):
             raise UserError(f"{run} is not a run folder (no config.yaml)")
         flat.append(_flatten(yaml.safe_load((run / "config.yaml").read_text())))
     keys = sorted(set(flat[0]) | set(flat[1]))
@@ -99,9 +108,18 @@ def compare(a: str | Path, b: str | Path) -> tuple[list[tuple[str, Any, Any]], l
 
 
 def print_runs(root: str | Path) -> None:
-    """``visionzoo runs [DIR]``."""
+    """``visionzoo runs [DIR]``: one row per run under DIR; for a run folder, its row and its
+    results row."""
+    if str(root) == DEFAULT_ROOT and not Path(root).exists():  # `visionzoo runs` before any training
+        print(f"no runs yet: ./{DEFAULT_ROOT} does not exist. Train one with `visionzoo train fashion_mnist` "
+              f"(or `make demo`), or pass the folder that holds your runs: visionzoo runs DIR")
+        return
     rows = list_runs(root)
     print(format_table(rows, RUN_COLUMNS) if rows else f"no runs under {root}")
+    results = Path(root) / "results.json"
+    if is_run(Path(root)) and results.is_file():
+        print()
+        print(format_table([json.loads(results.read_text())]))
 
 
 def print_compare(a: str | Path, b: str | Path) -> None:

@@ -326,10 +326,10 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                     elif step == warm_at:
                         synchronize(device)
                         timing, t_mark = True, time.perf_counter()
-                    if info.is_main and t.log_every > 0 and step % t.log_every == 0:
+                    if info.is_main and t.log_every > 0 and (step % t.log_every == 0 or step == 1):
                         elapsed = timed_seconds + (time.perf_counter() - t_mark if timing else 0.0)
                         rate = timed_images / elapsed if elapsed > 0 and timed_images else None
-                        log.write(kind="step", epoch=epoch, step=step, loss=last_loss, lr=float(lrs[it]),
+                        log.write(kind="step", epoch=epoch + 1, step=step, loss=last_loss, lr=float(lrs[it]),
                                   wd=float(wds[it]), momentum=float(moms[it]), teacher_temp=float(temps[it]), img_s=rate)
                         print(f"epoch {epoch + 1} step {done_in_epoch}/{steps_per_epoch} loss {last_loss:.4f} "
                               f"lr {lrs[it]:.3g}" + (f" {rate:.0f} img/s" if rate else ""), flush=True)
@@ -350,7 +350,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                 if perf:
                     continue
                 sums = distributed.all_reduce_sum(torch.tensor([loss_sum, count], dtype=torch.float64, device=device))
-                record = dict(kind="epoch", epoch=epoch, train_loss=float(sums[0] / sums[1].clamp(min=1)),
+                record = dict(kind="epoch", epoch=epoch, step=step, train_loss=float(sums[0] / sums[1].clamp(min=1)),
                               lr=float(optimizer.param_groups[0]["lr"]), img_s=fresh * info.world_size / train_seconds)
                 if epoch == t.epochs or (t.eval_every > 0 and epoch % t.eval_every == 0):
                     knn = _knn(teacher.backbone, cfg, device, amp_dtype)

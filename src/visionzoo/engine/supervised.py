@@ -196,7 +196,8 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
         if stats.steps == time_after:
             synchronize(loop.device)
             t_start = time.perf_counter()
-        if loop.log is not None and loop.log_every > 0 and loop.global_step % loop.log_every == 0:
+        # Logged every log_every steps, and the first step (the start of a warm-up shows).
+        if loop.log is not None and loop.log_every > 0 and (loop.global_step % loop.log_every == 0 or loop.global_step == 1):
             loop.last_loss = float(loss.item())  # a sync, only at log points
             elapsed = time.perf_counter() - t_start if t_start else 0.0
             img_s = stats.timed_images / elapsed if elapsed > 0 else None
@@ -464,7 +465,7 @@ def _run_epochs(cfg: RecipeConfig, perf: bool, loop: Loop, train_loader, val_loa
         _check_finite(loop)
         loop.timed_images += s.timed_images * info.world_size
         loop.timed_seconds += s.timed_seconds
-        record = dict(kind="epoch", epoch=epoch + 1, train_loss=s.loss, train_acc1=s.acc1,
+        record = dict(kind="epoch", epoch=epoch + 1, step=loop.global_step, train_loss=s.loss, train_acc1=s.acc1,
                       lr=float(loop.optimizer.param_groups[0]["lr"]), img_s=s.img_per_s * info.world_size)
         if epoch + 1 == cfg.train.epochs or (cfg.train.eval_every > 0 and (epoch + 1) % cfg.train.eval_every == 0):
             # The bare module: ranks evaluate unequal shards, and DDP's forward may communicate.
