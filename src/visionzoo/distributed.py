@@ -48,7 +48,17 @@ def init(info: DistInfo, device: torch.device, timeout_s: int = 600) -> None:
         return
     backend = dist.get_default_backend_for_device(device) if device.type != "cpu" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    timeout = timedelta(seconds=timeout_s)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is not None:
+        # torchrun's agent serves one TCPStore for every restart round, and its workers use it
+        # without a per-round prefix: the keys a failed round left (gloo/NCCL addresses, barrier
+        # counts) make the next round's set-up connect to dead peers or hang. A prefix per round
+        # gives each round a clean namespace.
+        store, _, _ = next(dist.rendezvous("env://", info.rank, info.world_size, timeout=timeout))
+        kwargs.update(store=dist.PrefixStore(f"visionzoo/round_{restart}", store),
+                      rank=info.rank, world_size=info.world_size)
+    dist.init_process_group(backend, timeout=timeout, **kwargs)
 
 
 def shutdown() -> None:
