@@ -51,7 +51,9 @@ def test_nfnet_optimizer_and_agc_exclusions():
     assert isinstance(opt, torch.optim.SGD)
     g_decay, g_no = opt.param_groups
     assert g_decay["nesterov"] and g_decay["momentum"] == 0.9 and g_decay["weight_decay"] == 2e-5
-    assert g_no["weight_decay"] == 0.0 and all(p.ndim <= 1 for p in g_no["params"])
+    # No decay by name, as DeepMind's NFNets (the exact rule: tests/test_reference_fidelity.py).
+    leaf = {id(p): n.rsplit(".", 1)[-1] for n, p in model.named_parameters()}
+    assert g_no["weight_decay"] == 0.0 and all("gain" in leaf[id(p)] or "bias" in leaf[id(p)] for p in g_no["params"])
     clipped = {id(p) for p in clip_parameters(model, cfg.optim)}
     assert id(model.head.fc.weight) not in clipped and id(model.stem.conv1.weight) in clipped
     assert model.drop_rate == 0.2

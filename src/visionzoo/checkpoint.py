@@ -76,6 +76,39 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return tensors, json.loads(meta[META_KEY])
 
 
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of a visionzoo checkpoint (a run folder or .safetensors file), without its tensors."""
+    p = resolve_weights(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"cannot read checkpoint {p}: {str(err).splitlines()[0]}") from None
+    if META_KEY not in meta:
+        raise UserError(f"{p} is a safetensors file but not a visionzoo checkpoint (no '{META_KEY}' metadata)")
+    return json.loads(meta[META_KEY])
+
+
+def command_config(checkpoint: str | None, overrides: list[str], weights: str | None = None,
+                   recipe: str | None = None) -> tuple[Any, dict[str, Any] | None]:
+    """The config a command that reads weights (eval, knn, linear, export) runs with, plus
+    ``overrides``, and the checkpoint's metadata (None with --recipe). Without ``weights`` the
+    checkpoint gives model, weights and config; with ``weights`` the model and config come from
+    ``recipe`` or, when there is none, from the run folder / checkpoint."""
+    from visionzoo.config import from_dict, load_config
+
+    if recipe and not weights:
+        raise UserError("--recipe names the model for --weights; a run folder or checkpoint brings its own")
+    if weights and recipe and checkpoint:
+        raise UserError(f"give either a run folder ({checkpoint}) or --recipe {recipe} to take the model for --weights from")
+    if weights and recipe:
+        return load_config(recipe, overrides), None
+    if not checkpoint:
+        raise UserError("give a run folder or checkpoint, or --weights FILE with --recipe NAME")
+    meta = read_metadata(checkpoint)
+    return from_dict(meta["config"], overrides), meta
+
+
 def load_state(path: str | Path) -> dict:
     """The training state saved by save_state (no arbitrary pickle code is run)."""
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from visionzoo.errors import UserError
 
 EXAMPLES = """examples:
@@ -18,6 +19,9 @@ EXAMPLES = """examples:
       -m visionzoo train nfnet_f0_imagenet --data /data/imagenet         # several machines
   visionzoo train nfnet_f0_imagenet --data /data/imagenet optim.lr=0.2 data.batch_size=64
   visionzoo eval runs/<run> --data /data/imagenet
+  visionzoo eval --weights dm_nfnet_f0.pth --recipe nfnet_f0_imagenet --data /data/imagenet
+  visionzoo knn --weights dino_deitsmall16_pretrain.pth --recipe dino_vits16_imagenet --data /data/imagenet
+  visionzoo train fashion_mnist model.weights=pretrained.pth            # initialise, then fine-tune
   visionzoo export runs/<run>                               # -> <run>/model.onnx, checked vs PyTorch
   visionzoo infer runs/<run>/model.onnx --data /data/imagenet   # or: ... model.onnx image.jpg
 """
@@ -48,6 +52,16 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="train.seed")
     g.add_argument("--amp", nargs="?", const="auto", help="train.amp: auto|none|bf16|fp16 (apex O0/O1/O2 accepted)")
     g.add_argument("--device", help="train.device: auto|cpu|cuda|cuda:N|mps")
+
+
+def _add_weights_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("released weights")
+    g.add_argument("--weights", metavar="FILE",
+                   help="weights to use instead of the checkpoint's: DINO *_pretrain.pth or training checkpoint, "
+                        "timm/torchvision state dict (.pth/.bin/.safetensors), mmcls checkpoint, visionzoo .safetensors")
+    g.add_argument("--recipe", help="the recipe whose model and data --weights go with (default: the run folder's)")
+    g.add_argument("--checkpoint-key", choices=("teacher", "student"),
+                   help="network of a DINO training checkpoint (model.checkpoint_key, default teacher)")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -144,29 +158,45 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run_bench(cfg, synthetic=synthetic, precisions=args.precision, output=args.output)
 
 
+def _weights_args(args: argparse.Namespace) -> tuple[str | None, list[str], dict]:
+    """The checkpoint argument, the config overrides and the --weights/--recipe keywords of a
+    command that reads weights. The checkpoint is optional with --weights, so argparse may hand
+    it the first key=value override: that goes back to the overrides."""
+    checkpoint, extra = args.checkpoint, []
+    if checkpoint and "=" in checkpoint and not Path(checkpoint).exists():
+        checkpoint, extra = None, [checkpoint]
+    keys = [f"model.checkpoint_key={args.checkpoint_key}"] if args.checkpoint_key else []
+    return checkpoint, keys + extra + _overrides(args), {"weights": args.weights, "recipe": args.recipe}
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from visionzoo.engine.evaluate import evaluate_checkpoint
 
-    evaluate_checkpoint(args.checkpoint, _overrides(args))
+    checkpoint, overrides, kw = _weights_args(args)
+    evaluate_checkpoint(checkpoint, overrides, **kw)
 
 
 def cmd_knn(args: argparse.Namespace) -> None:
     from visionzoo.engine.knn import knn_checkpoint
 
-    knn_checkpoint(args.checkpoint, _overrides(args))
+    checkpoint, overrides, kw = _weights_args(args)
+    knn_checkpoint(checkpoint, overrides, **kw)
 
 
 def cmd_linear(args: argparse.Namespace) -> None:
     from visionzoo.engine.knn import linear_checkpoint
 
     epochs, args.epochs = args.epochs, None  # here --epochs is the probe's, not the pre-training's
-    linear_checkpoint(args.checkpoint, _overrides(args) + ([f"dino.linear_epochs={epochs}"] if epochs else []))
+    checkpoint, overrides, kw = _weights_args(args)
+    linear_checkpoint(checkpoint, overrides + ([f"dino.linear_epochs={epochs}"] if epochs else []), **kw)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from visionzoo.export import export_checkpoint
 
-    export_checkpoint(args.checkpoint, args.format, args.opset, args.output, args.tolerance)
+    args.overrides, args.data = [], None  # export takes no config flags beyond --checkpoint-key
+    checkpoint, overrides, kw = _weights_args(args)
+    export_checkpoint(checkpoint, args.format, args.opset, args.output, args.tolerance, overrides=overrides, **kw)
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
@@ -239,26 +269,35 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text, examples, func in (
         ("eval", "evaluate a checkpoint: top-1, top-5, loss",
          ["visionzoo eval runs/fashion_mnist-20261123-101500",
-          "visionzoo eval runs/<run>/best.safetensors --data /data/imagenet --batch-size 128"], cmd_eval),
+          "visionzoo eval runs/<run>/best.safetensors --data /data/imagenet --batch-size 128",
+          "visionzoo eval --weights resnet50_cifar100.pth --recipe resnet50_cifar100 --data ~/data/cifar-100-python"],
+         cmd_eval),
         ("knn", "weighted k-NN accuracy of a (DINO) checkpoint's frozen backbone",
          ["visionzoo knn runs/dino_fashion_mnist-20261123-101500",
-          "visionzoo knn runs/<run> --data /data/imagenet dino.knn_k=[20]"], cmd_knn),
+          "visionzoo knn runs/<run> --data /data/imagenet dino.knn_k=[20]",
+          "visionzoo knn --weights dino_deitsmall16_pretrain_full_checkpoint.pth --checkpoint-key teacher "
+          "--recipe dino_vits16_imagenet --data /data/imagenet"], cmd_knn),
         ("linear", "linear probe on a (DINO) checkpoint's frozen backbone: Acc@1",
          ["visionzoo linear runs/<run> --data /data/imagenet          # 100 epochs",
-          "visionzoo linear runs/<run> --epochs 10 dino.linear_augment=false"], cmd_linear),
+          "visionzoo linear runs/<run> --epochs 10 dino.linear_augment=false",
+          "visionzoo linear --weights dino_deitsmall16_pretrain.pth --recipe dino_vits16_imagenet --data /data/imagenet"],
+         cmd_linear),
     ):
         p = sub.add_parser(name, help=text, formatter_class=fmt,
                            epilog="examples:\n" + "".join(f"  {e}\n" for e in examples))
-        p.add_argument("checkpoint", help="a run folder or a .safetensors file")
+        p.add_argument("checkpoint", nargs="?", help="a run folder or a .safetensors file (optional with --weights)")
         _add_config_flags(p)
+        _add_weights_flags(p)
         p.set_defaults(func=func)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX (or TorchScript / .pt2), checked against PyTorch",
                        formatter_class=fmt,
                        epilog="examples:\n  visionzoo export runs/fashion_mnist-20261123-101500      # -> <run>/model.onnx + model.json\n"
                               "  visionzoo export runs/<run>/best.safetensors --opset 18 --output exported/\n"
-                              "  visionzoo export runs/<run> --format torchscript\n")
-    p.add_argument("checkpoint", help="a run folder or a .safetensors file")
+                              "  visionzoo export runs/<run> --format torchscript\n"
+                              "  visionzoo export --weights dm_nfnet_f0.pth --recipe nfnet_f0_imagenet --output nfnet/\n")
+    p.add_argument("checkpoint", nargs="?", help="a run folder or a .safetensors file (optional with --weights)")
+    _add_weights_flags(p)
     p.add_argument("--format", default="onnx", choices=("onnx", "torchscript", "pt2"), help="default: onnx")
     p.add_argument("--opset", type=int, help="ONNX opset (9-20, default 17)")
     p.add_argument("--output", help="output file or folder (default: next to the checkpoint, <name>.onnx)")

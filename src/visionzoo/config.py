@@ -86,9 +86,22 @@ class ModelConfig:
     channels_last: bool = True  # NHWC memory format on accelerators (faster convolutions)
     sync_bn: bool = False  # SyncBatchNorm across devices (multi-device runs)
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor args, e.g. img_size
+    # Position embeddings of a timm ViT (dynamic_img_size) at another grid than its own: timm
+    # (timm's antialiased resample) | dino (the DINO reference's interpolate_pos_encoding).
+    vit_pos_embed: str = "timm"
+    # Initial weights (training starts from them; see models/weights.py for the formats): a file
+    # (visionzoo, DINO, timm, torchvision, mmcls checkpoints), or timm's/torchvision's own
+    # pretrained weights (their download caches). Neither is stored with the run's checkpoints.
+    weights: Optional[str] = None
+    pretrained: bool = False
+    checkpoint_key: str = "teacher"  # DINO training checkpoints: teacher | student
 
     def __post_init__(self) -> None:
         _check(self.library, ("torchvision", "timm", "visionzoo"), "model.library")
+        _check(self.vit_pos_embed, ("timm", "dino"), "model.vit_pos_embed")
+        _check(self.checkpoint_key, ("teacher", "student"), "model.checkpoint_key")
+        if self.weights and self.pretrained:
+            raise UserError("model.weights and model.pretrained=true both give initial weights; set one")
 
 
 @dataclass
@@ -102,6 +115,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
     weight_decay: float = 1e-4
     wd_exclude_bias_norm: bool = False  # no weight decay on biases and normalisation gains
+    # No weight decay on parameters whose own name (the part after the last dot) contains one of
+    # these strings, e.g. [gain, bias] as DeepMind's NFNets.
+    wd_exclude: list[str] = field(default_factory=list)
     clip_mode: str = "none"  # none | norm | value | agc (adaptive gradient clipping, NFNet)
     clip_value: float = 0.0  # max norm (norm), max value (value), or clip factor (agc)
     agc_exclude: list[str] = field(default_factory=list)  # parameter-name prefixes AGC skips

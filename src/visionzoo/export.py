@@ -63,7 +63,8 @@ def input_size(d) -> int:
 
 def _output_path(weights: Path, fmt: str, output: str | None) -> Path:
     suffix = FORMATS[fmt]
-    default_name = weights.name.removesuffix(".safetensors") + suffix
+    default_name = weights.name.removesuffix(weights.suffix) + suffix if weights.suffix in (
+        ".safetensors", ".pth", ".pt", ".bin", ".ckpt") else weights.name + suffix
     if output is None:
         return weights.parent / default_name
     out = Path(output).expanduser()
@@ -228,13 +229,60 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _class_names(cfg, n: int) -> list[str]:
+    """Names of the ``n`` classes of released weights: the recipe's data set's when it is there
+    and has ``n`` classes, else ImageNet-1k's synsets (timm's table, the ImageFolder folder names)
+    for 1000, else "0".."n-1"."""
+    from visionzoo.data.build import build_datasets
+
+    try:
+        classes = build_datasets(cfg.data, train=False).classes
+        if len(classes) == n:
+            return list(classes)
+    except UserError:
+        pass
+    if n == 1000:
+        from timm.data import ImageNetInfo
+
+        return list(ImageNetInfo().label_names())
+    print(f"visionzoo: no class names for the {n} classes of the weights (the recipe's data is not there); "
+          "the sidecar numbers them", flush=True)
+    return [str(i) for i in range(n)]
+
+
+def _from_weights(checkpoint: str | None, weights: str, recipe: str | None,
+                  overrides: list[str]) -> tuple[nn.Module, dict]:
+    """The model and checkpoint-style metadata for ``--weights`` (any format models/weights.py
+    reads) in the model of ``recipe`` or of the run folder ``checkpoint``."""
+    from visionzoo.checkpoint import command_config
+    from visionzoo.config import to_dict
+    from visionzoo.models import create, model_args
+    from visionzoo.models.weights import file_num_classes, model_from_weights
+
+    cfg, _ = command_config(checkpoint, overrides, weights, recipe)
+    ic = cfg.data.in_chans
+    classes: list[str] = []
+    n = 0
+    if cfg.task != "dino":  # a classifier: as many outputs as its weights have classes
+        probe_args = model_args(cfg.model, max(cfg.data.num_classes, 1), ic)
+        n = file_num_classes(weights, create(probe_args), probe_args, cfg.model.checkpoint_key) or 0
+        if n < 1:
+            raise UserError(f"{weights} holds no classifier for {cfg.model.name}: export it with a DINO recipe "
+                            "for features, or give classifier weights")
+        classes = _class_names(cfg, n)
+    model, args = model_from_weights(cfg.model, weights, n, ic)
+    return model, {"config": to_dict(cfg), "model": args, "classes": classes, "task": cfg.task}
+
+
 def export_checkpoint(
-    checkpoint: str, fmt: str = "onnx", opset: int | None = None, output: str | None = None,
-    tolerance: float | None = None,
+    checkpoint: str | None, fmt: str = "onnx", opset: int | None = None, output: str | None = None,
+    tolerance: float | None = None, weights: str | None = None, recipe: str | None = None,
+    overrides: list[str] | None = None,
 ) -> dict:
-    """``visionzoo export``: write the checkpoint (a run folder or a .safetensors file) as ``fmt``
-    with its sidecar, after checking the exported model against PyTorch; return the sidecar.
-    ``opset`` and ``tolerance`` default to DEFAULT_OPSET and DEFAULT_TOLERANCE."""
+    """``visionzoo export``: write the checkpoint (a run folder or a .safetensors file), or
+    ``weights`` in the model of ``recipe`` / of the run folder, as ``fmt`` with its sidecar,
+    after checking the exported model against PyTorch; return the sidecar. ``opset`` and
+    ``tolerance`` default to DEFAULT_OPSET and DEFAULT_TOLERANCE."""
     from visionzoo import __version__
     from visionzoo.config import from_dict, to_dict
 
@@ -246,8 +294,14 @@ def export_checkpoint(
         _require_onnx()
         if not ONNX_MIN_OPSET <= opset <= ONNX_MAX_OPSET:
             raise UserError(f"--opset {opset} is outside what the exporter writes ({ONNX_MIN_OPSET}-{ONNX_MAX_OPSET})")
-    weights = resolve_weights(checkpoint)
-    model, meta = load_model(weights)
+    if weights:
+        model, meta = _from_weights(checkpoint, weights, recipe, list(overrides or []))
+        weights = Path(weights).expanduser()
+    else:
+        if recipe or overrides:
+            raise UserError("--recipe and config overrides go with --weights; a checkpoint brings its own config")
+        weights = resolve_weights(checkpoint)
+        model, meta = load_model(weights)
     # A DINO run's weights are the teacher backbone: it exports as a feature extractor.
     features = meta.get("task", meta["config"].get("task", "supervised")) == "dino"
     if not features and not meta.get("classes"):

@@ -6,28 +6,36 @@ global step, so resuming mid-epoch and logging the LR are both trivial."""
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 
-def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool) -> list[dict]:
-    """One group, or two when biases and normalisation gains (every 1-D tensor) skip decay."""
-    if not exclude_bias_norm:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool,
+                 exclude_names: Sequence[str] = ()) -> list[dict]:
+    """One group, or two when some parameters skip decay: every 1-D tensor (biases, norm gains)
+    with ``exclude_bias_norm``, and every parameter whose own name (after the last dot) contains
+    one of ``exclude_names``. The name rule is DeepMind's NFNets' (experiment_nfnets.py,
+    ``Experiment._make_opt``: names containing 'gain' or 'bias' go to the group without decay):
+    timm's NFNet conv gains are (out, 1, 1, 1) tensors, which a 1-D rule would decay."""
+    def exempt(name: str, p: torch.Tensor) -> bool:
+        leaf = name.rsplit(".", 1)[-1]
+        return (exclude_bias_norm and p.ndim <= 1) or any(s in leaf for s in exclude_names)
+
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not exclude_bias_norm and not exclude_names:
+        return [{"params": [p for _, p in params], "weight_decay": weight_decay}]
+    decay = [p for n, p in params if not exempt(n, p)]
+    no_decay = [p for n, p in params if exempt(n, p)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_optimizer(model: nn.Module, o, device_type: str) -> torch.optim.Optimizer:
     """SGD (optionally Nesterov) or AdamW for an OptimConfig, using the fastest kernels the
     device has (fused on CUDA, foreach elsewhere)."""
-    groups = param_groups(model, o.weight_decay, o.wd_exclude_bias_norm)
+    groups = param_groups(model, o.weight_decay, o.wd_exclude_bias_norm, o.wd_exclude)
     fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, **fast)

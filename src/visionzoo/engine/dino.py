@@ -39,7 +39,7 @@ from visionzoo.engine.supervised import Interrupted, end_failed_run, set_loader_
 from visionzoo.errors import UserError
 from visionzoo.models import build_model, create
 from visionzoo.models.dino import DINOLoss, build_dino, cancel_last_layer_grads, update_teacher
-from visionzoo.optim import build_optimizer, lr_schedule
+from visionzoo.optim import build_optimizer
 from visionzoo.plots import plot_curves
 from visionzoo.report import MetricsLog, mark_status, new_run_dir, report_fallbacks, write_results
 from visionzoo.runtime import StopSignal, precision_name, resolve_amp, resolve_device, seed_everything, synchronize
@@ -236,7 +236,10 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
     sched_epochs = max(t.epochs, 1)
     total = sched_epochs * steps_per_epoch
     peak_lr = base_lr * d.batch_size / 256  # the linear scaling rule of the reference
-    lrs = lr_schedule(cfg.schedule, peak_lr, sched_epochs, steps_per_epoch)
+    # The reference's cosine_scheduler: linspace warm-up from warmup_lr that reaches the peak on
+    # its last step, then cosine to min_lr (schedule.name is not consulted: DINO's is cosine).
+    lrs = cosine_schedule(peak_lr, cfg.schedule.min_lr, total, int(round(cfg.schedule.warmup_epochs * steps_per_epoch)),
+                          cfg.schedule.warmup_lr)
     wds = cosine_schedule(cfg.optim.weight_decay, dc.weight_decay_end, total)
     moms = cosine_schedule(dc.momentum_teacher, 1.0, total)
     temps = teacher_temp_schedule(dc.warmup_teacher_temp, dc.teacher_temp, dc.warmup_teacher_temp_epochs,

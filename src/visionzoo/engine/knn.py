@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
 from visionzoo.data.build import build_datasets, build_loader
-from visionzoo.data.transforms import eval_transform
+from visionzoo.data.transforms import eval_transform, train_transform
 from visionzoo.engine.evaluate import topk_correct
 from visionzoo.errors import UserError
 from visionzoo.progress import Progress
@@ -52,12 +53,38 @@ def probe_features(n_last_blocks: int, avgpool: bool) -> FeatureFn:
     return fn
 
 
+def reference_eval_transform(d) -> Callable:
+    """DINO's evaluation preprocessing (eval_knn.py and eval_linear.py: Resize(256, bicubic) +
+    CenterCrop(224)): the recipe's resize and crop sizes, bicubic whatever data.interpolation."""
+    return eval_transform(replace(d, interpolation="bicubic"))
+
+
+def reference_probe_transform(d) -> Callable:
+    """DINO's linear-probe training augmentation (eval_linear.py: RandomResizedCrop(224), whose
+    default interpolation is bilinear, + RandomHorizontalFlip): the recipe's crop size, scale and
+    flip, bilinear whatever data.interpolation (the recipe's is the pre-training crops')."""
+    return train_transform(replace(d, interpolation="bilinear", randaugment=None))
+
+
 def eval_splits(d) -> tuple[Dataset, Dataset, list[str]]:
     """The training split with *evaluation* preprocessing (the k-NN memory bank) and the
-    validation split, as build_datasets reads them."""
+    validation split, as build_datasets reads them, both preprocessed as the reference's
+    eval_knn.py (``reference_eval_transform``)."""
     splits = build_datasets(d, train=True)
-    if hasattr(splits.train, "transform"):  # synthetic data has no transform to swap
-        splits.train.transform = eval_transform(d)
+    for ds in (splits.train, splits.val):
+        if hasattr(ds, "transform"):  # synthetic data has no transform to swap
+            ds.transform = reference_eval_transform(d)
+    return splits.train, splits.val, splits.classes
+
+
+def probe_splits(d) -> tuple[Dataset, Dataset, list[str]]:
+    """The linear probe's training split (``reference_probe_transform``) and validation split
+    (``reference_eval_transform``)."""
+    splits = build_datasets(d, train=True)
+    if hasattr(splits.train, "transform"):
+        splits.train.transform = reference_probe_transform(d)
+    if hasattr(splits.val, "transform"):
+        splits.val.transform = reference_eval_transform(d)
     return splits.train, splits.val, splits.classes
 
 
@@ -111,8 +138,13 @@ def knn_classify(
     """Weighted k-NN accuracy: ``{k: (top1 %, top5 %)}`` for every k in ``ks``.
 
     Features must already be L2-normalised. Neighbour j of a query votes for its label with
-    weight exp(sim_j / temperature); the top-5 counts the first min(5, k) classes by vote (as
-    the reference does). One top-k of the largest k serves every smaller k."""
+    weight exp(sim_j / temperature). Classes are ranked as the reference ranks them (eval_knn.py,
+    ``knn_classifier``): ``torch.sort`` of the vote vector in descending order, top-1 its first
+    class, top-5 a hit among its first min(5, k). When fewer than 5 classes got votes, the rest
+    of those 5 are zero-vote classes in the order that sort gives ties (on the CPU, for more than
+    16 classes, not the class order; ``topk`` orders them otherwise): the same call on the same
+    device gives the same classes for the same votes, run after run. One top-k of the largest k
+    serves every smaller k."""
     n_train = train_feats.shape[0]
     maxk = min(max(ks), n_train)
     chunk = max(1, max_elements // max(n_train, 1))
@@ -125,7 +157,7 @@ def knn_classify(
             kk = min(k, maxk)
             votes = torch.zeros(q.shape[0], num_classes, device=q.device)
             votes.scatter_add_(1, neighbours[:, :kk], weights[:, :kk])
-            pred = votes.topk(min(5, kk, num_classes), dim=1).indices
+            pred = torch.sort(votes, dim=1, descending=True).indices[:, :min(5, kk, num_classes)]
             correct = pred == y[:, None]
             hits[k][0] += int(correct[:, 0].sum())
             hits[k][1] += int(correct.any(dim=1).sum())
@@ -153,25 +185,24 @@ def train_linear(
     last epoch (the reference prints the best epoch's; a single final figure avoids picking
     on the validation set)."""
     fn = probe_features(dino.linear_n_last_blocks, dino.linear_avgpool)
-    splits = build_datasets(d, train=True)  # train split with its training augmentation
-    classes = splits.classes
+    train_ds, val_ds, classes = probe_splits(d)
     batch = dino.linear_batch_size
-    val_f, val_y = extract_features(backbone, splits.val, d.batch_size, d.workers, device, amp_dtype, fn)
+    val_f, val_y = extract_features(backbone, val_ds, d.batch_size, d.workers, device, amp_dtype, fn)
     cached = None
     if not dino.linear_augment:  # features of the un-augmented training images, computed once
-        if hasattr(splits.train, "transform"):
-            splits.train.transform = eval_transform(d)
-        cached = extract_features(backbone, splits.train, d.batch_size, d.workers, device, amp_dtype, fn)
+        if hasattr(train_ds, "transform"):
+            train_ds.transform = reference_eval_transform(d)
+        cached = extract_features(backbone, train_ds, d.batch_size, d.workers, device, amp_dtype, fn)
     probe = nn.Linear(val_f.shape[1], len(classes)).to(device)
     nn.init.normal_(probe.weight, std=0.01)
     nn.init.zeros_(probe.bias)
     base_lr = dino.linear_lr * batch / 256  # the reference's linear scaling rule
     opt = torch.optim.SGD(probe.parameters(), lr=base_lr, momentum=0.9, weight_decay=0.0)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    loader = None if cached else build_loader(splits.train, batch, d.workers, train=True, seed=0,
+    loader = None if cached else build_loader(train_ds, batch, d.workers, train=True, seed=0,
                                               pin_memory=device.type == "cuda")
     if loader is not None and len(loader) == 0:
-        raise UserError(f"the training split ({len(splits.train)} images) is smaller than one probe "
+        raise UserError(f"the training split ({len(train_ds)} images) is smaller than one probe "
                         f"batch (dino.linear_batch_size={batch})")
     gen = torch.Generator().manual_seed(0)
     backbone.eval()  # frozen: features only, for every epoch
@@ -211,37 +242,46 @@ def _feature_batches(backbone, loader, device, autocast, fn):
         yield f.float(), targets.to(device)
 
 
-def _load(checkpoint: str, overrides: list[str]):
-    """The backbone of a run folder / .safetensors file, its config (plus overrides), device, amp."""
-    from visionzoo.checkpoint import load_model
-    from visionzoo.config import from_dict
+def _load(checkpoint: str | None, overrides: list[str], weights: str | None = None, recipe: str | None = None):
+    """The backbone of a run folder / .safetensors file, or of ``weights`` (any format
+    models/weights.py reads) in the model of ``recipe`` or of the run; its config (plus
+    overrides), device and amp dtype."""
+    from visionzoo.checkpoint import command_config, load_model
+    from visionzoo.models.weights import model_from_weights
     from visionzoo.runtime import resolve_amp, resolve_device
 
-    model, meta = load_model(checkpoint)
-    cfg = from_dict(meta["config"], overrides)
+    cfg, _ = command_config(checkpoint, overrides, weights, recipe)
+    if weights:
+        model, _ = model_from_weights(cfg.model, weights, 0, cfg.data.in_chans)
+    else:
+        model, _ = load_model(checkpoint)
     device = resolve_device(cfg.train.device)
     return model.to(device), cfg, device, resolve_amp(cfg.train.amp, device)
 
 
-def knn_checkpoint(checkpoint: str, overrides: list[str]) -> dict:
-    """``visionzoo knn``: weighted k-NN of a checkpoint's backbone on its (or --data's) data set."""
+def knn_checkpoint(checkpoint: str | None, overrides: list[str], weights: str | None = None,
+                   recipe: str | None = None) -> dict:
+    """``visionzoo knn``: weighted k-NN of a checkpoint's backbone (or of ``weights``) on its (or
+    --data's) data set."""
     from visionzoo.runtime import precision_name
 
-    model, cfg, device, amp_dtype = _load(checkpoint, overrides)
+    model, cfg, device, amp_dtype = _load(checkpoint, overrides, weights, recipe)
     res, classes = knn_eval(model, cfg.data, cfg.dino, device, amp_dtype, cfg.data.batch_size)
-    print(f"{checkpoint}: weighted k-NN, T={cfg.dino.knn_temperature}, {len(classes)} classes "
+    print(f"{weights or checkpoint}: weighted k-NN, T={cfg.dino.knn_temperature}, {len(classes)} classes "
           f"({precision_name(amp_dtype)} on {device})")
     for k, (top1, top5) in res.items():
         print(f"  {k}-NN: Top1 {top1:.2f}%  Top5 {top5:.2f}%")
     return {k: {"top1": t1, "top5": t5} for k, (t1, t5) in res.items()}
 
 
-def linear_checkpoint(checkpoint: str, overrides: list[str]) -> dict:
-    """``visionzoo linear``: train and evaluate a linear probe on a checkpoint's frozen backbone."""
-    model, cfg, device, amp_dtype = _load(checkpoint, overrides)
+def linear_checkpoint(checkpoint: str | None, overrides: list[str], weights: str | None = None,
+                      recipe: str | None = None) -> dict:
+    """``visionzoo linear``: train and evaluate a linear probe on a checkpoint's (or ``weights``')
+    frozen backbone."""
+    model, cfg, device, amp_dtype = _load(checkpoint, overrides, weights, recipe)
     for p in model.parameters():
         p.requires_grad = False
     res = train_linear(model, cfg.data, cfg.dino, device, amp_dtype)
-    print(f"{checkpoint}: linear probe ({res['features']} features, {cfg.dino.linear_epochs} epochs): "
+    print(f"{weights or checkpoint}: linear probe ({res['features']} features, {cfg.dino.linear_epochs} epochs): "
           f"Acc@1 {res['acc1']:.2f}%  Acc@5 {res['acc5']:.2f}%  ({res['samples']} images)")
     return res

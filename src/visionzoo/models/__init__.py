@@ -32,26 +32,58 @@ def model_args(model_cfg: Any, num_classes: int, in_chans: int) -> dict:
         "drop_rate": float(model_cfg.drop_rate),
         "drop_path_rate": float(model_cfg.drop_path_rate),
         "kwargs": dict(model_cfg.kwargs),
+        "vit_pos_embed": model_cfg.vit_pos_embed,
     }
 
 
-def create(args: dict) -> nn.Module:
-    """Build a randomly initialised network from ``model_args`` output."""
+def create(args: dict, pretrained: bool = False) -> nn.Module:
+    """Build the network of ``model_args`` output: randomly initialised, or with timm's /
+    torchvision's own pretrained weights (``pretrained``, see models/pretrained.py)."""
     name, lib, nc, ic = args["name"], args["library"], args["num_classes"], args["in_chans"]
     kwargs = dict(args.get("kwargs") or {})
     if lib == "visionzoo":
         if name not in VISIONZOO_MODELS:
             raise UserError(f"unknown visionzoo model '{name}' (have: {', '.join(VISIONZOO_MODELS)})")
-        return VISIONZOO_MODELS[name](nc, ic, args["drop_rate"], **kwargs)
-    if lib == "timm":
-        import timm
+        if pretrained:
+            raise UserError(f"model.pretrained=true needs a timm or torchvision model; visionzoo's {name} has "
+                            "no released weights (use model.weights=PATH)")
+        model = VISIONZOO_MODELS[name](nc, ic, args["drop_rate"], **kwargs)
+    elif lib == "timm":
+        model = _create_timm(args, kwargs, pretrained)
+    else:
+        model = _create_torchvision(args, kwargs, pretrained)
+    if args.get("vit_pos_embed", "timm") == "dino":  # checkpoints written before the key existed: timm's
+        from visionzoo.models.vit_pos_embed import use_dino_pos_embed
 
-        if not timm.is_model(name):
-            raise UserError(f"timm has no model '{name}'")
-        return timm.create_model(
-            name, pretrained=False, num_classes=nc, in_chans=ic,
-            drop_rate=args["drop_rate"], drop_path_rate=args["drop_path_rate"], **kwargs,
-        )
+        model = use_dino_pos_embed(model)
+    return model
+
+
+def _create_timm(args: dict, kwargs: dict, pretrained: bool) -> nn.Module:
+    import timm
+
+    name, nc = args["name"], args["num_classes"]
+    if not timm.is_model(name):
+        raise UserError(f"timm has no model '{name}'")
+    if pretrained:
+        from visionzoo.models.pretrained import timm_overlay
+
+        kwargs["pretrained_cfg_overlay"] = timm_overlay(name)
+    model = timm.create_model(
+        name, pretrained=pretrained, num_classes=nc, in_chans=args["in_chans"],
+        drop_rate=args["drop_rate"], drop_path_rate=args["drop_path_rate"], **kwargs,
+    )
+    if pretrained:
+        from visionzoo.models.weights import say
+
+        had = model.pretrained_cfg.get("num_classes")
+        note = f"; classifier re-initialised for {nc} classes (the weights have {had})" if nc and had and nc != had else ""
+        say(f"timm's pretrained weights loaded into {name}{note}")
+    return model
+
+
+def _create_torchvision(args: dict, kwargs: dict, pretrained: bool) -> nn.Module:
+    name, nc, ic = args["name"], args["num_classes"], args["in_chans"]
     if name not in torchvision.models.list_models():
         raise UserError(f"torchvision has no model '{name}'")
     if ic != 3:
@@ -59,10 +91,24 @@ def create(args: dict) -> nn.Module:
     if args["drop_rate"] > 0:
         # The torchvision classifiers name their dropout argument differently.
         kwargs.setdefault("drop_rate" if name.startswith("densenet") else "dropout", args["drop_rate"])
-    return torchvision.models.get_model(name, weights=None, num_classes=nc, **kwargs)
+    model = torchvision.models.get_model(name, weights=None, num_classes=nc, **kwargs)
+    if pretrained:  # loaded here rather than by get_model, which refuses another class count
+        from visionzoo.models.pretrained import load_torchvision_pretrained
+
+        load_torchvision_pretrained(model, args)
+    return model
 
 
 def build_model(model_cfg: Any, num_classes: int, in_chans: int) -> tuple[nn.Module, dict]:
-    """The network for a config's model section, and its constructor arguments."""
+    """The network for a config's model section (with its initial weights: model.weights or
+    model.pretrained), and its constructor arguments. A DINO training checkpoint's head, when
+    model.weights is one, rides along as ``pretrained_dino_head`` for models.dino.build_dino."""
     args = model_args(model_cfg, num_classes, in_chans)
-    return create(args), args
+    net = create(args, pretrained=model_cfg.pretrained)
+    if model_cfg.weights:
+        from visionzoo.models.weights import load_weights
+
+        head = load_weights(net, args, model_cfg.weights, model_cfg.checkpoint_key)
+        if head is not None and num_classes == 0:
+            net.pretrained_dino_head = head
+    return net, args

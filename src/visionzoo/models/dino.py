@@ -88,11 +88,30 @@ def build_dino(backbone: nn.Module, teacher_backbone: nn.Module, embed_dim: int,
                         dino.head_layers, dino.hidden_dim, dino.bottleneck_dim)
 
     student = MultiCropWrapper(backbone, head())
+    pretrained_head = backbone.__dict__.pop("pretrained_dino_head", None)  # see models.build_model
+    if pretrained_head:
+        load_head(student.head, pretrained_head)
     teacher = MultiCropWrapper(teacher_backbone, head())
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad = False
     return student, teacher
+
+
+def load_head(head: DINOHead, state: dict) -> None:
+    """The head of a DINO training checkpoint (names already mapped to visionzoo's weight-norm
+    parametrization by models/weights.py) into ``head``; a head of another shape (out_dim,
+    hidden_dim, bottleneck_dim, head_layers, use_bn_in_head) is a UserError."""
+    from visionzoo.errors import UserError
+
+    own = head.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    reshaped = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or reshaped:
+        names = (missing + unexpected + reshaped)[:4]
+        raise UserError(f"the DINO head of model.weights does not fit dino.* here: {len(missing)} missing, "
+                        f"{len(unexpected)} unexpected, {len(reshaped)} of another shape ({', '.join(names)})")
+    head.load_state_dict(state)
 
 
 @torch.no_grad()
