@@ -178,7 +178,7 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
         sums += torch.stack([
             torch.nan_to_num(loss.detach().double()) * n,
             (logits.detach().argmax(1) == hard_targets).sum().double(),
-            torch.tensor(n, dtype=torch.float64, device=loop.device),
+            torch.full((), n, dtype=torch.float64, device=loop.device),  # a fill kernel, not a host→device copy
         ])
         stats.images += n
         if t_start is not None:
