@@ -197,7 +197,8 @@ def pad_batch(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, t
     hs = torch.tensor([int(i.shape[-2]) for i in images])
     ws = torch.tensor([int(i.shape[-1]) for i in images])
     hmax, wmax, c = int(hs.max()), int(ws.max()), images[0].shape[0]
-    dtype = functools.reduce(torch.promote_types, [i.dtype for i in images])
+    dtypes = {i.dtype for i in images}
+    dtype = dtypes.pop() if len(dtypes) == 1 else functools.reduce(torch.promote_types, dtypes)
     x = torch.zeros(len(images), c, hmax + 1, wmax + 1, dtype=dtype, device=images[0].device)
     for b, img in enumerate(images):
         x[b, :, :img.shape[-2], :img.shape[-1]] = img
