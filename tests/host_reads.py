@@ -267,7 +267,8 @@ def _measure(recipe: str, overrides: list[str], start: int = 2, steps: int = 3, 
 
     counter = HostReads("cpu")
     originals = []
-    for module, name, pick in ((sup_engine, "build_loaders", lambda r: r[0]), (dino_engine, "dino_loader", lambda r: r)):
+    builders = ((sup_engine, "build_loaders", lambda r: r[0]), (dino_engine, "dino_loader", lambda r: r))
+    for module, name, pick in builders:
         real, wrapped = _instrument(module, name, counter, start, start + steps, pick)
         originals.append((module, name, real))
         setattr(module, name, wrapped)
@@ -377,7 +378,8 @@ def measure_eval(recipe: str, overrides: list[str], start: int = 1, steps: int =
 
 
 def cases(fmnist: Path, jpegs: Path, out: Path) -> dict:
-    """label -> a function measuring that recipe set-up (the host-read test and the script share them)."""
+    """label -> a function measuring that recipe set-up (the host-read test and the script share
+    them): the real CLI on small data, optimizers fused and copies pinned as on CUDA."""
     fm = ["--data", str(fmnist), "--device", "cpu", "train.log_every=0", "train.epochs=1",
           "train.max_steps_per_epoch=6", "data.batch_size=32"]
     mix = ["train.mixup=0.8", "train.cutmix=1.0", "train.ema_decay=0.9", "optim.clip_mode=agc", "optim.clip_value=0.01"]
@@ -400,8 +402,9 @@ def cases(fmnist: Path, jpegs: Path, out: Path) -> dict:
         "fashion_mnist + RandAugment on the device": lambda: measure(
             "fashion_mnist", fm + ["data.randaugment=rand-m9-n3-mstd0.5"]),
         "fashion_mnist fp16 + loss scaler": lambda: measure("fashion_mnist", fm + ["train.amp=fp16"]),
-        "fashion_mnist evaluation": lambda: measure_eval("fashion_mnist", [f"data.path={fmnist}", "data.batch_size=16"]),
-        "ImageFolder, decode=device, RandAugment, mixup elem": lambda: measure(
+        "fashion_mnist evaluation": lambda: measure_eval(
+            "fashion_mnist", [f"data.path={fmnist}", "data.batch_size=16"]),
+        "nfnet_f0_imagenet data: decode=device, RandAugment, mixup (small CNN)": lambda: measure(
             "nfnet_f0_imagenet", folder + [
                 "model.name=small_cnn", "model.library=visionzoo", "model.kwargs={width: 4}", "model.drop_rate=0",
                 "model.drop_path_rate=0", "model.channels_last=false", "data.batch_size=4", "data.image_size=16",
@@ -411,7 +414,7 @@ def cases(fmnist: Path, jpegs: Path, out: Path) -> dict:
             "dino_fashion_mnist", fm + ["--perf", "--steps", "6", "train.perf_warmup_steps=0"]),
         "dino_fashion_mnist, tiny ViT, 2 local crops": lambda: measure(
             "dino_fashion_mnist", fm + tiny_dino + ["dino.local_crops_number=2", "dino.local_crop_size=14"]),
-        "dino ImageFolder, decode=device": lambda: measure(
+        "dino_vits16_imagenet data: decode=device, RGB jitter (tiny ViT)": lambda: measure(
             "dino_vits16_imagenet", folder + rgb_dino + ["train.max_steps_per_epoch=4"], start=1, steps=2,
             patch=both(device_decoder, fused_optimizers)),
     }

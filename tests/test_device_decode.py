@@ -313,8 +313,9 @@ def test_batched_crop_equals_the_per_image_resize(mode: str) -> None:
     g = torch.Generator().manual_seed(0)
     images = [(torch.rand(3, 20 + 7 * i, 50 - 3 * i, generator=g) * 255).to(torch.uint8) for i in range(10)]
     for size in (8, 24, 64):
-        out = random_resized_crop(images, size, (0.08, 1.0), (3 / 4, 4 / 3), 0.5, torch.Generator().manual_seed(3), mode)
-        ref = _per_image_reference(images, size, (0.08, 1.0), (3 / 4, 4 / 3), 0.5, torch.Generator().manual_seed(3), mode)
+        args = (images, size, (0.08, 1.0), (3 / 4, 4 / 3), 0.5)
+        out = random_resized_crop(*args, torch.Generator().manual_seed(3), mode)
+        ref = _per_image_reference(*args, torch.Generator().manual_seed(3), mode)
         assert out.shape == ref.shape == (10, 3, size, size)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-3)
 

@@ -246,7 +246,9 @@ class BatchedMultiCrop:
             out["order"] = torch.rand(b, generator=g) < 0.5
             out["jitter"] = torch.rand(b, generator=g) < dino.color_jitter_p
         else:
-            out["factors"] = torch.cat([out["factors"], factor(sc)[None], torch.empty(1, b).uniform_(-hc, hc, generator=g)])
+            saturation = factor(sc)[None]
+            hue = torch.empty(1, b).uniform_(-hc, hc, generator=g)
+            out["factors"] = torch.cat([out["factors"], saturation, hue])
             order = torch.argsort(torch.rand(b, 4, generator=g), dim=1)  # a random permutation per image
             apply = torch.rand(b, generator=g) < dino.color_jitter_p
             spreads = (bc, cc, sc, hc)
@@ -290,7 +292,8 @@ class BatchedMultiCrop:
         b, c, h, w = images.shape
         sizes = sizes if sizes is not None else (h, w)
         p1, p2, pl = dino.blur_p
-        specs = [(d.image_size, dino.global_crops_scale, p1, 0.0), (d.image_size, dino.global_crops_scale, p2, dino.solarize_p)]
+        specs = [(d.image_size, dino.global_crops_scale, p1, 0.0),
+                 (d.image_size, dino.global_crops_scale, p2, dino.solarize_p)]
         specs += [(dino.local_crop_size, dino.local_crops_scale, pl, 0.0)] * dino.local_crops_number
         draws = [self._draw(b, c, sizes, scale, blur, sol, g) for _, scale, blur, sol in specs]
 
