@@ -65,3 +65,29 @@ def test_log_points_and_skip_nonfinite_are_the_only_reads(recipes: dict, fmnist_
     dino = _measure("dino_fashion_mnist", fm + ["train.log_every=0", "train.skip_nonfinite=1", "--perf", "--steps",
                                                 "6", "train.perf_warmup_steps=0"], output=tmp_path)
     assert dino.counts() == {"read": 3} and all("dino.py" in where for _, where in dino.events), dino.events
+
+
+def test_copies_to_cuda_are_pinned_and_asynchronous(monkeypatch) -> None:
+    """data/transfer.py: on CUDA a batch's draws are pinned, then copied with non_blocking=True
+    (a pageable or blocking copy waits for the GPU); on the CPU nothing is copied or pinned.
+    torch's pin_memory and to are replaced by recorders (no GPU here)."""
+    from visionzoo.data import transfer
+
+    seen = []
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: False)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: seen.append("pin") or self.clone())
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        seen.append(("to", args, kwargs))
+        return real_to(self, "cpu")
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    parts = [torch.tensor([1.5, 2.5]), torch.tensor([[3, 4], [5, 6]]), torch.tensor([True, False])]
+    lam, boxes, flag = transfer.send(parts, torch.device("cuda", 0))
+    moves = [s for s in seen if s == "pin" or isinstance(s[1][0], torch.device)]  # not dtype casts
+    assert moves == ["pin", ("to", (torch.device("cuda", 0),), {"non_blocking": True})]
+    assert lam.tolist() == [1.5, 2.5] and boxes.tolist() == [[3, 4], [5, 6]] and flag.tolist() == [1, 0]
+    seen.clear()
+    transfer.to_device(torch.zeros(2), torch.device("cpu"))
+    assert "pin" not in seen
