@@ -87,8 +87,11 @@ def test_images_of_many_sizes_share_one_padded_batch() -> None:
     small = torch.arange(2 * 3 * 5 * 4, dtype=torch.float32).view(2, 3, 5, 4)[0]
     big = torch.rand(3, 9, 11) * 255
     x, hs, ws = pad_batch([small, big.to(torch.uint8)])
-    assert x.shape == (2, 3, 9, 11) and hs.tolist() == [5, 9] and ws.tolist() == [4, 11]
-    assert torch.equal(x[0, :, :5, :4], small) and torch.equal(x[0, :, 8, 3], small[:, 4, 3])  # edge repeated
+    # One pixel beyond the largest image; the last column and row of each image repeated once.
+    assert x.shape == (2, 3, 10, 12) and hs.tolist() == [5, 9] and ws.tolist() == [4, 11]
+    assert torch.equal(x[0, :, :5, :4], small) and torch.equal(x[0, :, 5, 4], small[:, 4, 3])
+    assert torch.equal(x[0, :, :5, 4], small[:, :, 3]) and torch.equal(x[0, :, 5, :4], small[:, 4, :])
+    assert torch.equal(x[1, :, 9, :11], x[1, :, 8, :11]) and (x[0, :, 6:, :] == 0).all()
     # A crop of the whole small image reads the same values padded or not, even when upsampled.
     box = torch.tensor([[0.0, 0.0, 0.0, 4.0, 5.0]])
     alone = roi_align(small[None], box, output_size=16, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
@@ -98,6 +101,31 @@ def test_images_of_many_sizes_share_one_padded_batch() -> None:
     boxes = random_resized_boxes(2000, hs.repeat(1000), ws.repeat(1000), [0.3, 1.0], torch.Generator().manual_seed(0))
     assert (boxes[:, 2] <= ws.repeat(1000)).all() and (boxes[:, 3] <= hs.repeat(1000)).all()
     assert (boxes[:, :2] >= 0).all()
+
+
+def test_decoded_images_stay_uint8_until_cropped(monkeypatch) -> None:
+    """The padded batch of decoded JPEGs is uint8 (a quarter of float32), and crops are cut from
+    float copies of chunks of it; they equal the crops of the whole batch padded in float32."""
+    import visionzoo.data.multicrop as multicrop
+
+    cfg = load_config("dino_vits16_imagenet", TINY_RGB_DINO + ["dino.local_crops_number=3", "dino.solarize_p=0.5"])
+    g = torch.Generator().manual_seed(0)
+    images = [(torch.rand(3, 20 + 3 * i, 31 - 2 * i, generator=g) * 255).to(torch.uint8) for i in range(6)]
+    x, hs, ws = pad_batch(images)
+    assert x.dtype == torch.uint8 and x.shape == (6, 3, 36, 32)
+    augment = BatchedMultiCrop(cfg.data, cfg.dino)
+    crops = augment(x, torch.Generator().manual_seed(1), (hs, ws))
+    # The float32 path: every image edge-padded to the largest size as float32.
+    hmax, wmax = int(hs.max()), int(ws.max())
+    full = torch.cat([torch.nn.functional.pad(i[None].float(), (0, wmax - i.shape[-1], 0, hmax - i.shape[-2]),
+                                              mode="replicate") for i in images])
+    reference = augment(full, torch.Generator().manual_seed(1), (hs, ws))
+    assert [c.shape for c in crops] == [(6, 3, 32, 32)] * 2 + [(6, 3, 16, 16)] * 3
+    for c, r in zip(crops, reference):
+        torch.testing.assert_close(c, r, rtol=0, atol=1e-4)
+    monkeypatch.setattr(multicrop, "CHUNK_BYTES", 3 * 36 * 32 * 4 * 2)  # two images per float chunk
+    chunked = augment(x, torch.Generator().manual_seed(1), (hs, ws))
+    assert all(torch.equal(a, b) for a, b in zip(crops, chunked))
 
 
 def _jpeg_tree(root: Path) -> None:

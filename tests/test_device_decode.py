@@ -254,3 +254,165 @@ def test_cli_trains_an_epoch_with_device_decode(tmp_path: Path, capsys) -> None:
     results = json.loads((tmp_path / "run2" / "results.json").read_text())
     assert results["loader"].startswith("device decode") and results["steps"] == 2
     assert results["cpu_fallbacks"] == FALLBACKS_IN_TWO_BATCHES and results["ActualLoss"] == results["ActualLoss"]
+
+# ----------------------------------------------------------------------------- the batch at once, on CUDA
+
+def _per_image_reference(images, size, scale, ratio, hflip, g, mode):
+    """The per-image resize this module had before the batched one: F.interpolate per crop."""
+    import torch.nn.functional as F
+
+    u = torch.rand(len(images), 10, 4, generator=g, dtype=torch.float64).tolist()
+    flip = (torch.rand(len(images), generator=g) < hflip).tolist()
+    aa = {} if mode == "nearest" else {"antialias": True, "align_corners": False}
+    out = []
+    for img, draws, f in zip(images, u, flip):
+        top, left, h, w = crop_params(img.shape[-2], img.shape[-1], scale, ratio, draws)
+        crop = F.interpolate(img[None, :, top:top + h, left:left + w].float(), size=(size, size), mode=mode, **aa)
+        out.append(crop.flip(-1) if f else crop)
+    x = torch.cat(out)
+    return x.clamp(0, 255) if mode == "bicubic" else x
+
+
+class _Kernels:
+    """Counts the aten ops that launch work (views and dtype bookkeeping left out)."""
+
+    SKIP = {"slice", "select", "unsqueeze", "view", "alias", "as_strided", "expand", "detach", "_unsafe_view",
+            "t", "transpose", "permute", "squeeze", "lift_fresh", "unbind", "split", "split_with_sizes"}
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        names = self.names = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.overloadpacket.__name__ not in _Kernels.SKIP:
+                    names.append(func.overloadpacket.__name__)
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+def _kernels_per_image(fn) -> float:
+    counts = []
+    for b in (4, 12):
+        g = torch.Generator().manual_seed(0)
+        images = [(torch.rand(3, 20 + 3 * i, 30 - i, generator=g) * 255).to(torch.uint8) for i in range(b)]
+        k = _Kernels()
+        with k.mode:
+            fn(images)
+        counts.append(len(k.names))
+    return (counts[1] - counts[0]) / 8
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest"])
+def test_batched_crop_equals_the_per_image_resize(mode: str) -> None:
+    """The whole batch is cropped and resized at once, with the crop boxes and flips drawn as
+    before (same seed, same crops) and torch's antialiased weights: equal to F.interpolate per
+    image within float32 rounding, down- and upsampling, images of many sizes."""
+    g = torch.Generator().manual_seed(0)
+    images = [(torch.rand(3, 20 + 7 * i, 50 - 3 * i, generator=g) * 255).to(torch.uint8) for i in range(10)]
+    for size in (8, 24, 64):
+        args = (images, size, (0.08, 1.0), (3 / 4, 4 / 3), 0.5)
+        out = random_resized_crop(*args, torch.Generator().manual_seed(3), mode)
+        ref = _per_image_reference(*args, torch.Generator().manual_seed(3), mode)
+        assert out.shape == ref.shape == (10, 3, size, size)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-3)
+
+
+def test_per_image_work_is_one_copy(monkeypatch) -> None:
+    """Crop + resize (supervised) and padding (DINO) launch one kernel per image — the copy of the
+    decoded image into the batch — and a fixed number for the batch (was 2-3 per image)."""
+    from visionzoo.data import multicrop
+
+    crop = lambda images: random_resized_crop(images, 8, (0.3, 1.0), (3 / 4, 4 / 3), 0.5,  # noqa: E731
+                                              torch.Generator().manual_seed(0), "bicubic")
+    assert _kernels_per_image(crop) == 1
+    assert _kernels_per_image(multicrop.pad_batch) == 1
+    monkeypatch.setattr(multicrop, "CHUNK_BYTES", 1)  # one image per float32 chunk: still equal
+    g = torch.Generator().manual_seed(0)
+    images = [(torch.rand(3, 20 + 3 * i, 30 - i, generator=g) * 255).to(torch.uint8) for i in range(5)]
+    chunked = random_resized_crop(images, 8, (0.3, 1.0), (3 / 4, 4 / 3), 0.5, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(multicrop, "CHUNK_BYTES", 1 << 30)
+    whole = random_resized_crop(images, 8, (0.3, 1.0), (3 / 4, 4 / 3), 0.5, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-4)
+
+
+def test_a_rejected_file_alone_goes_to_pillow(tree, monkeypatch) -> None:
+    """decode_jpeg fails a whole batch for one bad file: the batch is halved until that file is
+    found; the others stay in batched calls (at most 2 log2(n) + 1 calls, not one per image)."""
+    root, f = tree
+    real, calls = device_decode.decode_jpeg, []
+    refused = len(f["b0"].read_bytes())
+
+    def picky(data, **kw):
+        chunks = data if isinstance(data, list) else [data]
+        calls.append(len(chunks))
+        if any(len(c) == refused for c in chunks):
+            raise RuntimeError("unsupported JPEG")
+        return real(data, **kw)
+
+    monkeypatch.setattr(device_decode, "decode_jpeg", picky)
+    ds = _dataset(root)
+    order = ["a0", "a1", "a2", "grey", "b1", "b0", "a0", "a1", "a2", "grey", "b1", "a0", "a1", "a2", "grey", "b1"]
+    loader = DeviceDecodeLoader(ds, 16, 0, torch.device("cpu"), _cfg())
+    images, targets, n_bad = loader.assemble(_batch_of(ds, [f[k] for k in order]), torch.Generator().manual_seed(0))
+    assert images.shape[0] == 16 and n_bad == 0 and loader.cpu_fallbacks == 1
+    assert targets.tolist() == [1 if k.startswith("b") else 0 for k in order]
+    assert len(calls) <= 2 * 4 + 1 and sum(1 for n in calls if n == 1) <= 4
+    decoded = device_decode.decode_batch([torch.frombuffer(bytearray(f[k].read_bytes()), dtype=torch.uint8)
+                                          for k in order], torch.device("cpu"))
+    assert [d is None for d in decoded] == [k == "b0" for k in order]
+
+
+def test_cuda_decoding_runs_on_a_side_stream(monkeypatch) -> None:
+    """nvJPEG writes on its own stream (pytorch/vision#9606): decoding runs on a side stream that
+    waits for the current one, the current stream waits for it, and every image is recorded on
+    the current stream. CUDA streams and the decoder are fakes that log what happens."""
+    from contextlib import contextmanager
+
+    log, active, made = [], [], []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(("wait", self.name, other.name))
+
+    class Image:
+        def __init__(self):
+            self.recorded = []
+
+        def record_stream(self, stream):
+            self.recorded.append(stream.name)
+            log.append(("record", stream.name))
+
+    current = Stream("current")
+
+    def new_stream(device=None):
+        made.append(Stream(f"side{len(made)}"))
+        return made[-1]
+
+    @contextmanager
+    def use(stream):
+        active.append(stream.name)
+        yield
+        active.pop()
+
+    def decode(data, device, mode):
+        log.append(("decode", active[-1] if active else "current", str(device), len(data)))
+        return [Image() for _ in data]
+
+    monkeypatch.setattr(torch.cuda, "Stream", new_stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "stream", use)
+    monkeypatch.setattr(device_decode, "decode_jpeg", decode)
+    monkeypatch.setattr(device_decode, "_SIDE_STREAMS", {})
+    chunks = [torch.zeros(4, dtype=torch.uint8)] * 3
+    out = device_decode.decode_on_device(chunks, torch.device("cuda", 1))
+    assert log == [("wait", "side0", "current"), ("decode", "side0", "cuda:1", 3), ("wait", "current", "side0"),
+                   ("record", "current"), ("record", "current"), ("record", "current")]
+    assert [img.recorded for img in out] == [["current"]] * 3
+    device_decode.decode_on_device(chunks, torch.device("cuda", 1))
+    assert len(made) == 1  # one side stream per device, kept

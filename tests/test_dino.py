@@ -315,6 +315,32 @@ def test_non_finite_loss_stops_with_a_clear_error(idx_dir: Path, tmp_path: Path,
     assert "diverged" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("allowed, code", [(0, 2), (5, 0)])
+def test_non_finite_losses_stop_the_run_or_are_skipped(idx_dir: Path, tmp_path: Path, monkeypatch, capsys,
+                                                       allowed: int, code: int) -> None:
+    """Without train.skip_nonfinite the loss is not read every step: a NaN is found at the next
+    log point, checkpoint or epoch end, and the run stops before saving anything it went through.
+    With train.skip_nonfinite=N every step's loss is read and exactly the bad steps are skipped."""
+    from visionzoo.checkpoint import checkpoint_pairs
+
+    real, calls = DINOLoss.forward, {"n": 0}
+
+    def sometimes_nan(self, s, t, temp):
+        calls["n"] += 1
+        loss = real(self, s, t, temp)
+        return loss * float("nan") if calls["n"] in (2, 4) else loss
+
+    monkeypatch.setattr(DINOLoss, "forward", sometimes_nan)
+    run = tmp_path / "r"
+    assert main(["train", "dino_fashion_mnist", "--data", str(idx_dir), "--output", str(run), *TINY_OVERRIDES,
+                 "train.log_every=0", f"train.skip_nonfinite={allowed}"]) == code
+    if code:
+        assert "diverged" in capsys.readouterr().err and checkpoint_pairs(run) == []
+    else:
+        results = json.loads((run / "results.json").read_text())
+        assert results["skipped_steps"] == 2 and results["steps"] == 4 and math.isfinite(results["ActualLoss"])
+
+
 def test_recipes_resolve() -> None:
     vit = load_config("dino_vits16_imagenet")
     assert vit.task == "dino" and vit.data.batch_size == 512 and vit.optim.name == "adamw"

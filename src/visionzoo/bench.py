@@ -207,7 +207,7 @@ def _cycle(loader, device: torch.device):
 
 def _dino_timed(training, batches, warmup: int, steps: int, device: torch.device, hp: tuple) -> dict:
     """``warmup`` untimed then ``steps`` timed DINO steps of ``batches``, images over all ranks."""
-    images, t0, loss = 0, time.perf_counter(), float("nan")
+    images, t0, loss = 0, time.perf_counter(), None
     for i in range(warmup + steps):
         if i == warmup:
             synchronize(device)
@@ -219,7 +219,7 @@ def _dino_timed(training, batches, warmup: int, steps: int, device: torch.device
     synchronize(device)
     seconds = time.perf_counter() - t0
     return {"images": images, "seconds": seconds, "steps": steps, "img_s": images / seconds if seconds > 0 else None,
-            "final_loss": loss}
+            "final_loss": training.mean_loss(loss)}  # the step leaves its loss on the device
 
 
 def bench_dino_setting(cfg: RecipeConfig, setting: Setting, device: torch.device, train_loader,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from visionzoo.data.batched_randaugment import BatchedRandAugment
 from visionzoo.data.samplers import eval_indices, sample_seed, train_indices
+from visionzoo.data.transfer import send, to_device
 
 
 def random_crop_flip(
@@ -28,16 +29,18 @@ def random_crop_flip(
         x = F.pad(x, (padding, padding, padding, padding))
     ph, pw = h + 2 * padding, w + 2 * padding
     dev = x.device
-    # Random numbers come from a CPU generator, so a run draws the same crops on any device.
-    oy = torch.randint(0, ph - size + 1, (b,), generator=generator).to(dev)
-    ox = torch.randint(0, pw - size + 1, (b,), generator=generator).to(dev)
+    # Random numbers come from a CPU generator, so a run draws the same crops on any device; they
+    # travel to the device in one asynchronous copy (data/transfer.py).
+    oy = torch.randint(0, ph - size + 1, (b,), generator=generator)
+    ox = torch.randint(0, pw - size + 1, (b,), generator=generator)
+    flip = torch.rand(b, generator=generator) < hflip if hflip > 0 else torch.zeros(b, dtype=torch.bool)
+    oy, ox, flip = send([oy, ox, flip], dev, torch.int64)
     ar = torch.arange(size, device=dev)
     rows = (oy[:, None] + ar)[:, :, None]  # [B, S, 1]
     cols = (ox[:, None] + ar)[:, None, :]  # [B, 1, S]
     if hflip > 0:
-        flip = torch.rand(b, generator=generator).to(dev) < hflip
         # A flipped crop reads its columns right to left.
-        cols = torch.where(flip[:, None, None], cols.flip(-1), cols)
+        cols = torch.where(flip.bool()[:, None, None], cols.flip(-1), cols)
     batch_idx = torch.arange(b, device=dev)[:, None, None]
     out = x[batch_idx, :, rows, cols]  # [B, S, S, C]
     return out.permute(0, 3, 1, 2)
@@ -82,7 +85,8 @@ class InMemoryLoader:
 
     def __iter__(self):
         if self.train:
-            order = train_indices(len(self.labels), self.seed, self.epoch, self.rank, self.world_size).to(self.device)
+            order = to_device(train_indices(len(self.labels), self.seed, self.epoch, self.rank, self.world_size),
+                              self.device)
         else:
             order = self.indices
         first = self.skip_batches if self.train else 0

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from visionzoo.data.transfer import send
 from visionzoo.data.transforms import timm_randaugment  # the CPU path's exact timm set-up
 from visionzoo.errors import UserError
 
@@ -291,14 +292,16 @@ class BatchedRandAugment:
         """The augmentation ``params`` describe, layer after layer; x is not modified."""
         self._check(x)
         out = x.clone()
+        layers = []
         for layer in range(self.num_layers):
             ops, on = params.op_index[layer], params.apply[layer]
             groups = []
             for k, name in enumerate(self.op_names):
-                idx = torch.nonzero(on & (ops == k)).flatten()
+                idx = torch.nonzero(on & (ops == k)).flatten()  # host tensors: no device sync
                 if idx.numel():
                     groups.append((name, idx, params.magnitude[layer, idx], params.negate[layer, idx]))
-            self._run(out, groups)
+            layers.append(groups)
+        self._run(out, layers)
         return out.clamp_(0, 255)  # the contract, even for input slightly outside [0, 255]
 
     def apply_op(self, x: torch.Tensor, name: str, magnitude: torch.Tensor, negate: torch.Tensor) -> torch.Tensor:
@@ -308,7 +311,7 @@ class BatchedRandAugment:
             raise UserError(f"RandAugment op {name} has no batched version")
         self._check(x)
         out = x.clone()
-        self._run(out, [(name, torch.arange(x.shape[0]), magnitude, negate)])
+        self._run(out, [[(name, torch.arange(x.shape[0]), magnitude, negate)]])
         return out.clamp_(0, 255)
 
     def _check(self, x: torch.Tensor) -> None:
@@ -317,33 +320,40 @@ class BatchedRandAugment:
         if self.fill.numel() not in (1, x.shape[1]):
             raise UserError(f"RandAugment fill colour {tuple(self.fill.tolist())} does not fit {x.shape[1]} channels")
 
-    def _run(self, x: torch.Tensor, groups: list) -> None:
-        """Apply (op name, CPU sample indices, magnitudes, signs) groups to disjoint samples of x
-        in place: colour ops one group at a time, all geometric ones in one grid_sample. The
-        indices and arguments go to the device in one copy each; nothing is read back."""
+    def _run(self, x: torch.Tensor, layers: list[list]) -> None:
+        """Apply, layer after layer, (op name, CPU sample indices, magnitudes, signs) groups to
+        disjoint samples of x in place: colour ops one group at a time, all geometric ones of a
+        layer in one grid_sample. Every index and argument of the batch goes to the device in one
+        asynchronous copy (float64: exact for indices and arguments); nothing is read back."""
         h, w = x.shape[-2:]
-        dev = x.device
-        pixel = [(n, i, level_to_arg(n, m, s, self.hparams)) for n, i, m, s in groups if n not in _GEOMETRIC]
-        geo = [(n, i, level_to_arg(n, m, s, self.hparams)) for n, i, m, s in groups if n in _GEOMETRIC]
-        if pixel:
-            idx = torch.cat([i for _, i, _ in pixel]).to(dev, non_blocking=True)
-            args = torch.cat([a for _, _, a in pixel]).to(x.dtype).to(dev, non_blocking=True)
-            start = 0
-            for name, i, _ in pixel:
-                sel = idx[start:start + len(i)]
-                x[sel] = _pixel_op(name, x[sel], args[start:start + len(i)].view(-1, 1, 1, 1))
-                start += len(i)
-        if geo:
-            idx = torch.cat([i for _, i, _ in geo]).to(dev, non_blocking=True)
-            theta = torch.cat([_theta(n, a, h, w) for n, _, a in geo]).to(x.dtype)
-            x[idx] = self._affine(x[idx], theta.to(dev, non_blocking=True))
+        plan, parts = [], [self.fill.double()]
+        for groups in layers:
+            pixel = [(n, i, level_to_arg(n, m, s, self.hparams)) for n, i, m, s in groups if n not in _GEOMETRIC]
+            geo = [(n, i, level_to_arg(n, m, s, self.hparams)) for n, i, m, s in groups if n in _GEOMETRIC]
+            plan.append(([(n, len(i)) for n, i, _ in pixel], bool(geo)))
+            if pixel:
+                parts += [torch.cat([i for _, i, _ in pixel]), torch.cat([a for _, _, a in pixel])]
+            if geo:
+                parts += [torch.cat([i for _, i, _ in geo]), torch.cat([_theta(n, a, h, w) for n, _, a in geo])]
+        sent = iter(send(parts, x.device, torch.float64))
+        fill = next(sent).float().view(1, -1, 1, 1)
+        for pixel, geo in plan:
+            if pixel:
+                idx, args = next(sent).long(), next(sent).to(x.dtype)
+                start = 0
+                for name, n in pixel:
+                    sel = idx[start:start + n]
+                    x[sel] = _pixel_op(name, x[sel], args[start:start + n].view(-1, 1, 1, 1))
+                    start += n
+            if geo:
+                idx, theta = next(sent).long(), next(sent).to(x.dtype)
+                x[idx] = self._affine(x[idx], theta, fill)
 
-    def _affine(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    def _affine(self, x: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
         """Pillow's affine transform: output pixels whose source point lies outside the image get
         the fill colour (a hard edge, as Pillow); inside, neighbours past the edge are clamped."""
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         inside = ((grid >= -1) & (grid < 1)).all(-1).unsqueeze(1)
         # Clamp: cubic overshoots (Pillow clips to uint8); bilinear can leave 255 by float error.
         out = F.grid_sample(x, grid, mode=self.mode, padding_mode="border", align_corners=False).clamp(0, 255)
-        fill = self.fill.to(x.device, non_blocking=True).view(1, -1, 1, 1)
         return torch.where(inside, out, fill)

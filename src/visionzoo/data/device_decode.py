@@ -4,14 +4,17 @@ The per-image CPU path (Pillow decode + RandomResizedCrop in loader workers) cos
 image per core, which caps ImageNet-style training on a GPU. Here the DataLoader workers only
 read file bytes; the training process decodes each batch with ``torchvision.io.decode_jpeg``
 on the device (batched nvJPEG on CUDA; the same call decodes on the CPU, which is how the tests
-run it), then crops, resizes (antialiased), flips, RandAugments (data.randaugment, batched:
-data/batched_randaugment.py) and normalises every image there — or, for DINO, cuts the
-multi-crop views of every image there (data/multicrop.py ``BatchedMultiCrop``).
+run it; on CUDA on a side stream, see ``decode_on_device``), then crops, resizes (antialiased),
+flips, RandAugments (data.randaugment, batched: data/batched_randaugment.py) and normalises the
+whole batch at once there — or, for DINO, cuts the multi-crop views of every image there
+(data/multicrop.py ``BatchedMultiCrop``). Random draws travel in one pinned, non-blocking copy
+per batch: nothing in the step makes the host wait for the device.
 
 Files nvJPEG is not given — not a plain 8-bit 1- or 3-channel JPEG (PNG, CMYK, arithmetic or
 12-bit JPEG), or a JPEG with no end-of-image marker after its last scan (cut off) — are decoded
 in the worker with Pillow exactly as ``ImageFolderDataset`` does, then cropped on the device
-like the rest; so is anything ``decode_jpeg`` rejects. They are counted in
+like the rest; so is any file ``decode_jpeg`` rejects (found by halving the failing batch call:
+the other files stay in batched calls). They are counted in
 ``loader.cpu_fallbacks``. Files Pillow cannot decode either are dropped and counted as bad,
 as ``collate_skip_bad`` does.
 
@@ -28,15 +31,16 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from visionzoo.data.batched_randaugment import BatchedRandAugment
 from visionzoo.data.folder import _DECODE_ERRORS, _to_rgb
+from visionzoo.data import multicrop
 from visionzoo.data.multicrop import BatchedMultiCrop, pad_batch
 from visionzoo.data.samplers import ShardSampler, sample_seed
+from visionzoo.data.transfer import send, to_device
 from visionzoo.errors import UserError
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
@@ -159,6 +163,43 @@ def crop_params(height: int, width: int, scale, ratio, u: list[list[float]]) -> 
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def _aa_filter(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """torch's antialiasing kernels (``F.interpolate(..., antialias=True)``): the triangle for
+    bilinear, Keys' cubic with a = -0.5 (Pillow's) for bicubic."""
+    x = x.abs()
+    if mode == "bilinear":
+        return (1 - x).clamp(min=0)
+    a = -0.5
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resize_weights(n_in: torch.Tensor, out: int, cap: int, mode: str, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, out, cap] matrices that resize B signals of lengths ``n_in`` ([B] float, on the device;
+    stored in the first ``n_in`` of ``cap`` entries) to ``out`` samples as
+    ``F.interpolate(mode, antialias=True)`` does (``nearest``: torch's legacy nearest), the rows of
+    images in ``flip`` in reverse order. Built on the device from the sizes: nothing is read back."""
+    n = n_in.float().view(-1, 1, 1)
+    i = torch.arange(out, device=n_in.device, dtype=torch.float32).view(1, -1, 1)
+    if flip is not None:
+        i = torch.where(flip.bool().view(-1, 1, 1), out - 1 - i, i)
+    j = torch.arange(cap, device=n_in.device, dtype=torch.float32).view(1, 1, -1)
+    scale = n / out
+    if mode == "nearest":
+        return (j == torch.minimum(torch.floor(i * scale), n - 1)).float()
+    # torch's _compute_weights_aa: taps xmin .. xmin + xsize - 1 around the centre, normalised.
+    half = 1.0 if mode == "bilinear" else 2.0  # interp_size / 2
+    support = torch.where(scale >= 1, half * scale, torch.full_like(scale, half))
+    invscale = torch.where(scale >= 1, 1 / scale, torch.ones_like(scale))
+    center = scale * (i + 0.5)
+    lo = torch.trunc(center - support + 0.5).clamp(min=0)
+    hi = torch.minimum(torch.trunc(center + support + 0.5), n)
+    w = _aa_filter((j - center + 0.5) * invscale, mode) * ((j >= lo) & (j < hi))
+    total = w.sum(-1, keepdim=True)
+    return w / torch.where(total == 0, torch.ones_like(total), total)
+
+
 def random_resized_crop(
     images: list[torch.Tensor], size: int, scale, ratio, hflip: float, generator: torch.Generator,
     interpolation: str = "bilinear",
@@ -167,20 +208,29 @@ def random_resized_crop(
     CHW images (any sizes, one device) into a float32 [B, C, size, size] batch in 0-255 units.
 
     The draws come from the CPU ``generator`` (the same crops on any device): ``_TRIES`` x 4
-    uniforms per image, then one flip uniform per image."""
-    b = len(images)
+    uniforms per image, then one flip uniform per image; the crop boxes are computed on the host.
+    The whole batch is then resized at once: each image's crop is copied into one uint8 batch
+    (one copy per image: nvJPEG returns separate tensors), and resized by two batched matrix
+    products with the weights of torch's antialiased bilinear/bicubic (or nearest) resize, the
+    flip folded into the horizontal weights; float32 copies of at most ``multicrop.CHUNK_BYTES``.
+    Equal to ``F.interpolate(crop, antialias=True)`` per image up to float32 rounding (1e-3 of a
+    grey level in the tests); torchvision's uint8 resize rounds to integers (within 1 level)."""
+    if interpolation not in ("bilinear", "bicubic", "nearest"):
+        raise UserError(f"data.interpolation={interpolation} is not bilinear, bicubic or nearest")
+    b, c, device = len(images), images[0].shape[0], images[0].device
     u = torch.rand(b, _TRIES, 4, generator=generator, dtype=torch.float64).tolist()
-    flip = (torch.rand(b, generator=generator) < hflip).tolist() if hflip > 0 else [False] * b
-    mode = "nearest" if interpolation == "nearest" else interpolation
-    aa = {} if mode == "nearest" else {"antialias": True, "align_corners": False}
-    out = []
-    for img, draws, f in zip(images, u, flip):
-        top, left, h, w = crop_params(img.shape[-2], img.shape[-1], scale, ratio, draws)
-        crop = img[None, :, top:top + h, left:left + w].float()
-        crop = F.interpolate(crop, size=(size, size), mode=mode, **aa)
-        out.append(crop.flip(-1) if f else crop)
-    x = torch.cat(out)
-    return x.clamp_(0, 255) if mode == "bicubic" else x  # bicubic overshoots, as Pillow/uint8 clamp
+    flip = torch.rand(b, generator=generator) < hflip if hflip > 0 else torch.zeros(b, dtype=torch.bool)
+    boxes = [crop_params(img.shape[-2], img.shape[-1], scale, ratio, draws) for img, draws in zip(images, u)]
+    hc, wc = max(h for _, _, h, _ in boxes), max(w for _, _, _, w in boxes)
+    crops = torch.zeros(b, c, hc, wc, dtype=torch.uint8, device=device)
+    for k, (img, (top, left, h, w)) in enumerate(zip(images, boxes)):
+        crops[k, :, :h, :w] = img[:, top:top + h, left:left + w]
+    hs, ws, flips = send([torch.tensor([bx[2] for bx in boxes]), torch.tensor([bx[3] for bx in boxes]), flip], device)
+    wy = resize_weights(hs, size, hc, interpolation)  # [B, S, hc]
+    wx = resize_weights(ws, size, wc, interpolation, flips).transpose(1, 2)  # [B, wc, S]
+    per = max(1, multicrop.CHUNK_BYTES // max(1, c * hc * wc * 4))
+    out = torch.cat([wy[i:i + per, None] @ crops[i:i + per].float() @ wx[i:i + per, None] for i in range(0, b, per)])
+    return out.clamp_(0, 255) if interpolation == "bicubic" else out  # bicubic overshoots, as Pillow/uint8 clamp
 
 
 class SupervisedAugment:
@@ -214,6 +264,53 @@ class MultiCropAugment:
             return []
         x, heights, widths = pad_batch(images)
         return self.multicrop(x, generator, (heights, widths))
+
+
+def decode_batch(chunks: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """``decode_jpeg`` of the JPEG byte tensors ``chunks`` on ``device``, batched; None for the
+    files it rejects. A batch call fails as a whole, so a failing batch is split in halves and
+    retried: one bad file costs about 2 log2(n) batched calls and only it goes to Pillow (one
+    call per file would cost a device round trip per image)."""
+    if not chunks:
+        return []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TV_DEPRECATION, category=DeprecationWarning)
+        try:
+            return list(decode_jpeg(chunks, device=device, mode=ImageReadMode.RGB))
+        except RuntimeError:
+            if len(chunks) == 1:
+                return [None]
+    half = len(chunks) // 2
+    return decode_batch(chunks[:half], device) + decode_batch(chunks[half:], device)
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def decode_on_device(chunks: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """``decode_batch`` with nvJPEG's memory kept safe on CUDA (pytorch/vision#9606): the outputs
+    are allocated on the caller's stream but written on nvJPEG's own, which does not wait for the
+    caller's, so a block freed by the caller and still read by its queued kernels could be
+    overwritten. So decoding runs on a side stream that first waits for the current one (its
+    memory pool then only hands out blocks whose users have finished), the current stream waits
+    for the side stream before using the images, and each image is recorded on the current
+    stream (the allocator keeps it until the kernels queued there have run)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return decode_batch(chunks, device)
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    side = _SIDE_STREAMS.get(key)
+    if side is None:
+        side = _SIDE_STREAMS[key] = torch.cuda.Stream(device=device)
+    current = torch.cuda.current_stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        images = decode_batch(chunks, device)
+    current.wait_stream(side)
+    for img in images:
+        if img is not None:
+            img.record_stream(current)
+    return images
 
 
 class DeviceDecodeLoader:
@@ -257,22 +354,7 @@ class DeviceDecodeLoader:
             yield self.assemble(batch, g)
 
     def _decode(self, chunks: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """decode_jpeg on the device, batched; one by one (then Pillow) when the batch call fails."""
-        if not chunks:
-            return []
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_TV_DEPRECATION, category=DeprecationWarning)
-            try:
-                return list(decode_jpeg(chunks, device=self.device, mode=ImageReadMode.RGB))
-            except RuntimeError:
-                pass
-            out = []
-            for c in chunks:
-                try:
-                    out.append(decode_jpeg(c, device=self.device, mode=ImageReadMode.RGB))
-                except RuntimeError:
-                    out.append(None)
-        return out
+        return decode_on_device(chunks, self.device)
 
     def assemble(self, batch: dict, generator: torch.Generator) -> tuple:
         """One collated batch of bytes → (augmented batch on the device, targets, n_bad)."""
@@ -289,11 +371,11 @@ class DeviceDecodeLoader:
                         n_bad += 1
                         continue
                     self.cpu_fallbacks += 1
-                    img = img.to(self.device)
+                    img = to_device(img, self.device)
             else:
-                img = next(pixels).to(self.device, non_blocking=True)
+                img = to_device(next(pixels), self.device)
                 self.cpu_fallbacks += 1
             images.append(img)
             keep.append(k)
         targets = batch["targets"][keep]
-        return self.augment(images, generator), targets.to(self.device, non_blocking=True), n_bad
+        return self.augment(images, generator), to_device(targets, self.device), n_bad

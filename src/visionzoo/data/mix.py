@@ -21,6 +21,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from visionzoo.data.transfer import to_device
+
 
 class MixParams(NamedTuple):
     """Per-sample mixing parameters (CPU, NumPy) for a batch of ``B``; sample ``i`` mixes with
@@ -110,11 +112,9 @@ class PerSampleMixup:
         blend = ~p.use_cutmix & (p.lam != 1.0)
 
         # All parameters in one float32 [B, 6] tensor (box corners are small ints, exact in
-        # float32): a single host-to-device copy. Pinned on CUDA so non_blocking is truly async.
+        # float32): a single host-to-device copy, from pinned memory on CUDA (truly async).
         packed = torch.from_numpy(np.column_stack([p.lam, blend, p.boxes]).astype(np.float32))
-        if x.is_cuda:
-            packed = packed.pin_memory()
-        packed = packed.to(x.device, non_blocking=True)
+        packed = to_device(packed, x.device)
         lam, is_blend = packed[:, 0], packed[:, 1].bool()
         y1, y2, x1, x2 = packed[:, 2:].unsqueeze(-1).unbind(1)  # each [B, 1]
 

@@ -12,6 +12,7 @@ sets and JPEGs decoded on the device have a batched version (``BatchedMultiCrop`
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -22,6 +23,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode, v2
 
 from visionzoo.data.samplers import SeededDataset, ShardSampler, sample_seed, train_indices
+from visionzoo.data.transfer import send, to_device
 
 
 def _blur(sigma: list[float], size: int, p: float) -> v2.Transform:
@@ -184,96 +186,152 @@ def _jitter_op(op: int, y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 def pad_batch(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Images of many sizes (CHW, one device) as one float [B, C, Hmax, Wmax] batch padded by
-    repeating the edge pixels (so resampling at a crop's border never reads a fill value), with
-    their heights and widths ([B] CPU tensors)."""
+    """Images of many sizes (CHW, one device) as one [B, C, Hmax + 1, Wmax + 1] batch of their
+    dtype (uint8 for decoded JPEGs: a quarter of float32's memory), with their heights and widths
+    ([B] CPU tensors). Image b sits at the top left; its last column and row are repeated once
+    (roi_align's bilinear samples read one pixel past a crop's right and bottom edges, and must see
+    the edge there, as on the image alone); the rest of the padding is zero and never read.
+
+    One copy per image (nvJPEG returns separate tensors); the edges are repeated for the whole batch
+    at once, with the sizes sent to the device in one asynchronous copy."""
     hs = torch.tensor([int(i.shape[-2]) for i in images])
     ws = torch.tensor([int(i.shape[-1]) for i in images])
-    hmax, wmax = int(hs.max()), int(ws.max())
-    out = [i[None].float() if (i.shape[-2], i.shape[-1]) == (hmax, wmax) else
-           F.pad(i[None].float(), (0, wmax - i.shape[-1], 0, hmax - i.shape[-2]), mode="replicate")
-           for i in images]
-    return torch.cat(out), hs, ws
+    hmax, wmax, c = int(hs.max()), int(ws.max()), images[0].shape[0]
+    dtypes = {i.dtype for i in images}
+    dtype = dtypes.pop() if len(dtypes) == 1 else functools.reduce(torch.promote_types, dtypes)
+    x = torch.zeros(len(images), c, hmax + 1, wmax + 1, dtype=dtype, device=images[0].device)
+    for b, img in enumerate(images):
+        x[b, :, :img.shape[-2], :img.shape[-1]] = img
+    h_dev, w_dev = send([hs, ws], x.device, torch.int64)
+    col = w_dev.view(-1, 1, 1, 1).expand(-1, c, hmax + 1, 1)
+    x.scatter_(3, col, x.gather(3, col - 1))
+    row = h_dev.view(-1, 1, 1, 1).expand(-1, c, 1, wmax + 1)
+    x.scatter_(2, row, x.gather(2, row - 1))  # after the column: the corner is repeated too
+    return x, hs, ws
+
+
+# Crops are cut from float32 copies of at most this many bytes of the (uint8) batch at a time:
+# 64 multi-megapixel photos would otherwise need gigabytes of float32 for one step.
+CHUNK_BYTES = 256 << 20
 
 
 class BatchedMultiCrop:
     """uint8 or float [B, C, H, W] batch (0-255) → the same list of crops as MultiCropTransform,
-    normalised. ``sizes`` = (heights, widths) when the batch holds padded images of many sizes."""
+    normalised. ``sizes`` = (heights, widths) when the batch holds padded images of many sizes
+    (``pad_batch``).
+
+    Every random draw of the batch is made first on the CPU, in a fixed order (crop after crop:
+    box, flip, jitter, greyscale, blur, solarize), and sent to the device in one asynchronous copy;
+    then each crop size is cut from the batch with one roi_align per chunk of images (the float
+    copy of a chunk is bounded by ``CHUNK_BYTES``), and the colour ops run on each crop batch.
+    Nothing is read back from the device."""
 
     def __init__(self, d, dino):
         self.d, self.dino = d, dino
-        self.mean = torch.tensor(d.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(d.std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.mean = torch.tensor(d.mean, dtype=torch.float32)
+        self.std = torch.tensor(d.std, dtype=torch.float32)
 
-    def _jitter(self, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        b, c, dev = y.shape[0], y.shape[1], y.device
-        bc, cc, sc, hc = self.dino.color_jitter
+    def _draw(self, b: int, c: int, sizes, scale: list[float], blur_p: float, solarize_p: float,
+              g: torch.Generator) -> dict:
+        """One crop position's draws for ``b`` images (CPU tensors)."""
+        dino = self.dino
+        bc, cc, sc, hc = dino.color_jitter
 
         def factor(spread: float) -> torch.Tensor:  # ColorJitter's U(1 - s, 1 + s) per image
             return torch.empty(b).uniform_(max(0.0, 1 - spread), 1 + spread, generator=g)
 
-        bright, contrast = factor(bc), factor(cc)
+        out = {"boxes": random_resized_boxes(b, *sizes, scale, g), "flip": torch.rand(b, generator=g) < self.d.hflip}
+        out["factors"] = torch.stack([factor(bc), factor(cc)])
         if c == 1:  # brightness and contrast in a random order (the other two are identities)
-            order = (torch.rand(b, generator=g) < 0.5).to(dev)[:, None, None, None]
-            bf, cf = bright.to(dev)[:, None, None, None], contrast.to(dev)[:, None, None, None]
-
-            def brightness(t):
-                return (t * bf).clamp(0, 255)
-
-            def contrast_(t):
-                return (cf * t + (1 - cf) * t.mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 255)
-
-            jittered = torch.where(order, contrast_(brightness(y)), brightness(contrast_(y)))
-            return torch.where((torch.rand(b, generator=g) < self.dino.color_jitter_p).to(dev)[:, None, None, None],
-                               jittered, y)
-        factors = [bright, contrast, factor(sc), torch.empty(b).uniform_(-hc, hc, generator=g)]
-        order = torch.argsort(torch.rand(b, 4, generator=g), dim=1)  # a random permutation per image
-        apply = torch.rand(b, generator=g) < self.dino.color_jitter_p
-        spreads = (bc, cc, sc, hc)
-        for slot in range(4):
-            for op in range(4):
-                if spreads[op] == 0:
-                    continue
-                rows = torch.nonzero(apply & (order[:, slot] == op))[:, 0]  # CPU: no device sync
-                if len(rows):
-                    idx = rows.to(dev, non_blocking=True)
-                    y[idx] = _jitter_op(op, y[idx], factors[op][rows])
-        return y
-
-    def _crop(self, x: torch.Tensor, sizes, size: int, scale: list[float], blur_p: float, solarize_p: float,
-              g: torch.Generator) -> torch.Tensor:
-        dino, b, c, dev = self.dino, x.shape[0], x.shape[1], x.device
-        h, w = sizes if sizes is not None else (x.shape[-2], x.shape[-1])
-        boxes = random_resized_boxes(b, h, w, scale, g)
-        rois = torch.cat([torch.arange(b, dtype=torch.float32)[:, None], boxes], 1).to(dev, non_blocking=True)
-        y = roi_align(x, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-
-        def draw(p: float) -> torch.Tensor:  # per-image Bernoulli(p), on the batch's device
-            return (torch.rand(b, generator=g) < p).to(dev)[:, None, None, None]
-
-        y = torch.where(draw(self.d.hflip), y.flip(-1), y)
-        y = self._jitter(y, g)
-        if c == 3:
-            y = torch.where(draw(dino.grayscale_p), grey(y).expand(-1, 3, -1, -1), y)
+            out["order"] = torch.rand(b, generator=g) < 0.5
+            out["jitter"] = torch.rand(b, generator=g) < dino.color_jitter_p
+        else:
+            saturation = factor(sc)[None]
+            hue = torch.empty(1, b).uniform_(-hc, hc, generator=g)
+            out["factors"] = torch.cat([out["factors"], saturation, hue])
+            order = torch.argsort(torch.rand(b, 4, generator=g), dim=1)  # a random permutation per image
+            apply = torch.rand(b, generator=g) < dino.color_jitter_p
+            spreads = (bc, cc, sc, hc)
+            # (slot, op, rows): the images op `op` runs on in slot `slot`, chosen on the CPU.
+            out["groups"] = [(slot, op, torch.nonzero(apply & (order[:, slot] == op))[:, 0])
+                             for slot in range(4) for op in range(4) if spreads[op] != 0]
+            out["grey"] = torch.rand(b, generator=g) < dino.grayscale_p
         sigma = torch.empty(b).uniform_(dino.blur_sigma[0], dino.blur_sigma[1], generator=g)
-        sigma = torch.where(torch.rand(b, generator=g) < blur_p, sigma, torch.zeros(b))
+        out["sigma"] = torch.where(torch.rand(b, generator=g) < blur_p, sigma, torch.zeros(b))
+        if solarize_p > 0:
+            out["solarize"] = torch.rand(b, generator=g) < solarize_p
+        return out
+
+    def _colour(self, y: torch.Tensor, p: dict, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """Flip, jitter, greyscale, blur, solarize and normalise one crop batch with its draws ``p``
+        (device tensors, except the host-side ``groups`` sizes and ``blur`` flag)."""
+        b, c, dino = y.shape[0], y.shape[1], self.dino
+        y = torch.where(p["flip"].bool().view(b, 1, 1, 1), y.flip(-1), y)
+        if c == 1:
+            bf, cf = p["factors"][0].view(b, 1, 1, 1), p["factors"][1].view(b, 1, 1, 1)
+            brightness = lambda t: (t * bf).clamp(0, 255)  # noqa: E731
+            contrast = lambda t: (cf * t + (1 - cf) * t.mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 255)  # noqa: E731
+            jittered = torch.where(p["order"].bool().view(b, 1, 1, 1), contrast(brightness(y)), brightness(contrast(y)))
+            y = torch.where(p["jitter"].bool().view(b, 1, 1, 1), jittered, y)
+        else:
+            for (_, op, _), rows in zip(p["groups"], p["rows"]):
+                if rows is not None:
+                    y[rows] = _jitter_op(op, y[rows], p["factors"][op][rows])
+            y = torch.where(p["grey"].bool().view(b, 1, 1, 1), grey(y).expand(-1, 3, -1, -1), y)
         k = 2 * math.ceil(3 * dino.blur_sigma[1]) + 1
         k = max(1, min(k, size if size % 2 else size - 1))
-        if k > 1 and bool((sigma > 0).any()):
-            y = gaussian_blur_batch(y, sigma, k)
-        if solarize_p > 0:
-            y = torch.where(draw(solarize_p) & (y >= 128), 255 - y, y)
-        return (y - self.mean.to(dev)) / self.std.to(dev)
+        if k > 1 and p["blur"]:  # decided on the CPU draws: no device sync
+            y = gaussian_blur_batch(y, p["sigma"], k)
+        if "solarize" in p:
+            y = torch.where(p["solarize"].bool().view(b, 1, 1, 1) & (y >= 128), 255 - y, y)
+        return (y - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
     def __call__(self, images: torch.Tensor, g: torch.Generator,
                  sizes: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
         d, dino = self.d, self.dino
-        x = images.float()
+        b, c, h, w = images.shape
+        sizes = sizes if sizes is not None else (h, w)
         p1, p2, pl = dino.blur_p
-        crops = [self._crop(x, sizes, d.image_size, dino.global_crops_scale, p1, 0.0, g),
-                 self._crop(x, sizes, d.image_size, dino.global_crops_scale, p2, dino.solarize_p, g)]
-        crops += [self._crop(x, sizes, dino.local_crop_size, dino.local_crops_scale, pl, 0.0, g)
-                  for _ in range(dino.local_crops_number)]
+        specs = [(d.image_size, dino.global_crops_scale, p1, 0.0),
+                 (d.image_size, dino.global_crops_scale, p2, dino.solarize_p)]
+        specs += [(dino.local_crop_size, dino.local_crops_scale, pl, 0.0)] * dino.local_crops_number
+        draws = [self._draw(b, c, sizes, scale, blur, sol, g) for _, scale, blur, sol in specs]
+
+        # Images per float32 chunk, and the roi_align boxes of every (chunk, crop size): image
+        # indices relative to the chunk, crops of one size after each other.
+        per = max(1, CHUNK_BYTES // max(1, c * h * w * 4))
+        chunks = [(i, min(i + per, b)) for i in range(0, b, per)]
+        by_size: dict[int, list[int]] = {}
+        for j, (size, *_) in enumerate(specs):
+            by_size.setdefault(size, []).append(j)
+        parts, layout = [self.mean, self.std], []
+        for i0, i1 in chunks:
+            index = torch.arange(i1 - i0, dtype=torch.float32)[:, None]
+            for size, js in by_size.items():
+                parts.append(torch.cat([torch.cat([index, draws[j]["boxes"][i0:i1]], 1) for j in js]))
+                layout.append((i0, i1, size, js))
+        names = ("flip", "factors", "order", "jitter", "grey", "sigma", "solarize")
+        for p in draws:
+            parts += [p[n] for n in names if n in p] + [rows for _, _, rows in p.get("groups", []) if len(rows)]
+        sent = iter(send(parts, images.device))  # float32: boxes, factors and indices are exact
+
+        mean, std = next(sent), next(sent)
+        pieces: list[list[torch.Tensor]] = [[] for _ in specs]
+        for i0, i1, size, js in layout:
+            rois = next(sent)
+            cut = roi_align(images[i0:i1].float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1,
+                            aligned=True)
+            for n, j in enumerate(cut.chunk(len(js))):
+                pieces[js[n]].append(j)
+        crops = []
+        for (size, *_), p, piece in zip(specs, draws, pieces):
+            on_device = {n: next(sent) for n in names if n in p}
+            on_device["groups"] = p.get("groups", [])
+            on_device["rows"] = [next(sent).long() if len(rows) else None for _, _, rows in on_device["groups"]]
+            # (the rows of an empty group were not sent: nothing is taken for them)
+            on_device["blur"] = bool((p["sigma"] > 0).any())  # a host tensor: no device sync
+            y = torch.cat(piece) if len(piece) > 1 else piece[0]
+            crops.append(self._colour(y, on_device, size, mean, std))
         return crops
 
 
@@ -297,9 +355,10 @@ class InMemoryMultiCropLoader:
         return len(self.labels) // self.world_size // self.batch_size - self.skip_batches
 
     def __iter__(self):
-        order = train_indices(len(self.labels), self.seed, self.epoch, self.rank, self.world_size)
+        order = to_device(train_indices(len(self.labels), self.seed, self.epoch, self.rank, self.world_size),
+                          self.device)
         for i in range(self.skip_batches, self.skip_batches + len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size].to(self.device)
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             # Each rank's batch i of the epoch draws its own augmentation.
             g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, i * self.world_size + self.rank))
             yield self.augment(self.images[idx], g), self.labels[idx], 0

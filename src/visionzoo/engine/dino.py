@@ -71,10 +71,10 @@ def clip_per_tensor(params: list[torch.Tensor], max_norm: float) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
+    # All on the device, a few foreach kernels: the reference reads every norm on the host.
     norms = torch.stack(torch._foreach_norm(grads))
     coefs = (max_norm / (norms.float() + 1e-6)).clamp(max=1.0)
-    for g, c in zip(grads, coefs.unbind()):
-        g.mul_(c.to(g.dtype))
+    torch._foreach_mul_(grads, list(coefs.unbind()))
 
 
 class DinoStep:
@@ -140,6 +140,11 @@ class DinoTraining:
         self.teacher_fwd: nn.Module = teacher
         self.autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
         self.reduce = None
+        self.device = device
+        # train.skip_nonfinite > 0: read every step's loss (one sync per step, the price of skipping
+        # exactly the bad steps); otherwise count non-finite losses on the device (``nonfinite_losses``).
+        self.check_each_step = False
+        self.nonfinite: torch.Tensor | None = None
 
     def wrap(self, device: torch.device, ddp: bool, compile: bool, sync_teacher: bool = True) -> None:
         """DDP around the student on several ranks (then, with ``sync_teacher``, the teacher
@@ -154,9 +159,14 @@ class DinoTraining:
             self.model, self.teacher_fwd = torch.compile(self.model), torch.compile(self.teacher)
 
     def step(self, crops: list[torch.Tensor], lr: float, wd: float, momentum: float, teacher_temp: float,
-             freeze_last_layer: bool) -> float:
-        """One optimizer step on a multi-crop batch already on the device; returns the loss
-        averaged over ranks. A non-finite loss takes no step (the caller decides what follows)."""
+             freeze_last_layer: bool) -> torch.Tensor | None:
+        """One optimizer step on a multi-crop batch already on the device; returns this rank's
+        loss as a device tensor (``mean_loss`` reads it, averaged over ranks), nothing read back.
+
+        A non-finite loss: with ``check_each_step`` every rank reads the loss summed over ranks
+        (one sync per step), takes no step and returns None (the caller counts it); otherwise the
+        step is taken and counted on the device, and the caller checks ``nonfinite_losses`` at its
+        log points, checkpoints and epoch ends, stopping before any diverged weights are saved."""
         for i, group in enumerate(self.optimizer.param_groups):  # floats: the state loads weights_only
             group["lr"] = lr
             if i == 0:  # only the first group (weights, not biases/norms) is decayed
@@ -165,16 +175,30 @@ class DinoTraining:
             with torch.no_grad():
                 teacher_out = self.teacher_fwd(crops[:2])
             loss = self.criterion(self.model(crops), teacher_out, teacher_temp)
-        # One sync per step, as the reference: stop on a diverged loss. Summed over ranks, so that a
-        # NaN on any rank stops (or skips on) every rank alike, and DDP never hangs.
-        value = distributed.all_reduce_sum(loss.detach().float().clone()).item() / distributed.from_env().world_size
-        if not math.isfinite(value):
-            self.optimizer.zero_grad(set_to_none=True)
-            return value
+        if self.check_each_step:
+            # Summed over ranks, so that a NaN on any rank skips the step on every rank alike.
+            if not math.isfinite(distributed.all_reduce_sum(loss.detach().float().clone()).item()):
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+        else:
+            bad = (~torch.isfinite(loss.detach())).float()
+            self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
         self.stepper(loss, freeze_last_layer)
         update_teacher(self.student, self.teacher, momentum)
         self.criterion.update_center(teacher_out, self.reduce)
-        return value
+        return loss.detach()
+
+    def mean_loss(self, loss: torch.Tensor | float | None) -> float:
+        """A step's loss averaged over ranks, on the host (a sync; every rank must call it). A
+        float (a resumed run's last loss) or None (no step yet: nan) is returned as it is."""
+        if not isinstance(loss, torch.Tensor):
+            return float("nan") if loss is None else float(loss)
+        return distributed.all_reduce_sum(loss.float().clone()).item() / distributed.world_size()
+
+    def nonfinite_losses(self) -> int:
+        """Steps with a NaN/inf loss so far, on any rank (a sync; every rank must call it)."""
+        flag = self.nonfinite.clone() if self.nonfinite is not None else torch.zeros((), device=self.device)
+        return int(distributed.all_reduce_sum(flag).item())
 
 
 def build_dino_training(cfg: RecipeConfig, device: torch.device, amp_dtype: torch.dtype | None) -> DinoTraining:
@@ -187,7 +211,9 @@ def build_dino_training(cfg: RecipeConfig, device: torch.device, amp_dtype: torc
     criterion = DINOLoss(dc.out_dim, dc.student_temp, dc.center_momentum).to(device)
     optimizer = build_optimizer(student, cfg.optim, device.type)
     stepper = DinoStep(optimizer, student, device, amp_dtype, cfg.train.loss_scale, cfg.train.init_scale, dc.clip_grad)
-    return DinoTraining(student, teacher, criterion, optimizer, stepper, amp_dtype, device, model_args)
+    training = DinoTraining(student, teacher, criterion, optimizer, stepper, amp_dtype, device, model_args)
+    training.check_each_step = cfg.train.skip_nonfinite > 0
+    return training
 
 
 def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -> dict:
@@ -264,8 +290,11 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
     def checkpoint(epoch: float, acc1: float | None, batches_in_epoch: int = 0, sums: tuple = (0.0, 0, 0)) -> None:
         """Write the position: ``epoch`` epochs done plus ``batches_in_epoch`` batches of the next,
         with that epoch's (loss sum, images, steps) so far (a collective: every rank calls it at
-        the same step and hands over its RNG streams)."""
+        the same step and hands over its RNG streams). Never saves weights a NaN/inf loss went through."""
+        check_finite()
+        sums = tuple(float(v) for v in sums)  # the loss sum lives on the device: read here
         ranks = per_rank({"rng": rng_state(device), "epoch_sums": torch.tensor(sums, dtype=torch.float64)})
+        loss_now = parts.mean_loss(last_loss)  # every rank: an all-reduce
         if info.is_main:
             # Throughput and wall time so far, so a resumed run's results cover every session.
             open_s = time.perf_counter() - t_mark if timing and batches_in_epoch else 0.0
@@ -273,10 +302,17 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                      "student": student.state_dict(), "teacher": teacher.state_dict(),
                      "dino_loss": criterion.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": stepper.scaler.state_dict(), "nonfinite": nonfinite, "ranks": ranks,
-                     "last_loss": last_loss, "timed": [timed_images, timed_seconds + open_s],
+                     "last_loss": loss_now, "timed": [timed_images, timed_seconds + open_s],
                      "elapsed_s": elapsed_before + time.perf_counter() - t0}
             save_checkpoint(run_dir, step, teacher.backbone, {**meta, "epoch": epoch, "acc1": acc1}, state,
                             t.keep_checkpoints)
+
+    def check_finite() -> None:
+        """Stop if a NaN/inf loss went by (counted on the device; one sync, on every rank)."""
+        if parts.nonfinite_losses() > 0:
+            raise UserError(f"the loss became NaN/inf by epoch {epoch + 1}, step {step}: training diverged (try a "
+                            f"lower optim.lr, train.amp=bf16 or none, a longer schedule.warmup_epochs, or "
+                            f"train.skip_nonfinite=N)")
 
     last_loss, knn, nonfinite, skip, resumed_sums = float("nan"), None, 0, 0, (0.0, 0, 0)
     if state is not None:
@@ -301,6 +337,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                 student.train()
                 teacher.train()  # as the reference; the teacher has no dropout or drop path
                 (loss_sum, count), done_in_epoch = (resumed_sums[:2] if skip else (0.0, 0)), int(resumed_sums[2]) if skip else 0
+                loss_sum = torch.full((), loss_sum, dtype=torch.float64, device=device)  # summed on the device
                 seen, fresh, skip = skip, 0, 0  # seen: batches of this epoch consumed; fresh: images this session
                 t_epoch = t_mark = time.perf_counter()
                 for crops, _, _ in loader:
@@ -309,17 +346,18 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                         continue
                     it = min(step, total - 1)  # a perf run may outlast the schedule
                     crops = [c.to(device, non_blocking=True) for c in crops]
-                    last_loss = parts.step(crops, float(lrs[it]), float(wds[it]), float(moms[it]), float(temps[it]),
-                                           freeze_last_layer=epoch < dc.freeze_last_layer)
-                    if not math.isfinite(last_loss):
+                    loss = parts.step(crops, float(lrs[it]), float(wds[it]), float(moms[it]), float(temps[it]),
+                                      freeze_last_layer=epoch < dc.freeze_last_layer)
+                    if loss is None:  # train.skip_nonfinite > 0: a NaN/inf loss, no step taken on any rank
                         nonfinite += 1
                         if nonfinite > t.skip_nonfinite:
-                            raise UserError(f"loss is {last_loss} at epoch {epoch + 1}, step {step}: training diverged "
-                                            f"(try a lower optim.lr, train.amp=bf16 or none, a longer "
-                                            f"schedule.warmup_epochs, or train.skip_nonfinite=N)")
+                            raise UserError(f"{nonfinite} steps had a NaN/inf loss by epoch {epoch + 1}, step {step}: "
+                                            f"training diverged (train.skip_nonfinite={t.skip_nonfinite}; try a "
+                                            f"lower optim.lr, train.amp=bf16 or none, a longer schedule.warmup_epochs)")
                         continue
                     n = crops[0].shape[0]
-                    loss_sum, count, fresh = loss_sum + last_loss * n, count + n, fresh + n
+                    last_loss = loss
+                    loss_sum, count, fresh = loss_sum + loss.double() * n, count + n, fresh + n
                     step, done_in_epoch = step + 1, done_in_epoch + 1
                     if first_step_s is None:  # one sync per run: how long compiling (or warming up) took
                         synchronize(device)
@@ -329,13 +367,18 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                     elif step == warm_at:
                         synchronize(device)
                         timing, t_mark = True, time.perf_counter()
-                    if info.is_main and t.log_every > 0 and (step % t.log_every == 0 or step == 1):
+                    # A log point (every log_every steps, and the first step): the host reads, on every rank.
+                    if t.log_every > 0 and (step % t.log_every == 0 or step == 1):
+                        check_finite()
+                        value = parts.mean_loss(loss)
                         elapsed = timed_seconds + (time.perf_counter() - t_mark if timing else 0.0)
                         rate = timed_images / elapsed if elapsed > 0 and timed_images else None
-                        log.write(kind="step", epoch=epoch + 1, step=step, loss=last_loss, lr=float(lrs[it]),
-                                  wd=float(wds[it]), momentum=float(moms[it]), teacher_temp=float(temps[it]), img_s=rate)
-                        print(f"epoch {epoch + 1} step {done_in_epoch}/{steps_per_epoch} loss {last_loss:.4f} "
-                              f"lr {lrs[it]:.3g}" + (f" {rate:.0f} img/s" if rate else ""), flush=True)
+                        if info.is_main:
+                            log.write(kind="step", epoch=epoch + 1, step=step, loss=value, lr=float(lrs[it]),
+                                      wd=float(wds[it]), momentum=float(moms[it]), teacher_temp=float(temps[it]),
+                                      img_s=rate)
+                            print(f"epoch {epoch + 1} step {done_in_epoch}/{steps_per_epoch} loss {value:.4f} "
+                                  f"lr {lrs[it]:.3g}" + (f" {rate:.0f} img/s" if rate else ""), flush=True)
                     if done_in_epoch >= steps_per_epoch or (perf and step >= stop_at):
                         break
                     if not perf:  # mid-epoch checkpoints, and SIGTERM/SIGINT agreed on by all ranks
@@ -352,7 +395,8 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                 epoch += 1
                 if perf:
                     continue
-                sums = distributed.all_reduce_sum(torch.tensor([loss_sum, count], dtype=torch.float64, device=device))
+                check_finite()
+                sums = distributed.all_reduce_sum(torch.stack([loss_sum, torch.full_like(loss_sum, count)]))
                 record = dict(kind="epoch", epoch=epoch, step=step, train_loss=float(sums[0] / sums[1].clamp(min=1)),
                               lr=float(optimizer.param_groups[0]["lr"]), img_s=fresh * info.world_size / train_seconds)
                 if epoch == t.epochs or (t.eval_every > 0 and epoch % t.eval_every == 0):
@@ -375,6 +419,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                 # Resumed after the last epoch's checkpoint (killed before the results were
                 # written): evaluate the final teacher, as the last epoch did.
                 knn = _knn(teacher.backbone, cfg, device, amp_dtype)
+        last_loss = parts.mean_loss(last_loss)  # every rank: an all-reduce
     except BaseException as err:
         end_failed_run(err, info.is_main, run_dir, log, step)
 

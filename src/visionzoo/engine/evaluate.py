@@ -46,7 +46,9 @@ def evaluate(
         logits = logits.float()
         top1, top5 = topk_correct(logits, targets)
         loss = F.cross_entropy(logits, targets, reduction="sum")
-        totals += torch.stack([loss.double(), top1.double(), top5.double(), torch.tensor(len(targets), device=device, dtype=torch.float64)])
+        # torch.full: a fill kernel; torch.tensor(n, device=...) would be a blocking host→device copy.
+        count = torch.full((), len(targets), device=device, dtype=torch.float64)
+        totals += torch.stack([loss.double(), top1.double(), top5.double(), count])
     if reduce is not None:
         totals = reduce(totals)
     loss_sum, top1, top5, count = totals.tolist()

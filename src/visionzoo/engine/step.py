@@ -3,7 +3,9 @@
 Both loss-scaling styles of the seeds (apex O1/O2 with a dynamic scale, or a static scale such
 as DenseNet's 1024) map onto ``torch.amp.GradScaler``: a static scale is the dynamic scaler
 reset to the same value after every step. Steps whose gradients are not finite are skipped by
-the scaler and counted."""
+the scaler and counted — on the device: the fused optimizers of CUDA (optim.py) skip such a step
+without the host reading the flag, so counting must not read it either; ``skipped`` reads the
+count (log points, checkpoints, results)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ class GradStep:
         self.static_scale = float(loss_scale) if fp16 and loss_scale != "dynamic" else None
         scale = self.static_scale or init_scale
         self.scaler = torch.amp.GradScaler(device.type, init_scale=scale, enabled=fp16)
-        self.skipped = 0  # optimizer steps dropped for non-finite gradients
+        self._skipped_before = 0  # steps dropped before this session (from a checkpoint)
+        self._skipped: torch.Tensor | None = None  # steps dropped since, counted on the device
 
     def __call__(self, loss: torch.Tensor, update: bool = True) -> None:
         """Backward ``loss``; when ``update``, also clip and step (gradient accumulation
@@ -38,15 +41,20 @@ class GradStep:
             clip_gradients(self.clip_params, self.clip_mode, self.clip_value)
         self.scaler.step(self.optimizer)
         if self.scaler.is_enabled():
-            # step() has already synchronised to read this flag, so reading it again is free.
             found_inf = self.scaler._found_inf_per_device(self.optimizer)  # noqa: SLF001
-            self.skipped += int(sum(v.item() for v in found_inf.values()) > 0)
+            dropped = (sum(found_inf.values()) > 0).long()
+            self._skipped = dropped if self._skipped is None else self._skipped + dropped
         self.scaler.update(self.static_scale)
         self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def skipped(self) -> int:
+        """Optimizer steps dropped for non-finite gradients so far (a host read of the device count)."""
+        return self._skipped_before + (int(self._skipped.item()) if self._skipped is not None else 0)
 
     def state_dict(self) -> dict:
         return {"scaler": self.scaler.state_dict(), "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.scaler.load_state_dict(state["scaler"])
-        self.skipped = state["skipped"]
+        self._skipped_before, self._skipped = state["skipped"], None

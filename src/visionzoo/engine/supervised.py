@@ -163,6 +163,8 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
             logits = loop.model(images)
             loss = loop.criterion(logits, targets)
         finite = torch.isfinite(loss.detach())
+        # train.skip_nonfinite > 0 reads every step's loss (the one allowed per-step sync: skipping
+        # exactly the bad steps needs it); otherwise the flag below is checked lazily.
         if loop.skip_nonfinite > 0 and not bool(distributed.all_reduce_sum(finite.float()) == distributed.world_size()):
             # Drop this step everywhere; stop once more than the allowed number went by.
             loop.nonfinite_skipped += 1
@@ -178,7 +180,7 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
         sums += torch.stack([
             torch.nan_to_num(loss.detach().double()) * n,
             (logits.detach().argmax(1) == hard_targets).sum().double(),
-            torch.tensor(n, dtype=torch.float64, device=loop.device),
+            torch.full((), n, dtype=torch.float64, device=loop.device),  # a fill kernel, not a host→device copy
         ])
         stats.images += n
         if t_start is not None:

@@ -171,7 +171,9 @@ class DINOLoss(nn.Module):
     def update_center(self, teacher_out: torch.Tensor, all_reduce_sum=None) -> None:
         """``center = m * center + (1 - m) * mean of teacher_out`` over all ranks' rows
         (``all_reduce_sum`` sums a tensor over ranks; None: one process)."""
-        sums = torch.cat([teacher_out.float().sum(0), teacher_out.new_tensor([teacher_out.shape[0]], dtype=torch.float32)])
+        # new_full is a fill kernel (new_tensor would copy from the host and wait for the device).
+        rows = teacher_out.new_full((1,), teacher_out.shape[0], dtype=torch.float32)
+        sums = torch.cat([teacher_out.float().sum(0), rows])
         if all_reduce_sum is not None:
             sums = all_reduce_sum(sums)
         batch_center = (sums[:-1] / sums[-1]).unsqueeze(0)
