@@ -205,6 +205,22 @@ def cmd_infer(args: argparse.Namespace) -> None:
     run_infer(args.model, args.images, args.data, args.batch_size, args.workers, args.output)
 
 
+def cmd_data(args: argparse.Namespace) -> None:
+    if args.data_command == "pack":
+        from visionzoo.data.pack import pack
+
+        pack(args.src, args.out, args.format, args.shard_size, args.shard_samples, args.resize, args.workers,
+             args.seed, args.quality, args.source)
+    elif args.data_command == "verify":
+        from visionzoo.data.pack import verify
+
+        verify(args.out, deep=args.deep)
+    else:
+        from visionzoo.data.scan_cache import scan_report
+
+        scan_report(args.dir, check=not args.no_check, workers=args.workers)
+
+
 def cmd_runs(args: argparse.Namespace) -> None:
     from visionzoo.runs import print_compare, print_runs
 
@@ -317,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="data.workers: loader processes for image folders")
     p.add_argument("--output", help="JSON results file (default: <model>.infer.json next to the model)")
     p.set_defaults(func=cmd_infer)
+    _add_data_parser(sub, fmt)
     p = sub.add_parser("runs", help="list the runs under a folder, or compare two runs", formatter_class=fmt,
                        epilog="examples:\n  visionzoo runs\n  visionzoo runs /scratch/runs\n  visionzoo runs runs/fashion_mnist-20261123-101500   # one run\n"
                               "  visionzoo runs --compare runs/a runs/b     # differing config keys + results\n")
@@ -325,6 +342,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="show two runs' config differences and results")
     p.set_defaults(func=cmd_runs)
     return parser
+
+
+def _add_data_parser(sub, fmt) -> None:
+    """``visionzoo data pack|verify|scan``: convert, check and inspect data sets."""
+    p = sub.add_parser("data", help="pack data into shards, verify shards, scan an image folder", formatter_class=fmt,
+                       epilog="examples:\n  visionzoo data pack /data/imagenet /data/in1k-wds --format webdataset --workers 8\n"
+                              "  visionzoo data pack /data/imagenet /data/in1k-256 --resize 256 --shard-size 1GB\n"
+                              "  visionzoo data pack ~/data/cifar-100-python /data/c100-hf --format hfds\n"
+                              "  visionzoo data verify /data/in1k-wds\n  visionzoo data scan /data/imagenet --workers 8\n")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    q = dsub.add_parser("pack", help="convert an ImageFolder (or CIFAR / IDX) folder into tar or parquet shards",
+                        formatter_class=fmt)
+    q.add_argument("src", help="ImageFolder root (train/ and val/), CIFAR folder or IDX folder")
+    q.add_argument("out", help="output folder (new or empty)")
+    q.add_argument("--format", default="webdataset", choices=("webdataset", "hfds"),
+                   help="webdataset: OUT/train-NNNNNN.tar; hfds: the Hub's parquet layout (default: webdataset)")
+    q.add_argument("--shard-size", default="512MB", help="largest shard, e.g. 512MB, 1GB (default 512MB)")
+    q.add_argument("--shard-samples", type=int, default=0, help="also at most this many images per shard (0: no limit)")
+    q.add_argument("--resize", type=int, default=0,
+                   help="re-encode images whose short side exceeds S at short side S (JPEG); 0: copy files as they are")
+    q.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
+    q.add_argument("--workers", type=int, default=0, help="encoding processes (default 0: in this process)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the one shuffle of the training samples")
+    q.add_argument("--source", default="auto", choices=("auto", "imagefolder", "cifar10", "cifar100", "fashion_mnist", "mnist"),
+                   help="what SRC holds (default: guessed)")
+    q = dsub.add_parser("verify", help="re-check shards against their manifest.json (size, sha256)", formatter_class=fmt)
+    q.add_argument("out", help="a folder written by visionzoo data pack")
+    q.add_argument("--deep", action="store_true", help="also read every shard and count its samples")
+    q = dsub.add_parser("scan", help="images per class, unreadable files and the file-list cache of an image folder",
+                        formatter_class=fmt)
+    q.add_argument("dir", help="ImageFolder root (with train/ val/) or one split folder")
+    q.add_argument("--no-check", action="store_true", help="only list and count files, do not decode them")
+    q.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: in this process)")
+    p.set_defaults(func=cmd_data)
 
 
 def main(argv: list[str] | None = None) -> int:

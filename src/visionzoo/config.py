@@ -20,7 +20,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from visionzoo.errors import UserError
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
-DATASETS = ("imagefolder", "cifar10", "cifar100", "fashion_mnist", "mnist", "synthetic")
+DATASETS = ("imagefolder", "cifar10", "cifar100", "fashion_mnist", "mnist", "synthetic", "webdataset", "hfds")
 
 
 def _check(value: Any, allowed: tuple, key: str) -> None:
@@ -63,6 +63,15 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
     std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
     synthetic_samples: int = 512  # images per split for data.name=synthetic
+    # Shards (data.name=webdataset: tar files; hfds: Hugging Face parquet / save_to_disk), see
+    # data/shards.py. train/val: the splits' shards (brace pattern, glob, folder or URL pattern);
+    # None: found from data.path (DATA/train-*.tar + DATA/val-*.tar, or the Hub's parquet layout).
+    train: Optional[str] = None
+    val: Optional[str] = None
+    shuffle_buffer: int = 2048  # samples each loader worker shuffles among (after a per-epoch shard order)
+    io_timeout: float = 60.0  # seconds a shard URL may take to answer or to send more bytes
+    io_retries: int = 2  # re-opens of a remote shard that broke off, continuing where it stopped
+    scan_cache: bool = True  # imagefolder: cache the file list (data/scan_cache.py)
 
     def __post_init__(self) -> None:
         _check(self.name, DATASETS, "data.name")
@@ -71,6 +80,8 @@ class DataConfig:
         _check(self.decode, ("cpu", "device"), "data.decode")
         if self.batch_size < 1:
             raise UserError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.shuffle_buffer < 0 or self.io_timeout <= 0 or self.io_retries < 0:
+            raise UserError("data.shuffle_buffer and data.io_retries must be >= 0, data.io_timeout > 0")
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             raise UserError(f"data.mean and data.std need {self.in_chans} values (data.in_chans)")
 

@@ -16,6 +16,7 @@ from visionzoo.data.cifar import load_cifar
 from visionzoo.data.device_decode import DeviceDecodeLoader
 from visionzoo.data.folder import ImageFolderDataset, collate_skip_bad, find_classes
 from visionzoo.data.samplers import SeededDataset, ShardSampler
+from visionzoo.data.shards import ShardStream, StreamLoader
 from visionzoo.data.idx import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, MNIST_CLASSES, load_idx_split
 from visionzoo.data.tensor_dataset import TensorImageDataset
 from visionzoo.data.transforms import eval_transform, train_transform
@@ -54,8 +55,8 @@ def _imagefolder(d, train: bool) -> Splits:
         raise UserError(f"{root} has no train/ folder (expected {root}/train/<class>/...)")
     # Labels are the training split's class folders, so val indices always mean the same class.
     classes = find_classes(train_dir if train_dir.is_dir() else val_dir)
-    train_ds = ImageFolderDataset(train_dir, classes, train_transform(d)) if train else None
-    val_ds = ImageFolderDataset(val_dir, classes, eval_transform(d))
+    train_ds = ImageFolderDataset(train_dir, classes, train_transform(d), d.scan_cache) if train else None
+    val_ds = ImageFolderDataset(val_dir, classes, eval_transform(d), d.scan_cache)
     return Splits(train_ds, val_ds, classes)
 
 
@@ -100,9 +101,22 @@ def _synthetic(d, train: bool) -> Splits:
     return Splits(train_ds, split(max(d.synthetic_samples // 4, 1), d.test_size), classes)
 
 
+def _streamed(d, train: bool) -> Splits:
+    """Tar shards (data/webdataset.py) or a Hugging Face data set (data/hfds.py), streamed."""
+    if d.name == "webdataset":
+        from visionzoo.data.webdataset import webdataset_splits as splits
+    else:
+        from visionzoo.data.hfds import hfds_splits as splits
+    return Splits(*splits(d, train))
+
+
 def check_data_path(d) -> None:
     """Fail early (before workers are launched) on a data path that does not exist."""
-    if d.name != "synthetic" and d.path:
+    if d.name == "webdataset":
+        from visionzoo.data.webdataset import check_path
+
+        check_path(d)
+    elif d.name != "synthetic" and d.path and not (d.name == "hfds" and (d.train or d.val)):
         _existing_dir(d.path, d.name)
 
 
@@ -112,6 +126,8 @@ def build_datasets(d, train: bool = True) -> Splits:
         return _synthetic(d, train)
     if d.name == "imagefolder":
         return _imagefolder(d, train)
+    if d.name in ("webdataset", "hfds"):
+        return _streamed(d, train)
     return _in_memory(d, train)
 
 
@@ -122,8 +138,11 @@ def build_loader(
     """A loader yielding ``(images, targets, n_bad)``; ``batch_size`` is per device.
 
     Training shuffles per epoch (``loader.sampler.set_epoch``) and drops the last partial
-    batch; evaluation gives each rank a contiguous shard (see data/samplers.py).
+    batch; evaluation gives each rank a contiguous shard (see data/samplers.py). Shard streams
+    (webdataset, hfds) get a StreamLoader with the same interface (data/shards.py).
     """
+    if isinstance(ds, ShardStream):
+        return StreamLoader(ds, batch_size, workers, train, seed, rank, world_size, pin_memory=pin_memory)
     sampler = ShardSampler(len(ds), train, seed, rank, world_size)
     if train:
         ds = SeededDataset(ds, seed)
@@ -173,7 +192,25 @@ def loader_kind(loader) -> str:
         return f"device decode ({loader.num_workers} byte-reading workers per device)"
     if isinstance(loader, DataLoader):
         return f"DataLoader ({loader.num_workers} workers per device)"
+    if isinstance(loader, StreamLoader):
+        return f"shard stream ({loader.num_workers} workers per device)"
     return "device-resident"
+
+
+def failed_shards(*loaders) -> list[str]:
+    """The shards that failed in any of ``loaders`` on any rank (a collective when distributed)."""
+    import torch.distributed as dist
+
+    names: list[str] = []
+    for loader in loaders:
+        inner = getattr(loader, "loader", None)  # DeviceDecodeLoader wraps a StreamLoader
+        for src in (loader, inner):
+            names += [n for n in getattr(src, "bad_shards", []) if n not in names]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, names)
+        names = list(dict.fromkeys(n for part in everyone for n in part))
+    return names
 
 
 def cpu_fallbacks(loader, device: torch.device) -> int | None:

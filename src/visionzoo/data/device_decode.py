@@ -40,6 +40,7 @@ from visionzoo.data.folder import _DECODE_ERRORS, _to_rgb
 from visionzoo.data import multicrop
 from visionzoo.data.multicrop import BatchedMultiCrop, pad_batch
 from visionzoo.data.samplers import ShardSampler, sample_seed
+from visionzoo.data.shards import ShardStream, StreamLoader
 from visionzoo.data.transfer import send, to_device
 from visionzoo.errors import UserError
 
@@ -54,8 +55,8 @@ _SOF_ALL = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # the others: lossless, 
 
 def check_device_decode(d, multicrop: bool = False) -> None:
     """The recipe settings data.decode=device cannot honour, as one-line user errors."""
-    if d.name != "imagefolder":
-        raise UserError(f"data.decode=device reads ImageFolder files; data.name={d.name} needs data.decode=cpu")
+    if d.name not in ("imagefolder", "webdataset", "hfds"):
+        raise UserError(f"data.decode=device reads image files or shards; data.name={d.name} needs data.decode=cpu")
     if d.augment != "imagenet" and not multicrop:
         raise UserError(f"data.decode=device implements augment=imagenet only; "
                         f"augment={d.augment} needs data.decode=cpu")
@@ -120,10 +121,15 @@ class FileBytes(Dataset):
                 data = f.read()
         except OSError:
             return None
-        if device_jpeg(data):
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), None, target
-        pixels = pil_decode(data)
-        return None if pixels is None else (None, pixels, target)
+        return bytes_item(data, target)
+
+
+def bytes_item(data: bytes, target: int) -> tuple | None:
+    """One file's bytes as a FileBytes item (also the item of tar/parquet shards, data/shards.py)."""
+    if device_jpeg(data):
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), None, target
+    pixels = pil_decode(data)
+    return None if pixels is None else (None, pixels, target)
 
 
 def collate_bytes(batch: list) -> dict:
@@ -331,8 +337,13 @@ class DeviceDecodeLoader:
         self.seed, self.rank, self.world_size, self.epoch, self.skip_batches = seed, rank, world_size, 0, 0
         self.augment = augment if augment is not None else SupervisedAugment(d, self.device, memory_format)
         self.cpu_fallbacks = 0
-        self.sampler = ShardSampler(len(dataset), True, seed, rank, world_size)
         self.num_workers = max(0, min(workers, os.cpu_count() or 1))
+        if isinstance(dataset, ShardStream):  # tar / parquet shards: the stream's own loader, bytes only
+            self.loader = StreamLoader(dataset.as_bytes(), batch_size, workers, True, seed, rank, world_size,
+                                       collate=collate_bytes)
+            self.sampler = self.loader.sampler
+            return
+        self.sampler = ShardSampler(len(dataset), True, seed, rank, world_size)
         self.loader = DataLoader(
             FileBytes(dataset.samples), batch_size=batch_size, sampler=self.sampler,
             num_workers=self.num_workers, collate_fn=collate_bytes,

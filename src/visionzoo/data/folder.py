@@ -9,20 +9,22 @@ are walked once, hidden files are ignored, odd pixel modes are converted to
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from visionzoo.data.scan_cache import scan_classes
 from visionzoo.errors import UserError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "collate_skip_bad", "find_classes"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "collate_skip_bad", "find_classes", "load_image"]
 
 # ImageFile.LOAD_TRUNCATED_IMAGES is deliberately left at Pillow's default
 # (False): a truncated file must raise in __getitem__ and be counted as bad,
@@ -69,8 +71,9 @@ def find_classes(root: str | Path) -> list[str]:
     return classes
 
 
-def _scan_class_dir(class_dir: str) -> list[str]:
-    """All image files below ``class_dir`` (links followed, each real folder once), sorted."""
+def _scan_class_dir(class_dir: str, walked: list[str] | None = None) -> list[str]:
+    """All image files below ``class_dir`` (links followed, each real folder once), sorted;
+    the folders listed are appended to ``walked`` (the scan cache watches their mtimes)."""
     found: list[str] = []
     visited: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
@@ -81,6 +84,8 @@ def _scan_class_dir(class_dir: str) -> list[str]:
             dirnames[:] = []
             continue
         visited.add(real)
+        if walked is not None:
+            walked.append(dirpath)
         dirnames[:] = [d for d in dirnames if not _hidden(d)]
         for name in filenames:
             if _hidden(name):  # .DS_Store, ._foo.jpg (macOS resource forks), editor temp files
@@ -127,6 +132,26 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def load_image(source: str | os.PathLike | bytes | IO[bytes], transform: Callable[[Image.Image], Any] | None = None) -> Any:
+    """Decode an image (a path, its bytes, or a binary file object) to 8-bit RGB and apply
+    ``transform``; None when it cannot be decoded. The one decode of every file-based reader
+    (ImageFolder here, tar and parquet shards in data/shards.py)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    try:
+        with Image.open(source) as img:
+            # load() forces the full decode here, so truncated data raises
+            # inside this try rather than later in the transform.
+            img.load()
+            rgb = _to_rgb(img)
+            if rgb is img:
+                # Detach from the file: the with-block closes it.
+                rgb = img.copy()
+    except _DECODE_ERRORS:
+        return None
+    return transform(rgb) if transform else rgb
+
+
 class ImageFolderDataset(Dataset):
     """Images in ``root/<class>/**/<file>``, labelled by class folder.
 
@@ -138,7 +163,7 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, root: str | Path, classes: list[str] | None = None,
-                 transform: Callable[[Image.Image], Any] | None = None) -> None:
+                 transform: Callable[[Image.Image], Any] | None = None, scan_cache: bool = True) -> None:
         self.root = str(root)
         found = find_classes(root)
         if classes is None:
@@ -157,8 +182,11 @@ class ImageFolderDataset(Dataset):
         self.samples: list[tuple[str, int]] = []
         self.empty_classes: list[str] = []
         present = set(found)
+        # The file lists: cached per folder, scanned by rank 0 only (data/scan_cache.py).
+        lists, self.scan_state = scan_classes(self.root, [c for c in self.classes if c in present], _scan_class_dir,
+                                              sorted(IMAGE_EXTENSIONS), use_cache=scan_cache)
         for name in self.classes:
-            paths = _scan_class_dir(os.path.join(self.root, name)) if name in present else []
+            paths = lists.get(name, [])
             if not paths:
                 self.empty_classes.append(name)
             self.samples.extend((p, self.class_to_idx[name]) for p in paths)
@@ -174,18 +202,8 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int] | None:
         path, target = self.samples[index]
-        try:
-            with Image.open(path) as img:
-                # load() forces the full decode here, so truncated data raises
-                # inside this try rather than later in the transform.
-                img.load()
-                rgb = _to_rgb(img)
-                if rgb is img:
-                    # Detach from the file: the with-block closes it.
-                    rgb = img.copy()
-        except _DECODE_ERRORS:
-            return None
-        return (self.transform(rgb) if self.transform else rgb), target
+        img = load_image(path, self.transform)
+        return None if img is None else (img, target)
 
 
 def collate_skip_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -23,6 +23,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode, v2
 
 from visionzoo.data.samplers import SeededDataset, ShardSampler, sample_seed, train_indices
+from visionzoo.data.shards import ShardStream, StreamLoader
 from visionzoo.data.transfer import send, to_device
 
 
@@ -88,6 +89,8 @@ def multicrop_loader(ds: Dataset, batch_size: int, workers: int, seed: int, rank
     """A loader of ``(crops, targets, n_bad)`` batches, ``batch_size`` images per device, with
     the shared shard rule and per-sample seeded augmentation of data/samplers.py (call
     ``loader.sampler.set_epoch`` every epoch); the last partial batch is dropped."""
+    if isinstance(ds, ShardStream):  # tar / parquet shards: their own loader (data/shards.py)
+        return StreamLoader(ds, batch_size, workers, True, seed, rank, world_size, collate_multicrop, pin_memory)
     workers = max(0, min(workers, os.cpu_count() or 1))
     return DataLoader(SeededDataset(ds, seed), batch_size=batch_size,
                       sampler=ShardSampler(len(ds), True, seed, rank, world_size), num_workers=workers,

@@ -29,7 +29,7 @@ import torch.nn as nn
 from visionzoo import distributed
 from visionzoo.checkpoint import load_latest, save_checkpoint
 from visionzoo.config import RecipeConfig, for_world_size, to_dict, to_yaml
-from visionzoo.data.build import build_datasets, cpu_fallbacks, loader_kind
+from visionzoo.data.build import build_datasets, cpu_fallbacks, failed_shards, loader_kind
 from visionzoo.data.device_decode import DeviceDecodeLoader, MultiCropAugment
 from visionzoo.data.multicrop import InMemoryMultiCropLoader, MultiCropTransform, multicrop_loader
 from visionzoo.data.tensor_dataset import TensorImageDataset
@@ -442,6 +442,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
         "ranks_in_sync": distributed.params_in_sync(student) and distributed.params_in_sync(teacher),
         "device": str(device), "run_dir": str(run_dir) if run_dir else None,
         "loader": loader_kind(loader), "cpu_fallbacks": cpu_fallbacks(loader, device),
+        "bad_shards": failed_shards(loader),
     }
     if info.is_main:
         log.close()

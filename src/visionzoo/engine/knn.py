@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, IterableDataset, Subset
 
 from visionzoo.data.build import build_datasets, build_loader
 from visionzoo.data.transforms import eval_transform, train_transform
@@ -112,9 +112,11 @@ def extract_features(
     ``device``. Under torch.distributed each rank extracts every world_size-th image and the
     results are all-gathered, so every rank ends with the whole split (in rank-major order)."""
     model.eval()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        ds = Subset(ds, range(dist.get_rank(), len(ds), dist.get_world_size()))
-    loader = build_loader(ds, batch_size, workers, train=False, seed=0, pin_memory=device.type == "cuda")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if world > 1 and not isinstance(ds, IterableDataset):  # shard streams split themselves by rank
+        ds, rank, world = Subset(ds, range(rank, len(ds), world)), 0, 1
+    loader = build_loader(ds, batch_size, workers, train=False, seed=0, rank=rank, world_size=world,
+                          pin_memory=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     feats, labels = [], []
     main_rank = not dist.is_initialized() or dist.get_rank() == 0

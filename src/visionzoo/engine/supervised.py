@@ -22,7 +22,7 @@ from visionzoo import distributed
 from visionzoo.checkpoint import BEST, WEIGHTS, load_latest, publish, save_checkpoint
 from visionzoo.engine.resume import per_rank, rng_state, set_rng_state, truncate_metrics
 from visionzoo.config import RecipeConfig, for_world_size, to_dict, to_yaml
-from visionzoo.data.build import build_datasets, build_loaders, cpu_fallbacks, loader_kind
+from visionzoo.data.build import build_datasets, build_loaders, cpu_fallbacks, failed_shards, loader_kind
 from visionzoo.data.mix import PerSampleMixup
 from visionzoo.engine.evaluate import evaluate
 from visionzoo.engine.step import GradStep
@@ -380,7 +380,8 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
         end_failed_run(err, info.is_main, run_dir, log, loop.global_step)
     fps = loop.timed_images / loop.timed_seconds if loop.timed_seconds > 0 else None
     results = _results(cfg, perf, loop, info, device, amp_dtype, last_eval, fps, epochs_done, t0, run_dir)
-    results.update(loader=loader_kind(train_loader), cpu_fallbacks=cpu_fallbacks(train_loader, device))
+    results.update(loader=loader_kind(train_loader), cpu_fallbacks=cpu_fallbacks(train_loader, device),
+                   bad_shards=failed_shards(train_loader, val_loader))
     if info.is_main:
         log.close()
         table = write_results(run_dir, results)
