@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import atexit
 import gzip
+import os
 import pickle
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+# ImageFolder file-list caches (data/scan_cache.py) go to a temporary folder, not the user's ~/.cache;
+# set here, so the processes the tests launch inherit it.
+if "VISIONZOO_CACHE" not in os.environ:
+    os.environ["VISIONZOO_CACHE"] = tempfile.mkdtemp(prefix="visionzoo-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["VISIONZOO_CACHE"], True)
 
 # A recipe file for a tiny ImageFolder: a width-4 CNN on 16 px crops, one epoch on the CPU.
 TINY_FOLDER_RECIPE = """\
@@ -93,3 +102,41 @@ def imagefolder_dir(tmp_path_factory) -> Path:
             ext = "JPEG" if i % 2 else "png"
             Image.fromarray(img).save(d / f"img_{i}.{ext}", format="JPEG" if ext == "JPEG" else "PNG")
     return root
+
+
+def write_jpeg_tree(root: Path, n_train: int = 48, n_val: int = 14, size: int = 20) -> Path:
+    """An ImageFolder of real JPEGs, 4 classes: train/ (classes in turn) and val/ (n_val images,
+    so the classes need not divide it). Every image is distinct (pattern plus noise)."""
+    for split, n, seed in (("train", n_train, 2), ("val", n_val, 3)):
+        labels = np.arange(n) % 4
+        for i, (img, k) in enumerate(zip(pattern_images(labels, size, 3, seed), labels)):
+            d = root / split / f"c{k}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(d / f"{i:03d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def jpeg_tree(tmp_path_factory) -> Path:
+    """train/ (48) and val/ (14) JPEGs of 4 classes, 20x20 px."""
+    return write_jpeg_tree(tmp_path_factory.mktemp("jpegs"))
+
+
+@pytest.fixture(scope="session")
+def wds_dir(jpeg_tree, tmp_path_factory) -> Path:
+    """jpeg_tree packed by `visionzoo data pack` into tar shards of 5 images (10 train, 3 val)."""
+    from visionzoo.cli import main
+
+    out = tmp_path_factory.mktemp("wds") / "shards"
+    assert main(["data", "pack", str(jpeg_tree), str(out), "--shard-samples", "5"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_dir(jpeg_tree, tmp_path_factory) -> Path:
+    """jpeg_tree packed into the Hub's parquet layout, 16 images per file."""
+    from visionzoo.cli import main
+
+    out = tmp_path_factory.mktemp("hf") / "parquet"
+    assert main(["data", "pack", str(jpeg_tree), str(out), "--format", "hfds", "--shard-samples", "16"]) == 0
+    return out

@@ -72,7 +72,11 @@ def shard_error(err: BaseException) -> str:
     """One line for a failed shard read ("TypeName: message"), without the stream reprs that
     webdataset appends to its messages."""
     text = first_line(err).split(" @ ")[0]
-    return text if text.startswith(type(err).__name__) else f"{type(err).__name__}: {text}"
+    text = text if text.startswith(type(err).__name__) else f"{type(err).__name__}: {text}"
+    cause = err.__cause__ or err.__context__  # fsspec reports a timeout as FileNotFoundError from it
+    if cause is not None and cause is not err:
+        text += f" ({type(cause).__name__}" + (f": {first_line(cause)})" if str(cause) else ")")
+    return text
 
 
 def warn(msg: str) -> None:
@@ -342,7 +346,7 @@ class StreamLoader:
         epoch, skip = (int(x) for x in self.state.tolist())
         runs = self.dataset.runs(epoch)
         if self.train:
-            return sum(size // self.batch_size for _, size in runs) - skip
+            return max(sum(size // self.batch_size for _, size in runs) - skip, 0)
         return sum(-(-size // self.batch_size) for _, size in runs)
 
     def __iter__(self):
