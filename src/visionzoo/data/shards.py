@@ -71,7 +71,9 @@ class ShardReader(Protocol):
 def shard_error(err: BaseException) -> str:
     """One line for a failed shard read ("TypeName: message"), without the stream reprs that
     webdataset appends to its messages."""
-    text = first_line(err).split(" @ ")[0]
+    # webdataset appends the stream and URL to an exception's args (and " @ stream" to the first).
+    first = err.args[0] if len(err.args) > 1 and isinstance(err.args[0], str) else None
+    text = (first.strip() if first else first_line(err)).split(" @ ")[0]
     text = text if text.startswith(type(err).__name__) else f"{type(err).__name__}: {text}"
     cause = err.__cause__ or err.__context__  # fsspec reports a timeout as FileNotFoundError from it
     if cause is not None and cause is not err:

@@ -102,8 +102,11 @@ def read_small(location: str, timeout: float) -> bytes | None:
     try:
         with open_url(location, timeout) as f:
             return f.read()
-    except FileNotFoundError:
-        return None
+    except FileNotFoundError as err:
+        # fsspec reports any failed HTTP request as FileNotFoundError: only a 404 (403 on S3) means absent.
+        if err.__cause__ is None or getattr(err.__cause__, "status", None) in (403, 404):
+            return None
+        raise UserError(f"cannot read {location}: {shard_error(err)}") from None
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - fsspec and aiohttp raise many types
