@@ -334,10 +334,19 @@ def counted_shards(names: list[str], timeout: float) -> tuple[list[Shard], dict[
     return [Shard(n, known[key(n)]) for n in names], per_label
 
 
+def _need_libs() -> None:
+    try:
+        import braceexpand  # noqa: F401
+        import webdataset  # noqa: F401
+    except ImportError:
+        raise _missing_extra("data.name=webdataset", "shards") from None
+
+
 def webdataset_splits(d, train: bool):
     """(train ShardStream or None, val ShardStream, classes) for a DataConfig."""
     from visionzoo.data.transforms import eval_transform, train_transform
 
+    _need_libs()
     train_spec, val_spec = split_specs(d, train)
     val_names = shard_names(val_spec)
     train_names = shard_names(train_spec) if train_spec else []
@@ -360,6 +369,7 @@ def webdataset_splits(d, train: bool):
 
 def check_path(d) -> None:
     """Fail early (before workers are launched) on local shard patterns that match nothing."""
+    _need_libs()
     train_spec, val_spec = split_specs(d, True)
     for spec in (train_spec, val_spec):
         if spec and not is_url(spec.split("\n")[0]):
