@@ -142,11 +142,13 @@ def test_each_training_sample_once_per_epoch_and_skip_is_exact(wds_dir, world, w
     batch = 2
     usable = 48 // (world * batch) * world * batch
 
+    # One loader per rank for every pass: persistent workers must follow set_epoch.
+    loaders = [StreamLoader(splits.train.as_bytes(), batch, workers, True, seed=3, rank=r, world_size=world,
+                            collate=list) for r in range(world)]
+
     def epoch(e: int, skip: int = 0) -> list[list[list[str]]]:
         ranks = []
-        for r in range(world):
-            loader = StreamLoader(splits.train.as_bytes(), batch, workers, True, seed=3, rank=r, world_size=world,
-                                  collate=list)
+        for loader in loaders:
             loader.set_epoch(e, skip)
             batches = [[ids[hashlib.sha1(item[0].numpy().tobytes()).hexdigest()] for item in b] for b in loader]
             assert len(batches) == len(loader) == max(usable // (world * batch) - skip, 0)

@@ -47,6 +47,11 @@ def _existing_dir(path: str | None, what: str) -> Path:
 
 def _imagefolder(d, train: bool) -> Splits:
     root = _existing_dir(d.path, "an ImageFolder data set")
+    if (root / "manifest.json").is_file() and not (root / "train").is_dir():  # written by visionzoo data pack
+        import json
+
+        fmt = json.loads((root / "manifest.json").read_text()).get("format", "webdataset")
+        raise UserError(f"{root} holds {fmt} shards (manifest.json), not class folders: add data.name={fmt}")
     val_dir = next((root / n for n in VAL_DIR_NAMES if (root / n).is_dir()), None)
     if val_dir is None:
         raise UserError(f"{root} has no val/ folder (expected {root}/train/<class>/... and {root}/val/<class>/...)")

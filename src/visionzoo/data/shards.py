@@ -91,9 +91,9 @@ class ShardStream(IterableDataset):
     Loaders come from ``StreamLoader``; iterating the stream itself reads every sample once."""
 
     def __init__(self, shards: list[Shard], reader: ShardReader, classes: list[str], transform: Callable | None = None,
-                 shuffle_buffer: int = 0, retries: int = 0, what: str = "images"):
+                 shuffle_buffer: int = 0, retries: int = 0):
         self.shards, self.reader, self.classes, self.transform = list(shards), reader, list(classes), transform
-        self.shuffle_buffer, self.retries, self.what = shuffle_buffer, retries, what
+        self.shuffle_buffer, self.retries = shuffle_buffer, retries
         self.mode = "image"  # image: (tensor, label) items; bytes: data/device_decode.py's (bytes, pixels, label)
 
     def __len__(self) -> int:
@@ -331,6 +331,7 @@ class StreamLoader:
         self.loader = DataLoader(
             self.dataset, batch_size=batch_size, num_workers=self.num_workers,
             collate_fn=_Collate(collate or collate_skip_bad), pin_memory=pin_memory, drop_last=train,
+            generator=torch.Generator().manual_seed(seed),  # leaves the global RNG alone
             persistent_workers=self.num_workers > 0 and train, prefetch_factor=4 if self.num_workers > 0 else None,
         )
         consumers = world_size * n_virtual

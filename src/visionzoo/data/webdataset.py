@@ -224,6 +224,8 @@ def _folder_specs(folder: str, local: bool, timeout: float) -> tuple[str, str | 
     train-*.tar / val-*.tar (or train/*.tar / val/*.tar) in it."""
     root = folder if not local else os.path.abspath(os.path.expanduser(folder))
     manifest = load_manifest(root, timeout)
+    if manifest is not None and manifest.get("format", "webdataset") != "webdataset":
+        raise UserError(f"{folder} holds {manifest['format']} shards (its {MANIFEST}): use data.name={manifest['format']}")
     if manifest is not None:
         splits = manifest.get("splits", {})
         join = posixpath.join if not local else os.path.join
