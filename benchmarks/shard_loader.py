@@ -44,8 +44,10 @@ def prepare(root: Path, images: int, workers: int) -> None:
                  "--workers", str(workers), *extra)
 
 
-def throughput(kind: str, path: str, batch: int, workers: int, warm: int, steps: int) -> float:
-    """Images/s of the training loader after ``warm`` batches (worker start-up left out)."""
+def throughput(kind: str, path: str, batch: int, workers: int, warm: int, steps: int, cpu: bool = False) -> float:
+    """Images/s of the training loader after ``warm`` batches (worker start-up left out); with
+    ``cpu`` (and workers 0), images per CPU-second of this process instead: reading, decoding
+    and augmenting on one core, whatever else the machine runs."""
     from visionzoo.config import load_config
     from visionzoo.data.build import build_datasets, build_loader
     from visionzoo.data.folder import ImageFolderDataset
@@ -62,11 +64,12 @@ def throughput(kind: str, path: str, batch: int, workers: int, warm: int, steps:
     it = iter(loader)
     for _ in range(warm):
         next(it)
-    n, t0 = 0, time.perf_counter()
+    clock = time.process_time if cpu else time.perf_counter
+    n, t0 = 0, clock()
     for _ in range(steps):
         images, _, _ = next(it)
         n += len(images)
-    rate = n / (time.perf_counter() - t0)
+    rate = n / (clock() - t0)
     del it, loader
     return rate
 
@@ -111,6 +114,8 @@ def main() -> None:
     p.add_argument("--warm", type=int, default=4)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--only", help="comma-separated subset of the loader kinds")
+    p.add_argument("--phases", default="wall,cpu,list",
+                   help="wall: img/s with --workers; cpu: images per CPU-second, in-process; list: the big tree")
     args = p.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("VISIONZOO_CACHE", str(args.root / "cache"))
@@ -124,23 +129,28 @@ def main() -> None:
              "webdataset-resize256": str(args.root / "wds256")}
     if args.only:
         kinds = {k: v for k, v in kinds.items() if k in args.only.split(",")}
-    rates: dict[str, list[float]] = {k: [] for k in kinds}
+    phases = args.phases.split(",")
+    rates: dict[str, dict[str, list[float]]] = {p: {k: [] for k in kinds} for p in ("wall", "cpu") if p in phases}
     try:
         time.sleep(1)
         for r in range(args.rounds):
-            for kind, path in kinds.items():
-                rate = throughput(kind.split("-")[0] if kind != "parquet" else kind, path, args.batch, args.workers,
-                                  args.warm, args.steps)
-                rates[kind].append(rate)
-                print(f"round {r + 1} {kind}: {rate:.1f} img/s", flush=True)
+            for phase in rates:
+                for kind, path in kinds.items():
+                    cpu = phase == "cpu"
+                    rate = throughput(kind.split("-")[0] if kind != "parquet" else kind, path, args.batch,
+                                      0 if cpu else args.workers, args.warm, args.steps // 3 if cpu else args.steps, cpu)
+                    rates[phase][kind].append(rate)
+                    print(f"round {r + 1} {phase} {kind}: {rate:.1f} img/s" + (" per CPU-second" if cpu else ""),
+                          flush=True)
     finally:
         server.kill()
         server.wait()
 
     tree = make_big_tree(args.root, args.files)
     starts: dict[str, list[float]] = {"walk": [], "cached": []}
-    list_seconds(tree, "on")  # writes the cache
-    for _ in range(args.rounds):
+    if "list" in phases:
+        list_seconds(tree, "on")  # writes the cache
+    for _ in range(args.rounds if "list" in phases else 0):
         n, state, s = list_seconds(tree, "off")
         starts["walk"].append(s)
         n2, state2, s2 = list_seconds(tree, "on")
@@ -148,15 +158,21 @@ def main() -> None:
         starts["cached"].append(s2)
         print(f"list {n} files: walk {s:.2f} s, cached {s2:.2f} s", flush=True)
 
-    summary = {"loader_img_s": {k: {"min": min(v), "median": statistics.median(v), "max": max(v)} for k, v in rates.items()},
-               "list_s": {k: {"min": min(v), "median": statistics.median(v), "max": max(v)} for k, v in starts.items()},
+    def stats(v: list[float]) -> dict:
+        return {"min": min(v), "median": statistics.median(v), "max": max(v)} if v else {}
+
+    summary = {"img_s": {p: {k: stats(v) for k, v in r.items()} for p, r in rates.items()},
+               "list_s": {k: stats(v) for k, v in starts.items()},
                "images": args.images, "files": args.files, "batch": args.batch, "workers": args.workers,
                "steps": args.steps, "rounds": args.rounds}
-    (args.root / "shard_loader.json").write_text(json.dumps(summary, indent=1))
-    for k, v in summary["loader_img_s"].items():
-        print(f"{k:22s} {v['min']:7.1f} - {v['max']:7.1f} img/s (median {v['median']:.1f})")
+    (args.root / f"shard_loader-{'-'.join(phases)}.json").write_text(json.dumps(summary, indent=1))
+    for phase, r in summary["img_s"].items():
+        for k, v in r.items():
+            unit = "img per CPU-s, 0 workers" if phase == "cpu" else f"img/s, {args.workers} workers"
+            print(f"{phase:4s} {k:22s} {v['min']:7.1f} - {v['max']:7.1f} {unit} (median {v['median']:.1f})")
     for k, v in summary["list_s"].items():
-        print(f"list {args.files} files, {k:6s} {v['min']:.2f} - {v['max']:.2f} s")
+        if v:
+            print(f"list {args.files} files, {k:6s} {v['min']:.2f} - {v['max']:.2f} s")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
@@ -306,10 +307,13 @@ class _EpochSetter:
     """``loader.sampler.set_epoch(epoch, skip_samples)`` for code written against ShardSampler."""
 
     def __init__(self, loader: "StreamLoader"):
-        self.loader = loader
+        # A weak reference: no cycle, so a dropped loader stops its workers at once instead of in
+        # a later garbage collection, which may run in a forked worker of another loader.
+        self.loader = weakref.ref(loader)
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.loader.set_epoch(epoch, skip // self.loader.batch_size)
+        loader = self.loader()
+        loader.set_epoch(epoch, skip // loader.batch_size)
 
 
 class StreamLoader:
