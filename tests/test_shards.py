@@ -298,7 +298,23 @@ def test_train_from_parquet_and_from_a_save_to_disk_folder(hf_dir, jpeg_tree, tm
     datasets.DatasetDict({"train": split("train"), "validation": split("val")}).save_to_disk(str(saved))
     res = _train(tmp_path, "arrow", str(saved), "data.name=hfds", "--workers", "0")
     assert res["bad_images"] == 0 and res["steps"] == 24
-    assert main(["eval", str(tmp_path / "arrow"), "--data", str(hf_dir), "data.name=hfds"]) == 0
+
+
+def test_eval_and_infer_read_whatever_data_holds(wds_dir, hf_dir, jpeg_tree, tmp_path, capsys):
+    """A folder written by data pack is read in its own format (its manifest says which), so a
+    model trained on an ImageFolder evaluates on shards and the other way round."""
+    run = tmp_path / "folder"
+    assert main(["train", _recipe(tmp_path), "--data", str(jpeg_tree), "--output", str(run), "log.progress=off"]) == 0
+    accs = []
+    for data in (jpeg_tree, wds_dir, hf_dir):
+        assert main(["eval", str(run), "--data", str(data)]) == 0
+        accs.append(capsys.readouterr().out.splitlines()[-1].split(": ", 1)[1])
+    # The same bytes decoded the same way: the same figures, every validation image once.
+    assert accs[0] == accs[1] == accs[2] and "(14 images" in accs[0]
+    assert main(["export", str(run)]) == 0
+    assert main(["infer", str(run / "model.onnx"), "--data", str(hf_dir)]) == 0
+    result = json.loads((run / "model.infer.json").read_text())
+    assert result["samples"] == 14 and result["bad_images"] == 0
 
 
 def test_resume_mid_epoch_matches_the_uninterrupted_run(wds_dir, tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +47,6 @@ def _existing_dir(path: str | None, what: str) -> Path:
 
 def _imagefolder(d, train: bool) -> Splits:
     root = _existing_dir(d.path, "an ImageFolder data set")
-    if (root / "manifest.json").is_file() and not (root / "train").is_dir():  # written by visionzoo data pack
-        import json
-
-        fmt = json.loads((root / "manifest.json").read_text()).get("format", "webdataset")
-        raise UserError(f"{root} holds {fmt} shards (manifest.json), not class folders: add data.name={fmt}")
     val_dir = next((root / n for n in VAL_DIR_NAMES if (root / n).is_dir()), None)
     if val_dir is None:
         raise UserError(f"{root} has no val/ folder (expected {root}/train/<class>/... and {root}/val/<class>/...)")
@@ -106,6 +101,27 @@ def _synthetic(d, train: bool) -> Splits:
     return Splits(train_ds, split(max(d.synthetic_samples // 4, 1), d.test_size), classes)
 
 
+def with_packed_format(d):
+    """``d`` with data.name set to the format of a folder written by ``visionzoo data pack`` (its
+    manifest.json names it) when data.name is another file format, and to webdataset for a URL
+    given as an ImageFolder: eval, knn, linear and infer --data then read whatever --data holds."""
+    if d.name not in ("imagefolder", "webdataset", "hfds") or not d.path:
+        return d
+    if "://" in d.path:
+        return replace(d, name="webdataset") if d.name == "imagefolder" else d
+    root = Path(d.path).expanduser()
+    if (root / "manifest.json").is_file() and not (root / "train").is_dir():
+        import json
+
+        try:
+            fmt = json.loads((root / "manifest.json").read_text()).get("format")
+        except ValueError:
+            return d
+        if fmt in ("webdataset", "hfds"):
+            return replace(d, name=fmt)
+    return d
+
+
 def _streamed(d, train: bool) -> Splits:
     """Tar shards (data/webdataset.py) or a Hugging Face data set (data/hfds.py), streamed."""
     if d.name == "webdataset":
@@ -117,6 +133,7 @@ def _streamed(d, train: bool) -> Splits:
 
 def check_data_path(d) -> None:
     """Fail early (before workers are launched) on a data path that does not exist."""
+    d = with_packed_format(d)
     if d.name == "webdataset":
         from visionzoo.data.webdataset import check_path
 
@@ -127,6 +144,7 @@ def check_data_path(d) -> None:
 
 def build_datasets(d, train: bool = True) -> Splits:
     """The train (when ``train``) and validation datasets a DataConfig describes."""
+    d = with_packed_format(d)
     if d.name == "synthetic":
         return _synthetic(d, train)
     if d.name == "imagefolder":
