@@ -38,7 +38,8 @@ from visionzoo.data.transforms import eval_transform, train_transform
 from visionzoo.engine.supervised import Loop, build_training, set_loader_epoch, timed_steps, train_one_epoch, wrap_model
 from visionzoo.errors import UserError
 from visionzoo.report import format_table, new_run_dir
-from visionzoo.runtime import precision_name, resolve_amp, resolve_device, seed_everything, synchronize
+from visionzoo.runtime import (configure_determinism, precision_name, resolve_amp, resolve_device, seed_everything,
+                               synchronize)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Stored image size (height, width) of the decode-free synthetic source: the data set's own for
@@ -232,7 +233,7 @@ def bench_dino_setting(cfg: RecipeConfig, setting: Setting, device: torch.device
 
     info = distributed.from_env()
     seed_everything(cfg.train.seed + info.rank)
-    training = build_dino_training(cfg, device, PRECISIONS[setting.precision])
+    training = build_dino_training(cfg, device, PRECISIONS[setting.precision], ddp=info.enabled)
     training.wrap(device, info.enabled, setting.compile)
     dc = cfg.dino
     hp = (cfg.optim.lr * cfg.data.batch_size / 256, cfg.optim.weight_decay, dc.momentum_teacher, dc.teacher_temp)
@@ -291,12 +292,12 @@ def run_bench(cfg: RecipeConfig, synthetic: bool = False, precisions: str | None
         raise UserError("bench needs --steps (train.perf_steps) >= 1 and train.perf_warmup_steps >= 0")
     info = distributed.from_env()
     cfg = for_world_size(cfg, info.world_size)
+    configure_determinism(cfg.train.deterministic, cfg.train.cudnn_benchmark)  # before CUDA initialises
     device = resolve_device(cfg.train.device, info.local_rank)
     if cfg.model.sync_bn and info.enabled and device.type == "cpu":
         raise UserError("model.sync_bn=true needs an accelerator (PyTorch's SyncBatchNorm has no CPU kernel)")
     settings = bench_settings(cfg, device, precisions)
-    distributed.init(info, device, cfg.train.dist_timeout)
-    torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
+    distributed.init(info, device, cfg.train.dist_timeout)  # makes `device` current first
     d = cfg.data
     dino = cfg.task == "dino"
     if synthetic:

@@ -5,7 +5,9 @@ the reductions are identities, so the engines have a single code path."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import socket
 import sys
 import uuid
@@ -14,6 +16,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from visionzoo.errors import UserError
+from visionzoo.runtime import select_device
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,11 @@ class DistInfo:
 
 
 def from_env() -> DistInfo:
-    """Rank and world size as torchrun (or visionzoo's own launcher) sets them."""
+    """Rank, world size and node-local rank as torchrun (or visionzoo's own launcher) sets them,
+    else as ``srun`` sets them for a job step of several tasks, else one process."""
+    slurm = _slurm_info()
+    if slurm is not None:
+        return slurm
     return DistInfo(
         rank=int(os.environ.get("RANK", 0)),
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
@@ -42,10 +51,74 @@ def from_env() -> DistInfo:
     )
 
 
+def _slurm_info() -> DistInfo | None:
+    """This task's place in an ``srun`` job step of more than one task (SLURM_PROCID,
+    SLURM_NTASKS, SLURM_LOCALID), unless torchrun's variables are set: a single task (e.g. an
+    sbatch script's own shell, or ``srun -n 1 ... --devices 8``) is not a launched worker."""
+    env = os.environ
+    if any(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return None
+    if not all(k in env for k in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
+        return None
+    info = DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env["SLURM_LOCALID"]))
+    return info if info.enabled else None
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """The host names of a Slurm host list, e.g. ``gpu-a[1,3-5],gpu-b7`` -> gpu-a1, gpu-a3,
+    gpu-a4, gpu-a5, gpu-b7. Ranges keep their zero padding (``node[08-10]``), and a name may have
+    several bracket groups (``rack[1-2]-n[1-2]``: every combination, the last group fastest)."""
+    hosts: list[str] = []
+    for item in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist.strip()):
+        choices: list[list[str]] = []
+        for literal, group in re.findall(r"([^\[]+)|\[([^\]]*)\]", item):
+            choices.append([literal] if literal else _expand_ranges(group, nodelist))
+        hosts += ["".join(parts) for parts in itertools.product(*choices)]
+    if not hosts:
+        raise UserError(f"no host in the Slurm node list '{nodelist}'")
+    return hosts
+
+
+def _expand_ranges(group: str, nodelist: str) -> list[str]:
+    out = []
+    for part in group.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
+            raise UserError(f"cannot read the Slurm node list '{nodelist}' (range '{part}')")
+        out += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
+# MASTER_PORT under srun when the environment sets none: one port per job (by job id), so that
+# two jobs sharing a node do not collide. Set MASTER_PORT in the sbatch script to choose another.
+SLURM_BASE_PORT = 29500
+
+
+def slurm_rendezvous() -> dict[str, str]:
+    """MASTER_ADDR and MASTER_PORT for an ``srun`` job step: the environment's, else the first
+    host of the step's (or job's) node list, where task 0 runs, and
+    ``SLURM_BASE_PORT + SLURM_JOB_ID % 1000``."""
+    env = os.environ
+    addr = env.get("MASTER_ADDR")
+    if not addr:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if not nodelist:
+            raise UserError("under srun: set MASTER_ADDR, or SLURM_JOB_NODELIST to find the first host")
+        addr = expand_nodelist(nodelist)[0]
+    port = env.get("MASTER_PORT") or str(SLURM_BASE_PORT + int(env.get("SLURM_JOB_ID", "0") or 0) % 1000)
+    return {"MASTER_ADDR": addr, "MASTER_PORT": port}
+
+
 def init(info: DistInfo, device: torch.device, timeout_s: int = 600) -> None:
-    """Join the process group (NCCL on CUDA, gloo on the CPU) when there is more than one rank."""
+    """Make ``device`` the current one (also with one process, e.g. on cuda:1), then join the
+    process group (NCCL on CUDA, gloo on the CPU) when there is more than one rank."""
+    select_device(device)
     if not info.enabled or dist.is_initialized():
         return
+    if _slurm_info() is not None:  # env:// rendezvous reads these, as torchrun would have set them
+        for key, value in {"RANK": str(info.rank), "WORLD_SIZE": str(info.world_size),
+                           "LOCAL_RANK": str(info.local_rank), **slurm_rendezvous()}.items():
+            os.environ.setdefault(key, value)
     backend = dist.get_default_backend_for_device(device) if device.type != "cpu" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     timeout = timedelta(seconds=timeout_s)
@@ -89,19 +162,35 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def in_launched_worker() -> bool:
-    """True inside a worker that torchrun (or ``launch_local``) started: never launch again."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+    """True inside a worker that torchrun, ``launch_local`` or ``srun`` (a step of several tasks)
+    started: never launch again."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ or _slurm_info() is not None
 
 
 def params_in_sync(model: torch.nn.Module) -> bool:
-    """Whether every rank holds the same weights (compares a float64 checksum of all of them)."""
+    """Whether every rank holds the same weights and buffers (BatchNorm statistics too): compares
+    a float64 checksum of all of them."""
     if not dist.is_initialized():
         return True
+    tensors = itertools.chain(model.parameters(), model.buffers())
     with torch.no_grad():
-        total = sum((p.detach().double() * (i + 1)).sum() for i, p in enumerate(model.parameters()))
+        total = sum((t.detach().double() * (i + 1)).sum() for i, t in enumerate(tensors))
         sums = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
         dist.all_gather(sums, total)
     return all(torch.equal(s, sums[0]) for s in sums)
+
+
+def average_bn_stats(*modules: torch.nn.Module | None) -> None:
+    """Average BatchNorm running statistics over ranks (timm's distribute_bn), so that every rank
+    evaluates and saves the same network: without SyncBatchNorm each rank's statistics follow its
+    own batches (DDP broadcasts rank 0's buffers only before a training forward)."""
+    if not dist.is_initialized():
+        return
+    from timm.utils import distribute_bn
+
+    for m in modules:
+        if m is not None:
+            distribute_bn(m, dist.get_world_size(), reduce=True)
 
 
 def _free_port() -> int:

@@ -5,6 +5,7 @@ an out-of-tree backend such as an NPU) works without changes to the engines."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -13,22 +14,62 @@ import torch
 from visionzoo.errors import UserError
 
 
+def _accelerator() -> torch.device | None:
+    return torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto``: the current accelerator (cuda > mps > ...) if there is one, else the CPU."""
+    """The device of the process with node-local rank ``local_rank``.
+
+    ``auto``: the current accelerator (cuda > mps > ...) if there is one, else the CPU. An
+    accelerator named without an index (``auto``, ``cuda``) gets index ``local_rank % count`` of
+    the visible devices: one device per rank when a node's ranks all see all its devices, and
+    index 0 when each rank sees only its own (SLURM ``--gpus-per-task``, per-rank
+    CUDA_VISIBLE_DEVICES). An explicit index (``cuda:1``) is kept, if that device exists."""
     if name == "auto":
-        acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        acc = _accelerator()
         if acc is None:
             return torch.device("cpu")
-        return torch.device(acc.type, local_rank) if acc.type != "mps" else torch.device("mps")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}' (try auto, cpu, cuda, cuda:1, mps)") from None
-    if device.type != "cpu":
-        acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        device = torch.device(acc.type)
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"unknown device '{name}' (try auto, cpu, cuda, cuda:1, mps)") from None
+        if device.type == "cpu":
+            return device
+        acc = _accelerator()
         if acc is None or acc.type != device.type:
             raise UserError(f"device '{name}' is not available on this machine")
+    if device.type == "mps":  # one device, no index
+        return torch.device("mps")
+    count = torch.accelerator.device_count()
+    if device.index is None:
+        return torch.device(device.type, local_rank % max(count, 1))
+    if device.index >= count:
+        raise UserError(f"device '{name}' is not available: this process sees {count} {device.type} device(s)")
     return device
+
+
+def select_device(device: torch.device) -> None:
+    """Make ``device`` the current device of its kind. Call it before the process group, the data
+    loaders or any kernel: NCCL's object collectives (all_gather_object) stage on the current
+    device, and DataLoader's pin-memory thread and nvJPEG open their contexts there, so without
+    it every rank would use (and allocate on) device 0."""
+    if device.type == "cpu" or device.index is None:
+        return
+    set_index = getattr(torch.accelerator, "set_device_index", None) or torch.accelerator.set_device_idx  # torch 2.6
+    set_index(device.index)
+
+
+def configure_determinism(deterministic: bool, cudnn_benchmark: bool) -> None:
+    """train.deterministic and train.cudnn_benchmark. Call it before CUDA initialises: cuBLAS
+    reads CUBLAS_WORKSPACE_CONFIG once, and deterministic algorithms on CUDA raise at the first
+    cuBLAS call without it (":4096:8", NVIDIA's documented setting; a user's own value is kept)."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
 
 
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:

@@ -42,7 +42,8 @@ from visionzoo.models.dino import DINOLoss, build_dino, cancel_last_layer_grads,
 from visionzoo.optim import build_optimizer
 from visionzoo.plots import plot_curves
 from visionzoo.report import MetricsLog, mark_status, new_run_dir, report_fallbacks, write_results
-from visionzoo.runtime import StopSignal, precision_name, resolve_amp, resolve_device, seed_everything, synchronize
+from visionzoo.runtime import (StopSignal, configure_determinism, precision_name, resolve_amp, resolve_device,
+                               seed_everything, synchronize)
 
 
 def cosine_schedule(start: float, end: float, total_steps: int, warmup_steps: int = 0,
@@ -201,13 +202,21 @@ class DinoTraining:
         return int(distributed.all_reduce_sum(flag).item())
 
 
-def build_dino_training(cfg: RecipeConfig, device: torch.device, amp_dtype: torch.dtype | None) -> DinoTraining:
-    """The recipe's student and teacher (same initial weights), loss, optimizer and step, on ``device``."""
+def build_dino_training(cfg: RecipeConfig, device: torch.device, amp_dtype: torch.dtype | None,
+                        ddp: bool = False) -> DinoTraining:
+    """The recipe's student and teacher (same initial weights), loss, optimizer and step, on
+    ``device``. With ``ddp`` on an accelerator, BatchNorm layers (of the backbone or of a
+    dino.use_bn_in_head head) become SyncBatchNorm in student and teacher, as in the reference:
+    the teacher is no DDP module, so nothing else would keep its statistics equal over ranks."""
     d, dc = cfg.data, cfg.dino
     backbone, model_args = build_model(cfg.model, 0, d.in_chans)
     teacher_args = {**model_args, "drop_rate": 0.0, "drop_path_rate": 0.0}  # the reference's teacher
     student, teacher = build_dino(backbone, create(teacher_args), _feature_dim(backbone, d.in_chans, d.image_size), dc)
     student, teacher = student.to(device), teacher.to(device)
+    if ddp and device.type != "cpu":  # SyncBatchNorm has no CPU kernel; fit_dino averages the statistics there
+        from timm.layers import convert_sync_batchnorm  # also converts timm's BatchNormAct2d
+
+        student, teacher = convert_sync_batchnorm(student), convert_sync_batchnorm(teacher)
     criterion = DINOLoss(dc.out_dim, dc.student_temp, dc.center_momentum).to(device)
     optimizer = build_optimizer(student, cfg.optim, device.type)
     stepper = DinoStep(optimizer, student, device, amp_dtype, cfg.train.loss_scale, cfg.train.init_scale, dc.clip_grad)
@@ -225,10 +234,10 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
     cfg = for_world_size(cfg, info.world_size)
     cfg.optim.lr = base_lr
     d, dc, t = cfg.data, cfg.dino, cfg.train
+    configure_determinism(t.deterministic, t.cudnn_benchmark)  # before CUDA initialises
     device = resolve_device(t.device, info.local_rank)
-    distributed.init(info, device, t.dist_timeout)
+    distributed.init(info, device, t.dist_timeout)  # makes `device` current first
     seed_everything(t.seed + info.rank)
-    torch.backends.cudnn.benchmark = t.cudnn_benchmark
     amp_dtype = resolve_amp(t.amp, device)
     if t.accum_steps != 1:
         raise UserError("task=dino does not support train.accum_steps (centre and teacher move every step)")
@@ -240,7 +249,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
         raise UserError(f"the training split ({n_images} images) is smaller than one global batch "
                         f"({d.batch_size}); lower data.batch_size")
 
-    parts = build_dino_training(cfg, device, amp_dtype)
+    parts = build_dino_training(cfg, device, amp_dtype, ddp=info.enabled)
     student, teacher, criterion, optimizer, stepper = (parts.student, parts.teacher, parts.criterion,
                                                        parts.optimizer, parts.stepper)
     model_args = parts.model_args
@@ -393,6 +402,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                     timed_seconds += time.perf_counter() - t_mark
                 train_seconds = time.perf_counter() - t_epoch
                 epoch += 1
+                distributed.average_bn_stats(student, teacher)  # BN without SyncBN (CPU): ranks agree
                 if perf:
                     continue
                 check_finite()

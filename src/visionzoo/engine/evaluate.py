@@ -69,11 +69,12 @@ def evaluate_checkpoint(checkpoint: str | None, overrides: list[str], weights: s
     from visionzoo.data.build import build_datasets, build_loaders
     from visionzoo.errors import UserError
     from visionzoo.models.weights import model_from_weights
-    from visionzoo.runtime import precision_name, resolve_amp, resolve_device
+    from visionzoo.runtime import precision_name, resolve_amp, resolve_device, select_device
 
     # The training config (or the recipe's), with this command's overrides (--data, --batch-size ...) on top.
     cfg, meta = command_config(checkpoint, overrides, weights, recipe)
     device = resolve_device(cfg.train.device)
+    select_device(device)  # loaders' pin-memory thread and nvJPEG use the current device
     amp_dtype = resolve_amp(cfg.train.amp, device)
     splits = build_datasets(cfg.data, train=False)
     if weights:

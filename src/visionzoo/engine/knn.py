@@ -250,7 +250,7 @@ def _load(checkpoint: str | None, overrides: list[str], weights: str | None = No
     overrides), device and amp dtype."""
     from visionzoo.checkpoint import command_config, load_model
     from visionzoo.models.weights import model_from_weights
-    from visionzoo.runtime import resolve_amp, resolve_device
+    from visionzoo.runtime import resolve_amp, resolve_device, select_device
 
     cfg, _ = command_config(checkpoint, overrides, weights, recipe)
     if weights:
@@ -258,6 +258,7 @@ def _load(checkpoint: str | None, overrides: list[str], weights: str | None = No
     else:
         model, _ = load_model(checkpoint)
     device = resolve_device(cfg.train.device)
+    select_device(device)  # loaders' pin-memory thread and nvJPEG use the current device
     return model.to(device), cfg, device, resolve_amp(cfg.train.amp, device)
 
 

@@ -32,7 +32,8 @@ from visionzoo.optim import build_optimizer, clip_parameters, lr_schedule
 from visionzoo.progress import Progress
 from visionzoo.plots import plot_curves
 from visionzoo.report import MetricsLog, mark_status, new_run_dir, report_fallbacks, write_results
-from visionzoo.runtime import StopSignal, precision_name, resolve_amp, resolve_device, seed_everything, synchronize
+from visionzoo.runtime import (StopSignal, configure_determinism, precision_name, resolve_amp, resolve_device,
+                               seed_everything, synchronize)
 
 
 @dataclass
@@ -281,14 +282,12 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
     t0 = time.perf_counter()
     info = distributed.from_env()
     cfg = for_world_size(cfg, info.world_size)
+    configure_determinism(cfg.train.deterministic, cfg.train.cudnn_benchmark)  # before CUDA initialises
     device = resolve_device(cfg.train.device, info.local_rank)
     if cfg.model.sync_bn and info.enabled and device.type == "cpu":
         raise UserError("model.sync_bn=true needs an accelerator (PyTorch's SyncBatchNorm has no CPU kernel)")
-    distributed.init(info, device, cfg.train.dist_timeout)
+    distributed.init(info, device, cfg.train.dist_timeout)  # makes `device` current first
     seed_everything(cfg.train.seed + info.rank)
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
     amp_dtype = resolve_amp(cfg.train.amp, device)
 
     splits = build_datasets(cfg.data, train=True)
@@ -456,6 +455,7 @@ def _run_epochs(cfg: RecipeConfig, perf: bool, loop: Loop, train_loader, val_loa
         # A performance run: a fixed number of optimizer steps, timed after the warm-up steps.
         warm, total = cfg.train.perf_warmup_steps, cfg.train.perf_warmup_steps + cfg.train.perf_steps
         loop.timed_images, loop.timed_seconds = timed_steps(loop, train_loader, total, warm)
+        distributed.average_bn_stats(loop.net, loop.ema.module if loop.ema is not None else None)
         loop.checkpoint()
         return loop.global_step / steps_per_epoch, None
 
@@ -466,6 +466,8 @@ def _run_epochs(cfg: RecipeConfig, perf: bool, loop: Loop, train_loader, val_loa
         warm = min(cfg.train.perf_warmup_steps, steps_per_epoch // 2) if epoch == first_epoch else 0
         s = train_one_epoch(loop, train_loader, max_steps=steps_per_epoch, time_after=warm)
         _check_finite(loop)
+        # Every rank then evaluates and saves the same BatchNorm statistics (no-op on one process).
+        distributed.average_bn_stats(loop.net, loop.ema.module if loop.ema is not None else None)
         loop.timed_images += s.timed_images * info.world_size
         loop.timed_seconds += s.timed_seconds
         record = dict(kind="epoch", epoch=epoch + 1, step=loop.global_step, train_loss=s.loss, train_acc1=s.acc1,
