@@ -50,9 +50,10 @@ def fake_cuda(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CUBLAS_WORKSPACE_CONFIG"):
         monkeypatch.delenv(key, raising=False)
     deterministic, benchmark = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     Fake.calls = []
     yield Fake
-    torch.use_deterministic_algorithms(deterministic)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     torch.backends.cudnn.benchmark = benchmark
 
 
@@ -109,8 +110,9 @@ def test_deterministic_sets_the_cublas_workspace_before_cuda_starts(fake_cuda, m
     first = fake_cuda.calls[0]
     assert first[0] == "is_available" and first[-1] == ":4096:8"  # set before the first accelerator call
     assert fake_cuda.calls[-1][:2] == ("set_device", 1)
-    # DINO honours train.deterministic too.
+    # DINO honours train.deterministic too; CUDA ops without a deterministic kernel only warn.
     assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    assert torch.is_deterministic_algorithms_warn_only_enabled()
 
 
 def test_a_users_cublas_workspace_setting_is_kept(fake_cuda, monkeypatch):

@@ -65,10 +65,13 @@ def select_device(device: torch.device) -> None:
 def configure_determinism(deterministic: bool, cudnn_benchmark: bool) -> None:
     """train.deterministic and train.cudnn_benchmark. Call it before CUDA initialises: cuBLAS
     reads CUBLAS_WORKSPACE_CONFIG once, and deterministic algorithms on CUDA raise at the first
-    cuBLAS call without it (":4096:8", NVIDIA's documented setting; a user's own value is kept)."""
+    cuBLAS call without it (":4096:8", NVIDIA's documented setting; a user's own value is kept).
+
+    CUDA ops that have no deterministic kernel (AlexNet's adaptive average pooling and the ViT's
+    bicubic position-embedding resampling, in backward) warn once instead of stopping the run."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
 
 
