@@ -1,5 +1,6 @@
 """One command that checks every CUDA path of visionzoo on a GPU machine: no network, no data
-set, no installation (about 5 minutes on one H100/H200). From the repository root:
+set, no installation; sized for at most 8 minutes on one H100/H200 (not yet run on a GPU: the
+dry run is). From the repository root:
 
     PYTHONPATH=src python3 benchmarks/gpu_check.py                    # on cuda; gpu_check.json
     PYTHONPATH=src python3 benchmarks/gpu_check.py --device cuda:1 --output /tmp/check.json
@@ -32,9 +33,9 @@ output in ``<workdir>/logs``.
 
 ``--dry-run`` does all of it on the CPU with tiny images and tiny networks of the same kind
 (small CNNs for the torchvision models, timm's test NFNet, a 1-block ViT): what needs CUDA (sync
-counting, peak memory) is reported SKIP, torch.compile uses the eager backend (inductor's C++
-build takes minutes on a small CPU) and no curve plots are drawn. tests/test_gpu_check.py runs
-it in CI.
+counting, peak memory, the deterministic run's cuBLAS setting) is reported SKIP, torch.compile
+uses the eager backend (inductor's C++ build takes minutes on a small CPU) and no curve plots
+are drawn. tests/test_gpu_check.py runs it in CI.
 
 Needs (imported, not installed): torch, torchvision, timm, omegaconf, safetensors, numpy,
 pillow, pyyaml, matplotlib, tqdm, onnx, onnxruntime. A missing one is named with how to bring it
@@ -51,6 +52,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -185,7 +187,7 @@ class Checker:
 
     def run(self, recipe: str, name: str, fn, *args, **kwargs):
         """``fn`` returns (status, detail, data) or raises (FAIL with the error's last line)."""
-        log = self.logs / f"{recipe}-{name}".replace(" ", "_").replace("/", "_").replace("=", "-").replace("(", "").replace(")", "")
+        log = self.logs / re.sub(r"[^\w.-]+", "_", f"{recipe}-{name}").strip("_")
         t0, cpu0 = time.perf_counter(), _cpu_seconds()
         data = None
         with open(log.with_suffix(".log"), "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -425,10 +427,13 @@ def _dino_steppers(cfg, splits, device, amp):
             raise RuntimeError(f"the loader has {len(loader)} batches; {n} needed")
         epoch[0] += 1
         set_loader_epoch(loader, epoch[0], 0)
-        for i, (batch, _, _) in enumerate(loader):
-            if i == n:
+        done = 0
+        for batch, _, _ in loader:
+            if done == n:
                 break
-            training.step([c.to(device, non_blocking=True) for c in batch], *hp, freeze_last_layer=False)
+            if batch:  # not every image of the batch unreadable
+                training.step([c.to(device, non_blocking=True) for c in batch], *hp, freeze_last_layer=False)
+                done += 1
 
     return run_model, run_e2e
 
@@ -539,7 +544,7 @@ def check_recipe(ck: Checker, recipe: str, data: str, mode: str, device: str, wo
                ["train.epochs=2", "train.amp=none", "train.deterministic=true", *decode("cpu")])
     else:
         for name in ("eval", "export onnx", "resume"):
-            ck.rows.append({"recipe": recipe, "check": name, "status": "FAIL", "seconds": 0.0,
+            ck.rows.append({"recipe": recipe, "check": name, "status": "FAIL", "seconds": 0.0, "cpu_seconds": 0.0,
                             "detail": "the fp32 run failed: nothing to check", "data": None, "log": None})
     ck.run(recipe, "host syncs", sync_check, recipe, data, [*args, "train.amp=bf16", *decode("device")],
            device, cuda, SIZES[mode]["sync_steps"])
@@ -585,8 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = "dry" if args.dry_run else "gpu"
     device = args.device or ("cpu" if args.dry_run else "cuda")
     cuda = device.startswith("cuda")
-    if args.dry_run and cuda:
-        print("gpu_check: --dry-run runs on the CPU; drop --device", file=sys.stderr)
+    if args.dry_run == cuda:
+        print("gpu_check: --dry-run runs on the CPU (drop --device); without it, on CUDA", file=sys.stderr)
         return 2
     if cuda and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; --dry-run runs the checks on the CPU", file=sys.stderr)

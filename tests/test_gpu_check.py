@@ -84,7 +84,7 @@ def test_missing_packages_are_named_with_a_way_to_bring_them(monkeypatch, capsys
     assert "pip download omegaconf -d wheels" in err and "--no-index" in err
 
 
-@pytest.mark.parametrize("argv", [["--dry-run", "--device", "cuda"], ["--dry-run", "--recipes", "lenet"]])
+@pytest.mark.parametrize("argv", [["--dry-run", "--device", "cuda"], ["--device", "cpu"], ["--dry-run", "--recipes", "lenet"]])
 def test_bad_arguments_stop_before_any_work(argv, capsys, monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # main sets it; restored afterwards
     assert _module().main(argv) == 2
