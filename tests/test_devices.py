@@ -48,7 +48,8 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(dist, "init_process_group",
                         lambda backend, **kw: record("init_process_group", backend, kw.get("device_id")))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "CUBLAS_WORKSPACE_CONFIG"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so that what the code under test sets is undone too
+        monkeypatch.delenv(key)
     deterministic, benchmark = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     Fake.calls = []

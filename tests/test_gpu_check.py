@@ -86,6 +86,7 @@ def test_missing_packages_are_named_with_a_way_to_bring_them(monkeypatch, capsys
 
 @pytest.mark.parametrize("argv", [["--dry-run", "--device", "cuda"], ["--device", "cpu"], ["--dry-run", "--recipes", "lenet"]])
 def test_bad_arguments_stop_before_any_work(argv, capsys, monkeypatch):
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # main sets it; restored afterwards
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # main sets it: recorded, so undone afterwards
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     assert _module().main(argv) == 2
     assert "gpu_check:" in capsys.readouterr().err

@@ -48,9 +48,8 @@ def test_unreadable_node_lists_are_user_errors(bad):
 @pytest.fixture
 def srun_env(monkeypatch):
     """Task 9 of 16 (local id 1) of an srun step on two nodes, no torchrun variables."""
-    for key in LAUNCH_VARS:
-        monkeypatch.delenv(key, raising=False)
-    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+    for key in (*LAUNCH_VARS, *[k for k in os.environ if k.startswith("SLURM_")]):
+        monkeypatch.setenv(key, "")  # recorded, so that what the code under test sets is undone too
         monkeypatch.delenv(key)
     for key, value in {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
                        "SLURM_JOB_NODELIST": "gpu-a[07-08]"}.items():
