@@ -145,7 +145,7 @@ def test_dino_student_and_teacher_get_syncbn_on_several_accelerator_ranks(backbo
     if backbone == "vit":
         cfg.dino.use_bn_in_head = True  # BatchNorm1d in the head
     else:
-        cfg.model.name, cfg.model.kwargs = "resnet10t", {}  # BatchNorm2d in the backbone
+        cfg.model.name, cfg.model.kwargs, cfg.model.vit_pos_embed = "resnet10t", {}, "timm"  # BatchNorm2d in the backbone
     meta = torch.device("meta")
     parts = build_dino_training(cfg, meta, None, ddp=True)
     assert _bn_types(parts.student) == _bn_types(parts.teacher) == {"SyncBatchNorm"}
