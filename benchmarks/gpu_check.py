@@ -598,21 +598,42 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cuda:
         device = str(torch.device(device if ":" in device else f"cuda:{torch.cuda.current_device()}"))
-    if args.dry_run:
-        import functools
-
-        import visionzoo.engine.dino
-        import visionzoo.engine.supervised
-
-        # Inductor's C++ build takes minutes on a small CPU: trace with dynamo, run eagerly.
-        torch.compile = functools.partial(torch.compile, backend="eager")
-        # Drawing the curves with matplotlib is half of a tiny run's CPU time (tests/test_reporting.py checks them).
-        visionzoo.engine.supervised.plot_curves = visionzoo.engine.dino.plot_curves = lambda *a, **k: None
     recipes = [r for r in args.recipes.split(",") if r]
     unknown = sorted(set(recipes) - set(RECIPES))
     if unknown:
         print(f"gpu_check: not a seed recipe: {', '.join(unknown)}", file=sys.stderr)
         return 2
+    with dry_run_shortcuts(args.dry_run):
+        return run_checks(args, mode, device, cuda, recipes)
+
+
+@contextlib.contextmanager
+def dry_run_shortcuts(enabled: bool):
+    """What the dry run leaves out, for the time it runs: inductor's C++ build (minutes on a small
+    CPU; dynamo traces, the eager backend runs) and the curve plots (matplotlib is half of a tiny
+    run's CPU time; tests/test_reporting.py checks them)."""
+    if not enabled:
+        yield
+        return
+    import functools
+
+    import torch
+
+    import visionzoo.engine.dino as dino
+    import visionzoo.engine.supervised as supervised
+
+    saved = torch.compile, supervised.plot_curves, dino.plot_curves
+    torch.compile = functools.partial(torch.compile, backend="eager")
+    supervised.plot_curves = dino.plot_curves = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        torch.compile, supervised.plot_curves, dino.plot_curves = saved
+
+
+def run_checks(args: argparse.Namespace, mode: str, device: str, cuda: bool, recipes: list[str]) -> int:
+    """Every check; the table on stdout, the report in ``args.output``; 0 when none failed."""
+    import torch
 
     t0 = time.perf_counter()
     info = versions(device)
