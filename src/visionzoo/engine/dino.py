@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ from visionzoo.engine.supervised import Interrupted, end_failed_run, set_loader_
 from visionzoo.errors import UserError
 from visionzoo.models import build_model, create
 from visionzoo.models.dino import DINOLoss, build_dino, cancel_last_layer_grads, update_teacher
+from visionzoo.models.weights import load_weights
 from visionzoo.optim import build_optimizer
 from visionzoo.plots import plot_curves
 from visionzoo.report import MetricsLog, mark_status, new_run_dir, report_fallbacks, write_results
@@ -209,9 +211,12 @@ def build_dino_training(cfg: RecipeConfig, device: torch.device, amp_dtype: torc
     dino.use_bn_in_head head) become SyncBatchNorm in student and teacher, as in the reference:
     the teacher is no DDP module, so nothing else would keep its statistics equal over ranks."""
     d, dc = cfg.data, cfg.dino
-    backbone, model_args = build_model(cfg.model, 0, d.in_chans)
+    # model.weights: the backbone's weights, and the head's too when the file is a DINO training checkpoint.
+    backbone, model_args = build_model(replace(cfg.model, weights=None), 0, d.in_chans)
+    head_state = load_weights(backbone, model_args, cfg.model.weights, cfg.model.checkpoint_key) if cfg.model.weights else None
     teacher_args = {**model_args, "drop_rate": 0.0, "drop_path_rate": 0.0}  # the reference's teacher
-    student, teacher = build_dino(backbone, create(teacher_args), _feature_dim(backbone, d.in_chans, d.image_size), dc)
+    student, teacher = build_dino(backbone, create(teacher_args), _feature_dim(backbone, d.in_chans, d.image_size), dc,
+                                  head_state)
     student, teacher = student.to(device), teacher.to(device)
     if ddp and device.type != "cpu":  # SyncBatchNorm has no CPU kernel; fit_dino averages the statistics there
         from timm.layers import convert_sync_batchnorm  # also converts timm's BatchNormAct2d

@@ -101,14 +101,12 @@ def _create_torchvision(args: dict, kwargs: dict, pretrained: bool) -> nn.Module
 
 def build_model(model_cfg: Any, num_classes: int, in_chans: int) -> tuple[nn.Module, dict]:
     """The network for a config's model section (with its initial weights: model.weights or
-    model.pretrained), and its constructor arguments. A DINO training checkpoint's head, when
-    model.weights is one, rides along as ``pretrained_dino_head`` for models.dino.build_dino."""
+    model.pretrained), and its constructor arguments. (DINO training also takes the projection
+    head of a DINO training checkpoint: see engine/dino.py build_dino_training.)"""
     args = model_args(model_cfg, num_classes, in_chans)
     net = create(args, pretrained=model_cfg.pretrained)
     if model_cfg.weights:
         from visionzoo.models.weights import load_weights
 
-        head = load_weights(net, args, model_cfg.weights, model_cfg.checkpoint_key)
-        if head is not None and num_classes == 0:
-            net.pretrained_dino_head = head
+        load_weights(net, args, model_cfg.weights, model_cfg.checkpoint_key)
     return net, args

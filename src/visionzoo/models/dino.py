@@ -80,7 +80,8 @@ class MultiCropWrapper(nn.Module):
         return self.head(torch.cat(feats))
 
 
-def build_dino(backbone: nn.Module, teacher_backbone: nn.Module, embed_dim: int, dino) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+def build_dino(backbone: nn.Module, teacher_backbone: nn.Module, embed_dim: int, dino,
+               head_state: dict | None = None) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     """Student and teacher for a DinoConfig. ``teacher_backbone`` has the student's architecture
     (built without drop path); it starts as an exact copy of the student and is frozen."""
     def head() -> DINOHead:
@@ -88,9 +89,8 @@ def build_dino(backbone: nn.Module, teacher_backbone: nn.Module, embed_dim: int,
                         dino.head_layers, dino.hidden_dim, dino.bottleneck_dim)
 
     student = MultiCropWrapper(backbone, head())
-    pretrained_head = backbone.__dict__.pop("pretrained_dino_head", None)  # see models.build_model
-    if pretrained_head:
-        load_head(student.head, pretrained_head)
+    if head_state:  # the head of a DINO training checkpoint (model.weights)
+        load_head(student.head, head_state)
     teacher = MultiCropWrapper(teacher_backbone, head())
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
