@@ -61,8 +61,8 @@ def test_synthetic_source_matches_the_recipe_data():
     cifar = load_config("resnet50_cifar100").data
     splits = synthetic_source(cifar, 16)
     assert len(splits.classes) == 100 and tuple(splits.train.images.shape) == (16, 3, 32, 32)
-    image, label = splits.train[0]  # the recipe's train transform: normalised 32 px crop
-    assert image.dtype == torch.float32 and tuple(image.shape) == (3, 32, 32) and 0 <= label < 100
+    image, label = splits.train[0]  # the recipe's train transform: a 32 px uint8 crop (normalised per batch)
+    assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 32, 32) and 0 <= label < 100
     folder = load_config("nfnet_f0_imagenet", ["data.num_classes=5"]).data
     image, label = synthetic_source(folder, 4).train[3]
     assert tuple(image.shape) == (3, 192, 192) and 0 <= label < 5  # RandomResizedCrop 192 + RandAugment

@@ -161,7 +161,7 @@ def test_multicrop_shapes_per_image_and_batched() -> None:
                                                "dino.local_crops_number=3"])
     crops = MultiCropTransform(cfg.data, cfg.dino)(Image.new("RGB", (64, 48), (200, 30, 90)))
     assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
-    assert all(c.dtype == torch.float32 for c in crops)
+    assert all(c.dtype == torch.uint8 for c in crops)  # handed over as uint8, normalised per batch
     batch, targets, bad = collate_multicrop([(crops, 1), None, (crops, 2)])
     assert [tuple(c.shape) for c in batch] == [(2, 3, 32, 32)] * 2 + [(2, 3, 16, 16)] * 3
     assert targets.tolist() == [1, 2] and bad == 1

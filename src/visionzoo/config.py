@@ -47,6 +47,9 @@ class DataConfig:
     # device has workers read file bytes only and decodes (nvJPEG on CUDA), crops, flips and
     # normalises each batch on the training device (augment=imagenet, no randaugment).
     decode: str = "cpu"
+    # data.decode=cpu: decode a JPEG at 1/2, 1/4 or 1/8 of its size (Pillow's draft mode) when
+    # the random crop (or the eval resize) shrinks it at least that much; false: always in full.
+    draft: bool = True
     in_chans: int = 3
     # Train-time augmentation.
     augment: str = "imagenet"  # imagenet: RandomResizedCrop; cifar: pad + RandomCrop; none

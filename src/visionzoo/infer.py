@@ -176,7 +176,7 @@ def preprocess_image(path: str | Path, d, in_chans: int, size: int) -> tuple[np.
     from PIL import Image
 
     from visionzoo.data.folder import _DECODE_ERRORS, _to_rgb
-    from visionzoo.data.transforms import eval_transform
+    from visionzoo.data.transforms import eval_transform, normalized
 
     p = Path(path).expanduser()
     if not p.is_file():
@@ -188,13 +188,13 @@ def preprocess_image(path: str | Path, d, in_chans: int, size: int) -> tuple[np.
             img = _to_rgb(img).convert("L") if in_chans == 1 else _to_rgb(img).copy()
     except _DECODE_ERRORS as err:
         raise UserError(f"cannot decode image {p}: {first_line(err)}") from None
-    x = eval_transform(d)(img)
+    x = normalized(eval_transform(d), img)
     note = ""
     if tuple(x.shape[-2:]) != (size, size) and d.test_resize == 0:
         # The recipe evaluates images at their stored size (CIFAR, MNIST); another size is
         # brought to the model's by the usual short-side resize and centre crop.
         note = f"resized from {img.width}x{img.height}"
-        x = eval_transform(replace(d, test_resize=size, test_size=size))(img)
+        x = normalized(eval_transform(replace(d, test_resize=size, test_size=size)), img)
     if tuple(x.shape) != (in_chans, size, size):
         raise UserError(f"{p} preprocesses to {list(x.shape)}, the model takes {[in_chans, size, size]}")
     return x.numpy().astype(np.float32), note

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from visionzoo import distributed
 from visionzoo.data.batched import InMemoryLoader
 from visionzoo.data.cifar import load_cifar
+from visionzoo.data.device_batches import DeviceBatches, find_normalize
 from visionzoo.data.device_decode import DeviceDecodeLoader
 from visionzoo.data.folder import ImageFolderDataset, collate_skip_bad, find_classes
 from visionzoo.data.samplers import SeededDataset, ShardSampler
@@ -156,26 +157,32 @@ def build_datasets(d, train: bool = True) -> Splits:
 
 def build_loader(
     ds: Dataset, batch_size: int, workers: int, train: bool, seed: int,
-    rank: int = 0, world_size: int = 1, pin_memory: bool = False,
-) -> DataLoader:
-    """A loader yielding ``(images, targets, n_bad)``; ``batch_size`` is per device.
+    rank: int = 0, world_size: int = 1, pin_memory: bool = False, device: torch.device | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> DeviceBatches:
+    """A loader yielding ``(images, targets, n_bad)`` on ``device`` (default: the CPU), images
+    as normalised float32 in ``memory_format``; ``batch_size`` is per device.
 
-    Training shuffles per epoch (``loader.sampler.set_epoch``) and drops the last partial
-    batch; evaluation gives each rank a contiguous shard (see data/samplers.py). Shard streams
-    (webdataset, hfds) get a StreamLoader with the same interface (data/shards.py).
-    """
+    Workers decode and augment each image and hand over uint8; the batch is normalised on the
+    device (data/device_batches.py). Training shuffles per epoch (``loader.set_epoch``) and
+    drops the last partial batch; evaluation gives each rank a contiguous shard (see
+    data/samplers.py). Shard streams (webdataset, hfds) are read by a StreamLoader with the same
+    interface (data/shards.py)."""
+    normalize, device = find_normalize(ds), device or torch.device("cpu")
     if isinstance(ds, ShardStream):
-        return StreamLoader(ds, batch_size, workers, train, seed, rank, world_size, pin_memory=pin_memory)
+        return DeviceBatches(StreamLoader(ds, batch_size, workers, train, seed, rank, world_size, pin_memory=pin_memory),
+                             device, normalize, memory_format)
     sampler = ShardSampler(len(ds), train, seed, rank, world_size)
     if train:
         ds = SeededDataset(ds, seed)
     workers = max(0, min(workers, os.cpu_count() or 1))
-    return DataLoader(
+    loader = DataLoader(
         ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_skip_bad,
         generator=torch.Generator().manual_seed(seed),  # leaves the global RNG alone
         pin_memory=pin_memory, drop_last=train, persistent_workers=workers > 0 and train,
         prefetch_factor=4 if workers > 0 else None,
     )
+    return DeviceBatches(loader, device, normalize, memory_format)
 
 
 def build_loaders(
@@ -200,7 +207,7 @@ def build_loaders(
     else:
         def make(ds, train):
             return build_loader(ds, batch_size, d.workers, train, seed, rank, world_size,
-                                pin_memory=device.type == "cuda")
+                                pin_memory=device.type == "cuda", device=device, memory_format=memory_format)
     if splits.train is not None and d.decode == "device":  # training only; validation stays on the CPU path
         train = DeviceDecodeLoader(splits.train, batch_size, d.workers, device, d, seed, rank, world_size,
                                    memory_format)
@@ -213,6 +220,8 @@ def loader_kind(loader) -> str:
     """How a training loader produces batches, as results and bench name it."""
     if isinstance(loader, DeviceDecodeLoader):
         return f"device decode ({loader.num_workers} byte-reading workers per device)"
+    if isinstance(loader, DeviceBatches):
+        loader = loader.loader
     if isinstance(loader, DataLoader):
         return f"DataLoader ({loader.num_workers} workers per device)"
     if isinstance(loader, StreamLoader):

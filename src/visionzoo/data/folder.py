@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from visionzoo.data.scan_cache import scan_classes
+from visionzoo.data.device_batches import stack_images
 from visionzoo.errors import UserError
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "collate_skip_bad", "find_classes", "load_image"]
@@ -135,21 +136,33 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def load_image(source: str | os.PathLike | bytes | IO[bytes], transform: Callable[[Image.Image], Any] | None = None) -> Any:
     """Decode an image (a path, its bytes, or a binary file object) to 8-bit RGB and apply
     ``transform``; None when it cannot be decoded. The one decode of every file-based reader
-    (ImageFolder here, tar and parquet shards in data/shards.py)."""
+    (ImageFolder here, tar and parquet shards in data/shards.py).
+
+    A transform with ``prepare`` sees the opened image before it is decoded: it draws its crop on
+    the full size and may ask the JPEG decoder for a smaller image (draft mode); it is then called
+    as ``transform(rgb, prepared)``."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(source)
+    prepare = getattr(transform, "prepare", None)
     try:
-        with Image.open(source) as img:
+        img = Image.open(source)
+    except _DECODE_ERRORS:
+        return None
+    with img:
+        prepared = prepare(img) if prepare is not None else None
+        try:
             # load() forces the full decode here, so truncated data raises
             # inside this try rather than later in the transform.
             img.load()
             rgb = _to_rgb(img)
-            if rgb is img:
-                # Detach from the file: the with-block closes it.
-                rgb = img.copy()
-    except _DECODE_ERRORS:
-        return None
-    return transform(rgb) if transform else rgb
+        except _DECODE_ERRORS:
+            return None
+    if rgb is img and img.readonly:
+        # A memory-mapped file (uncompressed formats): detach the pixels from the file.
+        rgb = img.copy()
+    if transform is None:
+        return rgb
+    return transform(rgb, prepared) if prepare is not None else transform(rgb)
 
 
 class ImageFolderDataset(Dataset):
@@ -216,6 +229,6 @@ def collate_skip_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
     dropped = len(batch) - len(good)
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.int64), dropped
-    images = torch.stack([img for img, _ in good])
+    images = stack_images([img for img, _ in good])
     targets = torch.tensor([t for _, t in good], dtype=torch.int64)
     return images, targets, dropped

@@ -116,7 +116,7 @@ def extract_features(
     if world > 1 and not isinstance(ds, IterableDataset):  # shard streams split themselves by rank
         ds, rank, world = Subset(ds, range(rank, len(ds), world)), 0, 1
     loader = build_loader(ds, batch_size, workers, train=False, seed=0, rank=rank, world_size=world,
-                          pin_memory=device.type == "cuda")
+                          pin_memory=device.type == "cuda", device=device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     feats, labels = [], []
     main_rank = not dist.is_initialized() or dist.get_rank() == 0
@@ -202,7 +202,7 @@ def train_linear(
     opt = torch.optim.SGD(probe.parameters(), lr=base_lr, momentum=0.9, weight_decay=0.0)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     loader = None if cached else build_loader(train_ds, batch, d.workers, train=True, seed=0,
-                                              pin_memory=device.type == "cuda")
+                                              pin_memory=device.type == "cuda", device=device)
     if loader is not None and len(loader) == 0:
         raise UserError(f"the training split ({len(train_ds)} images) is smaller than one probe "
                         f"batch (dino.linear_batch_size={batch})")

@@ -1,0 +1,95 @@
+"""The CPU data path's batches made ready on the training device.
+
+DataLoader workers decode and augment each image and hand over uint8 [B, C, H, W] batches
+(stacked from PIL's [H, W, C] bytes, so they are channels_last in memory). ``DeviceBatches``
+copies each batch to the device — non-blocking, from the pinned memory DataLoader fills when
+``pin_memory`` is on — and converts it to float32, normalises it and lays it out in the model's
+memory format there, a whole batch at a time (timm's PrefetchLoader does the same). It yields
+what the engines took from the loader before: ``(float images, targets, n_bad)``, or a list of
+crop batches for DINO's multi-crop, already on the device, so their ``.to(device)`` is a no-op.
+A quarter of the bytes goes through pinned memory and the host-to-device link, and the workers
+do no float work."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from visionzoo.data.samplers import SeededDataset
+from visionzoo.data.transforms import Normalize
+
+
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """Stack [C, H, W] images of one shape into [B, C, H, W], in [B, H, W, C] memory
+    (channels_last) when C > 1: for images from PIL, which view [H, W, C] bytes, each is then
+    a plain copy."""
+    first = images[0]
+    if first.dim() != 3 or first.shape[0] == 1 or any(i.shape != first.shape for i in images):
+        return torch.stack(images)  # (stack names the mismatch, if any)
+    out = torch.empty((len(images), *first.shape[1:], first.shape[0]), dtype=first.dtype)
+    for o, i in zip(out, images):
+        o.copy_(i.permute(1, 2, 0))
+    return out.permute(0, 3, 1, 2)
+
+
+def find_normalize(ds: Dataset) -> Normalize | None:
+    """The batched normalisation of the per-image transform inside ``ds`` (looking through
+    SeededDataset and Subset wrappers), or None when its images need none."""
+    while ds is not None:
+        norm = getattr(getattr(ds, "transform", None), "normalize", None)
+        if norm is not None:
+            return norm
+        ds = ds.dataset if isinstance(ds, (Subset, SeededDataset)) else None
+    return None
+
+
+class DeviceBatches:
+    """Iterates ``loader``'s batches on ``device``: uint8 images (a tensor, or a list of crop
+    tensors) are normalised there with ``normalize`` and laid out as ``memory_format``;
+    float batches (transforms that normalise per image) are only moved. Sampler, batch size,
+    worker count and length are the loader's (``set_epoch`` as the device-resident loaders)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, normalize: Normalize | None,
+                 memory_format: torch.memory_format = torch.contiguous_format):
+        self.loader, self.device, self.normalize, self.memory_format = loader, device, normalize, memory_format
+
+    @property
+    def sampler(self) -> Any:
+        return self.loader.sampler
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.loader.batch_size
+
+    @property
+    def num_workers(self) -> int:
+        return self.loader.num_workers
+
+    @property
+    def dataset(self) -> Dataset:
+        return self.loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select an epoch's order; ``skip_batches`` resumes after that many batches."""
+        self.loader.sampler.set_epoch(epoch, skip_batches * self.loader.batch_size)
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        """One image batch on the device, float32, normalised, in the memory format."""
+        if x.numel() == 0:
+            return x
+        x = x.to(self.device, non_blocking=True)
+        if x.dim() == 4:  # the layout is changed on the uint8 bytes; the float ops keep it
+            x = x.contiguous(memory_format=self.memory_format)
+        if x.dtype == torch.uint8 and self.normalize is not None:
+            x = self.normalize(x)
+        return x
+
+    def __iter__(self) -> Iterator[tuple]:
+        for images, targets, n_bad in self.loader:
+            images = [self.images(c) for c in images] if isinstance(images, list) else self.images(images)
+            yield images, targets.to(self.device, non_blocking=True), n_bad
