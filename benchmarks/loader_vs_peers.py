@@ -164,6 +164,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--warmup", type=int, default=2, help="batches discarded per measurement")
     p.add_argument("--batches", type=int, default=8, help="batches timed per measurement")
+    p.add_argument("--dino-batches", type=int, help="batches timed for DINO (default: as the others)")
     p.add_argument("--repeats", type=int, default=3, help="rounds; the order of the pipelines alternates")
     p.add_argument("--timm-prefetcher", action="store_true", help="also time timm's prefetcher DataLoader (uint8)")
     p.add_argument("--no-draft", action="store_true", help="also time visionzoo with data.draft=false")
@@ -176,7 +177,8 @@ def main() -> None:
 
     print(f"# {platform.machine()} {platform.processor() or ''} | torch {torch.__version__} | torchvision "
           f"{torchvision.__version__} | timm {timm.__version__} | Pillow {PIL.__version__} | workers {args.workers} | "
-          f"batch {args.batch} | {args.warmup} warm-up + {args.batches} timed batches per measurement | {args.repeats} rounds")
+          f"batch {args.batch} | {args.warmup} warm-up + {args.batches} timed batches per measurement"
+          f"{f' ({args.dino_batches} for DINO)' if args.dino_batches else ''} | {args.repeats} rounds")
     print("| recipe | images | visionzoo img/s | peer | peer img/s | ratio (per round) |")
     print("|---|---|---|---|---|---|")
     records = []
@@ -186,6 +188,7 @@ def main() -> None:
         root, batches = Path(root), int(n) if n else args.batches
         for recipe in args.recipes.split(","):
             b, w = args.batch, args.workers
+            n_timed = args.dino_batches if recipe == "dino" and args.dino_batches else batches
             pipelines: dict[str, Callable] = {}
             pipelines["visionzoo"] = lambda r, rec=recipe: visionzoo_loader(rec, root, b, w, r)
             if args.no_draft:
@@ -201,12 +204,12 @@ def main() -> None:
             for r in range(args.repeats):
                 order = list(pipelines) if r % 2 == 0 else list(reversed(pipelines))
                 for key in order:
-                    rates[key].append(rate(lambda: pipelines[key](r), b, args.warmup, batches))
+                    rates[key].append(rate(lambda: pipelines[key](r), b, args.warmup, n_timed))
             vz = rates["visionzoo"]
             for key, values in rates.items():
                 ratios = [a / c for a, c in zip(vz, values)]
                 records.append({"tree": name, "recipe": recipe, "pipeline": key, "img_s": values, "vz_ratio": ratios,
-                                "batches": batches})
+                                "batches": n_timed})
                 if key == "visionzoo":
                     continue
                 print(f"| {RECIPES[recipe]} | {name} | {span(vz)} | {key} | {span(values)} | "

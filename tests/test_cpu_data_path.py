@@ -304,3 +304,15 @@ def test_loaders_resume_mid_epoch(tree) -> None:
     loader.set_epoch(EPOCH, skip_batches=2)
     rest = [images for images, _, _ in loader]
     assert len(rest) == len(full) - 2 and all(torch.equal(a, b) for a, b in zip(rest, full[2:]))
+
+
+def test_per_sample_seeding_leaves_accelerator_generators_alone(tree, monkeypatch) -> None:
+    # torch.manual_seed also reseeds every CUDA generator (dropout on the GPU, in a workers=0 run);
+    # the transforms draw from the CPU generator only, which is all that is seeded.
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: calls.append(s))
+    monkeypatch.setattr(torch, "manual_seed", lambda s: calls.append(s))
+    d = _cfg("alexnet_imagenet", tree, "data.image_size=32").data
+    ds = SeededDataset(build_datasets(d).train, SEED)
+    ds[(0, EPOCH)]
+    assert calls == []
