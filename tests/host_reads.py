@@ -385,6 +385,7 @@ def cases(fmnist: Path, jpegs: Path, out: Path) -> dict:
     mix = ["train.mixup=0.8", "train.cutmix=1.0", "train.ema_decay=0.9", "optim.clip_mode=agc", "optim.clip_value=0.01"]
     folder = ["--data", str(jpegs), "--device", "cpu", "--workers", "0", "data.decode=device",
               "train.log_every=0", "train.epochs=1"]
+    cpu_folder = [a for a in folder if a != "data.decode=device"]
     tiny_dino = [
         "model.kwargs={img_size: 28, patch_size: 7, embed_dim: 24, depth: 1, num_heads: 3, dynamic_img_size: true}",
         "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.knn_k=[2]", "dino.knn_report_k=2"]
@@ -410,6 +411,14 @@ def cases(fmnist: Path, jpegs: Path, out: Path) -> dict:
                 "model.drop_path_rate=0", "model.channels_last=false", "data.batch_size=4", "data.image_size=16",
                 "data.test_resize=18", "data.test_size=16", "train.amp=none", "train.max_steps_per_epoch=6"],
             start=1, steps=2, patch=both(device_decoder, fused_optimizers)),
+        "alexnet_imagenet data: decode=cpu, Pillow workers hand over uint8 (small CNN)": lambda: measure(
+            "alexnet_imagenet", cpu_folder + [
+                "model.name=small_cnn", "model.library=visionzoo", "model.kwargs={width: 4}", "model.drop_rate=0",
+                "data.batch_size=4", "data.image_size=16", "data.test_resize=18", "data.test_size=16",
+                "train.amp=none", "train.max_steps_per_epoch=6"], start=1, steps=2, patch=fused_optimizers),
+        "dino_vits16_imagenet data: decode=cpu multi-crop, uint8 crops (tiny ViT)": lambda: measure(
+            "dino_vits16_imagenet", cpu_folder + rgb_dino + ["train.max_steps_per_epoch=4"], start=1, steps=2,
+            patch=fused_optimizers),
         "dino_fashion_mnist (as shipped: 4-block ViT, 2 crops)": lambda: measure(
             "dino_fashion_mnist", fm + ["--perf", "--steps", "6", "train.perf_warmup_steps=0"]),
         "dino_fashion_mnist, tiny ViT, 2 local crops": lambda: measure(

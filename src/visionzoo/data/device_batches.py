@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from visionzoo.data.samplers import SeededDataset
+from visionzoo.data.transfer import to_device
 from visionzoo.data.transforms import Normalize
 
 
@@ -54,6 +55,7 @@ class DeviceBatches:
     def __init__(self, loader: DataLoader, device: torch.device, normalize: Normalize | None,
                  memory_format: torch.memory_format = torch.contiguous_format):
         self.loader, self.device, self.normalize, self.memory_format = loader, device, normalize, memory_format
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None  # mean, std on the device
 
     @property
     def sampler(self) -> Any:
@@ -82,14 +84,16 @@ class DeviceBatches:
         """One image batch on the device, float32, normalised, in the memory format."""
         if x.numel() == 0:
             return x
-        x = x.to(self.device, non_blocking=True)
+        x = to_device(x, self.device)  # pinned by the DataLoader on CUDA: an asynchronous copy
         if x.dim() == 4:  # the layout is changed on the uint8 bytes; the float ops keep it
             x = x.contiguous(memory_format=self.memory_format)
         if x.dtype == torch.uint8 and self.normalize is not None:
-            x = self.normalize(x)
+            if self._stats is None:
+                self._stats = self.normalize.on(self.device)
+            x = self.normalize(x, self._stats)
         return x
 
     def __iter__(self) -> Iterator[tuple]:
         for images, targets, n_bad in self.loader:
             images = [self.images(c) for c in images] if isinstance(images, list) else self.images(images)
-            yield images, targets.to(self.device, non_blocking=True), n_bad
+            yield images, to_device(targets, self.device), n_bad

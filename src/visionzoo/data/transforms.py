@@ -52,9 +52,16 @@ class Normalize:
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, dtype=torch.float32).to(x.device, non_blocking=True)
-        std = torch.tensor(self.std, dtype=torch.float32).to(x.device, non_blocking=True)
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as float32 tensors on ``device`` (one asynchronous copy)."""
+        from visionzoo.data.transfer import send
+
+        mean, std = send([torch.tensor(self.mean), torch.tensor(self.std)], device)
+        return mean, std
+
+    def __call__(self, x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``stats``: ``on(x.device)``, when the caller keeps them for every batch."""
+        mean, std = stats if stats is not None else self.on(x.device)
         c = x.shape[-3]
         if x.dim() == 4 and c > 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             # [B, H, W, C] memory: broadcast along rows of W * C values, which vectorises (over
