@@ -85,7 +85,8 @@ def old_views(recipe, cfg) -> list[tuple[str, Callable]]:
     k = lambda size: max(min(2 * math.ceil(3 * dc.blur_sigma[1]) + 1, size if size % 2 else size - 1), 1)  # noqa: E731
 
     def view(size, scale, blur_p, solarize):
-        steps = [("crop + resize", v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=interp, antialias=True)),
+        crop = v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=interp, antialias=True)
+        steps = [("crop + resize", crop),
                  ("flip", v2.RandomHorizontalFlip(d.hflip)),
                  ("colour jitter", v2.RandomApply([v2.ColorJitter(b, c, s, h)], p=dc.color_jitter_p)),
                  ("greyscale", v2.RandomGrayscale(dc.grayscale_p)),

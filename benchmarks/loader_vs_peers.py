@@ -72,7 +72,8 @@ def timm_loader(recipe: str, root: Path, batch: int, workers: int, prefetcher: b
     ``prefetcher``: uint8 batches; otherwise float batches normalised in the workers)."""
     from timm.data import ImageDataset, create_loader
 
-    settings = {"nfnet": dict(input_size=(3, 192, 192), interpolation="bicubic", auto_augment="rand-m5-n4-mstd0.5-inc1"),
+    settings = {"nfnet": dict(input_size=(3, 192, 192), interpolation="bicubic",
+                              auto_augment="rand-m5-n4-mstd0.5-inc1"),
                 "alexnet": dict(input_size=(3, 224, 224), interpolation="bilinear", auto_augment=None)}[recipe]
     loader = create_loader(ImageDataset(str(root / "train")), batch_size=batch, is_training=True,
                            scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, color_jitter=None,
@@ -196,7 +197,8 @@ def main() -> None:
             if recipe == "dino":
                 pipelines["DINO main_dino.py augmentation"] = lambda r: dino_loader(root, b, w)
             else:
-                pipelines["timm create_loader, no prefetcher"] = lambda r, rec=recipe: timm_loader(rec, root, b, w, False)
+                pipelines["timm create_loader, no prefetcher"] = (
+                    lambda r, rec=recipe: timm_loader(rec, root, b, w, False))
                 if args.timm_prefetcher:
                     pipelines["timm create_loader, prefetcher (uint8)"] = (
                         lambda r, rec=recipe: timm_loader(rec, root, b, w, True))

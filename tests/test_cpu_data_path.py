@@ -98,7 +98,8 @@ def old_multicrop(d, dino):
     views = [v2.Compose([crop(gs, dino.global_crops_scale), *jitter(), blur(gs, p1), *_old_normalise(d)]),
              v2.Compose([crop(gs, dino.global_crops_scale), *jitter(), blur(gs, p2),
                          v2.RandomSolarize(128, p=dino.solarize_p), *_old_normalise(d)])]
-    views += [v2.Compose([crop(ls, dino.local_crops_scale), *jitter(), blur(ls, pl), *_old_normalise(d)])] * dino.local_crops_number
+    local = v2.Compose([crop(ls, dino.local_crops_scale), *jitter(), blur(ls, pl), *_old_normalise(d)])
+    views += [local] * dino.local_crops_number
     return lambda img: [v(img) for v in views]
 
 

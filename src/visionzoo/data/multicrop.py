@@ -36,7 +36,9 @@ from visionzoo.data.device_batches import DeviceBatches, find_normalize, stack_i
 from visionzoo.data.samplers import SeededDataset, ShardSampler, sample_seed, train_indices
 from visionzoo.data.shards import ShardStream, StreamLoader
 from visionzoo.data.transfer import send, to_device
-from visionzoo.data.transforms import PIL_RESAMPLE, Box, Normalize, draft, pil_to_uint8, random_resized_crop, resized_crop
+from visionzoo.data.transforms import (
+    PIL_RESAMPLE, Box, Normalize, draft, pil_to_uint8, random_resized_crop, resized_crop,
+)
 
 
 def _kernel_size(sigma: list[float], size: int) -> int:
@@ -56,7 +58,8 @@ def blur_uint8(x: torch.Tensor, sigma: float, k: int) -> torch.Tensor:
     2k instead of k^2 products per pixel, and ~3x faster than a grouped conv2d on a CPU core.
     Returns [C, H, W] viewing [H, W, C] memory."""
     lim = (k - 1) / (2.0 * math.sqrt(2.0))
-    kern = torch.softmax(torch.linspace(-lim, lim, steps=k).div(sigma).pow(2).neg(), dim=0).tolist()  # torchvision's 1-D kernel
+    # torchvision's 1-D kernel
+    kern = torch.softmax(torch.linspace(-lim, lim, steps=k).div(sigma).pow(2).neg(), dim=0).tolist()
     r, (h, w) = k // 2, x.shape[-2:]
     hwc = x.permute(1, 2, 0).float()
     p = F.pad(hwc.permute(2, 0, 1).unsqueeze(0), [r] * 4, mode="reflect")[0].permute(1, 2, 0).contiguous()

@@ -152,7 +152,8 @@ class CropFlipAugment:
     def __init__(self, d, draft_decode: bool = True):
         self.size, self.scale, self.hflip = d.image_size, tuple(d.crop_scale), d.hflip
         self.interp, self.resample = _INTERP[d.interpolation], PIL_RESAMPLE[d.interpolation]
-        self.randaugment = timm_randaugment(d.randaugment, d.image_size, d.mean, d.interpolation) if d.randaugment else None
+        self.randaugment = (timm_randaugment(d.randaugment, d.image_size, d.mean, d.interpolation)
+                            if d.randaugment else None)
         self.draft = draft_decode
         self.normalize = Normalize(tuple(d.mean), tuple(d.std))
 
@@ -174,7 +175,9 @@ class CropFlipAugment:
                 return img
             img = TF.to_pil_image(img)  # timm's RandAugment works on PIL images
         else:
-            box, scale = prepared if prepared is not None else (random_resized_crop(img.height, img.width, self.scale), 1)
+            if prepared is None:  # an image decoded elsewhere: draw its crop now
+                prepared = random_resized_crop(img.height, img.width, self.scale), 1
+            box, scale = prepared
             img = resized_crop(img, box, self.size, self.resample, scale)
             if self.hflip > 0 and bool(torch.rand(1) < self.hflip):
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)

@@ -117,7 +117,8 @@ def dino_loader(cfg: RecipeConfig, ds, device: torch.device, rank: int, world_si
     if not hasattr(ds, "transform"):
         raise UserError(f"data.name={d.name} gives no per-image transform to apply multi-crop to")
     ds.transform = MultiCropTransform(d, dc)
-    return multicrop_loader(ds, batch, d.workers, seed, rank, world_size, pin_memory=device.type == "cuda", device=device)
+    return multicrop_loader(ds, batch, d.workers, seed, rank, world_size, pin_memory=device.type == "cuda",
+                            device=device)
 
 
 def _feature_dim(backbone: nn.Module, in_chans: int, size: int) -> int:
