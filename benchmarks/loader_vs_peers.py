@@ -189,7 +189,7 @@ def main() -> None:
         root, batches = Path(root), int(n) if n else args.batches
         for recipe in args.recipes.split(","):
             b, w = args.batch, args.workers
-            n_timed = args.dino_batches if recipe == "dino" and args.dino_batches else batches
+            n_timed = min(batches, args.dino_batches) if recipe == "dino" and args.dino_batches else batches
             pipelines: dict[str, Callable] = {}
             pipelines["visionzoo"] = lambda r, rec=recipe: visionzoo_loader(rec, root, b, w, r)
             if args.no_draft:
