@@ -178,9 +178,8 @@ def main() -> None:
 
     print(f"# {platform.machine()} {platform.processor() or ''} | torch {torch.__version__} | torchvision "
           f"{torchvision.__version__} | timm {timm.__version__} | Pillow {PIL.__version__} | workers {args.workers} | "
-          f"batch {args.batch} | {args.warmup} warm-up + {args.batches} timed batches per measurement"
-          f"{f' ({args.dino_batches} for DINO)' if args.dino_batches else ''} | {args.repeats} rounds")
-    print("| recipe | images | visionzoo img/s | peer | peer img/s | ratio (per round) |")
+          f"batch {args.batch} | {args.warmup} warm-up batches per measurement | {args.repeats} rounds")
+    print("| recipe | images, timed batches | visionzoo img/s | peer | peer img/s | ratio (per round) |")
     print("|---|---|---|---|---|---|")
     records = []
     for spec in args.tree:
@@ -214,7 +213,7 @@ def main() -> None:
                                 "batches": n_timed})
                 if key == "visionzoo":
                     continue
-                print(f"| {RECIPES[recipe]} | {name} | {span(vz)} | {key} | {span(values)} | "
+                print(f"| {RECIPES[recipe]} | {name}, {n_timed} | {span(vz)} | {key} | {span(values)} | "
                       f"{span(ratios, '{:.2f}')} (median {statistics.median(ratios):.2f}) |", flush=True)
     if args.output:
         Path(args.output).write_text(json.dumps(records, indent=2) + "\n")
