@@ -1,6 +1,7 @@
 """CPU time per image of each step of the CPU data path (data.decode=cpu), before issue 17
 (torchvision v2 pipelines, float32 normalised in the workers, ``fork_rng`` per sample) and now
-(uint8 hand-over, draft decoding, no v2 dispatch), in one process on one thread. CPU time
+(uint8 hand-over, draft decoding, no v2 dispatch), and of the reference pipelines of
+benchmarks/loader_vs_peers.py (timm's transform, DINO's multi-crop), in one process on one thread. CPU time
 (``time.process_time``), not wall time, so other processes on the machine hardly move it.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/cpu_path_profile.py /tmp/jpegs --images 64
@@ -167,6 +168,29 @@ def run_new(recipe: str, cfg, files: list[str]) -> list[Any]:
     return out
 
 
+def run_peer(recipe: str, cfg, files: list[str]) -> list[Any]:
+    """The reference pipeline of benchmarks/loader_vs_peers.py: timm's create_transform (no
+    prefetcher) on ``Image.open(f).convert("RGB")`` as timm's ImageDataset reads, or DINO's
+    multi-crop on torchvision's ImageFolder loader."""
+    from loader_vs_peers import DinoAugmentation, timm_settings
+
+    if recipe == "dino":
+        transform = DinoAugmentation(cfg.dino.local_crops_number)
+    else:
+        from timm.data import create_transform
+
+        settings = timm_settings(recipe)
+        transform = create_transform(settings.pop("input_size"), use_prefetcher=False, **settings)
+    out = []
+    for path in files:
+        t0 = time.process_time()
+        with open(path, "rb") as f:
+            img = Image.open(f).convert("RGB")
+        COST["open + decode"] += time.process_time() - t0
+        out.append(timed("augment + to float + normalise (the peer's transform)", transform)(img))
+    return out
+
+
 def collate_and_normalise(old: bool, items: list, cfg) -> None:
     d = cfg.data
     norm = transforms.Normalize(tuple(d.mean), tuple(d.std))
@@ -195,8 +219,8 @@ def main() -> None:
     recipes = {"nfnet": "nfnet_f0_imagenet", "alexnet": "alexnet_imagenet", "dino": "dino_vits16_imagenet"}
     for key in args.recipes.split(","):
         cfg = load_config(recipes[key])
-        results: dict[str, dict[str, float]] = {"before": {}, "now": {}}
-        paths = [("before", run_old, True), ("now", run_new, False)]
+        results: dict[str, dict[str, float]] = {"before": {}, "now": {}, "peer": {}}
+        paths = [("before", run_old, True), ("now", run_new, False), ("peer", run_peer, True)]
         for r in range(args.repeats):  # alternating order; the least time of each step is kept
             for label, fn, old in (paths if r % 2 == 0 else paths[::-1]):
                 COST.clear()
@@ -204,15 +228,18 @@ def main() -> None:
                 collate_and_normalise(old, items, cfg)
                 for k, v in COST.items():
                     results[label][k] = min(results[label].get(k, math.inf), 1000 * v / len(files))
-        names = list(dict.fromkeys([*results["before"], *results["now"]]))
+        labels = ("before", "now", "peer")
+        names = list(dict.fromkeys(n for r in labels for n in results[r]))
+        peer = "DINO main_dino.py" if key == "dino" else "timm, no prefetcher"
         print(f"\n{recipes[key]} ({len(files)} images from {args.root}), ms of CPU per image")
-        print("| step | before | now |")
-        print("|---|---|---|")
+        print(f"| step | visionzoo before | visionzoo now | {peer} |")
+        print("|---|---|---|---|")
         for n in names:
-            cells = [f"{results[r][n]:.2f}" if n in results[r] else "–" for r in ("before", "now")]
-            print(f"| {n} | {cells[0]} | {cells[1]} |")
-        worker = {r: sum(v for k, v in results[r].items() if not k.startswith("normalise")) for r in results}
-        print(f"| **in the workers** | **{worker['before']:.2f}** | **{worker['now']:.2f}** |")
+            cells = [f"{results[r][n]:.2f}" if n in results[r] else "–" for r in labels]
+            print(f"| {n} | {' | '.join(cells)} |")
+        worker = {r: sum(v for k, v in results[r].items() if not k.startswith("normalise")) for r in labels}
+        print(f"| **in the workers** | **{worker['before']:.2f}** | **{worker['now']:.2f}** | **{worker['peer']:.2f}** |")
+        print(f"| peer / now, per core | | | **{worker['peer'] / worker['now']:.2f}** |")
 
 
 if __name__ == "__main__":

@@ -67,18 +67,21 @@ def visionzoo_loader(recipe: str, root: Path, batch: int, workers: int, epoch: i
 
 # ----------------------------------------------------------------------------- peers
 
+def timm_settings(recipe: str) -> dict:
+    """create_loader / create_transform arguments of the recipe's training augmentation."""
+    size = {"nfnet": dict(input_size=(3, 192, 192), interpolation="bicubic", auto_augment="rand-m5-n4-mstd0.5-inc1"),
+            "alexnet": dict(input_size=(3, 224, 224), interpolation="bilinear", auto_augment=None)}[recipe]
+    return dict(is_training=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, color_jitter=None,
+                mean=IMAGENET_MEAN, std=IMAGENET_STD, **size)
+
+
 def timm_loader(recipe: str, root: Path, batch: int, workers: int, prefetcher: bool) -> Iterable:
     """timm's create_loader with the recipe's augmentation (the inner DataLoader when
     ``prefetcher``: uint8 batches; otherwise float batches normalised in the workers)."""
     from timm.data import ImageDataset, create_loader
 
-    settings = {"nfnet": dict(input_size=(3, 192, 192), interpolation="bicubic",
-                              auto_augment="rand-m5-n4-mstd0.5-inc1"),
-                "alexnet": dict(input_size=(3, 224, 224), interpolation="bilinear", auto_augment=None)}[recipe]
-    loader = create_loader(ImageDataset(str(root / "train")), batch_size=batch, is_training=True,
-                           scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, color_jitter=None,
-                           mean=IMAGENET_MEAN, std=IMAGENET_STD, num_workers=workers,
-                           use_prefetcher=prefetcher, device=torch.device("cpu"), **settings)
+    loader = create_loader(ImageDataset(str(root / "train")), batch_size=batch, num_workers=workers,
+                           use_prefetcher=prefetcher, device=torch.device("cpu"), **timm_settings(recipe))
     return loader.loader if prefetcher else loader
 
 
