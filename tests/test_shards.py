@@ -50,9 +50,10 @@ def _members(folder: Path, prefix: str) -> dict[str, bytes]:
 
 
 def _decoded_ids(folder: Path, prefix: str) -> dict[str, str]:
-    """digest of the decoded, normalised image → key, for every sample of a split."""
+    """digest of the decoded, normalised image → key, for every sample of a split (items are
+    uint8; loaders normalise each batch, as ``t.normalize`` does here)."""
     t = eval_transform(DataConfig(**PLAIN))
-    return {_digest(load_image(b, t)): k for k, b in _members(folder, prefix).items()}
+    return {_digest(t.normalize(load_image(b, t))): k for k, b in _members(folder, prefix).items()}
 
 
 # --------------------------------------------------------------------------------- data pack
@@ -176,7 +177,8 @@ def test_validation_reads_every_sample_once(wds_dir, world, workers):
         loader = StreamLoader(splits.val, 4, workers, False, rank=r, world_size=world)
         batches = list(loader)
         assert len(batches) == len(loader)
-        seen += [ids[_digest(img)] for images, _, n_bad in batches for img in images]
+        norm = splits.val.transform.normalize  # a bare StreamLoader hands over uint8 batches
+        seen += [ids[_digest(norm(img))] for images, _, n_bad in batches for img in images]
     assert sorted(seen) == sorted(ids.values()) and len(seen) == 14
 
 

@@ -47,10 +47,11 @@ def find_normalize(ds: Dataset) -> Normalize | None:
 
 
 class DeviceBatches:
-    """Iterates ``loader``'s batches on ``device``: uint8 images (a tensor, or a list of crop
-    tensors) are normalised there with ``normalize`` and laid out as ``memory_format``;
-    float batches (transforms that normalise per image) are only moved. Sampler, batch size,
-    worker count and length are the loader's (``set_epoch`` as the device-resident loaders)."""
+    """Iterates ``loader``'s batches (a DataLoader, or a shard stream's StreamLoader) on
+    ``device``: uint8 images (a tensor, or a list of crop tensors) are normalised there with
+    ``normalize`` and laid out as ``memory_format``; float batches (transforms that normalise
+    per image) are only moved. Sampler, batch size, worker count and length are the loader's
+    (``set_epoch`` as the device-resident loaders)."""
 
     def __init__(self, loader: DataLoader, device: torch.device, normalize: Normalize | None,
                  memory_format: torch.memory_format = torch.contiguous_format):
@@ -78,7 +79,10 @@ class DeviceBatches:
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Select an epoch's order; ``skip_batches`` resumes after that many batches."""
-        self.loader.sampler.set_epoch(epoch, skip_batches * self.loader.batch_size)
+        if hasattr(self.loader, "set_epoch"):  # a shard stream's loader (data/shards.py)
+            self.loader.set_epoch(epoch, skip_batches)
+        else:
+            self.loader.sampler.set_epoch(epoch, skip_batches * self.loader.batch_size)
 
     def images(self, x: torch.Tensor) -> torch.Tensor:
         """One image batch on the device, float32, normalised, in the memory format."""
