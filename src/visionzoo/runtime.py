@@ -109,6 +109,16 @@ def synchronize(device: torch.device) -> None:
         torch.accelerator.synchronize(device)
 
 
+def default_signals() -> None:
+    """Give SIGTERM and SIGINT their default actions: a multiprocessing pool's worker forked
+    while a training run (or torch's launcher) handled them would otherwise outlive
+    ``Pool.terminate`` and hang the pool's exit."""
+    import signal
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_DFL)
+
+
 class StopSignal:
     """Turns SIGTERM and SIGINT into a flag the training loop polls, so a run can write a
     checkpoint before it exits. A second signal exits at once."""

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from visionzoo.errors import UserError, first_line
+from visionzoo.runtime import default_signals
 
 FORMATS = ("webdataset", "hfds")
 KEEP_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
@@ -263,7 +264,7 @@ def _encoded(items: list[Any], resize: int | None, quality: int, workers: int) -
     if workers > 1:
         from multiprocessing import get_context
 
-        with get_context("fork").Pool(workers) as pool:
+        with get_context("fork").Pool(workers, initializer=default_signals) as pool:
             yield from pool.imap(encode, jobs, chunksize=16)
     else:
         yield from map(encode, jobs)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from visionzoo.errors import UserError
+from visionzoo.runtime import default_signals
 
 VERSION = 1
 
@@ -184,7 +185,7 @@ def _unreadable(paths: list[str], workers: int, desc: str) -> list[str]:
     if workers > 1:
         from multiprocessing import Pool
 
-        with Pool(workers) as pool:
+        with Pool(workers, initializer=default_signals) as pool:
             results = pool.imap(_check_file, paths, chunksize=64)
             for p, why in Progress(zip(paths, results), len(paths), f"decode {desc}", leave=False):
                 if why:
