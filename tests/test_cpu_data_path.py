@@ -259,6 +259,18 @@ def test_eval_draft_decodes_towards_the_resize_target(large_jpeg) -> None:
     assert out.shape == want.shape == (3, 112, 112) and (out.float() - want.float()).abs().mean() < 3
 
 
+def test_eval_decodes_in_full_unless_eval_draft(large_jpeg) -> None:
+    # Acc@1 is a measurement compared with the references': by default the eval resize starts from
+    # the fully decoded image, whatever data.draft says for training.
+    for overrides, want_size in (([], (1200, 900)), (["data.eval_draft=true"], (300, 225))):
+        d = load_config("alexnet_imagenet", ["data.test_resize=128", "data.test_size=112", *overrides]).data
+        assert d.draft
+        with Image.open(large_jpeg) as img:
+            transforms.eval_transform(d).prepare(img)
+            img.load()
+            assert img.size == want_size
+
+
 def test_multicrop_draft_follows_the_smallest_shrink(large_jpeg) -> None:
     cfg = load_config("dino_vits16_imagenet", ["data.image_size=64", "dino.local_crop_size=32"])
     t = MultiCropTransform(cfg.data, cfg.dino)

@@ -47,9 +47,12 @@ class DataConfig:
     # device has workers read file bytes only and decodes (nvJPEG on CUDA), crops, flips and
     # normalises each batch on the training device (augment=imagenet, no randaugment).
     decode: str = "cpu"
-    # data.decode=cpu: decode a JPEG at 1/2, 1/4 or 1/8 of its size (Pillow's draft mode) when
-    # the random crop (or the eval resize) shrinks it at least that much; false: always in full.
+    # data.decode=cpu: decode a training JPEG at 1/2, 1/4 or 1/8 of its size (Pillow's draft
+    # mode) when the random crop shrinks it at least that much; false: always in full.
     draft: bool = True
+    # The same for the eval resize (eval, knn, linear, infer). Off: Acc@1 is measured on fully
+    # decoded pixels, as the references measure it.
+    eval_draft: bool = False
     in_chans: int = 3
     # Train-time augmentation.
     augment: str = "imagenet"  # imagenet: RandomResizedCrop; cifar: pad + RandomCrop; none

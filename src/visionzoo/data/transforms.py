@@ -255,8 +255,9 @@ def train_transform(d) -> Callable:
 def eval_transform(d) -> Callable:
     """Evaluation preprocessing, ending in uint8 (its ``.normalize`` is applied to the batch on
     the device): resize the short side to test_resize, centre-crop test_size (test_resize 0:
-    images are used at their stored size, as for CIFAR and MNIST)."""
-    return ResizeCenterCrop(d, d.draft)
+    images are used at their stored size, as for CIFAR and MNIST). JPEGs are decoded in full
+    unless ``data.eval_draft``."""
+    return ResizeCenterCrop(d, d.eval_draft)
 
 
 def normalized(transform: Callable, img: Any) -> torch.Tensor:
