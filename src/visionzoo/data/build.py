@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -158,10 +159,11 @@ def build_datasets(d, train: bool = True) -> Splits:
 def build_loader(
     ds: Dataset, batch_size: int, workers: int, train: bool, seed: int,
     rank: int = 0, world_size: int = 1, pin_memory: bool = False, device: torch.device | None = None,
-    memory_format: torch.memory_format = torch.contiguous_format,
+    memory_format: torch.memory_format = torch.contiguous_format, collate_fn: Callable = collate_skip_bad,
 ) -> DeviceBatches:
     """A loader yielding ``(images, targets, n_bad)`` on ``device`` (default: the CPU), images
-    as normalised float32 in ``memory_format``; ``batch_size`` is per device.
+    as normalised float32 in ``memory_format``; ``batch_size`` is per device. ``collate_fn``
+    stacks the items (DINO: its crops, data/multicrop.py).
 
     Workers decode and augment each image and hand over uint8; the batch is normalised on the
     device (data/device_batches.py). Training shuffles per epoch (``loader.set_epoch``) and
@@ -170,14 +172,14 @@ def build_loader(
     interface (data/shards.py)."""
     normalize, device = find_normalize(ds), device or torch.device("cpu")
     if isinstance(ds, ShardStream):
-        return DeviceBatches(StreamLoader(ds, batch_size, workers, train, seed, rank, world_size, pin_memory=pin_memory),
+        return DeviceBatches(StreamLoader(ds, batch_size, workers, train, seed, rank, world_size, collate_fn, pin_memory),
                              device, normalize, memory_format)
     sampler = ShardSampler(len(ds), train, seed, rank, world_size)
     if train:
         ds = SeededDataset(ds, seed)
     workers = max(0, min(workers, os.cpu_count() or 1))
     loader = DataLoader(
-        ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_skip_bad,
+        ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(seed),  # leaves the global RNG alone
         pin_memory=pin_memory, drop_last=train, persistent_workers=workers > 0 and train,
         prefetch_factor=4 if workers > 0 else None,

@@ -42,6 +42,7 @@ from visionzoo.data.multicrop import BatchedMultiCrop, pad_batch
 from visionzoo.data.samplers import ShardSampler, sample_seed
 from visionzoo.data.shards import ShardStream, StreamLoader
 from visionzoo.data.transfer import send, to_device
+from visionzoo.data.transforms import central_box
 from visionzoo.errors import UserError
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
@@ -159,14 +160,7 @@ def crop_params(height: int, width: int, scale, ratio, u: list[list[float]]) -> 
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
             return int(r_top * (height - h + 1)), int(r_left * (width - w + 1)), h, w
-    in_ratio = width / height  # central crop, as torchvision falls back
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    return central_box(height, width, ratio)
 
 
 def _aa_filter(x: torch.Tensor, mode: str) -> torch.Tensor:

@@ -21,20 +21,18 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms import functional as TF1
 
-from visionzoo.data.device_batches import DeviceBatches, find_normalize, stack_images
-from visionzoo.data.samplers import SeededDataset, ShardSampler, sample_seed, train_indices
-from visionzoo.data.shards import ShardStream, StreamLoader
+from visionzoo.data.device_batches import DeviceBatches, stack_images
+from visionzoo.data.samplers import sample_seed, train_indices
 from visionzoo.data.transfer import send, to_device
 from visionzoo.data.transforms import (
     PIL_RESAMPLE, Box, Normalize, draft, pil_to_uint8, random_resized_crop, resized_crop,
@@ -203,17 +201,10 @@ def multicrop_loader(ds: Dataset, batch_size: int, workers: int, seed: int, rank
     normalised there, ``batch_size`` images per device, with the shared shard rule and
     per-sample seeded augmentation of data/samplers.py (call ``loader.set_epoch`` every epoch);
     the last partial batch is dropped."""
-    normalize, device = find_normalize(ds), device or torch.device("cpu")
-    if isinstance(ds, ShardStream):  # tar / parquet shards: their own loader (data/shards.py)
-        return DeviceBatches(StreamLoader(ds, batch_size, workers, True, seed, rank, world_size, collate_multicrop,
-                                          pin_memory), device, normalize)
-    workers = max(0, min(workers, os.cpu_count() or 1))
-    loader = DataLoader(SeededDataset(ds, seed), batch_size=batch_size,
-                        sampler=ShardSampler(len(ds), True, seed, rank, world_size), num_workers=workers,
-                        collate_fn=collate_multicrop, generator=torch.Generator().manual_seed(seed),
-                        pin_memory=pin_memory, drop_last=True, persistent_workers=workers > 0,
-                        prefetch_factor=4 if workers > 0 else None)
-    return DeviceBatches(loader, device, normalize)
+    from visionzoo.data.build import build_loader  # (build imports this module)
+
+    return build_loader(ds, batch_size, workers, True, seed, rank, world_size, pin_memory, device,
+                        collate_fn=collate_multicrop)
 
 
 # ----------------------------------------------------------------------------- batched, on the device

@@ -96,11 +96,17 @@ def random_resized_crop(height: int, width: int, scale: tuple[float, float]) -> 
             top = int(torch.randint(0, height - h + 1, size=(1,)).item())
             left = int(torch.randint(0, width - w + 1, size=(1,)).item())
             return top, left, h, w
-    in_ratio = width / height  # fallback: the central crop of the closest allowed ratio
-    if in_ratio < RATIO[0]:
-        w, h = width, int(round(width / RATIO[0]))
-    elif in_ratio > RATIO[1]:
-        w, h = int(round(height * RATIO[1])), height
+    return central_box(height, width, RATIO)
+
+
+def central_box(height: int, width: int, ratio: tuple[float, float]) -> Box:
+    """RandomResizedCrop's fallback after ten rejected draws: the central crop of the closest
+    aspect ratio in ``ratio``."""
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
