@@ -34,7 +34,9 @@ data:
 demo: setup data
 	$(BIN)/visionzoo train fashion_mnist
 
+# lint-imports: the package's layers (pyproject.toml [tool.importlinter]); an import that points up fails.
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 clean:

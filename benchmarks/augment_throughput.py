@@ -5,9 +5,9 @@ batched (the device path), on the device given — no model, no file reading.
     PYTHONPATH=src python3 benchmarks/augment_throughput.py --device cuda --batch 256
 
 Rows: NFNet's RandomResizedCrop 192 + flip + RandAugment rand-m5-n4-mstd0.5-inc1 on 500x375
-images (timm + Pillow per image vs data/device_decode.py's crop + data/batched_randaugment.py),
-DINO's 2 x 224 + 8 x 96 multi-crop (torchvision per image vs data/multicrop.py's batched one),
-and mixup/cutmix per sample (timm's elem mode loop vs data/mix.py). The per-image rows run in
+images (timm + Pillow per image vs data/augment/batched.py's crop + data/augment/batched_randaugment.py),
+DINO's 2 x 224 + 8 x 96 multi-crop (torchvision per image vs data/augment/multicrop_batched.py),
+and mixup/cutmix per sample (timm's elem mode loop vs data/augment/mix.py). The per-image rows run in
 this one process: divide by nothing, they are per CPU core."""
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 
 from visionzoo.config import load_config
-from visionzoo.data.device_decode import MultiCropAugment, SupervisedAugment
-from visionzoo.data.mix import PerSampleMixup
-from visionzoo.data.multicrop import MultiCropTransform
-from visionzoo.data.transforms import train_transform
+from visionzoo.data.augment.batched import MultiCropAugment, SupervisedAugment
+from visionzoo.data.augment.mix import PerSampleMixup
+from visionzoo.data.augment.multicrop import MultiCropTransform
+from visionzoo.data.augment.presets import train_transform
 from visionzoo.runtime import synchronize
 
 

@@ -26,10 +26,11 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms import functional as TF1
 
 from visionzoo.config import load_config
-from visionzoo.data import multicrop, transforms
-from visionzoo.data.device_batches import stack_images
-from visionzoo.data.folder import _to_rgb
-from visionzoo.data.samplers import seed_sample_rngs
+from visionzoo.data.augment import multicrop
+from visionzoo.data.augment import presets as transforms
+from visionzoo.data.loading.collate import stack_images
+from visionzoo.data.loading.samplers import seed_sample_rngs
+from visionzoo.data.sources.folder import _to_rgb
 
 COST: dict[str, float] = defaultdict(float)
 PATCHED: list[tuple[Any, str, Any]] = []
@@ -68,7 +69,7 @@ def old_seeding(s: int) -> None:
 
 
 def old_views(recipe, cfg) -> list[tuple[str, Callable]]:
-    """The v2 pipelines as data/transforms.py and data/multicrop.py composed them before, as steps."""
+    """The v2 pipelines as data/augment/presets.py and data/augment/multicrop.py composed them before, as steps."""
     d = cfg.data
     interp = InterpolationMode(d.interpolation)
     normalise = ("to float + normalise", v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=False),

@@ -123,8 +123,8 @@ def write_jpeg_tree(root: Path, size: tuple[int, int], per_class: int, val_per_c
     CMYK JPEG and a PNG (decoded by Pillow), and a truncated JPEG, an empty file and a text file
     named .JPEG (skipped as bad). Returns the paths by kind."""
     sys.path.insert(0, str(HERE))
-    from make_jpeg_tree import make_image
     import numpy as np
+    from make_jpeg_tree import make_image
 
     g = np.random.default_rng(0)
     kinds: dict[str, list[Path]] = {k: [] for k in ("rgb", "grey", "progressive", "444", "cmyk", "png", "corrupt")}
@@ -342,8 +342,8 @@ def sync_check(recipe: str, data: str, overrides: list[str], device_name: str, c
     """Steady-state host syncs per training step: one batch kept on the device (the step alone),
     then end to end from the recipe's loader."""
     from visionzoo.config import for_world_size, load_config
-    from visionzoo.data.build import build_datasets
-    from visionzoo.runtime import resolve_amp, resolve_device, select_device, seed_everything
+    from visionzoo.data.loading.build import build_datasets
+    from visionzoo.runtime import resolve_amp, resolve_device, seed_everything, select_device
 
     cfg = for_world_size(load_config(recipe, [f"data.path={data}", *overrides]), 1)
     device = resolve_device(device_name)
@@ -373,7 +373,7 @@ def _supervised_steppers(cfg, splits, device, amp):
     import torch
 
     from visionzoo.bench import RepeatBatch
-    from visionzoo.data.build import build_loaders
+    from visionzoo.data.loading.build import build_loaders
     from visionzoo.engine.supervised import Loop, build_training, set_loader_epoch, train_one_epoch
 
     mf = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
@@ -446,7 +446,7 @@ def decode_check(kinds: dict[str, list[Path]], device_name: str):
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from visionzoo.data.device_decode import device_jpeg, pil_decode
+    from visionzoo.data.sources.encoded import device_jpeg, pil_decode
 
     device_kinds, pillow_kinds = ("rgb", "grey", "progressive", "444"), ("cmyk", "png", "corrupt")
     routed = {k: [device_jpeg(p.read_bytes()) for p in paths] for k, paths in kinds.items()}

@@ -48,11 +48,11 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # ----------------------------------------------------------------------------- visionzoo
 
 def visionzoo_loader(recipe: str, root: Path, batch: int, workers: int, epoch: int, draft: bool = True) -> Iterable:
-    """The DataLoader the engines iterate (data/build.py, data/multicrop.py), without the
+    """The DataLoader the engines iterate (data/loading/build.py, data/augment/multicrop.py), without the
     batched device step (on a GPU machine it runs on the GPU)."""
     from visionzoo.config import load_config
-    from visionzoo.data.build import build_datasets, build_loader
-    from visionzoo.data.multicrop import MultiCropTransform, multicrop_loader
+    from visionzoo.data.augment.multicrop import MultiCropTransform
+    from visionzoo.data.loading.build import build_datasets, build_loader, multicrop_loader
 
     cfg = load_config(RECIPES[recipe], [f"data.path={root}", f"data.draft={str(draft).lower()}"])
     ds = build_datasets(cfg.data, train=True).train

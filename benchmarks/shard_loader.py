@@ -49,9 +49,9 @@ def throughput(kind: str, path: str, batch: int, workers: int, warm: int, steps:
     ``cpu`` (and workers 0), images per CPU-second of this process instead: reading, decoding
     and augmenting on one core, whatever else the machine runs."""
     from visionzoo.config import load_config
-    from visionzoo.data.build import build_datasets, build_loader
-    from visionzoo.data.folder import ImageFolderDataset
-    from visionzoo.data.transforms import train_transform
+    from visionzoo.data.augment.presets import train_transform
+    from visionzoo.data.loading.build import build_datasets, build_loader
+    from visionzoo.data.sources.folder import ImageFolderDataset
     from visionzoo.engine.supervised import set_loader_epoch
 
     d = replace(load_config("alexnet_imagenet").data, workers=workers)
@@ -92,7 +92,7 @@ def make_big_tree(root: Path, files: int) -> Path:
     return tree
 
 
-_LIST = ("import sys, time; from visionzoo.data.folder import ImageFolderDataset; t = time.perf_counter(); "
+_LIST = ("import sys, time; from visionzoo.data.sources.folder import ImageFolderDataset; t = time.perf_counter(); "
          "ds = ImageFolderDataset(sys.argv[1], scan_cache=sys.argv[2] == 'on'); "
          "print(len(ds), ds.scan_state, time.perf_counter() - t)")
 

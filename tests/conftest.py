@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# ImageFolder file-list caches (data/scan_cache.py) go to a temporary folder, not the user's ~/.cache;
+# ImageFolder file-list caches (data/sources/scan_cache.py) go to a temporary folder, not the user's ~/.cache;
 # set here, so the processes the tests launch inherit it.
 if "VISIONZOO_CACHE" not in os.environ:
     os.environ["VISIONZOO_CACHE"] = tempfile.mkdtemp(prefix="visionzoo-test-cache-")

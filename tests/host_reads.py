@@ -302,9 +302,9 @@ def report(label: str, counter: HostReads) -> str:
 
 @contextmanager
 def cuda_pinning():
-    """Copies to the (emulated) device go through pinned memory, as data/transfer.py does on CUDA."""
+    """Copies to the (emulated) device go through pinned memory, as visionzoo/transfer.py does on CUDA."""
     try:
-        from visionzoo.data import transfer
+        from visionzoo import transfer
     except ImportError:  # older code without the module
         yield
         return
@@ -335,7 +335,7 @@ def fused_optimizers(counter: HostReads):
 
 def device_decoder(counter: HostReads):
     """decode_jpeg's outputs are device tensors (on a GPU, nvJPEG writes them there)."""
-    from visionzoo.data import device_decode
+    from visionzoo.data.loading import device_decode
 
     real = device_decode.decode_jpeg
 
@@ -359,7 +359,7 @@ def measure_eval(recipe: str, overrides: list[str], start: int = 1, steps: int =
     """``evaluate`` of a freshly built ``recipe`` model over its validation loader, batches
     ``start`` .. ``start + steps - 1`` counted."""
     from visionzoo.config import load_config
-    from visionzoo.data.build import build_datasets, build_loaders
+    from visionzoo.data.loading.build import build_datasets, build_loaders
     from visionzoo.engine.evaluate import evaluate
     from visionzoo.models import build_model
 

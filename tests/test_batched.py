@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from visionzoo.data.batched import InMemoryLoader, random_crop_flip
-from visionzoo.data.tensor_dataset import TensorImageDataset
+from visionzoo.data.augment.batched import random_crop_flip
+from visionzoo.data.loading.in_memory import InMemoryLoader
+from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 
 
 def _all_crops(img: torch.Tensor, size: int, pad: int) -> dict[bytes, tuple[int, int, bool]]:

@@ -16,7 +16,13 @@ from torchvision.transforms.v2 import functional as TF
 
 from visionzoo.cli import main
 from visionzoo.config import load_config
-from visionzoo.data.multicrop import BatchedMultiCrop, _jitter_op, adjust_hue, pad_batch, random_resized_boxes
+from visionzoo.data.augment.multicrop_batched import (
+    BatchedMultiCrop,
+    _jitter_op,
+    adjust_hue,
+    pad_batch,
+    random_resized_boxes,
+)
 
 # A ViT small enough for a CPU test, 32 px global and 16 px local crops of RGB images.
 TINY_RGB_DINO = [
@@ -106,7 +112,7 @@ def test_images_of_many_sizes_share_one_padded_batch() -> None:
 def test_decoded_images_stay_uint8_until_cropped(monkeypatch) -> None:
     """The padded batch of decoded JPEGs is uint8 (a quarter of float32), and crops are cut from
     float copies of chunks of it; they equal the crops of the whole batch padded in float32."""
-    import visionzoo.data.multicrop as multicrop
+    import visionzoo.data.augment.multicrop_batched as multicrop
 
     cfg = load_config("dino_vits16_imagenet", TINY_RGB_DINO + ["dino.local_crops_number=3", "dino.solarize_p=0.5"])
     g = torch.Generator().manual_seed(0)

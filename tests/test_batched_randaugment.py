@@ -3,14 +3,13 @@ the distribution of the random draws."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from timm.data import auto_augment
 
-from visionzoo.data.batched_randaugment import BatchedRandAugment, level_to_arg
+from visionzoo.data.augment.batched_randaugment import BatchedRandAugment, level_to_arg
 from visionzoo.errors import UserError
 
 NFNET = "rand-m5-n4-mstd0.5-inc1"

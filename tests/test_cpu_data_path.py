@@ -16,13 +16,14 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from visionzoo.config import load_config
-from visionzoo.data import transforms
-from visionzoo.data.build import build_datasets, build_loader, build_loaders
-from visionzoo.data.device_batches import DeviceBatches, stack_images
-from visionzoo.data.folder import ImageFolderDataset, _to_rgb
-from visionzoo.data.multicrop import MultiCropTransform, blur_uint8, multicrop_loader
-from visionzoo.data.samplers import SeededDataset, sample_seed
-from visionzoo.data.transforms import Normalize, random_resized_crop, timm_randaugment
+from visionzoo.data.augment import presets as transforms
+from visionzoo.data.augment.multicrop import MultiCropTransform, blur_uint8
+from visionzoo.data.augment.presets import Normalize, random_resized_crop, timm_randaugment
+from visionzoo.data.loading.build import build_datasets, build_loader, build_loaders, multicrop_loader
+from visionzoo.data.loading.collate import stack_images
+from visionzoo.data.loading.device_batches import DeviceBatches
+from visionzoo.data.loading.samplers import SeededDataset, sample_seed
+from visionzoo.data.sources.folder import ImageFolderDataset, _to_rgb
 
 SEED, EPOCH = 3, 1
 SIZES = [(120, 90), (90, 120), (200, 150), (64, 64), (150, 100)]

@@ -13,16 +13,17 @@ import pytest
 import torch
 from PIL import Image
 
-from visionzoo.data.cifar import load_cifar
-from visionzoo.data.folder import ImageFolderDataset, collate_skip_bad, find_classes
-from visionzoo.data.idx import (
+from visionzoo.data.loading.collate import collate_skip_bad
+from visionzoo.data.sources.cifar import load_cifar
+from visionzoo.data.sources.folder import ImageFolderDataset, find_classes
+from visionzoo.data.sources.idx import (
     DEFAULT_FASHION_MNIST_DIR,
     FASHION_MNIST_CLASSES,
     MNIST_CLASSES,
     load_idx_split,
     read_idx,
 )
-from visionzoo.data.tensor_dataset import TensorImageDataset
+from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 from visionzoo.errors import UserError
 
 # ---------------------------------------------------------------- IDX

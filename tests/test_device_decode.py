@@ -11,19 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_FOLDER_RECIPE
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from conftest import TINY_FOLDER_RECIPE
 from visionzoo.cli import main
 from visionzoo.config import DataConfig
-from visionzoo.data import device_decode
-from visionzoo.data.build import Splits, build_loaders
-from visionzoo.data.device_decode import (
-    DeviceDecodeLoader, FileBytes, collate_bytes, crop_params, device_jpeg, pil_decode, random_resized_crop,
-)
-from visionzoo.data.folder import ImageFolderDataset, find_classes
+from visionzoo.data.augment.batched import crop_params, random_resized_crop
+from visionzoo.data.loading import device_decode
+from visionzoo.data.loading.build import Splits, build_loaders
+from visionzoo.data.loading.device_decode import DeviceDecodeLoader, collate_bytes
+from visionzoo.data.sources.encoded import FileBytes, device_jpeg, pil_decode
+from visionzoo.data.sources.folder import ImageFolderDataset, find_classes
 from visionzoo.errors import UserError
 
 MEAN, STD = 128.0, 64.0
@@ -323,17 +323,17 @@ def test_batched_crop_equals_the_per_image_resize(mode: str) -> None:
 def test_per_image_work_is_one_copy(monkeypatch) -> None:
     """Crop + resize (supervised) and padding (DINO) launch one kernel per image — the copy of the
     decoded image into the batch — and a fixed number for the batch (was 2-3 per image)."""
-    from visionzoo.data import multicrop
+    from visionzoo.data.augment import multicrop_batched
 
     crop = lambda images: random_resized_crop(images, 8, (0.3, 1.0), (3 / 4, 4 / 3), 0.5,  # noqa: E731
                                               torch.Generator().manual_seed(0), "bicubic")
     assert _kernels_per_image(crop) == 1
-    assert _kernels_per_image(multicrop.pad_batch) == 1
-    monkeypatch.setattr(multicrop, "CHUNK_BYTES", 1)  # one image per float32 chunk: still equal
+    assert _kernels_per_image(multicrop_batched.pad_batch) == 1
+    monkeypatch.setattr(multicrop_batched, "CHUNK_BYTES", 1)  # one image per float32 chunk: still equal
     g = torch.Generator().manual_seed(0)
     images = [(torch.rand(3, 20 + 3 * i, 30 - i, generator=g) * 255).to(torch.uint8) for i in range(5)]
     chunked = random_resized_crop(images, 8, (0.3, 1.0), (3 / 4, 4 / 3), 0.5, torch.Generator().manual_seed(1))
-    monkeypatch.setattr(multicrop, "CHUNK_BYTES", 1 << 30)
+    monkeypatch.setattr(multicrop_batched, "CHUNK_BYTES", 1 << 30)
     whole = random_resized_crop(images, 8, (0.3, 1.0), (3 / 4, 4 / 3), 0.5, torch.Generator().manual_seed(1))
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-4)
 

@@ -15,12 +15,21 @@ from PIL import Image
 
 from visionzoo.cli import main
 from visionzoo.config import load_config
-from visionzoo.data.multicrop import BatchedMultiCrop, MultiCropTransform, collate_multicrop, random_resized_boxes
+from visionzoo.data.augment.multicrop import MultiCropTransform
+from visionzoo.data.augment.multicrop_batched import BatchedMultiCrop, random_resized_boxes
+from visionzoo.data.loading.collate import collate_multicrop
 from visionzoo.engine.dino import clip_per_tensor, cosine_schedule, teacher_temp_schedule
 from visionzoo.engine.knn import knn_classify
 from visionzoo.models import create
-from visionzoo.models.dino import (DINOHead, DINOLoss, MultiCropWrapper, build_dino, cancel_last_layer_grads,
-                                   dino_loss, update_teacher)
+from visionzoo.models.dino import (
+    DINOHead,
+    DINOLoss,
+    MultiCropWrapper,
+    build_dino,
+    cancel_last_layer_grads,
+    dino_loss,
+    update_teacher,
+)
 
 TINY_VIT = {"name": "vit_tiny_patch16_224", "library": "timm", "num_classes": 0, "in_chans": 1, "drop_rate": 0.0,
             "drop_path_rate": 0.0, "kwargs": {"img_size": 28, "patch_size": 7, "embed_dim": 24, "depth": 1,

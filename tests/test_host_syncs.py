@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from host_reads import HostReads, cases, jpeg_tree, report
 
 CASES = list(cases(Path("."), Path("."), Path(".")))
@@ -68,10 +67,10 @@ def test_log_points_and_skip_nonfinite_are_the_only_reads(recipes: dict, fmnist_
 
 
 def test_copies_to_cuda_are_pinned_and_asynchronous(monkeypatch) -> None:
-    """data/transfer.py: on CUDA a batch's draws are pinned, then copied with non_blocking=True
+    """visionzoo/transfer.py: on CUDA a batch's draws are pinned, then copied with non_blocking=True
     (a pageable or blocking copy waits for the GPU); on the CPU nothing is copied or pinned.
     torch's pin_memory and to are replaced by recorders (no GPU here)."""
-    from visionzoo.data import transfer
+    from visionzoo import transfer
 
     seen = []
     monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: False)

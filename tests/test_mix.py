@@ -1,4 +1,4 @@
-"""PerSampleMixup (data/mix.py): same results as timm's per-sample ("elem") Mixup for the same
+"""PerSampleMixup (data/augment/mix.py): same results as timm's per-sample ("elem") Mixup for the same
 NumPy seed, the right parameter distributions, and the mixing maths sample by sample."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 from timm.data import Mixup
 
-from visionzoo.data.mix import PerSampleMixup
+from visionzoo.data.augment.mix import PerSampleMixup
 
 NUM_CLASSES = 10
 

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_FOLDER_RECIPE
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import TINY_FOLDER_RECIPE
 from visionzoo.cli import main
 from visionzoo.config import DataConfig
-from visionzoo.data.build import build_datasets
-from visionzoo.data.folder import load_image
-from visionzoo.data.shards import StreamLoader
-from visionzoo.data.transforms import eval_transform
+from visionzoo.data.augment.presets import eval_transform
+from visionzoo.data.loading.build import build_datasets
+from visionzoo.data.loading.stream_loader import StreamLoader
+from visionzoo.data.sources.folder import load_image
 from visionzoo.report import read_metrics
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -187,8 +187,8 @@ import hashlib, json, sys
 import torch
 from visionzoo import distributed
 from visionzoo.config import DataConfig
-from visionzoo.data import folder
-from visionzoo.data.build import build_datasets, build_loaders
+from visionzoo.data.sources import folder
+from visionzoo.data.loading.build import build_datasets, build_loaders
 from visionzoo.engine.supervised import set_loader_epoch
 
 info = distributed.from_env()

@@ -15,15 +15,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from conftest import TINY_FOLDER_RECIPE, write_jpeg_tree
 from PIL import Image
 from torchvision.transforms import v2
 
-from conftest import TINY_FOLDER_RECIPE, write_jpeg_tree
 from visionzoo.cli import main
-from visionzoo.data.folder import ImageFolderDataset
-from visionzoo.data.scan_cache import cache_file
-from visionzoo.data.shards import Shard, ShardStream, StreamLoader
-from visionzoo.data.webdataset import TarReader
+from visionzoo.data.loading.stream_loader import StreamLoader
+from visionzoo.data.sources.folder import ImageFolderDataset
+from visionzoo.data.sources.scan_cache import cache_file
+from visionzoo.data.sources.shards import Shard, ShardStream
+from visionzoo.data.sources.webdataset import TarReader
 
 TO_TENSOR = v2.Compose([v2.ToImage(), v2.ToDtype(__import__("torch").float32)])
 

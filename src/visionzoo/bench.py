@@ -32,14 +32,20 @@ from torch.utils.data import Dataset
 
 from visionzoo import distributed
 from visionzoo.config import RecipeConfig, for_world_size, to_dict
-from visionzoo.data.build import Splits, build_datasets, build_loaders, cpu_fallbacks, loader_kind
-from visionzoo.data.tensor_dataset import TensorImageDataset
-from visionzoo.data.transforms import eval_transform, train_transform
+from visionzoo.data.augment.presets import eval_transform, train_transform
+from visionzoo.data.loading.build import Splits, build_datasets, build_loaders, cpu_fallbacks, loader_kind
+from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 from visionzoo.engine.supervised import Loop, build_training, set_loader_epoch, timed_steps, train_one_epoch, wrap_model
 from visionzoo.errors import UserError
 from visionzoo.report import format_table, new_run_dir
-from visionzoo.runtime import (configure_determinism, precision_name, resolve_amp, resolve_device, seed_everything,
-                               synchronize)
+from visionzoo.runtime import (
+    configure_determinism,
+    precision_name,
+    resolve_amp,
+    resolve_device,
+    seed_everything,
+    synchronize,
+)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Stored image size (height, width) of the decode-free synthetic source: the data set's own for

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
 from visionzoo.errors import UserError
 
 EXAMPLES = """examples:
@@ -96,7 +97,7 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from visionzoo import distributed
     from visionzoo.config import load_config
-    from visionzoo.data.build import check_data_path
+    from visionzoo.data.loading.build import check_data_path
     from visionzoo.engine.resume import check_new_run_dir, check_resumable, find_auto_resume, finished_results
     from visionzoo.engine.supervised import fit
 
@@ -141,7 +142,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from visionzoo import distributed
     from visionzoo.bench import run_bench
     from visionzoo.config import load_config
-    from visionzoo.data.build import check_data_path
+    from visionzoo.data.loading.build import check_data_path
 
     synthetic = args.data == "synthetic"
     if synthetic:  # bench's own source: decode-free images through the recipe's loader
@@ -216,7 +217,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
         verify(args.out, deep=args.deep)
     else:
-        from visionzoo.data.scan_cache import scan_report
+        from visionzoo.data.scan import scan_report
 
         scan_report(args.dir, check=not args.no_check, workers=args.workers)
 

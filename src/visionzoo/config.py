@@ -70,14 +70,14 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
     synthetic_samples: int = 512  # images per split for data.name=synthetic
     # Shards (data.name=webdataset: tar files; hfds: Hugging Face parquet / save_to_disk), see
-    # data/shards.py. train/val: the splits' shards (brace pattern, glob, folder or URL pattern);
+    # data/sources/shards.py. train/val: the splits' shards (brace pattern, glob, folder or URL pattern);
     # None: found from data.path (DATA/train-*.tar + DATA/val-*.tar, or the Hub's parquet layout).
     train: Optional[str] = None
     val: Optional[str] = None
     shuffle_buffer: int = 2048  # samples each loader worker shuffles among (after a per-epoch shard order)
     io_timeout: float = 60.0  # seconds a shard URL may take to answer or to send more bytes
     io_retries: int = 2  # re-opens of a remote shard that broke off, continuing where it stopped
-    scan_cache: bool = True  # imagefolder: cache the file list (data/scan_cache.py)
+    scan_cache: bool = True  # imagefolder: cache the file list (data/sources/scan_cache.py)
 
     def __post_init__(self) -> None:
         _check(self.name, DATASETS, "data.name")

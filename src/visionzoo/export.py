@@ -233,7 +233,7 @@ def _class_names(cfg, n: int) -> list[str]:
     """Names of the ``n`` classes of released weights: the recipe's data set's when it is there
     and has ``n`` classes, else ImageNet-1k's synsets (timm's table, the ImageFolder folder names)
     for 1000, else "0".."n-1"."""
-    from visionzoo.data.build import build_datasets
+    from visionzoo.data.loading.build import build_datasets
 
     try:
         classes = build_datasets(cfg.data, train=False).classes

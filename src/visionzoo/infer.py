@@ -108,7 +108,7 @@ def infer_split(model: str, data: str | None = None, batch_size: int | None = No
                 workers: int | None = None, output: str | None = None) -> dict:
     """Accuracy and speed of an ONNX model over the validation split of its recipe's data set
     (``data`` overrides the folder, as ``eval --data`` does); prints them and writes JSON."""
-    from visionzoo.data.build import build_datasets, build_loaders
+    from visionzoo.data.loading.build import build_datasets, build_loaders
     from visionzoo.engine.evaluate import topk_correct
 
     session, meta = load_exported(model)
@@ -175,8 +175,8 @@ def preprocess_image(path: str | Path, d, in_chans: int, size: int) -> tuple[np.
     RGB. Returns the array and a note (non-empty when the image had to be resized)."""
     from PIL import Image
 
-    from visionzoo.data.folder import _DECODE_ERRORS, _to_rgb
-    from visionzoo.data.transforms import eval_transform, normalized
+    from visionzoo.data.augment.presets import eval_transform, normalized
+    from visionzoo.data.sources.folder import _DECODE_ERRORS, _to_rgb
 
     p = Path(path).expanduser()
     if not p.is_file():

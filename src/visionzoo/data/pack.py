@@ -66,8 +66,8 @@ class Source:
 
 
 def _imagefolder_source(root: Path) -> Source:
-    from visionzoo.data.build import VAL_DIR_NAMES
-    from visionzoo.data.folder import ImageFolderDataset, find_classes
+    from visionzoo.data.loading.build import VAL_DIR_NAMES
+    from visionzoo.data.sources.folder import ImageFolderDataset, find_classes
 
     train_dir = root / "train"
     val_dir = next((root / n for n in VAL_DIR_NAMES if (root / n).is_dir()), None)
@@ -82,14 +82,14 @@ def _imagefolder_source(root: Path) -> Source:
 
 def _array_source(root: Path, kind: str) -> Source:
     if kind in ("cifar10", "cifar100"):
-        from visionzoo.data.cifar import load_cifar
+        from visionzoo.data.sources.cifar import load_cifar
 
         nc = 10 if kind == "cifar10" else 100
         splits = {n: load_cifar(root, n == "train", nc) for n in ("train", "val")}
         classes = splits["train"][2]
         items = {n: (list(im), [int(x) for x in lab]) for n, (im, lab, _) in splits.items()}
     else:
-        from visionzoo.data.idx import FASHION_MNIST_CLASSES, MNIST_CLASSES, load_idx_split
+        from visionzoo.data.sources.idx import FASHION_MNIST_CLASSES, MNIST_CLASSES, load_idx_split
 
         classes = list(FASHION_MNIST_CLASSES if kind == "fashion_mnist" else MNIST_CLASSES)
         items = {}
@@ -136,7 +136,7 @@ def encode(job: tuple[Any, int | None, int]) -> tuple[str | None, bytes | str]:
             return None, f"cannot read: {first_line(err)}"
         if ext is not None and not resize:
             return ext, data
-        from visionzoo.data.folder import _DECODE_ERRORS, _to_rgb
+        from visionzoo.data.sources.folder import _DECODE_ERRORS, _to_rgb
 
         try:
             with Image.open(io.BytesIO(data)) as opened:
@@ -399,6 +399,6 @@ def _count(path: Path, fmt: str) -> int:
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(path).metadata.num_rows
-    from visionzoo.data.webdataset import count_tar
+    from visionzoo.data.sources.webdataset import count_tar
 
     return count_tar(str(path), 60.0)[0]

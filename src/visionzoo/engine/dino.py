@@ -30,10 +30,12 @@ import torch.nn as nn
 from visionzoo import distributed
 from visionzoo.checkpoint import load_latest, save_checkpoint
 from visionzoo.config import RecipeConfig, for_world_size, to_dict, to_yaml
-from visionzoo.data.build import build_datasets, cpu_fallbacks, failed_shards, loader_kind
-from visionzoo.data.device_decode import DeviceDecodeLoader, MultiCropAugment
-from visionzoo.data.multicrop import InMemoryMultiCropLoader, MultiCropTransform, multicrop_loader
-from visionzoo.data.tensor_dataset import TensorImageDataset
+from visionzoo.data.augment.batched import MultiCropAugment
+from visionzoo.data.augment.multicrop import MultiCropTransform
+from visionzoo.data.loading.build import build_datasets, cpu_fallbacks, failed_shards, loader_kind, multicrop_loader
+from visionzoo.data.loading.device_decode import DeviceDecodeLoader
+from visionzoo.data.loading.in_memory import InMemoryMultiCropLoader
+from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 from visionzoo.engine.knn import knn_eval
 from visionzoo.engine.resume import per_rank, rng_state, set_rng_state, truncate_metrics
 from visionzoo.engine.supervised import Interrupted, end_failed_run, set_loader_epoch
@@ -44,8 +46,15 @@ from visionzoo.models.weights import load_weights
 from visionzoo.optim import build_optimizer
 from visionzoo.plots import plot_curves
 from visionzoo.report import MetricsLog, mark_status, new_run_dir, report_fallbacks, write_results
-from visionzoo.runtime import (StopSignal, configure_determinism, precision_name, resolve_amp, resolve_device,
-                               seed_everything, synchronize)
+from visionzoo.runtime import (
+    StopSignal,
+    configure_determinism,
+    precision_name,
+    resolve_amp,
+    resolve_device,
+    seed_everything,
+    synchronize,
+)
 
 
 def cosine_schedule(start: float, end: float, total_steps: int, warmup_steps: int = 0,

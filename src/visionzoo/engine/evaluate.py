@@ -66,7 +66,7 @@ def evaluate_checkpoint(checkpoint: str | None, overrides: list[str], weights: s
     ``weights`` (any format models/weights.py reads), the model of ``recipe`` (or of the run
     folder) gets them and is evaluated on that data, whose classes it must have."""
     from visionzoo.checkpoint import command_config, load_model
-    from visionzoo.data.build import build_datasets, build_loaders
+    from visionzoo.data.loading.build import build_datasets, build_loaders
     from visionzoo.errors import UserError
     from visionzoo.models.weights import model_from_weights
     from visionzoo.runtime import precision_name, resolve_amp, resolve_device, select_device

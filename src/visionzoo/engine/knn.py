@@ -22,8 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset, IterableDataset, Subset
 
-from visionzoo.data.build import build_datasets, build_loader
-from visionzoo.data.transforms import eval_transform, train_transform
+from visionzoo.data.augment.presets import eval_transform, train_transform
+from visionzoo.data.loading.build import build_datasets, build_loader
 from visionzoo.engine.evaluate import topk_correct
 from visionzoo.errors import UserError
 from visionzoo.progress import Progress

@@ -2,7 +2,7 @@
 back, and finding the run that ``--resume auto`` means.
 
 Exactness rests on three things: every random draw of the data pipeline is a function of
-(seed, epoch, sample) (data/samplers.py), so skipping the batches already seen reproduces the
+(seed, epoch, sample) (data/loading/samplers.py), so skipping the batches already seen reproduces the
 rest of the epoch; the RNG streams of the training process itself (dropout, mixup, drop path)
 are saved per rank and restored; and the optimizer, loss scaler, EMA and the running sums of
 the current epoch are saved with the weights."""

@@ -2,16 +2,16 @@
 
 ``fit`` builds data, model and optimizer from a resolved config, then alternates
 ``train_one_epoch`` and ``evaluate``; a ``--perf`` run instead times a fixed number of steps.
-A batch goes: loader (data/build.py) → device → mixup/cutmix → autocast forward → loss →
+A batch goes: loader (data/loading/build.py) → device → mixup/cutmix → autocast forward → loss →
 GradStep (scale, backward, clip, step) → EMA."""
 
 from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,20 +20,27 @@ import torch.nn as nn
 
 from visionzoo import distributed
 from visionzoo.checkpoint import BEST, WEIGHTS, load_latest, publish, save_checkpoint
-from visionzoo.engine.resume import per_rank, rng_state, set_rng_state, truncate_metrics
 from visionzoo.config import RecipeConfig, for_world_size, to_dict, to_yaml
-from visionzoo.data.build import build_datasets, build_loaders, cpu_fallbacks, failed_shards, loader_kind
-from visionzoo.data.mix import PerSampleMixup
+from visionzoo.data.augment.mix import PerSampleMixup
+from visionzoo.data.loading.build import build_datasets, build_loaders, cpu_fallbacks, failed_shards, loader_kind
 from visionzoo.engine.evaluate import evaluate
+from visionzoo.engine.resume import per_rank, rng_state, set_rng_state, truncate_metrics
 from visionzoo.engine.step import GradStep
 from visionzoo.errors import UserError
 from visionzoo.models import build_model
 from visionzoo.optim import build_optimizer, clip_parameters, lr_schedule
-from visionzoo.progress import Progress
 from visionzoo.plots import plot_curves
+from visionzoo.progress import Progress
 from visionzoo.report import MetricsLog, mark_status, new_run_dir, report_fallbacks, write_results
-from visionzoo.runtime import (StopSignal, configure_determinism, precision_name, resolve_amp, resolve_device,
-                               seed_everything, synchronize)
+from visionzoo.runtime import (
+    StopSignal,
+    configure_determinism,
+    precision_name,
+    resolve_amp,
+    resolve_device,
+    seed_everything,
+    synchronize,
+)
 
 
 @dataclass

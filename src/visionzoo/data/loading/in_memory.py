@@ -12,44 +12,18 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from visionzoo.data.batched_randaugment import BatchedRandAugment
-from visionzoo.data.samplers import eval_indices, sample_seed, train_indices
-from visionzoo.data.transfer import send, to_device
-
-
-def random_crop_flip(
-    x: torch.Tensor, size: int, padding: int, hflip: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Per-sample random crop of ``size`` after zero padding, and random horizontal flip, of a
-    [B, C, H, W] batch (any dtype). Offsets are uniform over every valid position."""
-    b, _, h, w = x.shape
-    if padding > 0:
-        x = F.pad(x, (padding, padding, padding, padding))
-    ph, pw = h + 2 * padding, w + 2 * padding
-    dev = x.device
-    # Random numbers come from a CPU generator, so a run draws the same crops on any device; they
-    # travel to the device in one asynchronous copy (data/transfer.py).
-    oy = torch.randint(0, ph - size + 1, (b,), generator=generator)
-    ox = torch.randint(0, pw - size + 1, (b,), generator=generator)
-    flip = torch.rand(b, generator=generator) < hflip if hflip > 0 else torch.zeros(b, dtype=torch.bool)
-    oy, ox, flip = send([oy, ox, flip], dev, torch.int64)
-    ar = torch.arange(size, device=dev)
-    rows = (oy[:, None] + ar)[:, :, None]  # [B, S, 1]
-    cols = (ox[:, None] + ar)[:, None, :]  # [B, 1, S]
-    if hflip > 0:
-        # A flipped crop reads its columns right to left.
-        cols = torch.where(flip.bool()[:, None, None], cols.flip(-1), cols)
-    batch_idx = torch.arange(b, device=dev)[:, None, None]
-    out = x[batch_idx, :, rows, cols]  # [B, S, S, C]
-    return out.permute(0, 3, 1, 2)
+from visionzoo.data.augment.batched import random_crop_flip
+from visionzoo.data.augment.batched_randaugment import BatchedRandAugment
+from visionzoo.data.augment.multicrop_batched import BatchedMultiCrop
+from visionzoo.data.loading.samplers import eval_indices, sample_seed, train_indices
+from visionzoo.transfer import to_device
 
 
 class InMemoryLoader:
     """Iterates ``(images, targets, 0)`` batches from a TensorImageDataset held on ``device``.
 
-    Samples are split over ranks exactly as the DataLoader path splits them (data/samplers.py):
+    Samples are split over ranks exactly as the DataLoader path splits them (data/loading/samplers.py):
     call ``set_epoch`` every epoch; training drops the last partial batch; evaluation walks each
     rank's contiguous shard in order, no sample repeated."""
 
@@ -104,3 +78,32 @@ class InMemoryLoader:
                 x = self.randaugment(x, g)
             x = ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
             yield x, self.labels[idx], 0
+
+
+class InMemoryMultiCropLoader:
+    """Multi-crop batches ``(crops, labels, 0)`` of a TensorImageDataset kept on
+    ``device``, in the order of the shared shard rule (``samplers.train_indices``; call
+    ``set_epoch``); the last partial batch is dropped."""
+
+    def __init__(self, dataset, batch_size: int, device: torch.device, d, dino, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.images, self.labels = dataset.images.to(device), dataset.labels.to(device)
+        self.batch_size, self.device, self.seed, self.rank, self.world_size = batch_size, device, seed, rank, world_size
+        self.epoch, self.skip_batches = 0, 0
+        self.augment = BatchedMultiCrop(d, dino)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Select the epoch's order; ``skip_batches`` resumes after that many batches."""
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def __len__(self) -> int:
+        return len(self.labels) // self.world_size // self.batch_size - self.skip_batches
+
+    def __iter__(self):
+        order = to_device(train_indices(len(self.labels), self.seed, self.epoch, self.rank, self.world_size),
+                          self.device)
+        for i in range(self.skip_batches, self.skip_batches + len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            # Each rank's batch i of the epoch draws its own augmentation.
+            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, i * self.world_size + self.rank))
+            yield self.augment(self.images[idx], g), self.labels[idx], 0

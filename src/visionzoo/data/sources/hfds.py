@@ -13,7 +13,7 @@ Two layouts, as the Hub and the library write them:
 Class names come from the ``label`` feature (a ClassLabel, kept in the parquet schema metadata
 or the dataset's features), else from ``classes.txt`` / ``manifest.json`` beside the data, else
 the labels are counted. Sharding over ranks and workers, shuffling, resume and faults: as for
-tar shards (data/shards.py)."""
+tar shards (data/sources/shards.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from visionzoo.data.shards import Shard, ShardStream
+from visionzoo.data.sources.shards import Shard, ShardStream
 from visionzoo.errors import UserError, first_line
 
 IMAGE, LABEL = "image", "label"
@@ -234,9 +234,9 @@ def _load(src: tuple[str, list[str]]) -> tuple[list[Shard], list[str] | None]:
 
 
 def hfds_splits(d, train: bool):
-    """(train ShardStream or None, val ShardStream, classes) for a DataConfig."""
-    from visionzoo.data.transforms import eval_transform, train_transform
-    from visionzoo.data.webdataset import class_names_beside
+    """(train ShardStream or None, val ShardStream, classes) for a DataConfig; the loading layer
+    sets the streams' transforms."""
+    from visionzoo.data.sources.webdataset import class_names_beside
 
     _need_libs()
     train_src, val_src, folder = _split_specs(d, train)
@@ -255,6 +255,6 @@ def hfds_splits(d, train: bool):
         return ArrowReader() if src[0] == "arrow" else ParquetReader()
 
     kw = dict(classes=classes, shuffle_buffer=d.shuffle_buffer, retries=0)
-    train_ds = ShardStream(train_shards, reader(train_src), transform=train_transform(d), **kw) if train_src else None
-    val_ds = ShardStream(val_shards, reader(val_src), transform=eval_transform(d), **kw)
+    train_ds = ShardStream(train_shards, reader(train_src), **kw) if train_src else None
+    val_ds = ShardStream(val_shards, reader(val_src), **kw)
     return train_ds, val_ds, list(classes)

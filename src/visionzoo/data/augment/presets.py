@@ -4,7 +4,7 @@
 Where each step runs (data.decode=cpu):
 - per image, in DataLoader workers: decode, crop, resize, flip, RandAugment — ending in a uint8
   [C, H, W] tensor (for PIL images a view of the [H, W, C] bytes);
-- per batch, on the training device (data/device_batches.py): the copy there (non-blocking,
+- per batch, on the training device (data/loading/device_batches.py): the copy there (non-blocking,
   from pinned memory on CUDA), the float conversion, ``Normalize`` with the config's mean/std in
   0-255 units and the memory layout. A uint8 batch is a quarter of the float one's bytes and
   the workers do no float work.
@@ -27,8 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
 _INTERP = {
@@ -54,7 +53,7 @@ class Normalize:
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """mean and std as float32 tensors on ``device`` (one asynchronous copy)."""
-        from visionzoo.data.transfer import send
+        from visionzoo.transfer import send
 
         mean, std = send([torch.tensor(self.mean), torch.tensor(self.std)], device)
         return mean, std
@@ -138,7 +137,7 @@ def resized_crop(img: Image.Image, box: Box, size: int, resample: int, scale: in
 
 def timm_randaugment(config_str: str, image_size: int, mean: list[float], interp: str) -> Callable:
     """timm's RandAugment for PIL images, as every recipe configures it (the batched GPU version,
-    data/batched_randaugment.py, reads its ops back from this object)."""
+    data/augment/batched_randaugment.py, reads its ops back from this object)."""
     from timm.data.auto_augment import rand_augment_transform
 
     hparams = {

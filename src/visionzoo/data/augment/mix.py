@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from visionzoo.data.transfer import to_device
+from visionzoo.transfer import to_device
 
 
 class MixParams(NamedTuple):

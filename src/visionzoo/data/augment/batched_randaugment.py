@@ -2,7 +2,7 @@
 
 Why: recipes with ``data.randaugment`` (NFNet's ``rand-m5-n4-mstd0.5-inc1``) run timm's
 ``RandAugment`` on one PIL image at a time in the DataLoader workers, which caps throughput once
-JPEGs are decoded on the GPU (data/device_decode.py). This module applies the same augmentation
+JPEGs are decoded on the GPU (data/loading/device_decode.py). This module applies the same augmentation
 to a whole float [B, C, H, W] batch on its device, after the crop and flip, before normalisation.
 
 timm still parses the config string (``rand_augment_transform``); its op list, probabilities,
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from visionzoo.data.transfer import send
-from visionzoo.data.transforms import timm_randaugment  # the CPU path's exact timm set-up
+from visionzoo.data.augment.presets import timm_randaugment  # the CPU path's exact timm set-up
 from visionzoo.errors import UserError
+from visionzoo.transfer import send
 
 _DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude 10 is the "full strength" level
 _GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel"}

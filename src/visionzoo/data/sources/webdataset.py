@@ -25,7 +25,7 @@ import posixpath
 from pathlib import Path
 from typing import IO, Iterator
 
-from visionzoo.data.shards import Shard, ShardStream, shard_error, warn
+from visionzoo.data.sources.shards import Shard, ShardStream, shard_error, warn
 from visionzoo.errors import UserError, first_line
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -304,7 +304,7 @@ def class_names_beside(folder: str, timeout: float) -> list[str] | None:
 def counted_shards(names: list[str], timeout: float) -> tuple[list[Shard], dict[int, int]]:
     """Shards with their sample counts (manifest, else one counting pass, run on rank 0 only
     and shared) and images per label (only known from a counting pass)."""
-    from visionzoo.data.scan_cache import computed_once
+    from visionzoo.data.sources.scan_cache import computed_once
 
     known: dict[str, int] = {}
     for folder in dict.fromkeys(_dirname(n) for n in names):
@@ -345,9 +345,8 @@ def _need_libs() -> None:
 
 
 def webdataset_splits(d, train: bool):
-    """(train ShardStream or None, val ShardStream, classes) for a DataConfig."""
-    from visionzoo.data.transforms import eval_transform, train_transform
-
+    """(train ShardStream or None, val ShardStream, classes) for a DataConfig; the loading layer
+    sets the streams' transforms."""
     _need_libs()
     train_spec, val_spec = split_specs(d, train)
     val_names = shard_names(val_spec)
@@ -364,8 +363,8 @@ def webdataset_splits(d, train: bool):
     reader = TarReader(d.io_timeout)
     reader.remote = is_url((train_names or val_names)[0])
     kw = dict(reader=reader, classes=classes, shuffle_buffer=d.shuffle_buffer, retries=d.io_retries)
-    train_ds = ShardStream(train_shards, transform=train_transform(d), **kw) if train else None
-    val_ds = ShardStream(val_shards, transform=eval_transform(d), **kw)
+    train_ds = ShardStream(train_shards, **kw) if train else None
+    val_ds = ShardStream(val_shards, **kw)
     return train_ds, val_ds, classes
 
 

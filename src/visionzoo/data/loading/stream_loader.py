@@ -1,9 +1,5 @@
-"""Training and evaluation data streamed from shards: tar files (data/webdataset.py) or parquet /
-Arrow files (data/hfds.py), each read front to back, one pass per epoch, on any number of ranks
-and loader workers.
-
-The sample counts of the shards are known up front (a manifest, parquet metadata, or one
-counting pass), which is what makes the guarantees exact:
+"""Batches of a ShardStream (sources/shards.py) on any number of ranks and loader workers, one
+pass over the shards per epoch.
 
 Training. The epoch's shard order is a permutation seeded by (seed, epoch); concatenated, the
 shards give the epoch's sample positions 0..T-1. Each rank gets N × batch consecutive positions
@@ -23,129 +19,23 @@ drops the samples of its batches before ``k`` before decoding anything.
 Evaluation: no shuffle; rank r gets its contiguous share of the positions (``eval_indices``),
 split over its workers: every sample exactly once, none padded.
 
-Faults: a sample without an image or a label, with a label out of range, or undecodable is
-skipped and counted (the ``n_bad`` of its batch). A shard that cannot be opened, breaks off
-(truncated, corrupt, a URL that stops answering within ``data.io_timeout``) or holds fewer
-samples than its count is named in one warning line and the rest of its samples are counted as
-bad: the epoch goes on with the same number of batches on every rank. The loader keeps the names
+A shard that fails leaves placeholders for its unread positions (sources/shards.py), so every rank
+still takes the same number of batches; the loader keeps the failed shards' names
 (``bad_shards``) for results.json."""
 
 from __future__ import annotations
 
 import os
 import random
-import sys
 import weakref
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from visionzoo.data.samplers import SeededDataset, eval_indices, sample_seed
-from visionzoo.errors import first_line
-
-MAX_SAMPLE_WARNINGS = 10  # lines per worker and pass naming bad samples; the rest are only counted
-
-
-@dataclass(frozen=True)
-class Shard:
-    """One shard: where it is (a path or URL, as messages name it) and how many samples it holds."""
-
-    name: str
-    samples: int
-
-
-# A sample as a reader yields it: (key, image bytes or None, label or None, what is wrong or None).
-Sample = tuple[str, "bytes | None", "int | None", "str | None"]
-
-
-class ShardReader(Protocol):
-    """Reads the samples of one shard in order, from sample ``start`` on (picklable: it travels
-    to the loader workers)."""
-
-    remote: bool  # whether a failed read is worth retrying
-
-    def read(self, shard: Shard, start: int) -> Iterator[Sample]: ...
-
-
-def shard_error(err: BaseException) -> str:
-    """One line for a failed shard read ("TypeName: message"), without the stream reprs that
-    webdataset appends to its messages."""
-    # webdataset appends the stream and URL to an exception's args (and " @ stream" to the first).
-    first = err.args[0] if len(err.args) > 1 and isinstance(err.args[0], str) else None
-    text = (first.strip() if first else first_line(err)).split(" @ ")[0]
-    text = text if text.startswith(type(err).__name__) else f"{type(err).__name__}: {text}"
-    cause = err.__cause__ or err.__context__  # fsspec reports a timeout as FileNotFoundError from it
-    if cause is not None and cause is not err:
-        text += f" ({type(cause).__name__}" + (f": {first_line(cause)})" if str(cause) else ")")
-    return text
-
-
-def warn(msg: str) -> None:
-    print(f"visionzoo: warning: {msg}", file=sys.stderr, flush=True)
-
-
-class ShardStream(IterableDataset):
-    """The samples of ``shards`` (read by ``reader``) as a data set: ``len`` is the sample count;
-    ``transform`` turns a decoded PIL image into the model's input, as ImageFolderDataset's does.
-    Loaders come from ``StreamLoader``; iterating the stream itself reads every sample once."""
-
-    def __init__(self, shards: list[Shard], reader: ShardReader, classes: list[str], transform: Callable | None = None,
-                 shuffle_buffer: int = 0, retries: int = 0):
-        self.shards, self.reader, self.classes, self.transform = list(shards), reader, list(classes), transform
-        self.shuffle_buffer, self.retries = shuffle_buffer, retries
-        self.mode = "image"  # image: (tensor, label) items; bytes: data/device_decode.py's (bytes, pixels, label)
-
-    def __len__(self) -> int:
-        return sum(s.samples for s in self.shards)
-
-    def as_bytes(self) -> "ShardStream":
-        """The same stream yielding undecoded samples for the device decoder."""
-        other = replace_stream(self)
-        other.mode = "bytes"
-        return other
-
-    def __iter__(self):
-        plan = _Pass(self, torch.zeros(2, dtype=torch.int64), 1, 1, False, 0, 0, 1)
-        for item, _ in plan:
-            yield item
-
-    # ---------------------------------------------------------------------------- worker side
-    def slots(self, parts: list[tuple[int, int, int, int]]) -> Iterator[tuple]:
-        """``(position, key, data, label, problem, failed_shard)`` for every position of ``parts``
-        (``(shard index, first, stop, first position)``), in order; a shard that fails leaves
-        placeholders (data None, ``failed_shard`` its name) for its unread positions."""
-        for index, lo, hi, pos0 in parts:
-            shard = self.shards[index]
-            got, attempts, problem = lo, 0, None
-            while got < hi and problem is None:
-                samples = self.reader.read(shard, got)
-                try:
-                    for key, data, label, why in samples:
-                        yield pos0 + got - lo, key, data, label, why, None
-                        got += 1
-                        if got >= hi:
-                            break
-                    else:
-                        problem = f"ends after {got} samples, expected {shard.samples}"
-                except Exception as err:  # noqa: BLE001 - file, network and format libraries raise many types
-                    attempts += 1
-                    if not (self.reader.remote and attempts <= self.retries):
-                        problem = shard_error(err)
-                finally:
-                    samples.close()
-            if got < hi:
-                warn(f"shard {shard.name}: {problem}; its {hi - got} remaining sample(s) are skipped and counted")
-                for p in range(got, hi):
-                    yield pos0 + p - lo, f"{shard.name}#{p}", None, None, problem, shard.name
-
-
-def replace_stream(stream: ShardStream) -> ShardStream:
-    """A shallow copy (its own transform and mode, the same shards and reader)."""
-    other = ShardStream.__new__(ShardStream)
-    other.__dict__.update(stream.__dict__)
-    return other
+from visionzoo.data.loading.collate import collate_skip_bad
+from visionzoo.data.loading.samplers import SeededDataset, eval_indices, sample_seed
+from visionzoo.data.sources.shards import Shard, ShardStream, decode_sample, warn
 
 
 def _parts(shards: list[Shard], order: list[int], start: int, stop: int) -> list[tuple[int, int, int, int]]:
@@ -248,35 +138,16 @@ class _Pass(IterableDataset):
             items = _shuffled(items, max(self.stream.shuffle_buffer, 1), rng)
             drop = len(range(v, skip, self.workers)) * self.batch
         seeded = SeededDataset(self, self.seed)  # per-sample augmentation seeds, as for ImageFolder
-        warned = 0
-        for k, (pos, key, data, label, problem, failed_shard) in enumerate(items):
-            if k < drop:
-                continue
-            if problem is None:
-                problem = self._label_problem(label)
+        kept = (item for k, item in enumerate(items) if k >= drop)
+        for pos, key, data, label, problem, failed_shard in self.stream.checked(kept):
             if problem is not None:
-                if failed_shard is None and warned < MAX_SAMPLE_WARNINGS:  # the shard's own line covers the rest
-                    warned += 1
-                    warn(f"sample {key}: {problem}; skipped and counted"
-                         + ("" if warned < MAX_SAMPLE_WARNINGS else " (further bad samples of this pass are only counted)"))
                 yield None, failed_shard
                 continue
             yield self._decode(seeded, pos, epoch, data, label), None
 
-    def _label_problem(self, label: int | None) -> str | None:
-        if label is None:
-            return "no label"
-        if not 0 <= label < len(self.stream.classes):
-            return f"label {label} is outside 0..{len(self.stream.classes) - 1}"
-        return None
-
     def _decode(self, seeded: SeededDataset, pos: int, epoch: int, data: bytes, label: int) -> Any:
-        if self.stream.mode == "bytes":
-            from visionzoo.data.device_decode import bytes_item
-
-            return bytes_item(data, label)
-        if not self.train:
-            return decode_sample(data, label, self.stream.transform)
+        if self.stream.mode == "bytes" or not self.train:
+            return self.stream.decode(data, label)
         self.pending[pos] = (data, label)
         return seeded[(pos, epoch)]
 
@@ -284,13 +155,6 @@ class _Pass(IterableDataset):
         data, label = self.pending.pop(pos)
         return decode_sample(data, label, self.stream.transform)
 
-
-def decode_sample(data: bytes, label: int, transform: Callable | None) -> tuple[Any, int] | None:
-    """Decode one sample's image bytes as ImageFolderDataset decodes a file; None if it cannot."""
-    from visionzoo.data.folder import load_image
-
-    img = load_image(data, transform)
-    return None if img is None else (img, label)
 
 
 class _Collate:
@@ -323,8 +187,6 @@ class StreamLoader:
 
     def __init__(self, stream: ShardStream, batch_size: int, workers: int, train: bool, seed: int = 0,
                  rank: int = 0, world_size: int = 1, collate: Callable | None = None, pin_memory: bool = False):
-        from visionzoo.data.folder import collate_skip_bad
-
         self.stream, self.batch_size, self.train = stream, batch_size, train
         self.num_workers = max(0, min(workers, os.cpu_count() or 1))
         n_virtual = max(self.num_workers, 1)

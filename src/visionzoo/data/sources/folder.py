@@ -4,7 +4,7 @@ Differences from torchvision's ImageFolder: a fixed class list can be imposed
 (so a validation split can never silently get shifted labels), symlink loops
 are walked once, hidden files are ignored, odd pixel modes are converted to
 8-bit RGB properly, and undecodable files come back as None so that
-``collate_skip_bad`` can drop and count them instead of crashing an epoch.
+the loader's ``collate_skip_bad`` (loading/collate.py) can drop and count them instead of crashing an epoch.
 """
 
 from __future__ import annotations
@@ -17,15 +17,13 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from visionzoo.data.scan_cache import scan_classes
-from visionzoo.data.device_batches import stack_images
+from visionzoo.data.sources.scan_cache import scan_classes
 from visionzoo.errors import UserError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "collate_skip_bad", "find_classes", "load_image"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "find_classes", "load_image"]
 
 # ImageFile.LOAD_TRUNCATED_IMAGES is deliberately left at Pillow's default
 # (False): a truncated file must raise in __getitem__ and be counted as bad,
@@ -136,7 +134,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def load_image(source: str | os.PathLike | bytes | IO[bytes], transform: Callable[[Image.Image], Any] | None = None) -> Any:
     """Decode an image (a path, its bytes, or a binary file object) to 8-bit RGB and apply
     ``transform``; None when it cannot be decoded. The one decode of every file-based reader
-    (ImageFolder here, tar and parquet shards in data/shards.py).
+    (ImageFolder here, tar and parquet shards in data/sources/shards.py).
 
     A transform with ``prepare`` sees the opened image before it is decoded: it draws its crop on
     the full size and may ask the JPEG decoder for a smaller image (draft mode); it is then called
@@ -195,7 +193,7 @@ class ImageFolderDataset(Dataset):
         self.samples: list[tuple[str, int]] = []
         self.empty_classes: list[str] = []
         present = set(found)
-        # The file lists: cached per folder, scanned by rank 0 only (data/scan_cache.py).
+        # The file lists: cached per folder, scanned by rank 0 only (data/sources/scan_cache.py).
         lists, self.scan_state = scan_classes(self.root, [c for c in self.classes if c in present], _scan_class_dir,
                                               sorted(IMAGE_EXTENSIONS), use_cache=scan_cache)
         for name in self.classes:
@@ -217,18 +215,3 @@ class ImageFolderDataset(Dataset):
         path, target = self.samples[index]
         img = load_image(path, self.transform)
         return None if img is None else (img, target)
-
-
-def collate_skip_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Stack the good (image tensor, target) items; return (images, targets, n_dropped).
-
-    ``None`` items (undecodable files) are dropped and counted. If all are
-    bad, images and targets are empty tensors of shape [0]; skip such batches.
-    """
-    good = [item for item in batch if item is not None]
-    dropped = len(batch) - len(good)
-    if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.int64), dropped
-    images = stack_images([img for img, _ in good])
-    targets = torch.tensor([t for _, t in good], dtype=torch.int64)
-    return images, targets, dropped

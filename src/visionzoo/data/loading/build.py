@@ -12,16 +12,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from visionzoo import distributed
-from visionzoo.data.batched import InMemoryLoader
-from visionzoo.data.cifar import load_cifar
-from visionzoo.data.device_batches import DeviceBatches, find_normalize
-from visionzoo.data.device_decode import DeviceDecodeLoader
-from visionzoo.data.folder import ImageFolderDataset, collate_skip_bad, find_classes
-from visionzoo.data.samplers import SeededDataset, ShardSampler
-from visionzoo.data.shards import ShardStream, StreamLoader
-from visionzoo.data.idx import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, MNIST_CLASSES, load_idx_split
-from visionzoo.data.tensor_dataset import TensorImageDataset
-from visionzoo.data.transforms import eval_transform, train_transform
+from visionzoo.data.augment.presets import eval_transform, train_transform
+from visionzoo.data.loading.collate import collate_multicrop, collate_skip_bad
+from visionzoo.data.loading.device_batches import DeviceBatches, find_normalize
+from visionzoo.data.loading.device_decode import DeviceDecodeLoader
+from visionzoo.data.loading.in_memory import InMemoryLoader
+from visionzoo.data.loading.samplers import SeededDataset, ShardSampler
+from visionzoo.data.loading.stream_loader import StreamLoader
+from visionzoo.data.sources.cifar import load_cifar
+from visionzoo.data.sources.folder import ImageFolderDataset, find_classes
+from visionzoo.data.sources.idx import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, MNIST_CLASSES, load_idx_split
+from visionzoo.data.sources.shards import ShardStream
+from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 from visionzoo.errors import UserError
 
 VAL_DIR_NAMES = ("val", "validation", "test")
@@ -125,19 +127,23 @@ def with_packed_format(d):
 
 
 def _streamed(d, train: bool) -> Splits:
-    """Tar shards (data/webdataset.py) or a Hugging Face data set (data/hfds.py), streamed."""
+    """Tar shards (sources/webdataset.py) or a Hugging Face data set (sources/hfds.py), streamed."""
     if d.name == "webdataset":
-        from visionzoo.data.webdataset import webdataset_splits as splits
+        from visionzoo.data.sources.webdataset import webdataset_splits as splits
     else:
-        from visionzoo.data.hfds import hfds_splits as splits
-    return Splits(*splits(d, train))
+        from visionzoo.data.sources.hfds import hfds_splits as splits
+    train_ds, val_ds, classes = splits(d, train)
+    if train_ds is not None:
+        train_ds.transform = train_transform(d)
+    val_ds.transform = eval_transform(d)
+    return Splits(train_ds, val_ds, classes)
 
 
 def check_data_path(d) -> None:
     """Fail early (before workers are launched) on a data path that does not exist."""
     d = with_packed_format(d)
     if d.name == "webdataset":
-        from visionzoo.data.webdataset import check_path
+        from visionzoo.data.sources.webdataset import check_path
 
         check_path(d)
     elif d.name != "synthetic" and d.path and not (d.name == "hfds" and (d.train or d.val)):
@@ -163,13 +169,13 @@ def build_loader(
 ) -> DeviceBatches:
     """A loader yielding ``(images, targets, n_bad)`` on ``device`` (default: the CPU), images
     as normalised float32 in ``memory_format``; ``batch_size`` is per device. ``collate_fn``
-    stacks the items (DINO: its crops, data/multicrop.py).
+    stacks the items (DINO: its crops, data/augment/multicrop.py).
 
     Workers decode and augment each image and hand over uint8; the batch is normalised on the
-    device (data/device_batches.py). Training shuffles per epoch (``loader.set_epoch``) and
+    device (data/loading/device_batches.py). Training shuffles per epoch (``loader.set_epoch``) and
     drops the last partial batch; evaluation gives each rank a contiguous shard (see
-    data/samplers.py). Shard streams (webdataset, hfds) are read by a StreamLoader with the same
-    interface (data/shards.py)."""
+    data/loading/samplers.py). Shard streams (webdataset, hfds) are read by a StreamLoader with the same
+    interface (data/sources/shards.py)."""
     normalize, device = find_normalize(ds), device or torch.device("cpu")
     if isinstance(ds, ShardStream):
         return DeviceBatches(StreamLoader(ds, batch_size, workers, train, seed, rank, world_size, collate_fn, pin_memory),
@@ -187,6 +193,17 @@ def build_loader(
     return DeviceBatches(loader, device, normalize, memory_format)
 
 
+def multicrop_loader(ds: Dataset, batch_size: int, workers: int, seed: int, rank: int = 0,
+                     world_size: int = 1, pin_memory: bool = False,
+                     device: torch.device | None = None) -> DeviceBatches:
+    """A loader of ``(crops, targets, n_bad)`` batches on ``device`` (default: the CPU), crops
+    normalised there, ``batch_size`` images per device, with the shared shard rule and
+    per-sample seeded augmentation of loading/samplers.py (call ``loader.set_epoch`` every epoch);
+    the last partial batch is dropped."""
+    return build_loader(ds, batch_size, workers, True, seed, rank, world_size, pin_memory, device,
+                        collate_fn=collate_multicrop)
+
+
 def build_loaders(
     splits: Splits, d, batch_size: int, device: torch.device, seed: int, rank: int = 0,
     world_size: int = 1, memory_format: torch.memory_format = torch.contiguous_format,
@@ -198,7 +215,7 @@ def build_loaders(
     augmentation is one it implements (crop/flip, then RandAugment); synthetic data always does, unaugmented, so
     that a --perf run on it measures the model; everything else goes through DataLoader.
     With ``d.decode == "device"`` ImageFolder training batches are decoded on ``device``
-    (data/device_decode.py)."""
+    (data/loading/device_decode.py)."""
     synthetic = d.name == "synthetic"
     resident = synthetic or (d.device_resident and isinstance(splits.val, TensorImageDataset)
                              and d.augment in ("cifar", "none"))

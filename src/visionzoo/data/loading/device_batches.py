@@ -17,22 +17,9 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from visionzoo.data.samplers import SeededDataset
-from visionzoo.data.transfer import to_device
-from visionzoo.data.transforms import Normalize
-
-
-def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
-    """Stack [C, H, W] images of one shape into [B, C, H, W], in [B, H, W, C] memory
-    (channels_last) when C > 1: for images from PIL, which view [H, W, C] bytes, each is then
-    a plain copy."""
-    first = images[0]
-    if first.dim() != 3 or first.shape[0] == 1 or any(i.shape != first.shape for i in images):
-        return torch.stack(images)  # (stack names the mismatch, if any)
-    out = torch.empty((len(images), *first.shape[1:], first.shape[0]), dtype=first.dtype)
-    for o, i in zip(out, images):
-        o.copy_(i.permute(1, 2, 0))
-    return out.permute(0, 3, 1, 2)
+from visionzoo.data.augment.presets import Normalize
+from visionzoo.data.loading.samplers import SeededDataset
+from visionzoo.transfer import to_device
 
 
 def find_normalize(ds: Dataset) -> Normalize | None:
@@ -79,7 +66,7 @@ class DeviceBatches:
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Select an epoch's order; ``skip_batches`` resumes after that many batches."""
-        if hasattr(self.loader, "set_epoch"):  # a shard stream's loader (data/shards.py)
+        if hasattr(self.loader, "set_epoch"):  # a shard stream's loader (data/sources/shards.py)
             self.loader.set_epoch(epoch, skip_batches)
         else:
             self.loader.sampler.set_epoch(epoch, skip_batches * self.loader.batch_size)
