@@ -7,7 +7,8 @@ files that exist.
 A command is found in fenced code blocks (also after ``python -m``, ``torchrun ... -m``,
 ``srun``, ``$ `` prompts, ``VAR=value`` prefixes; ``\\`` continuations joined, ``#`` comments
 and ``;``/``&&``/``|`` separators honoured) and in inline code spans that start with
-``visionzoo `` unless they are a synopsis (``[--flag]``, ``...``). Placeholder paths
+``visionzoo `` unless they only name a sub-command or are a synopsis (``[--flag]``, ``...``,
+``RECIPE``). Placeholder paths
 (``runs/<run>``, ``RUN_DIR``, ``MODEL.onnx``) are fine: nothing is opened."""
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ SEPARATORS = {";", "&&", "||", "|", "&"}
 FENCE = re.compile(r"^\s*(```|~~~)")
 INLINE = re.compile(r"`([^`\n]+)`")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)[^)]*\)")
-SYNOPSIS = re.compile(r"\s\[|\.\.\.")
+# An inline span that is a synopsis, not a command: optional parts, an ellipsis, or an upper-case
+# placeholder for a recipe or a value (`visionzoo bench RECIPE`, `train.seed=S`).
+SYNOPSIS = re.compile(r"\s\[|\.\.\.|(^|[\s=])[A-Z][A-Z0-9_]*(\s|$)")
+# An inline span that only names a sub-command (`visionzoo train`, `visionzoo data pack`).
+NAME_ONLY = re.compile(r"^(python -m )?visionzoo( [a-z]+){1,2}$")
 
 
 def doc_files() -> list[Path]:
@@ -107,7 +112,7 @@ def commands_in(text: str, name: str) -> list[DocCommand]:
             continue
         for span in INLINE.findall(line):
             span = span.strip()
-            if re.match(r"^(visionzoo|python -m visionzoo) ", span) and not SYNOPSIS.search(span):
+            if re.match(r"^(python -m )?visionzoo ", span) and not SYNOPSIS.search(span) and not NAME_ONLY.match(span):
                 out += commands_in_line(span, f"{name}:{n}")
     return out
 
@@ -209,6 +214,7 @@ def test_a_wrong_flag_recipe_or_key_fails_the_check():
 def test_collector_reads_shell_lines_as_a_user_types_them():
     page = "\n".join([
         "Run `visionzoo train fashion_mnist --epochs 1` or `visionzoo recipes --show NAME [key=value ...]`.",
+        "`visionzoo train` and `visionzoo data pack` are names; `visionzoo bench RECIPE`, `train.seed=S` synopses.",
         "```bash",
         "visionzoo train densenet201_imagenet --data /data/imagenet   # a comment --not-a-flag",
         "torchrun --nnodes 2 --nproc-per-node 8 \\",
@@ -222,12 +228,12 @@ def test_collector_reads_shell_lines_as_a_user_types_them():
     found = [(c.where, c.argv) for c in commands_in(page, "p.md")]
     assert found == [
         ("p.md:1", ["train", "fashion_mnist", "--epochs", "1"]),
-        ("p.md:3", ["train", "densenet201_imagenet", "--data", "/data/imagenet"]),
-        ("p.md:4", ["train", "alexnet_imagenet", "optim.lr=0.2"]),
-        ("p.md:6", ["eval", "/tmp/fm1"]),
-        ("p.md:8", ["knn", "runs/<run>"]),
-        ("p.md:8", ["linear", "runs/<run>"]),
-        ("p.md:9", ["train", "fashion_mnist", "data.train=/x/train-{0..9}.tar"]),
+        ("p.md:4", ["train", "densenet201_imagenet", "--data", "/data/imagenet"]),
+        ("p.md:5", ["train", "alexnet_imagenet", "optim.lr=0.2"]),
+        ("p.md:7", ["eval", "/tmp/fm1"]),
+        ("p.md:9", ["knn", "runs/<run>"]),
+        ("p.md:9", ["linear", "runs/<run>"]),
+        ("p.md:10", ["train", "fashion_mnist", "data.train=/x/train-{0..9}.tar"]),
     ]
 
 
