@@ -2,7 +2,8 @@
 the CLI's own argument parser, its recipe must exist and every ``key=value`` override (and every
 flag that is an alias of a config key) must resolve against the recipe's schema — without
 training, loading data or needing the files the command names. Relative links must point at
-files that exist.
+files that exist. The examples in ``visionzoo --help`` and in the recipe YAMLs' headers are
+checked the same way.
 
 A command is found in fenced code blocks (also after ``python -m``, ``torchrun ... -m``,
 ``srun``, ``$ `` prompts, ``VAR=value`` prefixes; ``\\`` continuations joined, ``#`` comments
@@ -20,12 +21,13 @@ import re
 import shlex
 import warnings
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
 from visionzoo import cli
-from visionzoo.config import load_config, resolve
+from visionzoo.config import RECIPES_PACKAGE, load_config, recipe_names, resolve
 from visionzoo.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +123,31 @@ def all_doc_commands() -> list[DocCommand]:
     return [c for f in doc_files() for c in commands_in(f.read_text(), str(f.relative_to(ROOT)))]
 
 
+def help_commands() -> list[DocCommand]:
+    """The examples of ``visionzoo --help`` and of every sub-command's ``--help``."""
+    out, todo = [], [("visionzoo", cli.build_parser())]
+    while todo:
+        name, parser = todo.pop()
+        out += commands_in(f"```\n{parser.epilog or ''}\n```", f"{name} --help")
+        todo += [(f"{name} {n}", sp) for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                 for n, sp in a.choices.items()]
+    return out
+
+
+def recipe_header_commands() -> list[DocCommand]:
+    """The launch commands in each recipe YAML's header comment (``# Launch: visionzoo ...``)."""
+    out = []
+    for name in recipe_names():
+        text = resources.files(RECIPES_PACKAGE).joinpath(f"{name}.yaml").read_text()
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.startswith("#"):
+                break  # the header ends at the first key
+            cmd = re.sub(r"^#\s*(\w+:)?\s*", "", line)
+            if re.match(r"^(visionzoo|torchrun|python -m visionzoo) ", cmd):
+                out += commands_in_line(cmd, f"recipes/{name}.yaml:{n}")
+    return out
+
+
 class DocCommandError(Exception):
     """A documented command that the CLI would refuse."""
 
@@ -177,16 +204,30 @@ def check_command(argv: list[str]) -> None:
         raise DocCommandError(str(e)) from None
 
 
-def test_every_documented_command_parses_and_resolves():
-    commands = all_doc_commands()
-    assert len(commands) > 50, "the command collector found too few commands"
+def _refused(commands: list[DocCommand]) -> list[str]:
     bad = []
     for c in commands:
         try:
+            if c.argv[:1] == ["<unparsable>"]:
+                raise DocCommandError(f"not a shell line: {c.argv[1]}")
             check_command(c.argv)
         except DocCommandError as e:
-            bad.append(f"{c.where}: visionzoo {' '.join(c.argv)}\n    -> {e}")
+            bad.append(f"{c.where}: {c.text}\n    -> {e}")
+    return bad
+
+
+def test_every_documented_command_parses_and_resolves():
+    commands = all_doc_commands()
+    assert len(commands) > 50, "the command collector found too few commands"
+    bad = _refused(commands)
     assert not bad, f"{len(bad)} documented command(s) the CLI refuses:\n" + "\n".join(bad)
+
+
+def test_help_examples_and_recipe_headers_parse_and_resolve():
+    commands = help_commands() + recipe_header_commands()
+    assert len(commands) > 40, "the command collector found too few commands"
+    bad = _refused(commands)
+    assert not bad, f"{len(bad)} example command(s) the CLI refuses:\n" + "\n".join(bad)
 
 
 def test_a_wrong_flag_recipe_or_key_fails_the_check():
@@ -237,20 +278,36 @@ def test_collector_reads_shell_lines_as_a_user_types_them():
     ]
 
 
-def test_relative_links_point_at_files():
+def relative_links(files: list[Path], root: Path = ROOT) -> tuple[list[str], list[str]]:
+    """Relative links (outside code blocks) whose file is missing: (broken, to a page of another
+    issue). URLs and same-page anchors are not checked; ``page.md#anchor`` checks page.md."""
     broken, pending = [], []
-    for f in doc_files():
+    for f in files:
         text = re.sub(r"^\s*(```|~~~).*?^\s*(```|~~~)", "", f.read_text(), flags=re.S | re.M)
         for target in LINK.findall(text):
             if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
-                continue  # a URL or an anchor in the same page
+                continue
             path = (f.parent / target.split("#")[0]).resolve()
             if path.exists():
                 continue
-            rel = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
-            (pending if rel in PAGES_OF_OTHERS else broken).append(f"{f.relative_to(ROOT)} -> {target}")
+            rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+            (pending if rel in PAGES_OF_OTHERS else broken).append(f"{f.relative_to(root)} -> {target}")
+    return broken, pending
+
+
+def test_relative_links_point_at_files():
+    broken, pending = relative_links(doc_files())
     if pending:
         msg = "links to pages other issues add, not there yet: " + ", ".join(pending)
         print(msg)
         warnings.warn(msg)
     assert not broken, "broken relative links:\n" + "\n".join(broken)
+
+
+def test_a_broken_link_fails_and_a_page_of_another_issue_is_only_named(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "data.md").write_text("# data\n")
+    page = tmp_path / "README.md"
+    page.write_text("[ok](docs/data.md#shards) [url](https://x.org/a.md) [anchor](#tests)\n"
+                    "[gone](docs/dta.md) [later](docs/faults.md)\n```\n[in code](nowhere.md)\n```\n")
+    assert relative_links([page], tmp_path) == (["README.md -> docs/dta.md"], ["README.md -> docs/faults.md"])
