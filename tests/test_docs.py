@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import re
 import shlex
@@ -167,10 +168,22 @@ def _strict_parser() -> argparse.ArgumentParser:
 def _resolve(recipe: str | None, overrides: list[str]) -> None:
     """Resolve the overrides against the recipe (name or YAML file); without a recipe (a run
     folder, a YAML file that is a placeholder) against the schema's defaults."""
-    if recipe and not (recipe.endswith((".yaml", ".yml")) and not Path(recipe).is_file()):
-        load_config(recipe, overrides)
-    else:
-        resolve({}, "docs", overrides)
+    error = _resolve_once(recipe, tuple(overrides))
+    if error:
+        raise UserError(error)
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve_once(recipe: str | None, overrides: tuple[str, ...]) -> str:
+    """The error of one resolution, or ''; cached: many documented commands repeat (OmegaConf is slow)."""
+    try:
+        if recipe and not (recipe.endswith((".yaml", ".yml")) and not Path(recipe).is_file()):
+            load_config(recipe, list(overrides))
+        else:
+            resolve({}, "docs", list(overrides))
+    except UserError as e:
+        return str(e)
+    return ""
 
 
 def check_command(argv: list[str]) -> None:
@@ -250,6 +263,24 @@ def test_a_wrong_flag_recipe_or_key_fails_the_check():
         with pytest.raises(DocCommandError):
             check_command(argv)
             pytest.fail(f"a wrong {what} passed the check: {argv}")
+
+
+def test_renaming_a_flag_in_the_cli_fails_every_page_that_uses_it(monkeypatch):
+    """What CI would see after `--epochs` became `--num-epochs` in cli.py: each documented
+    command that still says --epochs is refused."""
+    original = cli._add_config_flags
+
+    def renamed(p: argparse.ArgumentParser) -> None:
+        original(p)
+        action = p._option_string_actions.pop("--epochs")
+        action.option_strings = ["--num-epochs"]
+        p._option_string_actions["--num-epochs"] = action
+
+    monkeypatch.setattr(cli, "_add_config_flags", renamed)
+    documented = [c for c in all_doc_commands() if "--epochs" in c.argv]
+    assert documented, "no documented command uses --epochs any more: pick another flag"
+    assert len(_refused(documented)) == len(documented)
+    check_command(["train", "fashion_mnist", "--num-epochs", "3"])
 
 
 def test_collector_reads_shell_lines_as_a_user_types_them():
