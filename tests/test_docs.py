@@ -40,9 +40,9 @@ SEPARATORS = {";", "&&", "||", "|", "&"}
 FENCE = re.compile(r"^\s*(```|~~~)")
 INLINE = re.compile(r"`([^`\n]+)`")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)[^)]*\)")
-# An inline span that is a synopsis, not a command: optional parts, an ellipsis, or an upper-case
-# placeholder for a recipe or a value (`visionzoo bench RECIPE`, `train.seed=S`).
-SYNOPSIS = re.compile(r"\s\[|\.\.\.|(^|[\s=])[A-Z][A-Z0-9_]*(\s|$)")
+# An inline span that is a synopsis, not a command: optional parts, an ellipsis, or a placeholder
+# for a whole argument (`visionzoo bench RECIPE`, `train.seed=S`, `visionzoo train <recipe>`).
+SYNOPSIS = re.compile(r"\s\[|\.\.\.|(^|[\s=])([A-Z][A-Z0-9_]*|<[^>\s]+>)(\s|$)")
 # An inline span that only names a sub-command (`visionzoo train`, `visionzoo data pack`).
 NAME_ONLY = re.compile(r"^(python -m )?visionzoo( [a-z]+){1,2}$")
 
@@ -286,7 +286,8 @@ def test_renaming_a_flag_in_the_cli_fails_every_page_that_uses_it(monkeypatch):
 def test_collector_reads_shell_lines_as_a_user_types_them():
     page = "\n".join([
         "Run `visionzoo train fashion_mnist --epochs 1` or `visionzoo recipes --show NAME [key=value ...]`.",
-        "`visionzoo train` and `visionzoo data pack` are names; `visionzoo bench RECIPE`, `train.seed=S` synopses.",
+        "`visionzoo train` and `visionzoo data pack` are names; `visionzoo bench RECIPE`, `visionzoo train <recipe>`,",
+        "`visionzoo train fashion_mnist train.seed=S` synopses.",
         "```bash",
         "visionzoo train densenet201_imagenet --data /data/imagenet   # a comment --not-a-flag",
         "torchrun --nnodes 2 --nproc-per-node 8 \\",
@@ -300,12 +301,12 @@ def test_collector_reads_shell_lines_as_a_user_types_them():
     found = [(c.where, c.argv) for c in commands_in(page, "p.md")]
     assert found == [
         ("p.md:1", ["train", "fashion_mnist", "--epochs", "1"]),
-        ("p.md:4", ["train", "densenet201_imagenet", "--data", "/data/imagenet"]),
-        ("p.md:5", ["train", "alexnet_imagenet", "optim.lr=0.2"]),
-        ("p.md:7", ["eval", "/tmp/fm1"]),
-        ("p.md:9", ["knn", "runs/<run>"]),
-        ("p.md:9", ["linear", "runs/<run>"]),
-        ("p.md:10", ["train", "fashion_mnist", "data.train=/x/train-{0..9}.tar"]),
+        ("p.md:5", ["train", "densenet201_imagenet", "--data", "/data/imagenet"]),
+        ("p.md:6", ["train", "alexnet_imagenet", "optim.lr=0.2"]),
+        ("p.md:8", ["eval", "/tmp/fm1"]),
+        ("p.md:10", ["knn", "runs/<run>"]),
+        ("p.md:10", ["linear", "runs/<run>"]),
+        ("p.md:11", ["train", "fashion_mnist", "data.train=/x/train-{0..9}.tar"]),
     ]
 
 
