@@ -173,7 +173,7 @@ def _resolve(recipe: str | None, overrides: list[str]) -> None:
         raise UserError(error)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _resolve_once(recipe: str | None, overrides: tuple[str, ...]) -> str:
     """The error of one resolution, or ''; cached: many documented commands repeat (OmegaConf is slow)."""
     try:
@@ -315,7 +315,7 @@ def relative_links(files: list[Path], root: Path = ROOT) -> tuple[list[str], lis
     issue). URLs and same-page anchors are not checked; ``page.md#anchor`` checks page.md."""
     broken, pending = [], []
     for f in files:
-        text = re.sub(r"^\s*(```|~~~).*?^\s*(```|~~~)", "", f.read_text(), flags=re.S | re.M)
+        text = re.sub(r"^\s*(```|~~~).*?^\s*(```|~~~)", "", f.read_text(), flags=re.DOTALL | re.MULTILINE)
         for target in LINK.findall(text):
             if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
                 continue
