@@ -9,8 +9,8 @@ A command is found in fenced code blocks (also after ``python -m``, ``torchrun .
 ``srun``, ``$ `` prompts, ``VAR=value`` prefixes; ``\\`` continuations joined, ``#`` comments
 and ``;``/``&&``/``|`` separators honoured) and in inline code spans that start with
 ``visionzoo `` unless they only name a sub-command or are a synopsis (``[--flag]``, ``...``,
-``RECIPE``). Placeholder paths
-(``runs/<run>``, ``RUN_DIR``, ``MODEL.onnx``) are fine: nothing is opened."""
+``RECIPE``). Placeholder paths (``runs/<run>``, ``RUN_DIR``, ``MODEL.onnx``) are fine: nothing
+is opened. A recipe or a config key is never a placeholder: it must exist."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def _visionzoo_argv(tokens: list[str]) -> list[str] | None:
     for i, tok in enumerate(tokens):
         if tok != "visionzoo" and not tok.endswith("/bin/visionzoo"):
             continue
-        if i > 0 and tokens[i - 1] == "-m" or all(re.match(r"^[A-Za-z_]\w*=", t) for t in tokens[:i]):
+        if (i > 0 and tokens[i - 1] == "-m") or all(re.match(r"^[A-Za-z_]\w*=", t) for t in tokens[:i]):
             return tokens[i + 1:]
     return None
 
