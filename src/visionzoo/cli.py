@@ -379,9 +379,10 @@ def _add_data_parser(sub, fmt) -> None:
     p.set_defaults(func=cmd_data)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code (2 for a user error, with one line on stderr)."""
-    parser = build_parser()
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse a command line (without running it; tests/test_docs.py checks the docs' commands with it).
+    A mistake exits 2 with argparse's message."""
+    parser = parser or build_parser()
     # key=value overrides may stand anywhere, also after flags, which argparse alone cannot parse.
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
@@ -389,6 +390,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code (2 for a user error, with one line on stderr)."""
+    args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher hands to its workers
     try:
         args.func(args)
