@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   visionzoo train fashion_mnist model.weights=pretrained.pth            # initialise, then fine-tune
   visionzoo export runs/<run>                               # -> <run>/model.onnx, checked vs PyTorch
   visionzoo infer runs/<run>/model.onnx --data /data/imagenet   # or: ... model.onnx image.jpg
+  visionzoo report runs/<run>                               # -> <run>/report/index.html
 """
 
 # The seed scripts' flags, as aliases of config keys.
@@ -205,6 +206,16 @@ def cmd_infer(args: argparse.Namespace) -> None:
     run_infer(args.model, args.images, args.data, args.batch_size, args.workers, args.output)
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from visionzoo.analysis.run_report import write_report
+
+    overrides = [f"data.path={args.data}"] if args.data else []
+    for flag, key in (("device", "train.device"), ("batch_size", "data.batch_size"), ("workers", "data.workers")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    print(write_report(args.run, overrides + list(args.overrides), max_images=args.max_images))
+
+
 def cmd_data(args: argparse.Namespace) -> None:
     if args.data_command == "pack":
         from visionzoo.data.pack import pack
@@ -334,6 +345,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="JSON results file (default: <model>.infer.json next to the model)")
     p.set_defaults(func=cmd_infer)
     _add_data_parser(sub, fmt)
+    p = sub.add_parser("report", help="write RUN/report/index.html: curves, results, per-class accuracy, confusion, "
+                                      "mistakes, calibration (DINO: attention maps, k-NN neighbours)",
+                       formatter_class=fmt,
+                       epilog="examples:\n  visionzoo report runs/fashion_mnist-20261123-101500\n"
+                              "  visionzoo report runs/<run> --data /data/imagenet --max-images 48\n"
+                              "  visionzoo report runs/<run> --device cpu --batch-size 64\n")
+    p.add_argument("run", help="a run folder")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the prediction pass")
+    p.add_argument("--data", help="data folder of the validation split (default: the run's)")
+    p.add_argument("--max-images", type=int, default=24, metavar="N",
+                   help="images per grid (most confident mistakes, least confident correct; default 24)")
+    p.add_argument("--device", help="train.device of the prediction pass: auto|cpu|cuda|cuda:N|mps")
+    p.add_argument("--batch-size", type=int, help="images per batch of the prediction pass")
+    p.add_argument("--workers", type=int, help="data.workers: loader processes for image folders")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("runs", help="list the runs under a folder, or compare two runs", formatter_class=fmt,
                        epilog="examples:\n  visionzoo runs\n  visionzoo runs /scratch/runs\n  visionzoo runs runs/fashion_mnist-20261123-101500   # one run\n"
                               "  visionzoo runs --compare runs/a runs/b     # differing config keys + results\n")

@@ -466,6 +466,9 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
         mark_status(run_dir, "finished")
         if not perf and t.epochs > 0:
             plot_curves(run_dir, f"{cfg.recipe} (DINO, k-NN accuracy; {precision_name(amp_dtype)}, {info.world_size} device(s))")
+            from visionzoo.analysis.run_report import report_at_end  # the layer above: imported late
+
+            report_at_end(run_dir)
         print("\n" + table + "\n" + (f"Final Performance images/sec : {fps:.2f}\n" if fps else "")
               + (f"Final k-NN Accuracy (k={dc.knn_report_k}) : {top1:.2f}\n" if knn else "")
               + f"E2E Training Duration sec : {results['E2ETrainingTime']:.0f}", flush=True)

@@ -387,6 +387,9 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
         mark_status(run_dir, "finished")
         if not perf:
             plot_curves(run_dir, f"{cfg.recipe} ({precision_name(amp_dtype)}, {info.world_size} device(s))")
+            from visionzoo.analysis.run_report import report_at_end  # the layer above: imported late
+
+            report_at_end(run_dir)
         per_device = f" ({fps / info.world_size:.2f} per device)" if fps and info.enabled else ""
         print(("\n" + table + "\n") + (f"Final Performance images/sec : {fps:.2f}{per_device}\n" if fps else "")
               + (f"Final Train Accuracy : {results['TrainAccuracy']:.2f}\n" if last_eval else "")
