@@ -98,8 +98,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from visionzoo import distributed
     from visionzoo.config import load_config
     from visionzoo.data.build import check_data_path
+    from visionzoo.api import fit_config
     from visionzoo.engine.resume import check_new_run_dir, check_resumable, find_auto_resume, finished_results
-    from visionzoo.engine.supervised import fit
 
     overrides = _overrides(args)
     if args.steps is not None:
@@ -130,12 +130,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.devices > 1 and not distributed.in_launched_worker():
         check_data_path(cfg.data)
         raise SystemExit(distributed.launch_local(args.devices, args.argv))
-    if cfg.task == "dino":
-        from visionzoo.engine.dino import fit_dino
-
-        fit_dino(cfg, perf=args.perf, resume_dir=resume_dir)
-        return
-    fit(cfg, perf=args.perf, resume_dir=resume_dir)
+    fit_config(cfg, perf=args.perf, resume_dir=resume_dir)  # what visionzoo.train runs too
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
