@@ -295,6 +295,10 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
             where = f"resuming {run_dir} at epoch {first_epoch + 1}, step {step}"
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.log.tensorboard else None)
+        if cfg.log.mlflow or cfg.log.wandb:
+            from visionzoo.trackers import open_trackers
+
+            log.trackers = open_trackers(cfg, run_dir)
         mark_status(run_dir, "running")
         print(f"visionzoo: DINO {'perf run' if perf else 'training'} {cfg.recipe} | {model_args['library']} "
               f"{model_args['name']} | {n_images} images × {2 + dc.local_crops_number} crops | "
@@ -475,6 +479,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
         report_fallbacks(results["cpu_fallbacks"])
         if t.compile and first_step_s:
             print(f"torch.compile: the first step took {first_step_s:.1f} s (compilation included)", flush=True)
+        log.finish(run_dir, results, "FINISHED")
     distributed.shutdown()
     return results
 

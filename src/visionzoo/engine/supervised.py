@@ -114,6 +114,7 @@ def end_failed_run(err: BaseException, is_main: bool, run_dir, log, step: int) -
         status = "interrupted" if isinstance(err, Interrupted) else "failed"
         mark_status(run_dir, status, error=f"{type(err).__name__}: {err}"[:500])
         log.close()
+        log.finish(run_dir, None, "KILLED" if isinstance(err, Interrupted) else "FAILED")
     if isinstance(err, Interrupted):
         raise UserError(f"stopped by a signal; checkpoint written at step {step}; "
                         f"continue with --resume {run_dir or 'RUN_DIR'}") from None
@@ -329,6 +330,10 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
             truncate_metrics(run_dir, state["global_step"], state["epoch"])
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.log.tensorboard else None)
+        if cfg.log.mlflow or cfg.log.wandb:
+            from visionzoo.trackers import open_trackers
+
+            log.trackers = open_trackers(cfg, run_dir)
         mark_status(run_dir, "running")
         where = (f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['global_step']} ({weights_path.name})"
                  if state is not None else f"run folder {run_dir}")
@@ -399,6 +404,7 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
         report_fallbacks(results["cpu_fallbacks"])
         if cfg.train.compile and loop.first_step_s:
             print(f"torch.compile: the first step took {loop.first_step_s:.1f} s (compilation included)", flush=True)
+        log.finish(run_dir, results, "FINISHED")
     distributed.shutdown()
     return results
 
