@@ -182,6 +182,8 @@ class WandbTracker(Tracker):
         if files:
             self.run.log_artifact(art)
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+        if wandb.run is None:  # no other run of this process is open: wait until the records are on disk
+            wandb.teardown()
 
 
 def open_trackers(cfg, run_dir: Path) -> list[Tracker]:
