@@ -58,13 +58,19 @@ def test_training_writes_the_cheap_page(supervised_run, browser, tmp_path):
     _check_page(browser, page, tmp_path, {"curves", "results", "recipe", "environment", "more"})
 
 
-def test_full_report_in_a_browser_and_cached(supervised_run, browser, tmp_path, capsys):
+def test_full_report_in_a_browser_and_cached(supervised_run, fmnist_dir, browser, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    assert main(["export", str(supervised_run)]) == 0  # the page then shows parity and ONNX Runtime speed
+    assert main(["infer", str(supervised_run / "model.onnx"), "--data", str(fmnist_dir)]) == 0
+    capsys.readouterr()
     assert main(["report", str(supervised_run), "--max-images", "6"]) == 0
     page = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert page == supervised_run / "report" / "index.html"
     found = _check_page(browser, page, tmp_path,
                         {"curves", "results", "recipe", "environment", "predictions", "per-class", "confusion",
-                         "mistakes", "calibration"})
+                         "mistakes", "calibration", "onnx"})
+    text = page.read_text()
+    assert "Parity with PyTorch" in text and "ONNX Runtime on the validation split" in text
     srcs = {i["src"] for i in found["images"]}
     assert {"curves.png", "confusion.png", "per_class.png", "reliability.png"} <= srcs
     assert {"mistakes.png", "unsure.png"} & srcs  # a 4-step model makes mistakes and is unsure
@@ -159,3 +165,25 @@ def test_dino_report_in_a_browser(fmnist_dir, browser, tmp_path, capsys):
     # The k-NN top-1 of the page is the run's own k-NN figure (same k, same features).
     results = json.loads((run / "results.json").read_text())
     assert 100 * np.mean(pred.preds == pred.targets) == pytest.approx(results["Acc@1"], abs=1e-6)
+
+
+def test_many_classes_get_the_most_confused_pairs(tmp_path, monkeypatch):
+    """Above 30 classes the matrix has no numbers and the 20 most confused pairs come as a table."""
+    from visionzoo.analysis import compute
+    from visionzoo.analysis.run_report import write_report
+
+    rng = np.random.default_rng(0)
+    n, c = 400, 40
+    targets = rng.integers(0, c, n)
+    preds = np.where(rng.random(n) < 0.6, targets, (targets + 1) % c)
+    pred = Predictions([f"class_{i}" for i in range(c)], "classifier", targets,
+                       np.stack([preds, (preds + 2) % c], 1), np.tile(np.float32([0.7, 0.1]), (n, 1)))
+    monkeypatch.setattr(compute, "cached_predictions", lambda *a, **k: (pred, "test"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("recipe: x\n")
+    page = write_report(run).read_text()
+    assert "The 20 most confused pairs" in page and "confusion.png" in page
+    rows = re.findall(r"<tr><td>class_(\d+)</td><td>class_(\d+)</td>", page)
+    assert len(rows) == 20 and all(int(p) == (int(t) + 1) % c for t, p in rows)
+    assert "None." in page  # no grids: nothing to show, no failure
