@@ -187,3 +187,10 @@ def test_many_classes_get_the_most_confused_pairs(tmp_path, monkeypatch):
     rows = re.findall(r"<tr><td>class_(\d+)</td><td>class_(\d+)</td>", page)
     assert len(rows) == 20 and all(int(p) == (int(t) + 1) % c for t, p in rows)
     assert "None." in page  # no grids: nothing to show, no failure
+
+
+def test_report_of_a_missing_or_foreign_folder_is_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"visionzoo: error: run folder not found: {tmp_path / 'nope'}"
+    assert main(["report", str(tmp_path)]) == 2
+    assert "is not a visionzoo run folder" in capsys.readouterr().err
