@@ -144,7 +144,7 @@ def neighbours_figure(queries: np.ndarray, query_labels: np.ndarray, neighbours:
         for j in range(k):
             _show(axes[r, j + 1], neighbours[r, j])
             same = labels[r, j] == query_labels[r]
-            axes[r, j + 1].set_title(f"{_short(classes[labels[r, j]], 12)}\ncos {sims[r, j]:.2f}", fontsize=7,
+            axes[r, j + 1].set_title(f"{_short(classes[labels[r, j]], 12)}\ncos {sims[r, j]:.3f}", fontsize=7,
                                      color="black" if same else "tab:red")
     fig.suptitle("Nearest training images in the frozen feature space (red: another class)", fontsize=9)
     return _save(fig, path)
