@@ -63,3 +63,10 @@ def test_train_load_predict_equals_eval(fmnist_dir, tmp_path, capsys):
     batch = torch.stack([preprocess(torch.from_numpy(images[1]))])
     assert visionzoo.predict(visionzoo.load(run.path / "model.safetensors"), batch, topk=1)[0][0]["index"] == top[1][0]["index"]
     assert run.report(max_images=2).is_file()
+
+    # Released weights (a plain state dict) in a recipe's model: the same predictions.
+    torch.save(model.state_dict(), tmp_path / "released.pth")
+    for recipe in (str(run.path / "config.yaml"), run.config):
+        loaded = visionzoo.load(tmp_path / "released.pth", recipe=recipe)
+        assert loaded.classes == classes
+        assert visionzoo.predict(loaded, batch, topk=1)[0][0]["index"] == top[1][0]["index"]
