@@ -70,3 +70,11 @@ def test_train_load_predict_equals_eval(fmnist_dir, tmp_path, capsys):
         loaded = visionzoo.load(tmp_path / "released.pth", recipe=recipe)
         assert loaded.classes == classes
         assert visionzoo.predict(loaded, batch, topk=1)[0][0]["index"] == top[1][0]["index"]
+
+
+def test_train_on_two_processes_returns_the_run(fmnist_dir, tmp_path):
+    """devices=2 goes through the CLI's local launcher and comes back (it used to exit the caller)."""
+    run = visionzoo.train("fashion_mnist", data=str(fmnist_dir), devices=2, output=str(tmp_path / "ddp"), epochs=1,
+                          device="cpu", amp="none", data__batch_size=32, train__max_steps_per_epoch=2,
+                          log__progress="off")
+    assert run.path == tmp_path / "ddp" and run.results["devices"] == 2 and run.results["steps"] == 2

@@ -134,14 +134,17 @@ def _train_launched(cfg, devices: int, perf: bool) -> Run:
     import tempfile
     from datetime import datetime
 
-    from visionzoo.cli import main
+    from visionzoo import distributed
     from visionzoo.config import to_yaml
+    from visionzoo.data.build import check_data_path
 
+    check_data_path(cfg.data)
     out = Path(cfg.output or Path("runs") / f"{cfg.recipe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # the workers read the resolved config from here
         recipe = Path(tmp) / f"{cfg.recipe}.yaml"
         recipe.write_text(to_yaml(cfg))
-        code = main(["train", str(recipe), "--devices", str(devices), "--output", str(out)] + (["--perf"] if perf else []))
+        argv = ["train", str(recipe), "--devices", str(devices), "--output", str(out)] + (["--perf"] if perf else [])
+        code = distributed.launch_local(devices, argv)  # what visionzoo train --devices N runs
     if code != 0:
         raise UserError(f"training on {devices} devices failed (exit code {code}); see the messages above")
     return Run.open(out)
