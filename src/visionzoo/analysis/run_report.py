@@ -100,6 +100,9 @@ def _results(results: dict) -> Section:
     s = Section("results", "Results")
     if not results:
         return s.add(paragraph("No results.json: the run has not finished."))
+    from visionzoo.report import TABLE_COLUMNS
+
+    s.add(table(list(TABLE_COLUMNS), [[results.get(c) for c in TABLE_COLUMNS]]))  # the seeds' results row
     rows = {k: results[k] for k in RESULT_KEYS if k in results}
     if results.get("knn"):
         rows.update({f"{k}-NN top-1 / top-5": f"{v['top1']:.2f} / {v['top5']:.2f}" for k, v in results["knn"].items()})
