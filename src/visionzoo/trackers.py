@@ -89,9 +89,13 @@ def _check_reachable(uri: str) -> None:
     retry for minutes before giving up)."""
     if not uri.startswith(("http://", "https://")):
         return
+    import urllib.error
     import urllib.request
 
-    with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACH_TIMEOUT_S):
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACH_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError:  # it answered (401, 404, ...): reachable; MLflow's client takes over
         pass
 
 
