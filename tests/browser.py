@@ -82,7 +82,7 @@ def inspect_page(browser: str, page: Path, profile: Path) -> dict:
         done = _run(browser, ["--virtual-time-budget=15000", "--dump-dom", probe_page.resolve().as_uri()], profile)
     finally:
         probe_page.unlink()
-    m = re.search(r'<pre id="vz-probe">(.*?)</pre>', done.stdout, re.S)
+    m = re.search(r'<pre id="vz-probe">(.*?)</pre>', done.stdout, re.DOTALL)
     assert m, f"the page did not finish loading in the browser (rc {done.returncode}): {done.stderr[-2000:]}"
     found = json.loads(html.unescape(m.group(1)))
     found["errors"] += [ln for ln in done.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 
@@ -22,7 +21,7 @@ def test_import_is_light_and_the_api_lazy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True"
     with pytest.raises(AttributeError):
-        visionzoo.no_such_function
+        _ = visionzoo.no_such_function
 
 
 def test_recipes_and_overrides():

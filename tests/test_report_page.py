@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from browser import inspect_page, require_chromium, screenshot
+
 from visionzoo.analysis import metrics
 from visionzoo.analysis.attention import cls_attention, mass_mask
 from visionzoo.analysis.predictions import CACHE, Predictions
@@ -98,7 +98,7 @@ def test_confusion_and_per_class_agree_with_eval(supervised_run, fmnist_dir, cap
     from visionzoo.checkpoint import load_model
     from visionzoo.data.idx import load_idx_split
 
-    model, meta = load_model(supervised_run)
+    model, _ = load_model(supervised_run)
     images, labels = load_idx_split(str(fmnist_dir), False)
     x = (torch.from_numpy(images).float().unsqueeze(1) - 72.94) / 90.02
     with torch.no_grad():  # in the loader's batches of 32, so the logits are bit-equal on any CPU

@@ -76,7 +76,7 @@ def test_mlflow_server_on_localhost(fmnist_dir, tmp_path):
     exe = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "w")
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - the server writes to it until the finally block
     server = subprocess.Popen(
         [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",

@@ -15,9 +15,10 @@ key with ``__`` for the dot (``optim__lr=0.2``), the CLI's flag names (``epochs`
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 from visionzoo.errors import UserError
 
@@ -69,7 +70,7 @@ class Run:
     results: dict = field(default_factory=dict)
 
     @classmethod
-    def open(cls, path: str | Path) -> "Run":
+    def open(cls, path: str | Path) -> Run:
         p = Path(path).expanduser()
         res = p / "results.json"
         return cls(p, json.loads(res.read_text()) if res.is_file() else {})

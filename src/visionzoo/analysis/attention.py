@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 ATTENTION_MASS = 0.6  # visualize_attention.py --threshold: keep the patches holding 60% of the mass
 

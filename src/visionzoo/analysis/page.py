@@ -28,7 +28,7 @@ class Section:
     title: str
     body: list[str] = field(default_factory=list)
 
-    def add(self, fragment: str) -> "Section":
+    def add(self, fragment: str) -> Section:
         self.body.append(fragment)
         return self
 

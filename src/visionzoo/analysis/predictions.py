@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from visionzoo.errors import UserError
 from visionzoo.progress import Progress
@@ -71,7 +71,7 @@ class Predictions:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path) -> "Predictions":
+    def load(cls, path: Path) -> Predictions:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             p = cls(meta["classes"], meta["kind"], z["targets"], z["topk"], z["topk_prob"], meta["key"])
