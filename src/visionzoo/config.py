@@ -277,7 +277,7 @@ class LogConfig:
     tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
     # Experiment trackers (optional extras; rank 0 only; one that cannot be reached is a warning):
     mlflow: bool = False  # MLflow: log.mlflow_uri, else MLFLOW_TRACKING_URI, else MLflow's local store
-    mlflow_uri: Optional[str] = None  # e.g. http://host:5000 (or file:, sqlite: URIs)
+    mlflow_uri: Optional[str] = None  # e.g. http://host:5000 or sqlite:///path/mlflow.db; set: MLflow is on
     wandb: bool = False  # Weights & Biases (WANDB_MODE=offline writes RUN/wandb/ only; WANDB_PROJECT)
 
     def __post_init__(self) -> None:

@@ -191,13 +191,13 @@ class WandbTracker(Tracker):
 
 
 def open_trackers(cfg, run_dir: Path) -> list[Tracker]:
-    """The trackers the config asks for (log.mlflow, log.wandb), opened; one warning for each
+    """The trackers the config asks for (log.mlflow or log.mlflow_uri, log.wandb), opened; one warning for each
     that is not installed or cannot be reached."""
     from visionzoo.errors import first_line
 
     trackers: list[Tracker] = []
     wanted = []
-    if cfg.log.mlflow:
+    if cfg.log.mlflow or cfg.log.mlflow_uri:  # a URI alone also switches MLflow on
         uri = cfg.log.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
         wanted.append(("MLflow", "mlflow", lambda: MlflowTracker(cfg, run_dir, uri), uri or "its default local store"))
     if cfg.log.wandb:

@@ -295,7 +295,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
             where = f"resuming {run_dir} at epoch {first_epoch + 1}, step {step}"
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.log.tensorboard else None)
-        if cfg.log.mlflow or cfg.log.wandb:
+        if cfg.log.mlflow or cfg.log.mlflow_uri or cfg.log.wandb:
             from visionzoo.trackers import open_trackers
 
             log.trackers = open_trackers(cfg, run_dir)

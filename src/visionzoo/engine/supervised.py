@@ -330,7 +330,7 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
             truncate_metrics(run_dir, state["global_step"], state["epoch"])
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.log.tensorboard else None)
-        if cfg.log.mlflow or cfg.log.wandb:
+        if cfg.log.mlflow or cfg.log.mlflow_uri or cfg.log.wandb:
             from visionzoo.trackers import open_trackers
 
             log.trackers = open_trackers(cfg, run_dir)
