@@ -67,7 +67,8 @@ def key_values(items: dict) -> str:
 
 
 def paragraph(text: str, cls: str = "") -> str:
-    return f'<p{f" class={chr(34)}{cls}{chr(34)}" if cls else ""}>{esc(text)}</p>'
+    attr = f' class="{esc(cls)}"' if cls else ""
+    return f"<p{attr}>{esc(text)}</p>"
 
 
 def preformatted(text: str) -> str:

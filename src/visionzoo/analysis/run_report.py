@@ -70,7 +70,7 @@ def write_report(run: str | Path, overrides: list[str] | None = None, max_images
     else:
         sections.append(Section("more", "Per-class accuracy, confusion, mistakes, calibration").add(paragraph(
             f"Not computed at the end of training (it needs a pass over the validation split): "
-            f"run  visionzoo report {run_dir}", "note")))
+            f"run: visionzoo report {run_dir}", "note")))
     status = _read_json(run_dir / "status.json") or {}
     subtitle = f"run folder {run_dir.resolve()} | status {status.get('status', 'unknown')}" + (
         f" ({status['time']})" if status.get("time") else "")
