@@ -25,21 +25,9 @@ EXAMPLES = """examples:
   visionzoo train fashion_mnist model.weights=pretrained.pth            # initialise, then fine-tune
   visionzoo export runs/<run>                               # -> <run>/model.onnx, checked vs PyTorch
   visionzoo infer runs/<run>/model.onnx --data /data/imagenet   # or: ... model.onnx image.jpg
+  visionzoo report runs/<run>                               # -> <run>/report/index.html
 """
 
-# The seed scripts' flags, as aliases of config keys.
-FLAG_ALIASES = {
-    "epochs": "train.epochs",
-    "batch_size": "data.batch_size",
-    "lr": "optim.lr",
-    "workers": "data.workers",
-    "seed": "train.seed",
-    "amp": "train.amp",
-    "device": "train.device",
-}
-# apex opt levels of the seeds: O1 (autocast) and O2 (fp16 weights, fp32 master copy) both map to
-# fp16 autocast with a loss scaler; O0 is full precision.
-AMP_ALIASES = {"o0": "none", "o1": "fp16", "o2": "fp16", "true": "auto", "false": "none"}
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -67,6 +55,8 @@ def _add_weights_flags(p: argparse.ArgumentParser) -> None:
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     """Config overrides from the aliases, --data and the positional key=value list (last wins)."""
+    from visionzoo.config import AMP_ALIASES, FLAG_ALIASES
+
     out = []
     if args.data:
         out += ["data.name=synthetic"] if args.data == "synthetic" else [f"data.path={args.data}"]
@@ -97,9 +87,9 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from visionzoo import distributed
     from visionzoo.config import load_config
+    from visionzoo.api import fit_config
     from visionzoo.data.loading.build import check_data_path
     from visionzoo.engine.resume import check_new_run_dir, check_resumable, find_auto_resume, finished_results
-    from visionzoo.engine.supervised import fit
 
     overrides = _overrides(args)
     if args.steps is not None:
@@ -130,12 +120,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.devices > 1 and not distributed.in_launched_worker():
         check_data_path(cfg.data)
         raise SystemExit(distributed.launch_local(args.devices, args.argv))
-    if cfg.task == "dino":
-        from visionzoo.engine.dino import fit_dino
-
-        fit_dino(cfg, perf=args.perf, resume_dir=resume_dir)
-        return
-    fit(cfg, perf=args.perf, resume_dir=resume_dir)
+    fit_config(cfg, perf=args.perf, resume_dir=resume_dir)  # what visionzoo.train runs too
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -204,6 +189,16 @@ def cmd_infer(args: argparse.Namespace) -> None:
     from visionzoo.infer import run_infer
 
     run_infer(args.model, args.images, args.data, args.batch_size, args.workers, args.output)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from visionzoo.analysis.run_report import write_report
+
+    overrides = [f"data.path={args.data}"] if args.data else []
+    for flag, key in (("device", "train.device"), ("batch_size", "data.batch_size"), ("workers", "data.workers")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    print(write_report(args.run, overrides + list(args.overrides), max_images=args.max_images))
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -335,6 +330,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="JSON results file (default: <model>.infer.json next to the model)")
     p.set_defaults(func=cmd_infer)
     _add_data_parser(sub, fmt)
+    p = sub.add_parser("report", help="write RUN/report/index.html: curves, results, per-class accuracy, confusion, "
+                                      "mistakes, calibration (DINO: attention maps, k-NN neighbours)",
+                       formatter_class=fmt,
+                       epilog="examples:\n  visionzoo report runs/fashion_mnist-20261123-101500\n"
+                              "  visionzoo report runs/<run> --data /data/imagenet --max-images 48\n"
+                              "  visionzoo report runs/<run> --device cpu --batch-size 64\n")
+    p.add_argument("run", help="a run folder")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the prediction pass")
+    p.add_argument("--data", help="data folder of the validation split (default: the run's)")
+    p.add_argument("--max-images", type=int, default=24, metavar="N",
+                   help="images per grid (most confident mistakes, least confident correct; default 24)")
+    p.add_argument("--device", help="train.device of the prediction pass: auto|cpu|cuda|cuda:N|mps")
+    p.add_argument("--batch-size", type=int, help="images per batch of the prediction pass")
+    p.add_argument("--workers", type=int, help="data.workers: loader processes for image folders")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("runs", help="list the runs under a folder, or compare two runs", formatter_class=fmt,
                        epilog="examples:\n  visionzoo runs\n  visionzoo runs /scratch/runs\n  visionzoo runs runs/fashion_mnist-20261123-101500   # one run\n"
                               "  visionzoo runs --compare runs/a runs/b     # differing config keys + results\n")

@@ -28,6 +28,21 @@ def _check(value: Any, allowed: tuple, key: str) -> None:
         raise UserError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
 
 
+# The seed scripts' flags, as aliases of config keys.
+FLAG_ALIASES = {
+    "epochs": "train.epochs",
+    "batch_size": "data.batch_size",
+    "lr": "optim.lr",
+    "workers": "data.workers",
+    "seed": "train.seed",
+    "amp": "train.amp",
+    "device": "train.device",
+}
+# apex opt levels of the seeds: O1 (autocast) and O2 (fp16 weights, fp32 master copy) both map to
+# fp16 autocast with a loss scaler; O0 is full precision.
+AMP_ALIASES = {"o0": "none", "o1": "fp16", "o2": "fp16", "true": "auto", "false": "none"}
+
+
 @dataclass
 class DataConfig:
     """Where images come from and how they are augmented."""
@@ -275,6 +290,10 @@ class LogConfig:
 
     progress: str = "auto"  # auto: a progress bar on a terminal, plain lines otherwise | bar | lines | off
     tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
+    # Experiment trackers (optional extras; rank 0 only; one that cannot be reached is a warning):
+    mlflow: bool = False  # MLflow: log.mlflow_uri, else MLFLOW_TRACKING_URI, else MLflow's local store
+    mlflow_uri: Optional[str] = None  # e.g. http://host:5000 or sqlite:///path/mlflow.db; set: MLflow is on
+    wandb: bool = False  # Weights & Biases (WANDB_MODE=offline writes RUN/wandb/ only; WANDB_PROJECT)
 
     def __post_init__(self) -> None:
         if self.progress in (False, "False", "false"):  # YAML reads a bare `off` as false

@@ -44,6 +44,7 @@ class MetricsLog:
         self.path = Path(path)
         self._f = open(self.path, "a", buffering=1)
         self._tb = None
+        self.trackers: list = []  # trackers.py: MLflow, W&B (rank 0), fed every record
         if tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -62,11 +63,19 @@ class MetricsLog:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("time", "step", "epoch"):
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
+        for tracker in self.trackers:
+            tracker.log(record)
 
     def close(self) -> None:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+
+    def finish(self, run_dir: Path, results: dict | None, status: str) -> None:
+        """End the trackers' runs (FINISHED, FAILED or KILLED), sending results and files."""
+        for tracker in self.trackers:
+            tracker.finish(run_dir, results, status)
+        self.trackers = []
 
 
 def mark_status(run_dir: Path, status: str, **extra: Any) -> None:

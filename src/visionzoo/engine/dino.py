@@ -22,6 +22,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -240,9 +241,11 @@ def build_dino_training(cfg: RecipeConfig, device: torch.device, amp_dtype: torc
     return training
 
 
-def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -> dict:
+def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
+             on_finished: Callable[[Path], None] | None = None) -> dict:
     """Train ``cfg`` with DINO (or time it, with ``perf``); write the run folder; with
-    ``resume_dir``, continue that run from its newest checkpoint (an epoch end). Returns results."""
+    ``resume_dir``, continue that run from its newest checkpoint (an epoch end). ``on_finished``
+    as for ``supervised.fit``. Returns results."""
     t0 = time.perf_counter()
     info = distributed.from_env()
     base_lr = cfg.optim.lr  # per 256 images; for_world_size's own LR rescaling is not wanted here
@@ -304,6 +307,10 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
             where = f"resuming {run_dir} at epoch {first_epoch + 1}, step {step}"
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.log.tensorboard else None)
+        if cfg.log.mlflow or cfg.log.mlflow_uri or cfg.log.wandb:
+            from visionzoo.trackers import open_trackers
+
+            log.trackers = open_trackers(cfg, run_dir)
         mark_status(run_dir, "running")
         print(f"visionzoo: DINO {'perf run' if perf else 'training'} {cfg.recipe} | {model_args['library']} "
               f"{model_args['name']} | {n_images} images × {2 + dc.local_crops_number} crops | "
@@ -475,12 +482,15 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
         mark_status(run_dir, "finished")
         if not perf and t.epochs > 0:
             plot_curves(run_dir, f"{cfg.recipe} (DINO, k-NN accuracy; {precision_name(amp_dtype)}, {info.world_size} device(s))")
+            if on_finished is not None:
+                on_finished(run_dir)
         print("\n" + table + "\n" + (f"Final Performance images/sec : {fps:.2f}\n" if fps else "")
               + (f"Final k-NN Accuracy (k={dc.knn_report_k}) : {top1:.2f}\n" if knn else "")
               + f"E2E Training Duration sec : {results['E2ETrainingTime']:.0f}", flush=True)
         report_fallbacks(results["cpu_fallbacks"])
         if t.compile and first_step_s:
             print(f"torch.compile: the first step took {first_step_s:.1f} s (compilation included)", flush=True)
+        log.finish(run_dir, results, "FINISHED")
     distributed.shutdown()
     return results
 

@@ -12,7 +12,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -121,6 +121,7 @@ def end_failed_run(err: BaseException, is_main: bool, run_dir, log, step: int) -
         status = "interrupted" if isinstance(err, Interrupted) else "failed"
         mark_status(run_dir, status, error=f"{type(err).__name__}: {err}"[:500])
         log.close()
+        log.finish(run_dir, None, "KILLED" if isinstance(err, Interrupted) else "FAILED")
     if isinstance(err, Interrupted):
         raise UserError(f"stopped by a signal; checkpoint written at step {step}; "
                         f"continue with --resume {run_dir or 'RUN_DIR'}") from None
@@ -283,9 +284,12 @@ def wrap_model(net: nn.Module, device: torch.device, ddp: bool, compile: bool) -
     return torch.compile(model) if compile else model
 
 
-def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -> dict:
+def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
+        on_finished: Callable[[Path], None] | None = None) -> dict:
     """Train ``cfg`` (or time it, with ``perf``) and write the run folder; with ``resume_dir``,
-    continue that run from its newest usable checkpoint. Returns results.json's dict."""
+    continue that run from its newest usable checkpoint. ``on_finished(run_dir)`` runs on rank 0
+    after a full run's results are written and before the trackers close (the CLI and the API
+    write the report page there). Returns results.json's dict."""
     t0 = time.perf_counter()
     info = distributed.from_env()
     cfg = for_world_size(cfg, info.world_size)
@@ -336,6 +340,10 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
             truncate_metrics(run_dir, state["global_step"], state["epoch"])
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard" if cfg.log.tensorboard else None)
+        if cfg.log.mlflow or cfg.log.mlflow_uri or cfg.log.wandb:
+            from visionzoo.trackers import open_trackers
+
+            log.trackers = open_trackers(cfg, run_dir)
         mark_status(run_dir, "running")
         where = (f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['global_step']} ({weights_path.name})"
                  if state is not None else f"run folder {run_dir}")
@@ -394,6 +402,8 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
         mark_status(run_dir, "finished")
         if not perf:
             plot_curves(run_dir, f"{cfg.recipe} ({precision_name(amp_dtype)}, {info.world_size} device(s))")
+            if on_finished is not None:
+                on_finished(run_dir)
         per_device = f" ({fps / info.world_size:.2f} per device)" if fps and info.enabled else ""
         print(("\n" + table + "\n") + (f"Final Performance images/sec : {fps:.2f}{per_device}\n" if fps else "")
               + (f"Final Train Accuracy : {results['TrainAccuracy']:.2f}\n" if last_eval else "")
@@ -403,6 +413,7 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
         report_fallbacks(results["cpu_fallbacks"])
         if cfg.train.compile and loop.first_step_s:
             print(f"torch.compile: the first step took {loop.first_step_s:.1f} s (compilation included)", flush=True)
+        log.finish(run_dir, results, "FINISHED")
     distributed.shutdown()
     return results
 

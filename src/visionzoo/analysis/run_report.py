@@ -1,0 +1,244 @@
+"""``visionzoo report RUN``: RUN/report/index.html, a static page of what a run did and learned.
+
+Cheap parts (written at the end of every training run): training curves, results, the resolved
+recipe, the environment, ONNX parity and speed. Full report (on demand): also per-class
+accuracy, the confusion matrix, image grids of the most confident mistakes and the least
+confident correct predictions, calibration (reliability diagram, ECE) and, for DINO runs, [CLS]
+attention maps and k-NN neighbours. Its predictions come from one pass over the validation split,
+cached as RUN/predictions.npz and reused while the weights and data are the same."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from visionzoo.analysis import figures, metrics
+from visionzoo.analysis.page import Section, esc, image, key_values, paragraph, preformatted, render, table
+from visionzoo.errors import UserError
+
+REPORT_DIR = "report"
+DEFAULT_MAX_IMAGES = 24  # per grid
+TOP_CONFUSED = 20
+MAX_CLASS_ROWS = 100  # per-class table rows (worst first)
+RESULT_KEYS = ("recipe", "Acc@1", "Acc@5", "eval", "FPS", "FPS_per_device", "devices", "epochs", "steps", "batch_size",
+               "precision", "torch", "device", "mode", "ActualLoss", "E2ETrainingTime", "TrainingTime",
+               "bad_images", "skipped_steps", "loader")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def check_run_dir(run: str | Path) -> Path:
+    """A run folder (config.yaml or model.safetensors in it), or a UserError."""
+    run_dir = Path(run).expanduser()
+    if not run_dir.is_dir():
+        raise UserError(f"run folder not found: {run_dir}")
+    if not (run_dir / "config.yaml").is_file() and not (run_dir / "model.safetensors").is_file():
+        raise UserError(f"{run_dir} is not a visionzoo run folder (no config.yaml or model.safetensors)")
+    return run_dir
+
+
+def write_report(run: str | Path, overrides: list[str] | None = None, max_images: int = DEFAULT_MAX_IMAGES,
+                 full: bool = True, progress: str = "auto") -> Path:
+    """Write ``RUN/report/index.html`` (and its PNGs); return its path. ``full=False``: only the
+    parts that need no model pass (what training writes at its end). ``overrides`` (key=value)
+    change the data, device or batch of the prediction pass."""
+    run_dir = check_run_dir(run)
+    out = run_dir / REPORT_DIR
+    out.mkdir(exist_ok=True)
+    for old in out.glob("*.png"):  # figures of an earlier report that this one may not draw
+        old.unlink()
+    results = _read_json(run_dir / "results.json") or {}
+    sections = [_curves(run_dir, out), _results(results), _recipe(run_dir), _environment(run_dir, results)]
+    onnx = _onnx(run_dir)
+    if onnx is not None:
+        sections.append(onnx)
+    if full:
+        if max_images < 0:
+            raise UserError(f"--max-images must be >= 0, got {max_images}")
+        sections += _analysis(run_dir, out, list(overrides or []), max_images, progress)
+    else:
+        sections.append(Section("more", "Per-class accuracy, confusion, mistakes, calibration").add(paragraph(
+            f"Not computed at the end of training (it needs a pass over the validation split): "
+            f"run: visionzoo report {run_dir}", "note")))
+    status = _read_json(run_dir / "status.json") or {}
+    subtitle = f"run folder {run_dir.resolve()} | status {status.get('status', 'unknown')}" + (
+        f" ({status['time']})" if status.get("time") else "")
+    page = out / "index.html"
+    tmp = out / ".index.html.tmp"
+    tmp.write_text(render(f"visionzoo report: {run_dir.name}", subtitle, [s for s in sections if s is not None]))
+    tmp.replace(page)
+    return page
+
+
+def _curves(run_dir: Path, out: Path) -> Section:
+    s = Section("curves", "Training curves")
+    curves = run_dir / "curves.png"
+    metrics_file = run_dir / "metrics.jsonl"
+    if metrics_file.is_file() and metrics_file.stat().st_size and (
+            not curves.is_file() or curves.stat().st_mtime < metrics_file.stat().st_mtime):
+        from visionzoo.plots import plot_curves
+
+        plot_curves(run_dir)
+    if curves.is_file():
+        shutil.copyfile(curves, out / "curves.png")
+        return s.add(image("curves.png", "loss, accuracy, learning rate and throughput per epoch"))
+    return s.add(paragraph("No curves: the run has no metrics.jsonl records yet (or was a --perf run)."))
+
+
+def _results(results: dict) -> Section:
+    s = Section("results", "Results")
+    if not results:
+        return s.add(paragraph("No results.json: the run has not finished."))
+    from visionzoo.report import TABLE_COLUMNS
+
+    s.add(table(list(TABLE_COLUMNS), [[results.get(c) for c in TABLE_COLUMNS]]))  # the seeds' results row
+    rows = {k: results[k] for k in RESULT_KEYS if k in results}
+    if results.get("knn"):
+        rows.update({f"{k}-NN top-1 / top-5": f"{v['top1']:.2f} / {v['top5']:.2f}" for k, v in results["knn"].items()})
+    return s.add(key_values(rows))
+
+
+def _recipe(run_dir: Path) -> Section:
+    s = Section("recipe", "Recipe (resolved)")
+    cfg = run_dir / "config.yaml"
+    return s.add(preformatted(cfg.read_text()) if cfg.is_file() else paragraph("No config.yaml in the run folder."))
+
+
+def _environment(run_dir: Path, results: dict) -> Section:
+    from visionzoo import __version__
+
+    s = Section("environment", "Environment")
+    status = _read_json(run_dir / "status.json") or {}
+    trained = {"torch": results.get("torch"), "device": results.get("device"), "devices": results.get("devices"),
+               "precision": results.get("precision"), "loader": results.get("loader"), "host": status.get("host")}
+    s.add("<h3>Training</h3>" + key_values({k: v for k, v in trained.items() if v is not None}))
+    import torch
+
+    here = {"visionzoo": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+            "numpy": np.__version__, "platform": platform.platform(),
+            "accelerator": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
+    return s.add("<h3>This report</h3>" + key_values(here))
+
+
+def _onnx(run_dir: Path) -> Section | None:
+    """Parity and ONNX Runtime speed of the run's exports (sidecars of visionzoo export and the
+    .infer.json files of visionzoo infer)."""
+    rows, speed = [], []
+    for side in sorted(run_dir.glob("*.json")):
+        meta = _read_json(side)
+        if meta and "parity" in meta and "format" in meta:
+            p = meta["parity"]
+            rows.append([meta.get("file", side.stem), meta["format"], meta.get("opset"), p.get("max_abs_diff"),
+                         p.get("limit"), p.get("runtime")])
+        elif meta and "images_per_s" in meta and side.name.endswith(".infer.json"):
+            speed.append([Path(meta.get("model", side.stem)).name, meta.get("acc1"), meta.get("acc5"), meta.get("samples"),
+                          meta.get("images_per_s"), meta.get("ms_per_image"), meta.get("batch_size"), meta.get("provider")])
+    if not rows and not speed:
+        return None
+    s = Section("onnx", "Exported model")
+    if rows:
+        s.add("<h3>Parity with PyTorch</h3>" + table(["file", "format", "opset", "max |diff|", "limit", "checked with"], rows))
+    if speed:
+        s.add("<h3>ONNX Runtime on the validation split</h3>" + table(
+            ["model", "Acc@1", "Acc@5", "images", "images/s", "ms per image", "batch", "provider"], speed))
+    return s
+
+
+def _analysis(run_dir: Path, out: Path, overrides: list[str], max_images: int, progress: str) -> list[Section]:
+    from visionzoo.analysis.compute import cached_predictions
+
+    pred, note = cached_predictions(run_dir, overrides, max_images, progress)
+    classes, n = pred.classes, len(pred.targets)
+    cm = metrics.confusion_matrix(pred.targets, pred.preds, len(classes))
+    acc = metrics.per_class_accuracy(cm)
+    cal = metrics.calibration(pred.confidence, pred.preds == pred.targets)
+    top5 = 100.0 * float((pred.topk == pred.targets[:, None]).any(axis=1).mean())
+    how = "the classifier (softmax)" if pred.kind == "classifier" else "a weighted k-NN vote of the frozen features"
+    out_sections = []
+    s = Section("predictions", "Validation predictions")
+    s.add(paragraph(f"{n} validation images, predicted by {how}; {note}."))
+    s.add(key_values({"images": n, "Acc@1": 100.0 * float(np.trace(cm)) / max(n, 1),
+                      f"Acc@{pred.topk.shape[1]}": top5, "ECE (%)": cal["ece"], "classes": len(classes)}))
+    out_sections.append(s)
+
+    s = Section("per-class", "Per-class accuracy")
+    order = np.argsort(np.nan_to_num(acc, nan=np.inf), kind="stable")
+    s.add(image(figures.per_class_figure(acc, classes, out / "per_class.png"), "per-class accuracy, worst first"))
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    rows = []
+    for i in order[:MAX_CLASS_ROWS]:
+        j = int(off[i].argmax())
+        rows.append([classes[i], int(cm[i].sum()), float(acc[i]) if not np.isnan(acc[i]) else None,
+                     f"{classes[j]} ({int(off[i, j])})" if off[i, j] else "-"])
+    s.add(table(["class", "images", "accuracy (%)", "most often mistaken for"], rows))
+    if len(classes) > MAX_CLASS_ROWS:
+        s.add(paragraph(f"The {MAX_CLASS_ROWS} worst of {len(classes)} classes."))
+    out_sections.append(s)
+
+    s = Section("confusion", "Confusion matrix")
+    s.add(image(figures.confusion_figure(metrics.row_normalise(cm), classes, out / "confusion.png"),
+                "row-normalised confusion matrix"))
+    if len(classes) > figures.ANNOTATE_UP_TO:
+        pairs = metrics.most_confused(cm, TOP_CONFUSED)
+        s.add(f"<h3>The {len(pairs)} most confused pairs</h3>" + table(
+            ["true class", "predicted as", "images", "% of the true class"],
+            [[classes[t], classes[p], c, share] for t, p, c, share in pairs]))
+    out_sections.append(s)
+
+    s = Section("mistakes", "Mistakes and doubts")
+    for name, title in (("mistakes", "Most confident mistakes"), ("unsure", "Least confident correct predictions")):
+        g = pred.grids.get(name)
+        if g:
+            f = figures.grid_figure(g["images"], g["target"], g["pred"], g["prob"], classes, title, out / f"{name}.png")
+            s.add(f"<h3>{esc(title)}</h3>" + image(f, title))
+        else:
+            s.add(f"<h3>{esc(title)}</h3>" + paragraph("None." if max_images else "Not drawn (--max-images 0)."))
+    out_sections.append(s)
+
+    s = Section("calibration", "Calibration")
+    s.add(paragraph(f"Expected calibration error (ECE, {metrics.ECE_BINS} equal-width bins): {cal['ece']:.2f}% "
+                    f"(0 = confidence matches accuracy)."))
+    s.add(image(figures.reliability_figure(cal, out / "reliability.png"), "reliability diagram"))
+    out_sections.append(s)
+
+    if pred.kind == "knn":
+        s = Section("dino", "DINO: attention and neighbours")
+        a = pred.attention
+        if a:
+            s.add(image(figures.attention_figure(a["images"], a["maps"], a["masks"], out / "attention.png"),
+                        "[CLS] self-attention maps per head"))
+        else:
+            s.add(paragraph("No attention maps: the backbone is not a ViT."))
+        k = pred.knn
+        if k:
+            s.add(image(figures.neighbours_figure(k["queries"], k["query_labels"], k["neighbours"], k["sims"], k["labels"],
+                                                  classes, out / "neighbours.png"), "k-NN neighbours"))
+        else:
+            s.add(paragraph("No neighbour images: the training split cannot be read by index (a shard stream)."))
+        out_sections.append(s)
+    return out_sections
+
+
+def report_at_end(run_dir: Path) -> None:
+    """The cheap report, written when training ends; a failure here only warns (the run is done)."""
+    try:
+        page = write_report(run_dir, full=False)
+    except Exception as err:  # noqa: BLE001 - a finished run must not fail on its page
+        from visionzoo.errors import first_line
+
+        print(f"warning: could not write the report page: {first_line(err)}", flush=True)
+        return
+    print(f"report: {page} (visionzoo report {run_dir} adds per-class accuracy, confusion, mistakes, calibration)",
+          flush=True)

@@ -1,0 +1,258 @@
+"""The Python API, for notebooks and scripts; the CLI calls the same functions.
+
+    import visionzoo
+    visionzoo.recipes()                                       # names of the shipped recipes
+    cfg = visionzoo.load_recipe("fashion_mnist", train={"epochs": 2}, optim__lr=0.05)
+    run = visionzoo.train(cfg, data="/usr/share/datasets/fashion-mnist", device="cpu")
+    model, preprocess, classes = visionzoo.load(run)
+    visionzoo.predict(run, ["shoe.png"], topk=3)
+    run.report()                                              # RUN/report/index.html
+
+Overrides are keyword arguments: a dict per config section (``optim={"lr": 0.2}``), or a dotted
+key with ``__`` for the dot (``optim__lr=0.2``), the CLI's flag names (``epochs``, ``batch_size``,
+``lr``, ``workers``, ``seed``, ``amp``, ``device``), or ``key=value`` strings as on the command line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from visionzoo.errors import UserError
+
+
+def _value(v: Any) -> str:
+    """A Python value as an override's right-hand side (OmegaConf's dot-list syntax)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(v)
+    return str(v)
+
+
+def overrides_from(args: Iterable[str] = (), kwargs: dict | None = None) -> list[str]:
+    """``key=value`` strings from positional strings and keyword arguments (dicts are flattened
+    into dotted keys, ``__`` in a name is a dot)."""
+    out = list(args)
+
+    def add(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and "." not in prefix:  # a section: optim={"lr": 0.2}
+            for k, v in value.items():
+                add(f"{prefix}.{k}", v)
+        elif isinstance(value, dict):  # a dict-valued key (model.kwargs={...})
+            out.append(f"{prefix}={_value(value)}")
+        else:
+            out.append(f"{prefix}={_value(value)}")
+    from visionzoo.config import FLAG_ALIASES  # epochs, batch_size, lr, workers, seed, amp, device
+
+    for key, value in (kwargs or {}).items():
+        add(FLAG_ALIASES.get(key, key.replace("__", ".")), value)
+    return out
+
+
+def load_recipe(name: str, *overrides: str, **kw: Any):
+    """A recipe (shipped name or YAML path) resolved with overrides: a ``RecipeConfig``
+    dataclass, the object ``visionzoo train`` runs (``visionzoo recipes --show`` prints it)."""
+    from visionzoo.config import load_config
+
+    return load_config(name, overrides_from(overrides, kw))
+
+
+@dataclass
+class Run:
+    """A training run: its folder and results (results.json)."""
+
+    path: Path
+    results: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        p = Path(path).expanduser()
+        res = p / "results.json"
+        return cls(p, json.loads(res.read_text()) if res.is_file() else {})
+
+    @property
+    def config(self):
+        """The run's resolved config (config.yaml)."""
+        from visionzoo.config import load_config
+
+        return load_config(str(self.path / "config.yaml"))
+
+    def report(self, max_images: int = 24, **overrides: Any) -> Path:
+        """Write RUN/report/index.html (as ``visionzoo report RUN``); return its path."""
+        from visionzoo.analysis.run_report import write_report
+
+        return write_report(self.path, overrides_from((), overrides), max_images=max_images)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+
+def fit_config(cfg, perf: bool = False, resume_dir: Path | None = None) -> dict:
+    """Train a resolved config in this process (one device, or one rank under torchrun):
+    the supervised loop or DINO's. Returns results.json's dict."""
+    from visionzoo.analysis.run_report import report_at_end  # the cheap page, when a full run ends
+
+    if cfg.task == "dino":
+        from visionzoo.engine.dino import fit_dino
+
+        return fit_dino(cfg, perf=perf, resume_dir=resume_dir, on_finished=report_at_end)
+    from visionzoo.engine.supervised import fit
+
+    return fit(cfg, perf=perf, resume_dir=resume_dir, on_finished=report_at_end)
+
+
+def train(recipe_or_cfg: Any, *overrides: str, data: str | None = None, devices: int = 1, output: str | None = None,
+          perf: bool = False, **kw: Any) -> Run:
+    """Train a recipe (name, YAML path or ``load_recipe``'s config) with overrides, as
+    ``visionzoo train``; ``data`` is the data folder (or "synthetic"), ``devices`` > 1 launches
+    that many worker processes. Returns the finished ``Run``."""
+    from visionzoo.config import RecipeConfig, from_dict, load_config, to_dict
+
+    extra = overrides_from(overrides, kw)
+    if data:
+        extra.insert(0, "data.name=synthetic" if data == "synthetic" else f"data.path={data}")
+    if output:
+        extra.append(f"output={output}")
+    if isinstance(recipe_or_cfg, RecipeConfig):
+        cfg = from_dict(to_dict(recipe_or_cfg), extra)
+    else:
+        cfg = load_config(str(recipe_or_cfg), extra)
+    if cfg.output:
+        from visionzoo.engine.resume import check_new_run_dir
+
+        check_new_run_dir(cfg.output)
+    if devices > 1:
+        return _train_launched(cfg, devices, perf)
+    results = fit_config(cfg, perf=perf)
+    return Run(Path(results["run_dir"]), results)
+
+
+def _train_launched(cfg, devices: int, perf: bool) -> Run:
+    """``devices`` local workers through the CLI's launcher, on the resolved config."""
+    import tempfile
+    from datetime import datetime
+
+    from visionzoo import distributed
+    from visionzoo.config import to_yaml
+    from visionzoo.data.loading.build import check_data_path
+
+    check_data_path(cfg.data)
+    out = Path(cfg.output or Path("runs") / f"{cfg.recipe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    with tempfile.TemporaryDirectory() as tmp:  # the workers read the resolved config from here
+        recipe = Path(tmp) / f"{cfg.recipe}.yaml"
+        recipe.write_text(to_yaml(cfg))
+        argv = ["train", str(recipe), "--devices", str(devices), "--output", str(out)] + (["--perf"] if perf else [])
+        code = distributed.launch_local(devices, argv)  # what visionzoo train --devices N runs
+    if code != 0:
+        raise UserError(f"training on {devices} devices failed (exit code {code}); see the messages above")
+    return Run.open(out)
+
+
+class Loaded(NamedTuple):
+    """What ``load`` returns: the network (eval mode, CPU), its preprocessing and class names."""
+
+    model: Any
+    preprocess: Any
+    classes: list[str]
+
+
+class Preprocess:
+    """The recipe's evaluation transform (resize, centre crop, normalise) as a callable: a PIL
+    image, an image file path or a uint8 [C, H, W] / [H, W] tensor in, the model's float
+    [C, H, W] input out."""
+
+    def __init__(self, data_cfg, in_chans: int):
+        from visionzoo.data.augment.presets import eval_transform
+
+        self.data, self.in_chans = data_cfg, in_chans
+        self.transform = eval_transform(data_cfg)
+
+    def __call__(self, image: Any):
+        import torch
+        from PIL import Image
+
+        from visionzoo.data.sources.folder import _to_rgb
+        from visionzoo.data.augment.presets import normalized
+
+        if isinstance(image, (str, Path)):
+            with Image.open(Path(image).expanduser()) as img:
+                img.load()
+                image = img.copy()
+        if isinstance(image, Image.Image):
+            image = _to_rgb(image).convert("L") if self.in_chans == 1 else _to_rgb(image)
+        elif isinstance(image, torch.Tensor):
+            if image.dtype != torch.uint8:
+                raise UserError(f"preprocess takes uint8 image tensors (0-255), got {image.dtype}")
+            image = image.unsqueeze(0) if image.dim() == 2 else image
+        else:
+            raise UserError(f"preprocess takes a PIL image, a file path or a uint8 tensor, not {type(image).__name__}")
+        return normalized(self.transform, image)
+
+    def __repr__(self) -> str:
+        d = self.data
+        return (f"Preprocess(resize={d.test_resize}, crop={d.test_size}, interpolation={d.interpolation}, "
+                f"mean={list(d.mean)}, std={list(d.std)}, in_chans={self.in_chans})")
+
+
+def load(run_or_weights: Any, recipe: Any = None) -> Loaded:
+    """A trained network: ``run_or_weights`` is a run folder, a ``Run`` or a visionzoo
+    .safetensors file; with ``recipe`` (name, YAML or config) it is released weights in any
+    format ``visionzoo eval --weights`` reads, put into that recipe's model. Returns
+    ``(model, preprocess, classes)``."""
+    from visionzoo.config import RecipeConfig, from_dict, to_yaml
+
+    path = str(run_or_weights.path if isinstance(run_or_weights, Run) else run_or_weights)
+    if recipe is None:
+        from visionzoo.checkpoint import load_model
+
+        model, meta = load_model(path)
+    else:
+        from visionzoo.export import _from_weights
+
+        if isinstance(recipe, RecipeConfig):
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:  # the config as a recipe file command_config reads
+                yaml = Path(tmp) / f"{recipe.recipe or 'recipe'}.yaml"
+                yaml.write_text(to_yaml(recipe))
+                model, meta = _from_weights(None, path, str(yaml), [])
+        else:
+            model, meta = _from_weights(None, path, str(recipe), [])
+    cfg = from_dict(meta["config"])
+    return Loaded(model.eval(), Preprocess(cfg.data, int(meta["model"]["in_chans"])), list(meta["classes"]))
+
+
+def predict(model_or_run: Any, images: Any, topk: int = 5, batch_size: int = 64, device: str = "cpu") -> list[list[dict]]:
+    """The ``topk`` classes of each image, most probable first: ``[{"class", "index", "prob"}, ...]``
+    per image. ``model_or_run``: a run folder / ``Run`` / weights file (loaded with ``load``) or
+    ``load``'s result; ``images``: one or a list of PIL images, file paths or uint8 tensors, or a
+    float batch [N, C, H, W] already preprocessed."""
+    import torch
+
+    if isinstance(model_or_run, tuple) and len(model_or_run) == 3:  # load's result, also as a plain tuple
+        loaded = Loaded(*model_or_run)
+    else:
+        loaded = load(model_or_run)
+    if not loaded.classes:
+        raise UserError("this model has no classifier (a DINO backbone): use visionzoo knn or its features")
+    if isinstance(images, torch.Tensor) and images.dim() == 4 and images.is_floating_point():
+        batch_items = list(images)
+    else:
+        items = images if isinstance(images, (list, tuple)) or (isinstance(images, torch.Tensor) and images.dim() == 4) \
+            else [images]
+        batch_items = [loaded.preprocess(i) for i in items]
+    model = loaded.model.to(device)
+    k = min(topk, len(loaded.classes))
+    out: list[list[dict]] = []
+    with torch.no_grad():
+        for start in range(0, len(batch_items), batch_size):
+            x = torch.stack(batch_items[start:start + batch_size]).to(device)
+            p, i = model(x).float().softmax(1).topk(k, dim=1)
+            for probs, idx in zip(p.tolist(), i.tolist()):
+                out.append([{"class": loaded.classes[c], "index": c, "prob": q} for c, q in zip(idx, probs)])
+    return out

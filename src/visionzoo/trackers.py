@@ -1,0 +1,217 @@
+"""Experiment trackers, optional and never required: MLflow (log.mlflow=true) and Weights &
+Biases (log.wandb=true). Rank 0 opens them where it writes metrics.jsonl; they receive the
+flattened resolved recipe as parameters, every metrics.jsonl record as metrics (``step/<key>``
+by optimizer step, ``epoch/<key>`` by epoch, the names TensorBoard gets) and, when the run
+ends, results and files (results.json, curves.png, config.yaml, the report folder, the weights).
+
+A tracker that is not installed or cannot be reached costs one warning and is then left out:
+the run itself never fails or changes because of it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+MLFLOW_EXPERIMENT = "visionzoo"  # MLFLOW_EXPERIMENT_NAME overrides it
+WANDB_PROJECT = "visionzoo"  # WANDB_PROJECT overrides it
+ARTIFACTS = ("results.json", "results.md", "config.yaml", "curves.png", "model.safetensors")
+REACH_TIMEOUT_S = 5.0
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config sections as dotted keys (lists and dicts-as-values kept as JSON text)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and prefix.count(".") < 1:  # a section (data, model.kwargs stays one value)
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, dict)) else v
+    return out
+
+
+def numeric(record: dict) -> dict[str, float]:
+    """The finite numbers of a metrics record, without its bookkeeping keys."""
+    return {k: float(v) for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("time", "step", "epoch", "kind")
+            and math.isfinite(v)}
+
+
+class Tracker:
+    """One back-end; the first failure warns once and switches it off."""
+
+    name = "tracker"
+
+    def __init__(self) -> None:
+        self.active = True
+
+    def _fail(self, what: str, err: BaseException) -> None:
+        from visionzoo.errors import first_line
+
+        if self.active:
+            print(f"warning: {self.name}: {what} failed ({first_line(err)}); the run goes on without {self.name}",
+                  flush=True)
+        self.active = False
+
+    def log(self, record: dict) -> None:
+        if self.active:
+            try:
+                self._log(record)
+            except Exception as err:  # noqa: BLE001 - a tracker never stops a run
+                self._fail("logging metrics", err)
+
+    def finish(self, run_dir: Path, results: dict | None, status: str) -> None:
+        if self.active:
+            try:
+                self._finish(Path(run_dir), results or {}, status)
+            except Exception as err:  # noqa: BLE001
+                self._fail("uploading the results", err)
+            self.active = False
+
+    def _log(self, record: dict) -> None:
+        raise NotImplementedError
+
+    def _finish(self, run_dir: Path, results: dict, status: str) -> None:
+        raise NotImplementedError
+
+
+def _mlflow_name(key: str) -> str:
+    """MLflow metric names take letters, digits, _ - . / and space: Acc@1 becomes Acc_1."""
+    return re.sub(r"[^\w\-./ ]", "_", key)
+
+
+def _check_reachable(uri: str) -> None:
+    """For an HTTP tracking server, one GET of its /health page (MLflow's own client would
+    retry for minutes before giving up)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACH_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError:  # it answered (401, 404, ...): reachable; MLflow's client takes over
+        pass
+
+
+class MlflowTracker(Tracker):
+    name = "MLflow"
+
+    def __init__(self, cfg, run_dir: Path, uri: str | None):
+        super().__init__()
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        from visionzoo.config import to_dict
+
+        if uri:
+            _check_reachable(uri)
+        self.client = MlflowClient(tracking_uri=uri)  # None: MLFLOW_TRACKING_URI, else MLflow's local store
+        self.uri = self.client.tracking_uri
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", MLFLOW_EXPERIMENT)
+        exp = self.client.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
+        self.run_id = self.client.create_run(exp_id, run_name=Path(run_dir).name,
+                                             tags={"visionzoo.recipe": cfg.recipe, "visionzoo.run_dir": str(run_dir)}).info.run_id
+        params = [Param(k, str(v)[:6000]) for k, v in flatten(to_dict(cfg)).items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+
+    def _log(self, record: dict) -> None:
+        from mlflow.entities import Metric
+
+        kind = record.get("kind", "misc")
+        step = int(record.get("step" if kind == "step" else "epoch", 0) or 0)
+        ms = int(1000 * record.get("time", 0))
+        metrics = [Metric(_mlflow_name(f"{kind}/{k}"), v, ms, step) for k, v in numeric(record).items()]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def _finish(self, run_dir: Path, results: dict, status: str) -> None:
+        from mlflow.entities import Metric
+
+        final = [Metric(_mlflow_name(f"results/{k}"), v, 0, 0) for k, v in numeric(results).items()]
+        if final:
+            self.client.log_batch(self.run_id, metrics=final)
+        for name in ARTIFACTS:
+            if (run_dir / name).is_file():
+                self.client.log_artifact(self.run_id, str(run_dir / name))
+        if (run_dir / "report").is_dir():
+            self.client.log_artifacts(self.run_id, str(run_dir / "report"), "report")
+        self.client.set_terminated(self.run_id, status)
+
+
+class WandbTracker(Tracker):
+    name = "W&B"
+
+    def __init__(self, cfg, run_dir: Path):
+        super().__init__()
+        import wandb
+
+        from visionzoo.config import to_dict
+
+        # WANDB_MODE=offline (or disabled), WANDB_PROJECT, WANDB_ENTITY, WANDB_DIR: wandb reads them itself.
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), name=Path(run_dir).name,
+                              dir=os.environ.get("WANDB_DIR", str(run_dir)), config=flatten(to_dict(cfg)),
+                              settings=wandb.Settings(init_timeout=60, console="off"), reinit="create_new")
+        self.last_step = 0
+
+    def _log(self, record: dict) -> None:
+        kind = record.get("kind", "misc")
+        values = {f"{kind}/{k}": v for k, v in numeric(record).items()}
+        if kind == "epoch":
+            values["epoch"] = record.get("epoch")
+        step = record.get("step")
+        if isinstance(step, int) and step >= self.last_step:  # W&B steps only go forward
+            self.last_step = step
+            self.run.log(values, step=step)
+        else:
+            self.run.log(values)
+
+    def _finish(self, run_dir: Path, results: dict, status: str) -> None:
+        import wandb
+
+        self.run.summary.update({f"results/{k}": v for k, v in numeric(results).items()})
+        art = wandb.Artifact(f"run-{re.sub(r'[^A-Za-z0-9_.-]', '_', run_dir.name)}", type="visionzoo-run")
+        files = [run_dir / n for n in ARTIFACTS if (run_dir / n).is_file()]
+        for f in files:
+            art.add_file(str(f))
+        if (run_dir / "report").is_dir():
+            art.add_dir(str(run_dir / "report"), name="report")
+        if files:
+            self.run.log_artifact(art)
+        self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+        if wandb.run is None:  # no other run of this process is open: wait until the records are on disk
+            wandb.teardown()
+
+
+def open_trackers(cfg, run_dir: Path) -> list[Tracker]:
+    """The trackers the config asks for (log.mlflow or log.mlflow_uri, log.wandb), opened; one warning for each
+    that is not installed or cannot be reached."""
+    from visionzoo.errors import first_line
+
+    trackers: list[Tracker] = []
+    wanted = []
+    if cfg.log.mlflow or cfg.log.mlflow_uri:  # a URI alone also switches MLflow on
+        uri = cfg.log.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+        wanted.append(("MLflow", "mlflow", lambda: MlflowTracker(cfg, run_dir, uri), uri or "its default local store"))
+    if cfg.log.wandb:
+        wanted.append(("W&B", "wandb", lambda: WandbTracker(cfg, run_dir),
+                       f"mode {os.environ.get('WANDB_MODE', 'online')}"))
+    for name, package, make, where in wanted:
+        try:
+            trackers.append(make())
+        except ImportError:
+            print(f"warning: log.{package}=true but the {package} package is not installed "
+                  f"(pip install 'visionzoo[{package}]'); the run goes on without {name}", flush=True)
+        except Exception as err:  # noqa: BLE001 - unreachable servers raise many kinds
+            print(f"warning: {name} ({where}) cannot be reached: {first_line(err)}; the run goes on without it",
+                  flush=True)
+        else:
+            print(f"visionzoo: logging to {name} ({where})", flush=True)
+    return trackers

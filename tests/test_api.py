@@ -1,0 +1,80 @@
+"""The Python API: recipes, load_recipe, train, load, predict; and `import visionzoo` stays light."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import visionzoo
+from visionzoo.cli import main
+from visionzoo.errors import UserError
+
+
+def test_import_is_light_and_the_api_lazy():
+    code = ("import sys, visionzoo; assert 'torch' not in sys.modules, 'torch imported'; "
+            "f = visionzoo.load_recipe; assert 'torch' not in sys.modules; print(callable(f))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"
+    with pytest.raises(AttributeError):
+        _ = visionzoo.no_such_function
+
+
+def test_recipes_and_overrides():
+    names = visionzoo.recipes()
+    assert "fashion_mnist" in names and "dino_vits16_imagenet" in names
+    cfg = visionzoo.load_recipe("fashion_mnist", "train.seed=3", optim={"lr": 0.5, "nesterov": False},
+                                data__batch_size=16, epochs=2, model__kwargs={"width": 8})
+    assert (cfg.optim.lr, cfg.optim.nesterov, cfg.data.batch_size, cfg.train.epochs, cfg.train.seed) == (0.5, False, 16, 2, 3)
+    assert cfg.model.kwargs == {"width": 8}
+    with pytest.raises(UserError, match="optim.lr"):
+        visionzoo.load_recipe("fashion_mnist", optim__lrr=0.1)
+
+
+def test_train_load_predict_equals_eval(fmnist_dir, tmp_path, capsys):
+    run = visionzoo.train("fashion_mnist", data=str(fmnist_dir), output=str(tmp_path / "run"), epochs=1, device="cpu",
+                          amp="none", data__batch_size=32, train__max_steps_per_epoch=4, log__progress="off")
+    assert run.path == tmp_path / "run" and run.results["steps"] == 4 and (run.path / "results.json").is_file()
+    model, preprocess, classes = visionzoo.load(run)
+    assert classes[0] == "T-shirt/top" and not model.training
+
+    from visionzoo.data.sources.idx import load_idx_split
+
+    images, labels = load_idx_split(str(fmnist_dir), False)
+    # The batches eval makes (data.batch_size=32, in order): the same numbers on any CPU.
+    top = visionzoo.predict(run, [torch.from_numpy(im) for im in images], topk=3, batch_size=32)
+    assert len(top) == len(labels) and len(top[0]) == 3
+    assert top[0][0]["prob"] >= top[0][1]["prob"] >= top[0][2]["prob"]
+    acc = 100 * np.mean([t[0]["index"] == y for t, y in zip(top, labels)])
+    capsys.readouterr()
+    assert main(["eval", str(run.path), "--data", str(fmnist_dir), "--device", "cpu", "--amp", "none"]) == 0
+    assert f"Acc@1 {acc:.2f}%" in capsys.readouterr().out
+    assert acc == pytest.approx(run.results["Acc@1"])
+
+    # PIL images and files go through the same preprocessing as tensors.
+    path = tmp_path / "img.png"
+    Image.fromarray(images[0]).save(path)
+    same = visionzoo.predict((model, preprocess, classes), [Image.fromarray(images[0]), str(path)], topk=1)
+    assert same[0] == same[1] and same[0][0]["index"] == top[0][0]["index"]
+    batch = torch.stack([preprocess(torch.from_numpy(images[1]))])
+    assert visionzoo.predict(visionzoo.load(run.path / "model.safetensors"), batch, topk=1)[0][0]["index"] == top[1][0]["index"]
+    assert run.report(max_images=2).is_file()
+
+    # Released weights (a plain state dict) in a recipe's model: the same predictions.
+    torch.save(model.state_dict(), tmp_path / "released.pth")
+    for recipe in (str(run.path / "config.yaml"), run.config):
+        loaded = visionzoo.load(tmp_path / "released.pth", recipe=recipe)
+        assert loaded.classes == classes
+        assert visionzoo.predict(loaded, batch, topk=1)[0][0]["index"] == top[1][0]["index"]
+
+
+def test_train_on_two_processes_returns_the_run(fmnist_dir, tmp_path):
+    """devices=2 goes through the CLI's local launcher and comes back (it used to exit the caller)."""
+    run = visionzoo.train("fashion_mnist", data=str(fmnist_dir), devices=2, output=str(tmp_path / "ddp"), epochs=1,
+                          device="cpu", amp="none", data__batch_size=32, train__max_steps_per_epoch=2,
+                          log__progress="off")
+    assert run.path == tmp_path / "ddp" and run.results["devices"] == 2 and run.results["steps"] == 2

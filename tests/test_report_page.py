@@ -1,0 +1,196 @@
+"""visionzoo report: the page of a short supervised run and of a DINO run, rendered in a real
+headless Chromium; its numbers against `visionzoo eval` and direct computations."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from browser import inspect_page, require_chromium, screenshot
+
+from visionzoo.analysis import metrics
+from visionzoo.analysis.attention import cls_attention, mass_mask
+from visionzoo.analysis.predictions import CACHE, Predictions
+from visionzoo.cli import main
+
+FAST = ["--epochs", "1", "--device", "cpu", "--amp", "none", "log.progress=off"]
+DINO_TINY = [
+    "model.kwargs={img_size: 28, patch_size: 7, embed_dim: 24, depth: 1, num_heads: 3, dynamic_img_size: true}",
+    "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.local_crops_number=0",
+    "data.batch_size=32", "train.max_steps_per_epoch=2", "train.log_every=1", "dino.knn_k=[5,20]",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> str:
+    return require_chromium()
+
+
+@pytest.fixture(scope="module")
+def supervised_run(fmnist_dir, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("report") / "fm"
+    assert main(["train", "fashion_mnist", "--data", str(fmnist_dir), "--output", str(run), *FAST,
+                 "data.batch_size=32", "train.max_steps_per_epoch=4"]) == 0
+    return run
+
+
+def _check_page(browser: str, page: Path, tmp_path: Path, sections: set[str]) -> dict:
+    found = inspect_page(browser, page, tmp_path / "profile")
+    assert found["images"], "the page has no images"
+    broken = [i["src"] for i in found["images"] if not i["naturalWidth"] > 0]
+    assert not broken, f"images that did not load: {broken}"
+    assert sections <= set(found["sections"]), found["sections"]
+    assert found["errors"] == [], found["errors"]
+    shot = screenshot(browser, page, tmp_path / "report.png", tmp_path / "profile")
+    assert shot.stat().st_size > 10_000
+    return found
+
+
+def test_training_writes_the_cheap_page(supervised_run, browser, tmp_path):
+    page = supervised_run / "report" / "index.html"
+    assert page.is_file()
+    text = page.read_text()
+    assert "visionzoo report " in text and "confusion.png" not in text  # no model pass at the end of training
+    _check_page(browser, page, tmp_path, {"curves", "results", "recipe", "environment", "more"})
+
+
+def test_full_report_in_a_browser_and_cached(supervised_run, fmnist_dir, browser, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    assert main(["export", str(supervised_run)]) == 0  # the page then shows parity and ONNX Runtime speed
+    assert main(["infer", str(supervised_run / "model.onnx"), "--data", str(fmnist_dir)]) == 0
+    capsys.readouterr()
+    assert main(["report", str(supervised_run), "--max-images", "6"]) == 0
+    page = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert page == supervised_run / "report" / "index.html"
+    found = _check_page(browser, page, tmp_path,
+                        {"curves", "results", "recipe", "environment", "predictions", "per-class", "confusion",
+                         "mistakes", "calibration", "onnx"})
+    text = page.read_text()
+    assert "Parity with PyTorch" in text and "ONNX Runtime on the validation split" in text
+    srcs = {i["src"] for i in found["images"]}
+    assert {"curves.png", "confusion.png", "per_class.png", "reliability.png"} <= srcs
+    assert {"mistakes.png", "unsure.png"} & srcs  # a 4-step model makes mistakes and is unsure
+    pred = Predictions.load(supervised_run / CACHE)
+    assert sum(len(g["images"]) for g in pred.grids.values()) <= 12
+    stamp = (supervised_run / CACHE).stat().st_mtime_ns
+    # A second report reuses the cached pass; other data recomputes it.
+    assert main(["report", str(supervised_run), "--max-images", "6"]) == 0
+    assert (supervised_run / CACHE).stat().st_mtime_ns == stamp
+    assert "read from predictions.npz" in page.read_text()
+
+
+def test_confusion_and_per_class_agree_with_eval(supervised_run, fmnist_dir, capsys):
+    assert main(["report", str(supervised_run), "--max-images", "4"]) == 0
+    pred = Predictions.load(supervised_run / CACHE)
+    capsys.readouterr()
+    assert main(["eval", str(supervised_run), "--data", str(fmnist_dir), "--device", "cpu", "--amp", "none"]) == 0
+    acc1 = float(re.search(r"Acc@1 ([0-9.]+)%", capsys.readouterr().out).group(1))
+    cm = metrics.confusion_matrix(pred.targets, pred.preds, 10)
+    assert cm.sum() == 200 and 100 * np.trace(cm) / cm.sum() == pytest.approx(acc1, abs=0.006)
+    results = json.loads((supervised_run / "results.json").read_text())
+    assert 100 * np.trace(cm) / cm.sum() == pytest.approx(results["Acc@1"], abs=1e-9)
+
+    # Per class, directly: the checkpoint's model on every validation image.
+    from visionzoo.checkpoint import load_model
+    from visionzoo.data.sources.idx import load_idx_split
+
+    model, _ = load_model(supervised_run)
+    images, labels = load_idx_split(str(fmnist_dir), False)
+    x = (torch.from_numpy(images).float().unsqueeze(1) - 72.94) / 90.02
+    with torch.no_grad():  # in the loader's batches of 32, so the logits are bit-equal on any CPU
+        direct = torch.cat([model.eval()(x[i:i + 32]) for i in range(0, len(x), 32)]).argmax(1).numpy()
+    expect = np.array([100 * np.mean(direct[labels == k] == k) for k in range(10)])
+    np.testing.assert_allclose(metrics.per_class_accuracy(cm), expect)
+    np.testing.assert_array_equal(cm, metrics.confusion_matrix(labels, direct, 10))
+
+
+def test_calibration_and_confusion_formulas():
+    conf = np.array([0.95, 0.9, 0.55, 0.6, 0.2, 1.0])
+    correct = np.array([1, 0, 1, 1, 0, 1])
+    cal = metrics.calibration(conf, correct, bins=5)
+    # bins (0,.2] (.2,.4] (.4,.6] (.6,.8] (.8,1]: {0.2:0}, {}, {0.55:1, 0.6:1}, {}, {0.95:1, 0.9:0, 1.0:1}
+    expect = (1 / 6) * 0.2 + (2 / 6) * abs(1 - 0.575) + (3 / 6) * abs(2 / 3 - 0.95)
+    assert cal["ece"] == pytest.approx(100 * expect)
+    assert list(cal["count"]) == [1, 0, 2, 0, 3]
+    cm = metrics.confusion_matrix([0, 0, 1, 2, 2, 2], [0, 1, 1, 0, 0, 2], 3)
+    assert metrics.most_confused(cm, 2) == [(2, 0, 2, pytest.approx(200 / 3)), (0, 1, 1, 50.0)]
+    np.testing.assert_allclose(metrics.row_normalise(cm).sum(1), 1.0)
+
+
+def test_dino_attention_equals_the_last_block_computed_directly():
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, in_chans=1, img_size=28, patch_size=7, embed_dim=24,
+                            depth=2, num_heads=3, dynamic_img_size=True).eval()
+    x = torch.randn(2, 1, 28, 28)
+    got = cls_attention(vit, x)
+    # Directly: the tokens entering the last block's attention, then softmax(q k^T / sqrt(d)).
+    seen = []
+    hook = vit.blocks[-1].attn.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    with torch.no_grad():
+        vit(x)
+    hook.remove()
+    tokens, attn = seen[0], vit.blocks[-1].attn
+    b, n, c = tokens.shape
+    qkv = attn.qkv(tokens).reshape(b, n, 3, 3, c // 3).permute(2, 0, 3, 1, 4)
+    q, k = qkv[0], qkv[1]
+    a = ((q @ k.transpose(-2, -1)) / (c // 3) ** 0.5).softmax(-1)
+    expect = a[:, :, 0, 1:].reshape(b, 3, 4, 4)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got.sum((-2, -1)) + a[:, :, 0, 0], torch.ones(b, 3))
+    # The reference's threshold: the largest patches until they hold >= 60% of the map's mass.
+    mask = mass_mask(got)
+    for m, keep in zip(got.flatten(0, 1), mask.flatten(0, 1)):
+        flat, kept = m.flatten().numpy(), keep.flatten().numpy()
+        share = np.sort(flat).cumsum() / flat.sum()  # ascending, as visualize_attention.py
+        assert kept.sum() == np.sum(share > 1 - 0.6) and flat[kept].min() >= flat[~kept].max()
+
+
+def test_dino_report_in_a_browser(fmnist_dir, browser, tmp_path, capsys):
+    run = tmp_path / "dino"
+    assert main(["train", "dino_fashion_mnist", "--data", str(fmnist_dir), "--output", str(run), *FAST,
+                 *DINO_TINY]) == 0
+    assert (run / "report" / "index.html").is_file()
+    assert main(["report", str(run), "--max-images", "4"]) == 0
+    found = _check_page(browser, run / "report" / "index.html", tmp_path, {"confusion", "mistakes", "calibration", "dino"})
+    assert {"attention.png", "neighbours.png", "confusion.png"} <= {i["src"] for i in found["images"]}
+    pred = Predictions.load(run / CACHE)
+    assert pred.kind == "knn" and pred.attention["maps"].shape == (4, 3, 4, 4)
+    assert pred.knn["neighbours"].shape[:2] == (4, 5)
+    # The k-NN top-1 of the page is the run's own k-NN figure (same k, same features).
+    results = json.loads((run / "results.json").read_text())
+    assert 100 * np.mean(pred.preds == pred.targets) == pytest.approx(results["Acc@1"], abs=1e-6)
+
+
+def test_many_classes_get_the_most_confused_pairs(tmp_path, monkeypatch):
+    """Above 30 classes the matrix has no numbers and the 20 most confused pairs come as a table."""
+    from visionzoo.analysis import compute
+    from visionzoo.analysis.run_report import write_report
+
+    rng = np.random.default_rng(0)
+    n, c = 400, 40
+    targets = rng.integers(0, c, n)
+    preds = np.where(rng.random(n) < 0.6, targets, (targets + 1) % c)
+    pred = Predictions([f"class_{i}" for i in range(c)], "classifier", targets,
+                       np.stack([preds, (preds + 2) % c], 1), np.tile(np.float32([0.7, 0.1]), (n, 1)))
+    monkeypatch.setattr(compute, "cached_predictions", lambda *a, **k: (pred, "test"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("recipe: x\n")
+    page = write_report(run).read_text()
+    assert "The 20 most confused pairs" in page and "confusion.png" in page
+    rows = re.findall(r"<tr><td>class_(\d+)</td><td>class_(\d+)</td>", page)
+    assert len(rows) == 20 and all(int(p) == (int(t) + 1) % c for t, p in rows)
+    assert "None." in page  # no grids: nothing to show, no failure
+
+
+def test_report_of_a_missing_or_foreign_folder_is_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"visionzoo: error: run folder not found: {tmp_path / 'nope'}"
+    assert main(["report", str(tmp_path)]) == 2
+    assert "is not a visionzoo run folder" in capsys.readouterr().err
