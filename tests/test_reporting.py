@@ -37,13 +37,14 @@ def test_plain_log_lines_when_not_a_terminal(fmnist_dir, tmp_path, capsys):
 
 
 def test_results_table_format():
-    row = {"recipe": "x", "Acc@1": 91.234, "FPS": 2300.0, "devices": 8, "epochs": 90, "precision": "bf16", "torch": "2.11.0"}
+    row = {"recipe": "x", "Acc@1": 91.234, "FPS": 2300.0, "devices": 8, "BN group": 16, "epochs": 90,
+           "precision": "bf16", "torch": "2.11.0"}
     assert format_table([row]).splitlines() == [
-        "| recipe | Acc@1 | FPS | devices | epochs | precision | torch |",
-        "|---|---|---|---|---|---|---|",
-        "| x | 91.23 | 2300.00 | 8 | 90 | bf16 | 2.11.0 |",
+        "| recipe | Acc@1 | FPS | devices | BN group | epochs | precision | torch |",
+        "|---|---|---|---|---|---|---|---|",
+        "| x | 91.23 | 2300.00 | 8 | 16 | 90 | bf16 | 2.11.0 |",
     ]
-    assert format_table([{"recipe": "y", "Acc@1": None}]).splitlines()[-1] == "| y | - | - | - | - | - | - |"
+    assert format_table([{"recipe": "y", "Acc@1": None}]).splitlines()[-1] == "| y | - | - | - | - | - | - | - |"
 
 
 def test_run_folder_has_results_and_curves(two_runs):

@@ -177,12 +177,12 @@ def in_launched_worker() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ or _slurm_info() is not None
 
 
-def params_in_sync(model: torch.nn.Module) -> bool:
-    """Whether every rank holds the same weights and buffers (BatchNorm statistics too): compares
-    a float64 checksum of all of them."""
+def params_in_sync(model: torch.nn.Module, buffers: bool = True) -> bool:
+    """Whether every rank holds the same weights, and buffers (BatchNorm statistics) with
+    ``buffers``: compares a float64 checksum of all of them."""
     if not dist.is_initialized():
         return True
-    tensors = itertools.chain(model.parameters(), model.buffers())
+    tensors = itertools.chain(model.parameters(), model.buffers() if buffers else ())
     with torch.no_grad():
         total = sum((t.detach().double() * (i + 1)).sum() for i, t in enumerate(tensors))
         sums = [torch.zeros_like(total) for _ in range(dist.get_world_size())]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from visionzoo.data.batched_randaugment import BatchedRandAugment
 from visionzoo.data.samplers import eval_indices, sample_seed, train_indices
 from visionzoo.data.transfer import send, to_device
+from visionzoo.data.transforms import Normalize
 
 
 def random_crop_flip(
@@ -65,8 +66,8 @@ class InMemoryLoader:
         self.seed, self.rank, self.world_size, self.epoch, self.skip_batches = seed, rank, world_size, 0, 0
         self.augment = d.augment if augment else "off"
         self.size, self.padding, self.hflip = d.image_size, d.crop_padding, d.hflip
-        self.mean = torch.tensor(d.mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(d.std, device=device).view(1, -1, 1, 1)
+        self.normalize = Normalize.of(d)  # in the reference's order (data.normalize)
+        self._stats = self.normalize.on(device)
         self.memory_format = memory_format
         self.randaugment = (BatchedRandAugment(d.randaugment, d.image_size, d.mean, d.interpolation)
                             if train and augment and d.randaugment else None)
@@ -102,5 +103,5 @@ class InMemoryLoader:
             x = x.float()
             if self.randaugment is not None:
                 x = self.randaugment(x, g)
-            x = ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+            x = self.normalize(x, self._stats).contiguous(memory_format=self.memory_format)
             yield x, self.labels[idx], 0

@@ -42,7 +42,7 @@ from visionzoo.data.multicrop import BatchedMultiCrop, pad_batch
 from visionzoo.data.samplers import ShardSampler, sample_seed
 from visionzoo.data.shards import ShardStream, StreamLoader
 from visionzoo.data.transfer import send, to_device
-from visionzoo.data.transforms import central_box
+from visionzoo.data.transforms import Normalize, central_box
 from visionzoo.errors import UserError
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
@@ -239,8 +239,8 @@ class SupervisedAugment:
 
     def __init__(self, d, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format):
         self.size, self.scale, self.hflip, self.interpolation = d.image_size, tuple(d.crop_scale), d.hflip, d.interpolation
-        self.mean = torch.tensor(d.mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(d.std, device=device).view(1, -1, 1, 1)
+        self.normalize = Normalize.of(d)  # in the reference's order (data.normalize)
+        self._stats = self.normalize.on(device)
         self.memory_format = memory_format
         self.randaugment = BatchedRandAugment(d.randaugment, d.image_size, d.mean, d.interpolation) if d.randaugment else None
 
@@ -250,7 +250,7 @@ class SupervisedAugment:
         x = random_resized_crop(images, self.size, self.scale, RATIO, self.hflip, generator, self.interpolation)
         if self.randaugment is not None:
             x = self.randaugment(x, generator)
-        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+        return self.normalize(x, self._stats).contiguous(memory_format=self.memory_format)
 
 
 class MultiCropAugment:
