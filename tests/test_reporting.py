@@ -51,7 +51,7 @@ def test_run_folder_has_results_and_curves(two_runs):
     run = two_runs / "a"
     results = json.loads((run / "results.json").read_text())
     table = (run / "results.md").read_text()
-    assert f"| fashion_mnist | {results['Acc@1']:.2f} | {results['FPS']:.2f} | 1 | 2 | fp32 |" in table
+    assert f"| fashion_mnist | {results['Acc@1']:.2f} | {results['FPS']:.2f} | 1 | {results['BN group']} | 2 | fp32 |" in table
     png = run / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     with Image.open(png) as im:
@@ -121,7 +121,7 @@ def test_runs_of_one_run_folder_shows_it(two_runs, capsys):
     assert "no runs under" not in out
     rows = [line for line in out.splitlines() if line.startswith("| a |")]
     assert len(rows) == 1 and "| finished | 2/2 |" in rows[0]
-    assert f"| fashion_mnist | {results['Acc@1']:.2f} | {results['FPS']:.2f} | 1 | 2 | fp32 |" in out
+    assert f"| fashion_mnist | {results['Acc@1']:.2f} | {results['FPS']:.2f} | 1 | {results['BN group']} | 2 | fp32 |" in out
 
 
 def test_runs_without_a_runs_folder_says_how_to_get_one(tmp_path, monkeypatch, capsys):
