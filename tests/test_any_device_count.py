@@ -272,3 +272,54 @@ def test_mmcv_normalisation_is_imnormalize_in_the_device_resident_loader():
     loader = InMemoryLoader(ds, 4, False, CPU, cfg.data)
     got = next(iter(loader))[0]
     assert got.is_contiguous() and torch.equal(got, torch.from_numpy(ref).permute(0, 3, 1, 2))
+
+
+# ----------------------------------------------------------------------------- which images form a group
+
+@pytest.mark.parametrize("world, k", [(1, 8), (2, 4), (4, 2)])
+def test_a_group_holds_the_images_of_its_reference_rank(world, k):
+    """PyTorch's DistributedSampler (and visionzoo's on the reference's 8 ranks) gives rank q every
+    8th sample of the epoch's permutation; on ``world`` devices each device stands for k ranks and
+    its batch of k x 2 images lists them rank after rank."""
+    from visionzoo.data.samplers import ShardSampler, train_count, train_indices
+
+    n, size, ranks = 103, 2, world * k
+    ref = [train_indices(n, 5, 3, q, ranks) for q in range(ranks)]
+    steps = len(ref[0]) // size
+    for d in range(world):
+        mine = train_indices(n, 5, 3, d, world, (k, size))
+        assert len(mine) == train_count(n, world, (k, size)) == steps * k * size
+        assert len(ShardSampler(n, True, 5, d, world, (k, size))) == len(mine)
+        for i in range(steps):
+            for j in range(k):
+                got = mine[(i * k + j) * size:(i * k + j + 1) * size]
+                assert torch.equal(got, ref[d * k + j][i * size:(i + 1) * size])
+    assert torch.equal(train_indices(n, 5, 3, 1, 2, (1, 0)), train_indices(n, 5, 3, 1, 2))  # plain order
+
+
+@pytest.mark.parametrize("recipe, devices, overrides, want", [
+    ("resnet50_cifar100", 1, [], (8, 16)), ("resnet50_cifar100", 2, [], (4, 16)), ("resnet50_cifar100", 8, [], (1, 0)),
+    ("resnet50_cifar100", 1, ["train.accum_steps=8"], (8, 16)), ("resnet50_cifar100", 1, ["model.bn_group=0"], (1, 0)),
+    ("densenet201_imagenet", 1, [], (8, 128)), ("alexnet_imagenet", 1, [], (1, 0)),
+])
+def test_loaders_stand_for_the_reference_ranks(recipe, devices, overrides, want):
+    from visionzoo.models.ghost_bn import reference_ranks
+
+    assert reference_ranks(for_world_size(load_config(recipe, overrides), devices), devices) == want
+
+
+def test_device_resident_loader_follows_the_reference_ranks():
+    """CIFAR's device-resident loader: micro-batch j of a step = reference rank j's batch."""
+    from visionzoo.data.samplers import train_indices
+
+    cfg = load_config("resnet50_cifar100", ["data.augment=none", "data.hflip=0"])
+    labels = np.arange(40)  # the label is the sample index
+    ds = TensorImageDataset(np.zeros((40, 2, 2, 3), dtype=np.uint8), labels, [str(i) for i in labels])
+    loader = InMemoryLoader(ds, 2, True, CPU, cfg.data, seed=7, rank_groups=(4, 2))
+    loader.set_epoch(1)
+    batches = [y for _, y, _ in loader]
+    assert len(batches) == len(loader) == 20
+    ref = [train_indices(40, 7, 1, q, 4) for q in range(4)]
+    for b, y in enumerate(batches):
+        step, q = divmod(b, 4)
+        assert torch.equal(y, ref[q][step * 2:(step + 1) * 2])

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from visionzoo.data.batched_randaugment import BatchedRandAugment
-from visionzoo.data.samplers import eval_indices, sample_seed, train_indices
+from visionzoo.data.samplers import eval_indices, sample_seed, train_count, train_indices
 from visionzoo.data.transfer import send, to_device
 from visionzoo.data.transforms import Normalize
 
@@ -57,7 +57,7 @@ class InMemoryLoader:
     def __init__(
         self, dataset, batch_size: int, train: bool, device: torch.device, d, seed: int = 0,
         rank: int = 0, world_size: int = 1, memory_format: torch.memory_format = torch.contiguous_format,
-        augment: bool = True,
+        augment: bool = True, rank_groups: tuple[int, int] = (1, 0),
     ):
         self.dataset = dataset
         self.images = dataset.images.to(device)
@@ -69,10 +69,11 @@ class InMemoryLoader:
         self.normalize = Normalize.of(d)  # in the reference's order (data.normalize)
         self._stats = self.normalize.on(device)
         self.memory_format = memory_format
+        self.rank_groups = rank_groups  # the training order of samplers.train_indices
         self.randaugment = (BatchedRandAugment(d.randaugment, d.image_size, d.mean, d.interpolation)
                             if train and augment and d.randaugment else None)
         n = len(self.labels)
-        self.per_rank = n // world_size
+        self.per_rank = train_count(n, world_size, rank_groups)
         self.indices = None if train else eval_indices(n, rank, world_size).to(device)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -86,7 +87,8 @@ class InMemoryLoader:
 
     def __iter__(self):
         if self.train:
-            order = to_device(train_indices(len(self.labels), self.seed, self.epoch, self.rank, self.world_size),
+            order = to_device(train_indices(len(self.labels), self.seed, self.epoch, self.rank, self.world_size,
+                                            self.rank_groups),
                               self.device)
         else:
             order = self.indices

@@ -29,7 +29,7 @@ from visionzoo.engine.evaluate import evaluate
 from visionzoo.engine.step import GradStep
 from visionzoo.errors import UserError
 from visionzoo.models import build_model
-from visionzoo.models.ghost_bn import bn_group_of, grouped_layers, update_stats, use_bn_groups
+from visionzoo.models.ghost_bn import bn_group_of, grouped_layers, reference_ranks, update_stats, use_bn_groups
 from visionzoo.optim import build_optimizer, clip_parameters, lr_schedule
 from visionzoo.progress import Progress
 from visionzoo.plots import plot_curves
@@ -310,7 +310,8 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
     use_cl = cfg.model.channels_last
     memory_format = torch.channels_last if use_cl else torch.contiguous_format
     train_loader, val_loader = build_loaders(splits, cfg.data, cfg.data.batch_size_per_device, device,
-                                             cfg.train.seed, info.rank, info.world_size, memory_format)
+                                             cfg.train.seed, info.rank, info.world_size, memory_format,
+                                             rank_groups=reference_ranks(cfg, info.world_size))
     steps_per_epoch = len(train_loader) // cfg.train.accum_steps
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)

@@ -9,7 +9,8 @@ gradients. ``GroupedBatchNorm*`` splits the per-device batch into consecutive gr
 what the reference's ranks compute:
 
 - outputs: group i is normalised by the same BatchNorm kernel, on the same [group, C, ...] slice,
-  as reference rank i normalises its batch (the sampler hands rank i the i-th group's images);
+  as reference rank i normalises its batch (the loaders put rank i's images in group i:
+  ``reference_ranks`` below, data/samplers.py train_indices);
 - gradients: the reference averages the ranks' gradients (DDP); here the loss over the whole
   batch has the same gradient, up to floating-point summation order;
 - running statistics: only the first group updates them, as only rank 0's are kept by the
@@ -117,3 +118,15 @@ def bn_group_of(cfg: Any, net: nn.Module, world_size: int) -> int | None:
     if not has_batchnorm(net):
         return None
     return bn_group_size(cfg.model.bn_group, cfg.data.batch_size_per_device, world_size, cfg.model.sync_bn)
+
+
+def reference_ranks(cfg: Any, world_size: int) -> tuple[int, int]:
+    """(k, bn_group) when each of ``world_size`` devices stands for k > 1 of the reference's ranks
+    (a step's images per device hold k BatchNorm groups): the training order the loaders then
+    follow (data/samplers.py train_indices), so that group (or micro-batch) i holds the images
+    reference rank i holds. (1, 0): the plain order."""
+    group, sync = cfg.model.bn_group, cfg.model.sync_bn and world_size > 1
+    per_step = cfg.data.batch_size_per_device * cfg.train.accum_steps
+    if group <= 0 or sync or per_step <= group or per_step % group:
+        return 1, 0
+    return per_step // group, group
