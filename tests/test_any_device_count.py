@@ -323,3 +323,39 @@ def test_device_resident_loader_follows_the_reference_ranks():
     for b, y in enumerate(batches):
         step, q = divmod(b, 4)
         assert torch.equal(y, ref[q][step * 2:(step + 1) * 2])
+
+
+# ----------------------------------------------------------------------------- end to end, through the CLI
+
+def test_one_process_trains_what_two_ranks_train(tmp_path):
+    """fashion_mnist's CNN with BatchNorm, global batch 32: 2 gloo ranks x 16 with plain BatchNorm
+    (DDP broadcasting rank 0's buffers, no averaging), and 1 process with model.bn_group=16. After
+    the first step the weights and rank 0's running statistics agree to float32 round-off."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from conftest import write_fmnist
+
+    data = write_fmnist(tmp_path, 96, 20)
+    common = ["--epochs", "1", "--device", "cpu", "--workers", "0", "data.batch_size=32", "data.augment=none",
+              "data.hflip=0", "model.channels_last=false", "model.bn_group=16", "model.bn_average=false",
+              "train.log_every=0", "train.checkpoint_every_steps=1", "train.max_steps_per_epoch=2"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, extra in (("one", []), ("two", ["--devices", "2"])):
+        argv = ["train", "fashion_mnist", "--data", str(data), "--output", str(tmp_path / name), *common, *extra]
+        proc = subprocess.run([sys.executable, "-m", "visionzoo", *argv], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[name] = json.loads((tmp_path / name / "results.json").read_text())
+    assert runs["one"]["BN group"] == runs["two"]["BN group"] == 16 and runs["two"]["ranks_in_sync"] is True
+    first = "checkpoints/step-000000001.safetensors"
+    w1, w2 = load_file(tmp_path / "one" / first), load_file(tmp_path / "two" / first)
+    assert any("running_mean" in k for k in w1)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6, msg=k)
