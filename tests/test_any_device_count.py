@@ -22,7 +22,12 @@ from visionzoo.data.device_batches import DeviceBatches, stack_images
 from visionzoo.data.tensor_dataset import TensorImageDataset
 from visionzoo.data.transforms import Normalize
 from visionzoo.engine.step import GradStep
-from visionzoo.engine.supervised import Loop, build_training, train_one_epoch, wrap_model
+from visionzoo.engine.supervised import (
+    Loop,
+    build_training,
+    train_one_epoch,
+    wrap_model,
+)
 from visionzoo.models import create
 from visionzoo.models.ghost_bn import bn_group_of, grouped_layers, use_bn_groups
 from visionzoo.optim import lr_schedule
@@ -337,9 +342,8 @@ def test_one_process_trains_what_two_ranks_train(tmp_path):
     import sys
     from pathlib import Path
 
-    from safetensors.torch import load_file
-
     from conftest import write_fmnist
+    from safetensors.torch import load_file
 
     data = write_fmnist(tmp_path, 96, 20)
     common = ["--epochs", "1", "--device", "cpu", "--workers", "0", "data.batch_size=32", "data.augment=none",

@@ -85,7 +85,7 @@ def update_stats(layers: list[nn.Module], on: bool) -> None:
 
 def has_batchnorm(net: nn.Module) -> bool:
     """Whether ``net`` holds a BatchNorm layer (of any kind, SyncBatchNorm included)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())  # noqa: SLF001
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
 
 def use_bn_groups(net: nn.Module, group: int) -> int:
