@@ -114,8 +114,10 @@ class ModelConfig:
     # BatchNorm group: the images each BatchNorm statistic is taken over in training, i.e. the
     # reference's images per device. A larger per-device batch (fewer devices than the reference)
     # is normalised group by group in one forward (models/ghost_bn.py); train.accum_steps that
-    # make the micro-batch one group give the reference's numbers bit for bit. 0: the whole
-    # per-device batch (plain BatchNorm). Ignored with sync_bn on several devices.
+    # make the micro-batch one group give the reference's numbers bit for bit; the loaders then
+    # put reference rank i's images in group i (docs/devices.md). A batch that is not a multiple
+    # ends in a smaller group. 0: the whole per-device batch (plain BatchNorm). Ignored with
+    # sync_bn on several devices.
     bn_group: int = 0
     # BatchNorm running statistics across ranks, as the reference keeps them: DDP broadcasts rank
     # 0's buffers before every training forward (DDP's default: torchvision, timm references), and
