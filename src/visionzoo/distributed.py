@@ -6,6 +6,7 @@ the reductions are identities, so the engines have a single code path."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import os
 import re
@@ -188,6 +189,14 @@ def params_in_sync(model: torch.nn.Module, buffers: bool = True) -> bool:
         sums = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
         dist.all_gather(sums, total)
     return all(torch.equal(s, sums[0]) for s in sums)
+
+
+def buffer_sync(broadcast: bool) -> dict:
+    """DistributedDataParallel's keyword for broadcasting rank 0's buffers before every training
+    forward: forward_sync_buffers from torch 2.14 on (broadcast_buffers warns there), else
+    broadcast_buffers."""
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    return {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": broadcast}
 
 
 def average_bn_stats(*modules: torch.nn.Module | None) -> None:

@@ -7,7 +7,6 @@ GradStep (scale, backward, clip, step) → EMA."""
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from pathlib import Path
@@ -280,10 +279,8 @@ def wrap_model(net: nn.Module, device: torch.device, ddp: bool, compile: bool, b
     and ``torch.compile`` (``compile``)."""
     model: nn.Module = net
     if ddp:
-        DDP = nn.parallel.DistributedDataParallel  # noqa: N806
-        # torch >= 2.14 names it forward_sync_buffers (broadcast_buffers warns there).
-        key = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
-        model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, **{key: broadcast_buffers})
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    **distributed.buffer_sync(broadcast_buffers))
     return torch.compile(model) if compile else model
 
 
