@@ -50,7 +50,7 @@ def test_no_flip_and_no_padding_is_identity():
 def _loader(n, batch, train, rank=0, world=1, epoch_seed=0):
     images = np.repeat(np.arange(n, dtype=np.uint8), 4).reshape(n, 2, 2)  # every pixel = index
     ds = TensorImageDataset(images, np.arange(n) % 7, [str(i) for i in range(7)])
-    d = SimpleNamespace(augment="none", image_size=2, crop_padding=0, hflip=0.0, mean=[0.0], std=[1.0],
+    d = SimpleNamespace(augment="none", image_size=2, crop_padding=0, hflip=0.0, mean=[0.0], std=[1.0], normalize="pixel",
                         randaugment="", interpolation="bilinear")
     return InMemoryLoader(ds, batch, train, torch.device("cpu"), d, epoch_seed, rank, world)
 
@@ -60,7 +60,7 @@ def test_randaugment_follows_the_crop_on_the_device():
     # batched RandAugment, drawn per (epoch, batch) like the crops — the same batch twice.
     rng = np.random.default_rng(0)
     ds = TensorImageDataset(rng.integers(0, 256, (64, 12, 12, 3), dtype=np.uint8), np.arange(64) % 4, list("abcd"))
-    base = dict(augment="cifar", image_size=12, crop_padding=2, hflip=0.5, mean=[0.0] * 3, std=[1.0] * 3,
+    base = dict(augment="cifar", image_size=12, crop_padding=2, hflip=0.5, mean=[0.0] * 3, std=[1.0] * 3, normalize="pixel",
                 interpolation="bilinear")
     plain = InMemoryLoader(ds, 32, True, torch.device("cpu"), SimpleNamespace(**base, randaugment=""))
     heavy = InMemoryLoader(ds, 32, True, torch.device("cpu"), SimpleNamespace(**base, randaugment="rand-m9-n2-mstd0"))

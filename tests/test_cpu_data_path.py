@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode, v2
 
 from visionzoo.config import load_config
@@ -62,6 +63,10 @@ _INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.
 
 
 def _old_normalise(d) -> list:
+    if d.normalize == "unit":  # torchvision's ConvertImageDtype (x / 255) + Normalize in 0-1 units
+        return [v2.ToImage(), T.ConvertImageDtype(torch.float32), v2.Normalize([m / 255 for m in d.mean],
+                                                                               [s / 255 for s in d.std])]
+    assert d.normalize == "pixel"
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=False), v2.Normalize(d.mean, d.std)]
 
 
@@ -285,7 +290,7 @@ def test_multicrop_draft_follows_the_smallest_shrink(large_jpeg) -> None:
 # ----------------------------------------------------------------------------- batches on the device
 
 def test_device_batches_normalise_uint8_and_keep_the_layout_asked_for(tree) -> None:
-    norm = Normalize((100.0, 110.0, 120.0), (50.0, 55.0, 60.0))
+    norm = Normalize((100.0, 110.0, 120.0), (50.0, 55.0, 60.0), "pixel")  # (x - mean) / std, as v2.Normalize below
     images = [torch.from_numpy(np.array(_photo(i, 8, 6))).permute(2, 0, 1) for i in range(3)]
     batch = stack_images(images)
     assert batch.is_contiguous(memory_format=torch.channels_last) and torch.equal(batch, torch.stack(images))

@@ -37,20 +37,21 @@ def test_plain_log_lines_when_not_a_terminal(fmnist_dir, tmp_path, capsys):
 
 
 def test_results_table_format():
-    row = {"recipe": "x", "Acc@1": 91.234, "FPS": 2300.0, "devices": 8, "epochs": 90, "precision": "bf16", "torch": "2.11.0"}
+    row = {"recipe": "x", "Acc@1": 91.234, "FPS": 2300.0, "devices": 8, "BN group": 16, "epochs": 90,
+           "precision": "bf16", "torch": "2.11.0"}
     assert format_table([row]).splitlines() == [
-        "| recipe | Acc@1 | FPS | devices | epochs | precision | torch |",
-        "|---|---|---|---|---|---|---|",
-        "| x | 91.23 | 2300.00 | 8 | 90 | bf16 | 2.11.0 |",
+        "| recipe | Acc@1 | FPS | devices | BN group | epochs | precision | torch |",
+        "|---|---|---|---|---|---|---|---|",
+        "| x | 91.23 | 2300.00 | 8 | 16 | 90 | bf16 | 2.11.0 |",
     ]
-    assert format_table([{"recipe": "y", "Acc@1": None}]).splitlines()[-1] == "| y | - | - | - | - | - | - |"
+    assert format_table([{"recipe": "y", "Acc@1": None}]).splitlines()[-1] == "| y | - | - | - | - | - | - | - |"
 
 
 def test_run_folder_has_results_and_curves(two_runs):
     run = two_runs / "a"
     results = json.loads((run / "results.json").read_text())
     table = (run / "results.md").read_text()
-    assert f"| fashion_mnist | {results['Acc@1']:.2f} | {results['FPS']:.2f} | 1 | 2 | fp32 |" in table
+    assert f"| fashion_mnist | {results['Acc@1']:.2f} | {results['FPS']:.2f} | 1 | {results['BN group']} | 2 | fp32 |" in table
     png = run / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     with Image.open(png) as im:
@@ -120,7 +121,7 @@ def test_runs_of_one_run_folder_shows_it(two_runs, capsys):
     assert "no runs under" not in out
     rows = [line for line in out.splitlines() if line.startswith("| a |")]
     assert len(rows) == 1 and "| finished | 2/2 |" in rows[0]
-    assert f"| fashion_mnist | {results['Acc@1']:.2f} | {results['FPS']:.2f} | 1 | 2 | fp32 |" in out
+    assert f"| fashion_mnist | {results['Acc@1']:.2f} | {results['FPS']:.2f} | 1 | {results['BN group']} | 2 | fp32 |" in out
 
 
 def test_runs_without_a_runs_folder_says_how_to_get_one(tmp_path, monkeypatch, capsys):

@@ -30,7 +30,7 @@ def test_scaled_recipe_trains_checkpoints_and_evaluates(recipe, request, tmp_pat
     run = tmp_path / "run"
     assert main(["train", recipe, "--data", str(data), "--output", str(run), *FAST, *overrides]) == 0
     out = capsys.readouterr().out
-    assert "| recipe | Acc@1 | FPS | devices | epochs | precision | torch |" in out
+    assert "| recipe | Acc@1 | FPS | devices | BN group | epochs | precision | torch |" in out
 
     results = json.loads((run / "results.json").read_text())
     for key in ("ActualFPS", "TrainingTime", "TrainAccuracy", "ActualLoss", "E2ETrainingTime"):

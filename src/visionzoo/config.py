@@ -83,6 +83,11 @@ class DataConfig:
     # Normalisation in pixel units (0-255), as MMClassification writes them.
     mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
     std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    # The order of the float32 operations, as the recipe's reference computes them (the results
+    # differ in the last bit): unit: x/255, then (x - mean/255) / (std/255) (torchvision's
+    # ToTensor + Normalize: pytorch/examples, torchvision references, DINO); pixel: (x - mean) / std
+    # on 0-255 (timm's PrefetchLoader); mmcv: (x - mean) * (1/std) on 0-255 (mmcv.imnormalize, mmcls).
+    normalize: str = "unit"
     synthetic_samples: int = 512  # images per split for data.name=synthetic
     # Shards (data.name=webdataset: tar files; hfds: Hugging Face parquet / save_to_disk), see
     # data/sources/shards.py. train/val: the splits' shards (brace pattern, glob, folder or URL pattern);
@@ -99,6 +104,7 @@ class DataConfig:
         _check(self.augment, ("imagenet", "cifar", "none"), "data.augment")
         _check(self.interpolation, ("bilinear", "bicubic", "nearest"), "data.interpolation")
         _check(self.decode, ("cpu", "device"), "data.decode")
+        _check(self.normalize, ("unit", "pixel", "mmcv"), "data.normalize")
         if self.batch_size < 1:
             raise UserError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if self.shuffle_buffer < 0 or self.io_timeout <= 0 or self.io_retries < 0:
@@ -115,8 +121,24 @@ class ModelConfig:
     library: str = "torchvision"  # torchvision | timm | visionzoo
     drop_rate: float = 0.0  # dropout before the classifier (timm drop_rate / AlexNet dropout)
     drop_path_rate: float = 0.0  # stochastic depth (timm models only)
-    channels_last: bool = True  # NHWC memory format on accelerators (faster convolutions)
-    sync_bn: bool = False  # SyncBatchNorm across devices (multi-device runs)
+    # NHWC memory format (faster convolutions), on accelerators and on the CPU too (measured faster
+    # there as well). Outputs then differ from an NCHW run in the last bits (another summation
+    # order; ReLU / max-pool ties may flip): false gives NCHW everywhere, as the references run.
+    channels_last: bool = True
+    sync_bn: bool = False  # SyncBatchNorm across devices (multi-device runs; statistics over all of them)
+    # BatchNorm group: the images each BatchNorm statistic is taken over in training, i.e. the
+    # reference's images per device. A larger per-device batch (fewer devices than the reference)
+    # is normalised group by group in one forward (models/ghost_bn.py); train.accum_steps that
+    # make the micro-batch one group give the reference's numbers bit for bit; the loaders then
+    # put reference rank i's images in group i (docs/devices.md). A batch that is not a multiple
+    # ends in a smaller group. 0: the whole per-device batch (plain BatchNorm). Ignored with
+    # sync_bn on several devices.
+    bn_group: int = 0
+    # BatchNorm running statistics across ranks, as the reference keeps them: DDP broadcasts rank
+    # 0's buffers before every training forward (DDP's default: torchvision, timm references), and
+    # average them over the ranks at every epoch end (timm's distribute_bn). mmcls does neither.
+    bn_broadcast: bool = True
+    bn_average: bool = True
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor args, e.g. img_size
     # Position embeddings of a timm ViT (dynamic_img_size) at another grid than its own: timm
     # (timm's antialiased resample) | dino (the DINO reference's interpolate_pos_encoding).
@@ -134,6 +156,8 @@ class ModelConfig:
         _check(self.checkpoint_key, ("teacher", "student"), "model.checkpoint_key")
         if self.weights and self.pretrained:
             raise UserError("model.weights and model.pretrained=true both give initial weights; set one")
+        if self.bn_group < 0:
+            raise UserError(f"model.bn_group must be >= 0 (0: the whole per-device batch), got {self.bn_group}")
 
 
 @dataclass

@@ -6,6 +6,7 @@ the reductions are identities, so the engines have a single code path."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import os
 import re
@@ -177,17 +178,25 @@ def in_launched_worker() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ or _slurm_info() is not None
 
 
-def params_in_sync(model: torch.nn.Module) -> bool:
-    """Whether every rank holds the same weights and buffers (BatchNorm statistics too): compares
-    a float64 checksum of all of them."""
+def params_in_sync(model: torch.nn.Module, buffers: bool = True) -> bool:
+    """Whether every rank holds the same weights, and buffers (BatchNorm statistics) with
+    ``buffers``: compares a float64 checksum of all of them."""
     if not dist.is_initialized():
         return True
-    tensors = itertools.chain(model.parameters(), model.buffers())
+    tensors = itertools.chain(model.parameters(), model.buffers() if buffers else ())
     with torch.no_grad():
         total = sum((t.detach().double() * (i + 1)).sum() for i, t in enumerate(tensors))
         sums = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
         dist.all_gather(sums, total)
     return all(torch.equal(s, sums[0]) for s in sums)
+
+
+def buffer_sync(broadcast: bool) -> dict:
+    """DistributedDataParallel's keyword for broadcasting rank 0's buffers before every training
+    forward: forward_sync_buffers from torch 2.14 on (broadcast_buffers warns there), else
+    broadcast_buffers."""
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    return {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": broadcast}
 
 
 def average_bn_stats(*modules: torch.nn.Module | None) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from visionzoo.checkpoint import atomic_write
 
 # The columns of the seeds' results tables, in their order.
-TABLE_COLUMNS = ("recipe", "Acc@1", "FPS", "devices", "epochs", "precision", "torch")
+TABLE_COLUMNS = ("recipe", "Acc@1", "FPS", "devices", "BN group", "epochs", "precision", "torch")
 
 
 def new_run_dir(recipe: str, output: str | None, root: str = "runs") -> Path:

@@ -28,6 +28,7 @@ from visionzoo.engine.resume import per_rank, rng_state, set_rng_state, truncate
 from visionzoo.engine.step import GradStep
 from visionzoo.errors import UserError
 from visionzoo.models import build_model
+from visionzoo.models.ghost_bn import bn_group_of, grouped_layers, reference_ranks, update_stats, use_bn_groups
 from visionzoo.optim import build_optimizer, clip_parameters, lr_schedule
 from visionzoo.plots import plot_curves
 from visionzoo.progress import Progress
@@ -143,6 +144,7 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
     accum = loop.accum_steps
     done = loop.batches_in_epoch // accum  # optimizer steps already taken in this epoch
     total = min(len(loader) // accum + done, max_steps) if max_steps else len(loader) // accum + done
+    grouped_bn = grouped_layers(loop.net) if accum > 1 else []  # model.bn_group with micro-batches
     check_stop_every = 10 if distributed.world_size() > 1 else 1  # a collective per check on several ranks
     progress = Progress(loader, (total - done) * accum, f"epoch {loop.epoch + 1}", loop.progress,
                         enabled=loop.log is not None)
@@ -167,6 +169,8 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
         hard_targets = targets
         if loop.mixup is not None:
             images, targets = loop.mixup(images, targets)
+        if grouped_bn:  # running statistics from the step's first micro-batch, as the reference's rank 0
+            update_stats(grouped_bn, loop.batches_in_epoch % accum == 1)
         no_sync = loop.model.no_sync if (not update and hasattr(loop.model, "no_sync")) else nullcontext
         with no_sync(), autocast:
             logits = loop.model(images)
@@ -262,6 +266,8 @@ def build_training(cfg: RecipeConfig, num_classes: int, device: torch.device, am
     net = net.to(device, memory_format=memory_format)
     if cfg.model.sync_bn and ddp:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    elif cfg.model.bn_group > 0:  # BatchNorm over the reference's images per device, on any device count
+        use_bn_groups(net, cfg.model.bn_group)
     optimizer = build_optimizer(net, cfg.optim, device.type)
     lrs = lr_schedule(cfg.schedule, cfg.optim.lr, cfg.train.epochs, steps_per_epoch)
     stepper = GradStep(optimizer, device, amp_dtype, cfg.train.loss_scale, cfg.train.init_scale,
@@ -275,12 +281,14 @@ def build_training(cfg: RecipeConfig, num_classes: int, device: torch.device, am
     return net, model_args, optimizer, lrs, stepper, criterion, mixup, ema
 
 
-def wrap_model(net: nn.Module, device: torch.device, ddp: bool, compile: bool) -> nn.Module:
-    """What the training step calls: ``net`` in DistributedDataParallel (more than one rank)
+def wrap_model(net: nn.Module, device: torch.device, ddp: bool, compile: bool, broadcast_buffers: bool = True) -> nn.Module:
+    """What the training step calls: ``net`` in DistributedDataParallel (more than one rank;
+    ``broadcast_buffers``: rank 0's BatchNorm statistics go to every rank before each forward)
     and ``torch.compile`` (``compile``)."""
     model: nn.Module = net
     if ddp:
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    **distributed.buffer_sync(broadcast_buffers))
     return torch.compile(model) if compile else model
 
 
@@ -310,7 +318,8 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
     use_cl = cfg.model.channels_last
     memory_format = torch.channels_last if use_cl else torch.contiguous_format
     train_loader, val_loader = build_loaders(splits, cfg.data, cfg.data.batch_size_per_device, device,
-                                             cfg.train.seed, info.rank, info.world_size, memory_format)
+                                             cfg.train.seed, info.rank, info.world_size, memory_format,
+                                             rank_groups=reference_ranks(cfg, info.world_size))
     steps_per_epoch = len(train_loader) // cfg.train.accum_steps
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
@@ -331,7 +340,7 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
         stepper.load_state_dict(state["grad_step"])
         if ema is not None and "ema_weights" in state:
             ema.module.load_state_dict(state["ema_weights"])
-    model = wrap_model(net, device, info.enabled, cfg.train.compile)
+    model = wrap_model(net, device, info.enabled, cfg.train.compile, cfg.model.bn_broadcast)
 
     run_dir = log = None
     if info.is_main:
@@ -345,12 +354,13 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
 
             log.trackers = open_trackers(cfg, run_dir)
         mark_status(run_dir, "running")
+        bn = f", BatchNorm over {group}" if (group := bn_group_of(cfg, net, info.world_size)) else ""
         where = (f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['global_step']} ({weights_path.name})"
                  if state is not None else f"run folder {run_dir}")
         print(f"visionzoo: {'perf run' if perf else 'training'} {cfg.recipe} | {model_args['library']} "
               f"{model_args['name']} | {len(splits.train)} train / {len(splits.val)} val images, "
               f"{num_classes} classes | {info.world_size} × {device} {precision_name(amp_dtype)} | "
-              f"batch {cfg.data.batch_size} | {where}", flush=True)
+              f"batch {cfg.data.batch_size}{bn} | {where}", flush=True)
 
     loop = Loop(model, net, optimizer, stepper, lrs, criterion, device, amp_dtype, memory_format,
                 cfg.train.accum_steps, mixup, ema, log, cfg.train.log_every, cfg.log.progress,
@@ -428,6 +438,7 @@ def _results(cfg: RecipeConfig, perf: bool, loop: Loop, info, device, amp_dtype,
         "FPS": fps,
         "FPS_per_device": fps / info.world_size if fps else None,
         "devices": info.world_size,
+        "BN group": bn_group_of(cfg, loop.net, info.world_size),  # images per BatchNorm statistic (None: no BN)
         "epochs": round(epochs_done, 2),
         "precision": precision_name(amp_dtype),
         "torch": torch.__version__.split("+")[0],
@@ -442,7 +453,8 @@ def _results(cfg: RecipeConfig, perf: bool, loop: Loop, info, device, amp_dtype,
         "bad_images": loop.bad_images + (last_eval["bad_images"] if last_eval else 0),
         "skipped_steps": loop.step.skipped + loop.nonfinite_skipped,
         "first_step_s": loop.first_step_s,  # includes compilation with train.compile
-        "ranks_in_sync": distributed.params_in_sync(loop.net),  # DDP keeps replicas equal; checked
+        # DDP keeps replicas equal (BatchNorm statistics too where averaged); checked
+        "ranks_in_sync": distributed.params_in_sync(loop.net, buffers=cfg.model.bn_average),
         "device": str(device),
         "run_dir": str(run_dir) if run_dir else None,
     }
@@ -473,7 +485,8 @@ def _run_epochs(cfg: RecipeConfig, perf: bool, loop: Loop, train_loader, val_loa
         # A performance run: a fixed number of optimizer steps, timed after the warm-up steps.
         warm, total = cfg.train.perf_warmup_steps, cfg.train.perf_warmup_steps + cfg.train.perf_steps
         loop.timed_images, loop.timed_seconds = timed_steps(loop, train_loader, total, warm)
-        distributed.average_bn_stats(loop.net, loop.ema.module if loop.ema is not None else None)
+        if cfg.model.bn_average:
+            distributed.average_bn_stats(loop.net, loop.ema.module if loop.ema is not None else None)
         loop.checkpoint()
         return loop.global_step / steps_per_epoch, None
 
@@ -484,8 +497,10 @@ def _run_epochs(cfg: RecipeConfig, perf: bool, loop: Loop, train_loader, val_loa
         warm = min(cfg.train.perf_warmup_steps, steps_per_epoch // 2) if epoch == first_epoch else 0
         s = train_one_epoch(loop, train_loader, max_steps=steps_per_epoch, time_after=warm)
         _check_finite(loop)
-        # Every rank then evaluates and saves the same BatchNorm statistics (no-op on one process).
-        distributed.average_bn_stats(loop.net, loop.ema.module if loop.ema is not None else None)
+        # model.bn_average: every rank then evaluates and saves the same BatchNorm statistics
+        # (timm); otherwise each keeps its own and rank 0's are saved, as torchvision's and mmcls's.
+        if cfg.model.bn_average:
+            distributed.average_bn_stats(loop.net, loop.ema.module if loop.ema is not None else None)
         loop.timed_images += s.timed_images * info.world_size
         loop.timed_seconds += s.timed_seconds
         record = dict(kind="epoch", epoch=epoch + 1, step=loop.global_step, train_loss=s.loss, train_acc1=s.acc1,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from visionzoo.data.augment import multicrop_batched
 from visionzoo.data.augment.batched_randaugment import BatchedRandAugment
 from visionzoo.data.augment.multicrop_batched import BatchedMultiCrop, pad_batch
-from visionzoo.data.augment.presets import central_box
+from visionzoo.data.augment.presets import Normalize, central_box
 from visionzoo.errors import UserError
 from visionzoo.transfer import send
 
@@ -140,8 +140,8 @@ class SupervisedAugment:
 
     def __init__(self, d, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format):
         self.size, self.scale, self.hflip, self.interpolation = d.image_size, tuple(d.crop_scale), d.hflip, d.interpolation
-        self.mean = torch.tensor(d.mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(d.std, device=device).view(1, -1, 1, 1)
+        self.normalize = Normalize.of(d)  # in the reference's order (data.normalize)
+        self._stats = self.normalize.on(device)
         self.memory_format = memory_format
         self.randaugment = BatchedRandAugment(d.randaugment, d.image_size, d.mean, d.interpolation) if d.randaugment else None
 
@@ -151,7 +151,7 @@ class SupervisedAugment:
         x = random_resized_crop(images, self.size, self.scale, RATIO, self.hflip, generator, self.interpolation)
         if self.randaugment is not None:
             x = self.randaugment(x, generator)
-        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+        return self.normalize(x, self._stats).contiguous(memory_format=self.memory_format)
 
 
 class MultiCropAugment:

@@ -107,7 +107,7 @@ class MultiCropTransform:
                        _Spec(gsize, tuple(dino.global_crops_scale), p2, True)]
                       + [_Spec(lsize, tuple(dino.local_crops_scale), pl, False)] * dino.local_crops_number)
         self.resample, self.draft = PIL_RESAMPLE[d.interpolation], d.draft
-        self.normalize = Normalize(tuple(d.mean), tuple(d.std))
+        self.normalize = Normalize.of(d)
 
         # uint8 tensors: the torchvision v2 ops, as composed for every image before.
         def jitter() -> list:

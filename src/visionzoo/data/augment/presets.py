@@ -44,31 +44,57 @@ Box = tuple[int, int, int, int]  # top, left, height, width in full-size pixels
 
 @dataclass(frozen=True)
 class Normalize:
-    """``(x - mean) / std`` of a uint8 or float image batch [B, C, H, W] (or one [C, H, W]
-    image) as float32, mean/std in 0-255 units. The same operations as v2.ToDtype(float32,
-    scale=False) + v2.Normalize, so per batch on a device it gives their per-image values."""
+    """A uint8 or float image batch [B, C, H, W] (or one [C, H, W] image) normalised as float32,
+    mean/std in 0-255 units, in the float32 operations of the recipe's reference (``order``,
+    data.normalize): ``unit``: x/255, then (x - mean/255) / (std/255), as torchvision's
+    ToTensor + Normalize (mean/255 and std/255 rounded once to float32: 0.485, ... for ImageNet);
+    ``pixel``: (x - mean) / std, as timm's PrefetchLoader; ``mmcv``: (x - mean) * (1/std), as
+    mmcv.imnormalize. Every operand is a tensor on the batch's device (CUDA would turn a
+    division by a host scalar into a multiplication), so a batch on any device gets the values the
+    reference's per-image transform gives on the CPU, bit for bit."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    order: str = "unit"
 
-    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """mean and std as float32 tensors on ``device`` (one asynchronous copy)."""
+    @classmethod
+    def of(cls, d: Any) -> "Normalize":
+        """The normalisation of a config's data section."""
+        return cls(tuple(d.mean), tuple(d.std), d.normalize)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scale, mean, std-or-1/std) as float32 tensors on ``device`` (one asynchronous copy)."""
         from visionzoo.transfer import send
 
-        mean, std = send([torch.tensor(self.mean), torch.tensor(self.std)], device)
-        return mean, std
+        c = len(self.mean)
+        if self.order == "unit":  # the reference's constants: float32 of mean/255, std/255
+            stats = [[255.0] * c, [m / 255 for m in self.mean], [s / 255 for s in self.std]]
+        elif self.order == "mmcv":  # float32 mean; 1 / float64(float32 std), then float32
+            inv = (1 / torch.tensor(self.std, dtype=torch.float32).double()).tolist()
+            stats = [[1.0] * c, list(self.mean), inv]
+        else:
+            stats = [[1.0] * c, list(self.mean), list(self.std)]
+        scale, mean, std = send([torch.tensor(v, dtype=torch.float32) for v in stats], device)
+        return scale, mean, std
 
-    def __call__(self, x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, stats: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """``stats``: ``on(x.device)``, when the caller keeps them for every batch."""
-        mean, std = stats if stats is not None else self.on(x.device)
+        scale, mean, std = stats if stats is not None else self.on(x.device)
         c = x.shape[-3]
         if x.dim() == 4 and c > 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             # [B, H, W, C] memory: broadcast along rows of W * C values, which vectorises (over
             # the innermost C alone it runs ~4x slower on a CPU); same values.
             b, _, h, w = x.shape
             rows = x.permute(0, 2, 3, 1).reshape(-1, w * c).to(torch.float32, copy=True)
-            return rows.sub_(mean.repeat(w)).div_(std.repeat(w)).view(b, h, w, c).permute(0, 3, 1, 2)
-        return x.to(torch.float32, copy=True).sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
+            return self._apply(rows, scale.repeat(w), mean.repeat(w), std.repeat(w)).view(b, h, w, c).permute(0, 3, 1, 2)
+        view = (-1, 1, 1)
+        return self._apply(x.to(torch.float32, copy=True), scale.view(view), mean.view(view), std.view(view))
+
+    def _apply(self, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        if self.order == "unit":
+            x.div_(scale)
+        x.sub_(mean)
+        return x.mul_(std) if self.order == "mmcv" else x.div_(std)
 
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:
@@ -160,7 +186,7 @@ class CropFlipAugment:
         self.randaugment = (timm_randaugment(d.randaugment, d.image_size, d.mean, d.interpolation)
                             if d.randaugment else None)
         self.draft = draft_decode
-        self.normalize = Normalize(tuple(d.mean), tuple(d.std))
+        self.normalize = Normalize.of(d)
 
     def prepare(self, img: Image.Image) -> tuple[Box, int]:
         """Draw the crop on the opened image's full size; decode at 1/2-1/8 when the crop is
@@ -207,7 +233,7 @@ class ResizeCenterCrop:
         self.resize, self.size = d.test_resize, d.test_size
         self.interp, self.resample = _INTERP[d.interpolation], PIL_RESAMPLE[d.interpolation]
         self.draft = draft_decode
-        self.normalize = Normalize(tuple(d.mean), tuple(d.std))
+        self.normalize = Normalize.of(d)
 
     def prepare(self, img: Image.Image) -> tuple[int, int] | None:
         """The resize target from the full size; the decode shrinks towards it."""
@@ -235,7 +261,7 @@ class V2Uint8:
 
     def __init__(self, ops: list, d):
         self.ops = v2.Compose(ops) if ops else None
-        self.normalize = Normalize(tuple(d.mean), tuple(d.std))
+        self.normalize = Normalize.of(d)
 
     def __call__(self, img: Any) -> torch.Tensor:
         return as_uint8(self.ops(img) if self.ops is not None else img)

@@ -166,6 +166,7 @@ def build_loader(
     ds: Dataset, batch_size: int, workers: int, train: bool, seed: int,
     rank: int = 0, world_size: int = 1, pin_memory: bool = False, device: torch.device | None = None,
     memory_format: torch.memory_format = torch.contiguous_format, collate_fn: Callable = collate_skip_bad,
+    rank_groups: tuple[int, int] = (1, 0),
 ) -> DeviceBatches:
     """A loader yielding ``(images, targets, n_bad)`` on ``device`` (default: the CPU), images
     as normalised float32 in ``memory_format``; ``batch_size`` is per device. ``collate_fn``
@@ -180,7 +181,7 @@ def build_loader(
     if isinstance(ds, ShardStream):
         return DeviceBatches(StreamLoader(ds, batch_size, workers, train, seed, rank, world_size, collate_fn, pin_memory),
                              device, normalize, memory_format)
-    sampler = ShardSampler(len(ds), train, seed, rank, world_size)
+    sampler = ShardSampler(len(ds), train, seed, rank, world_size, rank_groups)  # rank_groups: samplers.train_indices
     if train:
         ds = SeededDataset(ds, seed)
     workers = max(0, min(workers, os.cpu_count() or 1))
@@ -207,6 +208,7 @@ def multicrop_loader(ds: Dataset, batch_size: int, workers: int, seed: int, rank
 def build_loaders(
     splits: Splits, d, batch_size: int, device: torch.device, seed: int, rank: int = 0,
     world_size: int = 1, memory_format: torch.memory_format = torch.contiguous_format,
+    rank_groups: tuple[int, int] = (1, 0),
 ) -> tuple:
     """Train and val loaders for ``splits`` (train is None when ``splits.train`` is), both
     yielding ``(images, targets, n_bad)`` with ``batch_size`` images per device.
@@ -215,21 +217,22 @@ def build_loaders(
     augmentation is one it implements (crop/flip, then RandAugment); synthetic data always does, unaugmented, so
     that a --perf run on it measures the model; everything else goes through DataLoader.
     With ``d.decode == "device"`` ImageFolder training batches are decoded on ``device``
-    (data/loading/device_decode.py)."""
+    (data/loading/device_decode.py). ``rank_groups``: the training order of samplers.train_indices."""
     synthetic = d.name == "synthetic"
     resident = synthetic or (d.device_resident and isinstance(splits.val, TensorImageDataset)
                              and d.augment in ("cifar", "none"))
     if resident:
         def make(ds, train):
             return InMemoryLoader(ds, batch_size, train, device, d, seed, rank, world_size, memory_format,
-                                  augment=not synthetic)
+                                  augment=not synthetic, rank_groups=rank_groups)
     else:
         def make(ds, train):
             return build_loader(ds, batch_size, d.workers, train, seed, rank, world_size,
-                                pin_memory=device.type == "cuda", device=device, memory_format=memory_format)
+                                pin_memory=device.type == "cuda", device=device, memory_format=memory_format,
+                                rank_groups=rank_groups)
     if splits.train is not None and d.decode == "device":  # training only; validation stays on the CPU path
         train = DeviceDecodeLoader(splits.train, batch_size, d.workers, device, d, seed, rank, world_size,
-                                   memory_format)
+                                   memory_format, rank_groups=rank_groups)
     else:
         train = make(splits.train, True) if splits.train is not None else None
     return train, make(splits.val, False)

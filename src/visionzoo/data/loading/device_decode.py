@@ -127,7 +127,7 @@ class DeviceDecodeLoader:
     def __init__(
         self, dataset, batch_size: int, workers: int, device: torch.device, d, seed: int = 0,
         rank: int = 0, world_size: int = 1, memory_format: torch.memory_format = torch.contiguous_format,
-        augment=None,
+        augment=None, rank_groups: tuple[int, int] = (1, 0),
     ):
         check_device_decode(d, multicrop=isinstance(augment, MultiCropAugment))
         self.dataset, self.batch_size, self.device = dataset, batch_size, torch.device(device)
@@ -140,7 +140,7 @@ class DeviceDecodeLoader:
                                        collate=collate_bytes)
             self.sampler = self.loader.sampler
             return
-        self.sampler = ShardSampler(len(dataset), True, seed, rank, world_size)
+        self.sampler = ShardSampler(len(dataset), True, seed, rank, world_size, rank_groups)
         self.loader = DataLoader(
             FileBytes(dataset.samples), batch_size=batch_size, sampler=self.sampler,
             num_workers=self.num_workers, collate_fn=collate_bytes,

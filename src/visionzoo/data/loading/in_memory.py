@@ -16,7 +16,8 @@ import torch
 from visionzoo.data.augment.batched import random_crop_flip
 from visionzoo.data.augment.batched_randaugment import BatchedRandAugment
 from visionzoo.data.augment.multicrop_batched import BatchedMultiCrop
-from visionzoo.data.loading.samplers import eval_indices, sample_seed, train_indices
+from visionzoo.data.augment.presets import Normalize
+from visionzoo.data.loading.samplers import eval_indices, sample_seed, train_count, train_indices
 from visionzoo.transfer import to_device
 
 
@@ -30,7 +31,7 @@ class InMemoryLoader:
     def __init__(
         self, dataset, batch_size: int, train: bool, device: torch.device, d, seed: int = 0,
         rank: int = 0, world_size: int = 1, memory_format: torch.memory_format = torch.contiguous_format,
-        augment: bool = True,
+        augment: bool = True, rank_groups: tuple[int, int] = (1, 0),
     ):
         self.dataset = dataset
         self.images = dataset.images.to(device)
@@ -39,13 +40,14 @@ class InMemoryLoader:
         self.seed, self.rank, self.world_size, self.epoch, self.skip_batches = seed, rank, world_size, 0, 0
         self.augment = d.augment if augment else "off"
         self.size, self.padding, self.hflip = d.image_size, d.crop_padding, d.hflip
-        self.mean = torch.tensor(d.mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(d.std, device=device).view(1, -1, 1, 1)
+        self.normalize = Normalize.of(d)  # in the reference's order (data.normalize)
+        self._stats = self.normalize.on(device)
         self.memory_format = memory_format
+        self.rank_groups = rank_groups  # the training order of samplers.train_indices
         self.randaugment = (BatchedRandAugment(d.randaugment, d.image_size, d.mean, d.interpolation)
                             if train and augment and d.randaugment else None)
         n = len(self.labels)
-        self.per_rank = n // world_size
+        self.per_rank = train_count(n, world_size, rank_groups)
         self.indices = None if train else eval_indices(n, rank, world_size).to(device)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -59,7 +61,8 @@ class InMemoryLoader:
 
     def __iter__(self):
         if self.train:
-            order = to_device(train_indices(len(self.labels), self.seed, self.epoch, self.rank, self.world_size),
+            order = to_device(train_indices(len(self.labels), self.seed, self.epoch, self.rank, self.world_size,
+                                            self.rank_groups),
                               self.device)
         else:
             order = self.indices
@@ -76,7 +79,7 @@ class InMemoryLoader:
             x = x.float()
             if self.randaugment is not None:
                 x = self.randaugment(x, g)
-            x = ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+            x = self.normalize(x, self._stats).contiguous(memory_format=self.memory_format)
             yield x, self.labels[idx], 0
 
 

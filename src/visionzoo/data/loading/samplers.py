@@ -38,12 +38,31 @@ def seed_sample_rngs(s: int) -> None:
     np.random.seed(s % 2**32)
 
 
-def train_indices(n: int, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's sample order for one training epoch."""
+def train_indices(n: int, seed: int, epoch: int, rank: int, world_size: int,
+                  rank_groups: tuple[int, int] = (1, 0)) -> torch.Tensor:
+    """This rank's sample order for one training epoch: every world_size-th sample of a seeded
+    permutation, as PyTorch's DistributedSampler deals them. ``rank_groups`` (k, size) with k > 1:
+    this rank stands for k ranks of a run on world_size x k devices whose batches hold ``size``
+    images (fewer devices than a recipe's reference, models/ghost_bn.py); each of its batches of
+    k x size lists those ranks' batches one after the other, so a BatchNorm group or a
+    micro-batch holds the images that reference rank holds."""
     g = torch.Generator().manual_seed(seed + epoch)
     perm = torch.randperm(n, generator=g)
-    usable = (n // world_size) * world_size
-    return perm[:usable][rank::world_size]
+    k, size = rank_groups
+    if k <= 1 or size <= 0:
+        usable = (n // world_size) * world_size
+        return perm[:usable][rank::world_size]
+    ranks = world_size * k
+    rows = (n // ranks) // size * size  # whole batches of every stood-for rank
+    per_rank = perm[:rows * ranks].view(rows, ranks)  # [position in a rank's order, rank]
+    mine = per_rank[:, rank * k:(rank + 1) * k]  # this rank's k ranks
+    return mine.reshape(-1, size, k).transpose(1, 2).reshape(-1)  # batch by batch, rank after rank
+
+
+def train_count(n: int, world_size: int, rank_groups: tuple[int, int] = (1, 0)) -> int:
+    """How many samples ``train_indices`` gives each rank."""
+    k, size = rank_groups
+    return n // world_size if k <= 1 or size <= 0 else (n // (world_size * k)) // size * size * k
 
 
 def eval_indices(n: int, rank: int, world_size: int) -> torch.Tensor:
@@ -57,8 +76,10 @@ class ShardSampler(Sampler):
     """Training: ``(index, epoch)`` pairs of ``train_indices`` (call set_epoch every epoch;
     ``skip`` leaves out the first samples, to resume mid-epoch). Evaluation: ``eval_indices``."""
 
-    def __init__(self, n: int, train: bool, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, train: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 rank_groups: tuple[int, int] = (1, 0)):
         self.n, self.train, self.seed, self.rank, self.world_size = n, train, seed, rank, world_size
+        self.rank_groups = tuple(rank_groups)
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -67,13 +88,13 @@ class ShardSampler(Sampler):
     def __iter__(self) -> Iterator:
         if not self.train:
             return iter(eval_indices(self.n, self.rank, self.world_size).tolist())
-        order = train_indices(self.n, self.seed, self.epoch, self.rank, self.world_size)[self.skip:]
+        order = train_indices(self.n, self.seed, self.epoch, self.rank, self.world_size, self.rank_groups)[self.skip:]
         return iter((i, self.epoch) for i in order.tolist())
 
     def __len__(self) -> int:
         if not self.train:
             return len(eval_indices(self.n, self.rank, self.world_size))
-        return max(self.n // self.world_size - self.skip, 0)
+        return max(train_count(self.n, self.world_size, self.rank_groups) - self.skip, 0)
 
 
 class SeededDataset(Dataset):
