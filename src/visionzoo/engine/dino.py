@@ -34,6 +34,7 @@ from visionzoo.data.build import build_datasets, cpu_fallbacks, failed_shards, l
 from visionzoo.data.device_decode import DeviceDecodeLoader, MultiCropAugment
 from visionzoo.data.multicrop import InMemoryMultiCropLoader, MultiCropTransform, multicrop_loader
 from visionzoo.data.tensor_dataset import TensorImageDataset
+from visionzoo.engine import lockstep
 from visionzoo.engine.knn import knn_eval
 from visionzoo.engine.resume import per_rank, rng_state, set_rng_state, truncate_metrics
 from visionzoo.engine.supervised import Interrupted, end_failed_run, set_loader_epoch
@@ -163,14 +164,17 @@ class DinoTraining:
             self.model, self.teacher_fwd = torch.compile(self.model), torch.compile(self.teacher)
 
     def step(self, crops: list[torch.Tensor], lr: float, wd: float, momentum: float, teacher_temp: float,
-             freeze_last_layer: bool) -> torch.Tensor | None:
+             freeze_last_layer: bool, weight: float = 1.0) -> torch.Tensor | None:
         """One optimizer step on a multi-crop batch already on the device; returns this rank's
         loss as a device tensor (``mean_loss`` reads it, averaged over ranks), nothing read back.
 
         A non-finite loss: with ``check_each_step`` every rank reads the loss summed over ranks
         (one sync per step), takes no step and returns None (the caller counts it); otherwise the
         step is taken and counted on the device, and the caller checks ``nonfinite_losses`` at its
-        log points, checkpoints and epoch ends, stopping before any diverged weights are saved."""
+        log points, checkpoints and epoch ends, stopping before any diverged weights are saved.
+
+        ``weight=0``: ``crops`` are placeholders (this rank's batch held no usable image); the
+        step runs with a zero loss, in eval mode, and adds nothing to the teacher centre."""
         for i, group in enumerate(self.optimizer.param_groups):  # floats: the state loads weights_only
             group["lr"] = lr
             if i == 0:  # only the first group (weights, not biases/norms) is decayed
@@ -178,7 +182,10 @@ class DinoTraining:
         with self.autocast():
             with torch.no_grad():
                 teacher_out = self.teacher_fwd(crops[:2])
-            loss = self.criterion(self.model(crops), teacher_out, teacher_temp)
+            if weight:
+                loss = self.criterion(self.model(crops), teacher_out, teacher_temp)
+            else:
+                loss = lockstep.zero_weight_loss(self.model, self.student, crops)
         if self.check_each_step:
             # Summed over ranks, so that a NaN on any rank skips the step on every rank alike.
             if not math.isfinite(distributed.all_reduce_sum(loss.detach().float().clone()).item()):
@@ -189,7 +196,7 @@ class DinoTraining:
             self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
         self.stepper(loss, freeze_last_layer)
         update_teacher(self.student, self.teacher, momentum)
-        self.criterion.update_center(teacher_out, self.reduce)
+        self.criterion.update_center(teacher_out, self.reduce, weight)
         return loss.detach()
 
     def mean_loss(self, loss: torch.Tensor | float | None) -> float:
@@ -336,6 +343,8 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
         resumed_sums = tuple(mine["epoch_sums"].tolist())
         set_rng_state(mine["rng"], device)  # last: the set-up above drew from the RNGs
     check_stop_every = 10 if info.enabled else 1  # a collective per check on several ranks
+    crop_shapes = [(d.in_chans, d.image_size, d.image_size)] * 2 + \
+        [(d.in_chans, dc.local_crop_size, dc.local_crop_size)] * dc.local_crops_number
     # Throughput counts training steps only (no k-NN, no checkpoints), after `warm` untimed steps.
     warm = t.perf_warmup_steps if perf else min(t.perf_warmup_steps, steps_per_epoch // 2)
     stop_at = step + warm + t.perf_steps
@@ -357,12 +366,17 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                 t_epoch = t_mark = time.perf_counter()
                 for crops, _, _ in loader:
                     seen += 1
-                    if not crops:  # every image of the batch was unreadable
+                    real = bool(crops)  # False: every image of the batch was unreadable
+                    if not real and not lockstep.must_step_empty():
                         continue
                     it = min(step, total - 1)  # a perf run may outlast the schedule
-                    crops = [c.to(device, non_blocking=True) for c in crops]
+                    if real:
+                        crops = [c.to(device, non_blocking=True) for c in crops]
+                        crop_shapes = [tuple(c.shape[1:]) for c in crops]
+                    else:  # a zero-weight step on placeholders, in step with the other ranks (lockstep.py)
+                        crops = [lockstep.placeholder(s, device) for s in crop_shapes]
                     loss = parts.step(crops, float(lrs[it]), float(wds[it]), float(moms[it]), float(temps[it]),
-                                      freeze_last_layer=epoch < dc.freeze_last_layer)
+                                      freeze_last_layer=epoch < dc.freeze_last_layer, weight=float(real))
                     if loss is None:  # train.skip_nonfinite > 0: a NaN/inf loss, no step taken on any rank
                         nonfinite += 1
                         if nonfinite > t.skip_nonfinite:
@@ -370,7 +384,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                                             f"training diverged (train.skip_nonfinite={t.skip_nonfinite}; try a "
                                             f"lower optim.lr, train.amp=bf16 or none, a longer schedule.warmup_epochs)")
                         continue
-                    n = crops[0].shape[0]
+                    n = crops[0].shape[0] if real else 0
                     last_loss = loss
                     loss_sum, count, fresh = loss_sum + loss.double() * n, count + n, fresh + n
                     step, done_in_epoch = step + 1, done_in_epoch + 1

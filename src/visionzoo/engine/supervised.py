@@ -24,6 +24,7 @@ from visionzoo.engine.resume import per_rank, rng_state, set_rng_state, truncate
 from visionzoo.config import RecipeConfig, for_world_size, to_dict, to_yaml
 from visionzoo.data.build import build_datasets, build_loaders, cpu_fallbacks, failed_shards, loader_kind
 from visionzoo.data.mix import PerSampleMixup
+from visionzoo.engine import lockstep
 from visionzoo.engine.evaluate import evaluate
 from visionzoo.engine.step import GradStep
 from visionzoo.errors import UserError
@@ -73,6 +74,7 @@ class Loop:
     elapsed_before: float = 0.0
     checkpoint: Any = None  # callable writing a checkpoint of the current position (all ranks call it)
     stop: Any = None  # runtime.StopSignal
+    sample_shape: tuple = ()  # (C, H, W) of a training image: the placeholder of a zero-weight step
 
 
 @dataclass
@@ -143,26 +145,30 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
             break
         loop.bad_images += n_bad
         loop.batches_in_epoch += 1
-        if images.numel() == 0:
-            continue
-        images = images.to(loop.device, non_blocking=True, memory_format=loop.memory_format)
-        targets = targets.to(loop.device, non_blocking=True)
+        if loop.mixup is not None and len(images) % 2:
+            # Mixing pairs sample i with sample B-1-i: a batch that lost an unreadable image drops one more.
+            images, targets = images[:-1], targets[:-1]
+        n = len(images) if images.numel() else 0
+        if n == 0 and not lockstep.must_step_empty():
+            continue  # one process: nothing to match, nothing to learn from
         update = loop.batches_in_epoch % accum == 0
         if update:
             for group in loop.optimizer.param_groups:
                 group["lr"] = float(loop.lrs[min(loop.global_step, len(loop.lrs) - 1)])  # no NumPy scalars in state
-        if loop.mixup is not None and len(images) % 2:
-            # Mixing pairs sample i with sample B-1-i: a batch that lost an unreadable image drops one more.
-            images, targets = images[:-1], targets[:-1]
-            if len(images) == 0:
-                continue
-        hard_targets = targets
-        if loop.mixup is not None:
-            images, targets = loop.mixup(images, targets)
         no_sync = loop.model.no_sync if (not update and hasattr(loop.model, "no_sync")) else nullcontext
-        with no_sync(), autocast:
-            logits = loop.model(images)
-            loss = loop.criterion(logits, targets)
+        if n:
+            images = images.to(loop.device, non_blocking=True, memory_format=loop.memory_format)
+            hard_targets = targets = targets.to(loop.device, non_blocking=True)
+            loop.sample_shape = tuple(images.shape[1:])
+            if loop.mixup is not None:
+                images, targets = loop.mixup(images, targets)
+            with no_sync(), autocast:
+                logits = loop.model(images)
+                loss = loop.criterion(logits, targets)
+        else:  # no usable image on this rank: a zero-weight step, in step with the other ranks
+            with no_sync(), autocast:
+                loss = lockstep.zero_weight_loss(loop.model, loop.net, lockstep.placeholder(
+                    loop.sample_shape, loop.device, loop.memory_format))
         finite = torch.isfinite(loss.detach())
         # train.skip_nonfinite > 0 reads every step's loss (the one allowed per-step sync: skipping
         # exactly the bad steps needs it); otherwise the flag below is checked lazily.
@@ -177,12 +183,12 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
         if loop.amp_dtype != torch.float16:  # fp16: the loss scaler skips such steps itself
             loop.nonfinite = loop.nonfinite + (~finite).float() if loop.nonfinite is not None else (~finite).float()
         loop.step(loss / accum, update=update)
-        n = len(hard_targets)
-        sums += torch.stack([
-            torch.nan_to_num(loss.detach().double()) * n,
-            (logits.detach().argmax(1) == hard_targets).sum().double(),
-            torch.full((), n, dtype=torch.float64, device=loop.device),  # a fill kernel, not a host→device copy
-        ])
+        if n:
+            sums += torch.stack([
+                torch.nan_to_num(loss.detach().double()) * n,
+                (logits.detach().argmax(1) == hard_targets).sum().double(),
+                torch.full((), n, dtype=torch.float64, device=loop.device),  # a fill kernel, not a host→device copy
+            ])
         stats.images += n
         if t_start is not None:
             stats.timed_images += n
@@ -339,7 +345,8 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
 
     loop = Loop(model, net, optimizer, stepper, lrs, criterion, device, amp_dtype, memory_format,
                 cfg.train.accum_steps, mixup, ema, log, cfg.train.log_every, cfg.log.progress,
-                skip_nonfinite=cfg.train.skip_nonfinite, checkpoint_every=cfg.train.checkpoint_every_steps)
+                skip_nonfinite=cfg.train.skip_nonfinite, checkpoint_every=cfg.train.checkpoint_every_steps,
+                sample_shape=(cfg.data.in_chans, cfg.data.image_size, cfg.data.image_size))
     meta = {"config": to_dict(cfg), "model": model_args, "classes": splits.classes}
     best = {"acc1": -math.inf}
     if state is not None:
@@ -349,6 +356,7 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
         loop.timed_images, loop.timed_seconds = state.get("timed", (0, 0.0))
         loop.elapsed_before = state.get("elapsed_s", 0.0)
         mine = state["ranks"][info.rank]
+        loop.bad_images = mine.get("bad_images", loop.bad_images if info.is_main else 0)  # this rank's own count
         loop.epoch_sums = mine["epoch_sums"].to(device)
         set_rng_state(mine["rng"], device)  # last: setup above drew from the RNGs
 
@@ -360,7 +368,7 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
             "optimizer": optimizer.state_dict(), "grad_step": stepper.state_dict(),
             "bad_images": loop.bad_images, "best_acc1": best["acc1"], "last_loss": loop.last_loss,
             "timed": [loop.timed_images, loop.timed_seconds], "elapsed_s": loop.elapsed_before + time.perf_counter() - t0,
-            "ranks": per_rank({"rng": rng_state(device), "epoch_sums": loop.epoch_sums.cpu()
+            "ranks": per_rank({"rng": rng_state(device), "bad_images": loop.bad_images, "epoch_sums": loop.epoch_sums.cpu()
                                if loop.epoch_sums is not None else torch.zeros(3, dtype=torch.float64)}),
         }
         if info.is_main:
@@ -421,7 +429,9 @@ def _results(cfg: RecipeConfig, perf: bool, loop: Loop, info, device, amp_dtype,
         "TrainAccuracy": last_eval["acc1"] if last_eval else None,  # the seeds' name for final val Acc@1
         "ActualLoss": loop.last_loss,
         "E2ETrainingTime": loop.elapsed_before + time.perf_counter() - t0,  # all sessions of a resumed run
-        "bad_images": loop.bad_images + (last_eval["bad_images"] if last_eval else 0),
+        # Every rank skips its own unreadable images: summed over ranks (evaluate sums its own).
+        "bad_images": int(distributed.all_reduce_sum(torch.tensor(float(loop.bad_images), device=device)).item())
+        + (last_eval["bad_images"] if last_eval else 0),
         "skipped_steps": loop.step.skipped + loop.nonfinite_skipped,
         "first_step_s": loop.first_step_s,  # includes compilation with train.compile
         "ranks_in_sync": distributed.params_in_sync(loop.net),  # DDP keeps replicas equal; checked
