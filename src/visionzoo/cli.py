@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from visionzoo.errors import UserError
+from visionzoo.errors import Stopped, UserError
 
 EXAMPLES = """examples:
   visionzoo recipes                                         # the recipes and their seed targets
@@ -129,12 +129,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.devices > 1 and not distributed.in_launched_worker():
         check_data_path(cfg.data)
         raise SystemExit(distributed.launch_local(args.devices, args.argv))
-    if cfg.task == "dino":
-        from visionzoo.engine.dino import fit_dino
+    try:
+        if cfg.task == "dino":
+            from visionzoo.engine.dino import fit_dino
 
-        fit_dino(cfg, perf=args.perf, resume_dir=resume_dir)
-        return
-    fit(cfg, perf=args.perf, resume_dir=resume_dir)
+            fit_dino(cfg, perf=args.perf, resume_dir=resume_dir)
+            return
+        fit(cfg, perf=args.perf, resume_dir=resume_dir)
+    except Stopped as err:  # the command that continues the run, as this one was typed
+        devices = f" --devices {args.devices}" if args.devices > 1 else ""
+        err.resume_command = f"visionzoo train {args.recipe} --resume {err.run_dir}{devices}"
+        raise
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -391,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher hands to its workers
     try:
         args.func(args)
+    except Stopped as err:  # a signal: one line from rank 0, exit 128 + signal number
+        if not err.quiet:
+            print(f"visionzoo: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
     except UserError as err:
         print(f"visionzoo: error: {err}", file=sys.stderr)
         return 2

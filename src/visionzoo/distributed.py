@@ -213,6 +213,7 @@ def launch_local(nproc: int, argv: list[str], monitor_interval: float = 0.5) -> 
     """Run ``python -m visionzoo ARGV`` in ``nproc`` worker processes on this machine through
     torch's elastic launcher (what torchrun runs). If any worker fails, the launcher stops the
     others and this returns 1 with one line naming the failed rank; 0 when all succeed."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -225,12 +226,23 @@ def launch_local(nproc: int, argv: list[str], monitor_interval: float = 0.5) -> 
     with _launcher_scope({"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}):
         try:
             elastic_launch(config, sys.executable)("-m", "visionzoo", *argv)
+        except SignalException as err:
+            # This process was signalled; the agent passed the signal on to the workers, which
+            # checkpointed, and rank 0 printed the line that says how to continue.
+            return 128 + int(err.sigval)
         except ChildFailedError as err:
             rank, failure = err.get_first_failure()
+            codes = {f.exitcode for f in err.failures.values()}
+            if codes <= STOPPED_EXIT_CODES:  # the workers themselves were signalled and stopped cleanly
+                return failure.exitcode
             print(f"visionzoo: error: worker rank {rank} failed (exit code {failure.exitcode}); "
                   f"the other workers were stopped", file=sys.stderr)
             return 1
     return 0
+
+
+# Exit codes of a worker that stopped on SIGINT, SIGTERM or SIGUSR1 after its checkpoint (errors.Stopped).
+STOPPED_EXIT_CODES = {128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGUSR1}
 
 
 _LAUNCHER_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
@@ -243,6 +255,16 @@ def _launcher_scope(env_defaults: dict[str, str]) -> Iterator[None]:
     exception and never removes them, so a process that goes on after a launch (a notebook, the
     tests) would have every later child it forks, and SIGTERMs, ignore the signal."""
     added = {k: v for k, v in env_defaults.items() if k not in os.environ}
+    # The agent's warnings on a stop ("Received 15 death signal", "Sending process ... closing
+    # signal") add nothing to the workers' own line; its errors still show.
+    import logging
+
+    # (torch sets a level on each of its modules' loggers, so each is raised, not the parent.)
+    elastic_logs = [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict)
+                    if n.startswith("torch.distributed.elastic")]
+    old_levels = [log.level for log in elastic_logs]
+    for log in elastic_logs:
+        log.setLevel(logging.ERROR)
     saved = {}
     if threading.current_thread() is threading.main_thread():
         saved = {s: signal.getsignal(s) for s in (getattr(signal, n, None) for n in _LAUNCHER_SIGNALS) if s}
@@ -250,6 +272,8 @@ def _launcher_scope(env_defaults: dict[str, str]) -> Iterator[None]:
     try:
         yield
     finally:
+        for log, level in zip(elastic_logs, old_levels):
+            log.setLevel(level)
         for k in added:
             os.environ.pop(k, None)
         for s, handler in saved.items():

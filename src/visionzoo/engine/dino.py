@@ -37,7 +37,8 @@ from visionzoo.data.tensor_dataset import TensorImageDataset
 from visionzoo.engine import lockstep
 from visionzoo.engine.knn import knn_eval
 from visionzoo.engine.resume import per_rank, rng_state, set_rng_state, truncate_metrics
-from visionzoo.engine.supervised import Interrupted, end_failed_run, set_loader_epoch
+from visionzoo.engine.stopping import Interrupted, StopVote, end_failed_run
+from visionzoo.engine.supervised import set_loader_epoch
 from visionzoo.errors import UserError
 from visionzoo.models import build_model, create
 from visionzoo.models.dino import DINOLoss, build_dino, cancel_last_layer_grads, update_teacher
@@ -343,6 +344,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
         resumed_sums = tuple(mine["epoch_sums"].tolist())
         set_rng_state(mine["rng"], device)  # last: the set-up above drew from the RNGs
     check_stop_every = 10 if info.enabled else 1  # a collective per check on several ranks
+    vote = StopVote(device)
     crop_shapes = [(d.in_chans, d.image_size, d.image_size)] * 2 + \
         [(d.in_chans, dc.local_crop_size, dc.local_crop_size)] * dc.local_crops_number
     # Throughput counts training steps only (no k-NN, no checkpoints), after `warm` untimed steps.
@@ -414,9 +416,9 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                         position = (epoch, None, seen, (loss_sum, count, done_in_epoch))
                         if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
                             checkpoint(*position)
-                        if step % check_stop_every == 0 and distributed.any_rank(stop.requested, device):
+                        if step % check_stop_every == 0 and (code := vote.vote(stop.code)):
                             checkpoint(*position)
-                            raise Interrupted
+                            raise Interrupted(code, stop.signum)
                 synchronize(device)
                 if timing:
                     timed_seconds += time.perf_counter() - t_mark

@@ -27,6 +27,7 @@ from visionzoo.data.mix import PerSampleMixup
 from visionzoo.engine import lockstep
 from visionzoo.engine.evaluate import evaluate
 from visionzoo.engine.step import GradStep
+from visionzoo.engine.stopping import Interrupted, StopVote, end_failed_run
 from visionzoo.errors import UserError
 from visionzoo.models import build_model
 from visionzoo.optim import build_optimizer, clip_parameters, lr_schedule
@@ -74,6 +75,7 @@ class Loop:
     elapsed_before: float = 0.0
     checkpoint: Any = None  # callable writing a checkpoint of the current position (all ranks call it)
     stop: Any = None  # runtime.StopSignal
+    vote: Any = None  # stopping.StopVote: the ranks agree on a stop signal
     sample_shape: tuple = ()  # (C, H, W) of a training image: the placeholder of a zero-weight step
 
 
@@ -91,10 +93,6 @@ class EpochStats:
         return self.timed_images / self.timed_seconds if self.timed_seconds > 0 else float("nan")
 
 
-class Interrupted(Exception):
-    """SIGTERM/SIGINT arrived; a checkpoint of the current step has been written."""
-
-
 def _check_finite(loop: Loop, weights: bool = False) -> None:
     """Stop with a clear message if a non-finite loss went by since the last check, or (with
     ``weights``) if a weight or buffer is no longer finite: one sync."""
@@ -107,19 +105,6 @@ def _check_finite(loop: Loop, weights: bool = False) -> None:
         raise UserError(f"{what} became NaN/inf by step {loop.global_step}; the last good checkpoint "
                         "is kept. Lower optim.lr, use train.amp=bf16/none, or let train.skip_nonfinite=N "
                         "steps be skipped")
-
-
-def end_failed_run(err: BaseException, is_main: bool, run_dir, log, step: int) -> None:
-    """Record why a run ended early (status interrupted or failed, on rank 0) and re-raise:
-    a signal becomes one user-facing line naming the checkpoint to resume from."""
-    if is_main:
-        status = "interrupted" if isinstance(err, Interrupted) else "failed"
-        mark_status(run_dir, status, error=f"{type(err).__name__}: {err}"[:500])
-        log.close()
-    if isinstance(err, Interrupted):
-        raise UserError(f"stopped by a signal; checkpoint written at step {step}; "
-                        f"continue with --resume {run_dir or 'RUN_DIR'}") from None
-    raise err
 
 
 def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0) -> EpochStats:
@@ -216,10 +201,11 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
         if loop.checkpoint is not None and done < total:
             if loop.checkpoint_every and loop.global_step % loop.checkpoint_every == 0:
                 loop.checkpoint()
-            stop = loop.stop is not None and loop.stop.requested
-            if loop.global_step % check_stop_every == 0 and distributed.any_rank(stop, loop.device):
-                loop.checkpoint()
-                raise Interrupted
+            if loop.global_step % check_stop_every == 0 and loop.stop is not None:
+                code = loop.vote.vote(loop.stop.code)
+                if code:
+                    loop.checkpoint()
+                    raise Interrupted(code, loop.stop.signum)
     progress.close()
     synchronize(loop.device)
     if t_start is not None:
@@ -375,7 +361,7 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
             save_checkpoint(run_dir, loop.global_step, net, {**meta, "epoch": loop.epoch, "acc1": acc1},
                             train_state, cfg.train.keep_checkpoints, ema.module if ema is not None else None)
 
-    loop.checkpoint = checkpoint
+    loop.checkpoint, loop.vote = checkpoint, StopVote(device)
     eval_kw = dict(device=device, amp_dtype=amp_dtype, channels_last=use_cl,
                    reduce=distributed.all_reduce_sum if info.enabled else None,
                    progress=cfg.log.progress if info.is_main else "off")
