@@ -52,3 +52,27 @@ def test_a_rank_with_only_placeholders_still_takes_every_step(broken_shards, tmp
     # The lost samples of both epochs, whichever rank read them (summed over ranks).
     lost = res["bad_images"]
     assert 2 * 18 <= lost <= 2 * 24 and lost % 2 == 0
+
+
+def test_the_ema_starts_from_the_same_weights_on_every_rank(tmp_path, capsys):
+    """With optim.lr=0 the weights never move, so the EMA stays what it started from. Before, each
+    rank's EMA started from its own random init (seed + rank) and each rank evaluated its own:
+    the 2-rank validation loss was not the loss of the saved EMA."""
+    from conftest import write_fmnist
+    from visionzoo.report import read_metrics
+
+    (tmp_path / "fm").mkdir()
+    data = write_fmnist(tmp_path / "fm", 64, 40)
+    run = tmp_path / "ema"
+    argv = [sys.executable, "-m", "visionzoo", "train", "fashion_mnist", "--data", str(data), "--devices", "2",
+            "--device", "cpu", "--workers", "0", "--epochs", "1", "--output", str(run), "data.batch_size=16",
+            "optim.lr=0", "train.ema_decay=0.9", "log.progress=off", "train.log_every=0"]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "results.json").read_text())["ranks_in_sync"] is True  # the EMA is checked too
+    val_loss = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "epoch"][-1]["val_loss"]
+    assert main(["eval", str(run / "best.safetensors"), "--data", str(data), "--device", "cpu", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    one_process = float(out.split("loss ")[1].split()[0])
+    assert one_process == pytest.approx(val_loss, abs=1e-4)

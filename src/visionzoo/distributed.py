@@ -177,12 +177,13 @@ def in_launched_worker() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ or _slurm_info() is not None
 
 
-def params_in_sync(model: torch.nn.Module) -> bool:
-    """Whether every rank holds the same weights and buffers (BatchNorm statistics too): compares
-    a float64 checksum of all of them."""
+def params_in_sync(*models: torch.nn.Module | None) -> bool:
+    """Whether every rank holds the same weights and buffers (BatchNorm statistics and counters
+    too) of each of ``models`` (the network, its EMA; None is left out): compares a float64
+    checksum of all of them."""
     if not dist.is_initialized():
         return True
-    tensors = itertools.chain(model.parameters(), model.buffers())
+    tensors = itertools.chain.from_iterable(itertools.chain(m.parameters(), m.buffers()) for m in models if m is not None)
     with torch.no_grad():
         total = sum((t.detach().double() * (i + 1)).sum() for i, t in enumerate(tensors))
         sums = [torch.zeros_like(total) for _ in range(dist.get_world_size())]

@@ -313,6 +313,8 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
         if ema is not None and "ema_weights" in state:
             ema.module.load_state_dict(state["ema_weights"])
     model = wrap_model(net, device, info.enabled, cfg.train.compile)
+    if ema is not None and "ema_weights" not in (state or {}):
+        ema.module.load_state_dict(net.state_dict())  # DDP gave every rank rank 0's weights: the EMA starts there
 
     run_dir = log = None
     if info.is_main:
@@ -420,7 +422,8 @@ def _results(cfg: RecipeConfig, perf: bool, loop: Loop, info, device, amp_dtype,
         + (last_eval["bad_images"] if last_eval else 0),
         "skipped_steps": loop.step.skipped + loop.nonfinite_skipped,
         "first_step_s": loop.first_step_s,  # includes compilation with train.compile
-        "ranks_in_sync": distributed.params_in_sync(loop.net),  # DDP keeps replicas equal; checked
+        # DDP keeps replicas equal; checked, with the EMA and every buffer
+        "ranks_in_sync": distributed.params_in_sync(loop.net, loop.ema.module if loop.ema is not None else None),
         "device": str(device),
         "run_dir": str(run_dir) if run_dir else None,
     }
