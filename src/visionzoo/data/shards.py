@@ -254,6 +254,8 @@ class _Pass(IterableDataset):
                 continue
             if problem is None:
                 problem = self._label_problem(label)
+            if problem is None and not isinstance(data, (bytes, bytearray, memoryview)):
+                problem = f"the image is a {type(data).__name__}, not bytes"  # never a file name to open
             if problem is not None:
                 if failed_shard is None and warned < MAX_SAMPLE_WARNINGS:  # the shard's own line covers the rest
                     warned += 1
@@ -289,6 +291,8 @@ def decode_sample(data: bytes, label: int, transform: Callable | None) -> tuple[
     """Decode one sample's image bytes as ImageFolderDataset decodes a file; None if it cannot."""
     from visionzoo.data.folder import load_image
 
+    if not isinstance(data, (bytes, bytearray, memoryview)):  # a payload is bytes, never a file name to open
+        return None
     img = load_image(data, transform)
     return None if img is None else (img, label)
 
