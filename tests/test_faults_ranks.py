@@ -76,3 +76,84 @@ def test_the_ema_starts_from_the_same_weights_on_every_rank(tmp_path, capsys):
     out = capsys.readouterr().out
     one_process = float(out.split("loss ")[1].split()[0])
     assert one_process == pytest.approx(val_loss, abs=1e-4)
+
+
+_KNN_SCRIPT = """
+import json, sys
+import torch, torch.distributed as dist
+from torch.utils.data import Dataset
+from visionzoo.engine.knn import extract_features
+from visionzoo.errors import UserError
+dist.init_process_group("gloo")
+
+class Half(Dataset):  # the odd indices (rank 1's share) are unreadable files
+    def __init__(self, n, good):
+        self.n, self.good = n, good
+    def __len__(self):
+        return self.n
+    def __getitem__(self, i):
+        return (torch.full((3, 4, 4), float(i)), i % 2) if self.good(i) else None
+
+flat = lambda model, x: x.flatten(1)
+out = {}
+f, y = extract_features(torch.nn.Identity(), Half(6, lambda i: i % 2 == 0), 2, 0, torch.device("cpu"), fn=flat)
+out["rows"], out["labels"] = f[:, 0].tolist(), y.tolist()
+try:
+    extract_features(torch.nn.Identity(), Half(6, lambda i: False), 2, 0, torch.device("cpu"), fn=flat)
+except UserError as err:
+    out["error"] = str(err)
+json.dump(out, open(sys.argv[1], "w"))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_knn_features_when_one_rank_has_no_readable_image(tmp_path):
+    # Before: that rank raised alone and the other waited in the all-gather until the timeout.
+    import socket
+
+    script = tmp_path / "knn.py"
+    script.write_text(_KNN_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / f"r{rank}.json")], env=env,
+                                      stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        assert p.wait(timeout=60) == 0, p.stderr.read()[-2000:]
+    for rank in range(2):
+        out = json.loads((tmp_path / f"r{rank}.json").read_text())
+        assert out["rows"] == [0.0, 2.0, 4.0] and out["labels"] == [0, 0, 0]
+        assert out["error"] == "no readable images to extract features from"  # on both ranks, no hang
+
+
+def test_unreadable_validation_images_are_summed_over_ranks():
+    import torch
+
+    from visionzoo.engine.evaluate import evaluate
+
+    batches = [(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64), 1), (torch.empty(0), torch.empty(0), 2)]
+    two_ranks = lambda t: t * 2  # noqa: E731 - what the sum over 2 ranks with the same share gives
+    res = evaluate(torch.nn.Linear(3, 4), batches, torch.device("cpu"), None, reduce=two_ranks)
+    assert res["samples"] == 4 and res["bad_images"] == 6  # before: this rank's 3 only
+
+
+def test_device_decode_does_not_take_out_of_memory_for_bad_files(monkeypatch):
+    import torch
+
+    import visionzoo.data.device_decode as dd
+
+    calls = []
+
+    def full_device(chunks, **kw):
+        calls.append(len(chunks))
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(dd, "decode_jpeg", full_device)
+    with pytest.raises(torch.OutOfMemoryError):  # before: split and retried, every image "unreadable"
+        dd.decode_batch([torch.zeros(4, dtype=torch.uint8)] * 4, torch.device("cpu"))
+    assert calls == [4]

@@ -162,15 +162,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether ``flag`` is true on any rank; a collective with a process group, free without
-    one (no tensor, no device sync: it may be asked every training step)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    return bool(all_reduce_sum(t) > 0)
-
-
 def in_launched_worker() -> bool:
     """True inside a worker that torchrun, ``launch_local`` or ``srun`` (a step of several tasks)
     started: never launch again."""
