@@ -36,7 +36,7 @@ from visionzoo.data.multicrop import InMemoryMultiCropLoader, MultiCropTransform
 from visionzoo.data.tensor_dataset import TensorImageDataset
 from visionzoo.engine import lockstep
 from visionzoo.engine.knn import knn_eval
-from visionzoo.engine.resume import per_rank, rng_state, set_rng_state, truncate_metrics
+from visionzoo.engine.resume import RESIZE_WHY, per_rank, rng_state, set_rng_state, truncate_metrics
 from visionzoo.engine.stopping import Interrupted, StopVote, end_failed_run
 from visionzoo.engine.supervised import set_loader_epoch
 from visionzoo.errors import UserError
@@ -272,8 +272,8 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
     if resume_dir is not None:
         _, state, _ = load_latest(resume_dir)
         if len(state["ranks"]) != info.world_size:
-            raise UserError(f"{resume_dir} was written by {len(state['ranks'])} process(es); "
-                            f"resume with --devices {len(state['ranks'])}")
+            raise UserError(f"{resume_dir} was written by {len(state['ranks'])} process(es), this run has "
+                            f"{info.world_size}: {RESIZE_WHY}; resume with --devices {len(state['ranks'])}")
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         criterion.load_state_dict(state["dino_loss"])

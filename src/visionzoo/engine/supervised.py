@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from visionzoo import distributed
 from visionzoo.checkpoint import BEST, WEIGHTS, load_latest, publish, save_checkpoint
-from visionzoo.engine.resume import per_rank, rng_state, set_rng_state, truncate_metrics
+from visionzoo.engine.resume import RESIZE_WHY, per_rank, rng_state, set_rng_state, truncate_metrics
 from visionzoo.config import RecipeConfig, for_world_size, to_dict, to_yaml
 from visionzoo.data.build import build_datasets, build_loaders, cpu_fallbacks, failed_shards, loader_kind
 from visionzoo.data.mix import PerSampleMixup
@@ -305,8 +305,8 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
     if resume_dir is not None:
         tensors, state, weights_path = load_latest(resume_dir)
         if len(state["ranks"]) != info.world_size:
-            raise UserError(f"{weights_path} was written by {len(state['ranks'])} process(es); "
-                            f"resume with --devices {len(state['ranks'])}")
+            raise UserError(f"{weights_path} was written by {len(state['ranks'])} process(es), this run has "
+                            f"{info.world_size}: {RESIZE_WHY}; resume with --devices {len(state['ranks'])}")
         net.load_state_dict(tensors)
         optimizer.load_state_dict(state["optimizer"])
         stepper.load_state_dict(state["grad_step"])
