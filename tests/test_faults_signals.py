@@ -140,3 +140,66 @@ def test_double_sigterm_under_the_launcher_keeps_the_checkpoint(tmp_path):
     assert status["status"] == "interrupted" and "error" not in status and status["step"] == step
     _, state, weights = load_latest(run)
     assert weights.name == f"step-{step:09d}.safetensors" and len(state["ranks"]) == 2
+
+
+FAKE_SRUN = """#!/bin/bash
+# srun for one node: drops srun's own options, starts SLURM_NTASKS tasks with Slurm's variables.
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+    SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
+    pids+=($!)
+done
+echo "${pids[*]}" > "$FAKE_SRUN_PIDS"
+code=0
+for p in "${pids[@]}"; do wait "$p" || code=$?; done
+exit $code
+"""
+
+
+def _sbatch_script(run: Path) -> str:
+    """The sbatch example of docs/faults.md, on tiny synthetic data on the CPU in ``run``."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "faults.md").read_text()
+    script = next(block for block in doc.split("```bash\n")[1:] if block.startswith("#!/bin/bash")).split("```")[0]
+    assert "#SBATCH --signal=USR1@" in script and "srun --kill-on-bad-exit=1" in script
+    small = ("fashion_mnist --data synthetic --device cpu --epochs 1 data.synthetic_samples=2000 data.batch_size=16 "
+             "train.log_every=1 log.progress=off")
+    assert "resnet50_cifar100 --data /data/cifar100" in script and "runs/r50-cifar100" in script
+    return script.replace("resnet50_cifar100 --data /data/cifar100", small).replace("runs/r50-cifar100", str(run))
+
+
+def test_the_documented_sbatch_script_checkpoints_requeues_and_resumes(tmp_path):
+    import socket
+
+    bin_dir = fake_scontrol(tmp_path / "bin")
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # the script's `python`: this one
+    (bin_dir / "python").chmod(0o755)
+    run = tmp_path / "r50"
+    script = tmp_path / "train.sbatch"
+    script.write_text(_sbatch_script(run))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="31", SLURM_NTASKS="2",
+               SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=port, FAKE_SRUN_PIDS=str(tmp_path / "pids"))
+    job = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        _wait_for_steps(run, job, 3)
+        for pid in (tmp_path / "pids").read_text().split():  # Slurm signals every task of the step
+            os.kill(int(pid), signal.SIGUSR1)
+        _, err = job.communicate(timeout=90)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 128 + signal.SIGUSR1, err[-2000:]
+    assert "checkpoint saved" in err and "(Slurm job 31 requeued)" in err
+    assert (bin_dir / "scontrol.log").read_text() == "requeue 31\n"  # rank 0 only
+    # The requeued job runs the same script: it resumes and finishes; a start after that only reports.
+    again = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((run / "results.json").read_text())["steps"] == 2000 // 16
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and "has finished; nothing to resume" in done.stdout
