@@ -60,3 +60,24 @@ def test_no_image_over_pillows_pixel_limit_goes_to_nvjpeg(monkeypatch):
     assert dd.device_jpeg(data)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30 * 40 - 1)
     assert not dd.device_jpeg(data)  # before: nvJPEG decoded any size
+
+
+def test_dino_multicrop_pads_an_outsized_photo_on_its_own(monkeypatch):
+    from visionzoo.config import load_config
+
+    cfg = load_config("dino_vits16_imagenet", ["data.image_size=16", "dino.local_crop_size=8",
+                                               "dino.local_crops_number=2", "dino.solarize_p=0.5"])
+    augment = dd.MultiCropAugment(cfg.data, cfg.dino)
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 30, 40), dtype=torch.uint8, generator=g) for _ in range(11)]
+    images.insert(4, torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8, generator=g))
+    sizes = _buffers(monkeypatch)
+    crops = augment(images, torch.Generator().manual_seed(1))
+    grouped = sum(sizes)
+    # Before: 12 images padded to 301 x 401 (4.3 M values); now the photo alone plus 11 small ones.
+    assert grouped <= 3 * (301 * 401 + 11 * 31 * 41)
+    monkeypatch.setattr(dd, "crop_groups", lambda boxes, size: [list(range(len(boxes)))])
+    whole = augment(images, torch.Generator().manual_seed(1))
+    assert [c.shape for c in crops] == [c.shape for c in whole] == [(12, 3, 16, 16)] * 2 + [(12, 3, 8, 8)] * 2
+    for a, b in zip(crops, whole):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)

@@ -302,12 +302,19 @@ class MultiCropAugment:
 
     def __init__(self, d, dino):
         self.multicrop = BatchedMultiCrop(d, dino)
+        self.size = d.image_size
 
     def __call__(self, images: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
         if not images:
             return []
-        x, heights, widths = pad_batch(images)
-        return self.multicrop(x, generator, (heights, widths))
+        groups = crop_groups([(0, 0, int(i.shape[-2]), int(i.shape[-1])) for i in images], self.size)
+        if len(groups) == 1:
+            x, heights, widths = pad_batch(images)
+            return self.multicrop(x, generator, (heights, widths))
+        # An outsized photo is padded on its own, not every image of the batch to its size.
+        sizes = (torch.tensor([int(i.shape[-2]) for i in images]), torch.tensor([int(i.shape[-1]) for i in images]))
+        padded = [(group, pad_batch([images[k] for k in group])[0]) for group in groups]
+        return self.multicrop(padded, generator, sizes)
 
 
 def decode_batch(chunks: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
