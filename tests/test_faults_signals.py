@@ -203,3 +203,17 @@ def test_the_documented_sbatch_script_checkpoints_requeues_and_resumes(tmp_path)
     assert json.loads((run / "results.json").read_text())["steps"] == 2000 // 16
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0 and "has finished; nothing to resume" in done.stdout
+
+
+def test_ctrl_c_twice_is_recorded_as_interrupted(tmp_path):
+    # (The second Ctrl-C itself: test_a_second_ctrl_c_stops_at_once_except_under_the_launcher.)
+    from visionzoo.engine.stopping import end_failed_run
+
+    class Log:
+        def close(self):
+            pass
+
+    with pytest.raises(KeyboardInterrupt):
+        end_failed_run(KeyboardInterrupt(), True, tmp_path, Log(), 12)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["step"] == 12 and "error" not in status

@@ -105,6 +105,8 @@ def end_failed_run(err: BaseException, is_main: bool, run_dir: Path | None, log,
     if is_main:
         if stopped:
             mark_status(run_dir, "interrupted", step=step, signal=signal.Signals(err.signum).name)
+        elif isinstance(err, KeyboardInterrupt):  # Ctrl-C twice: stopped at once, the last checkpoint is older
+            mark_status(run_dir, "interrupted", step=step, signal="SIGINT", checkpoint="the previous one")
         else:
             mark_status(run_dir, "failed", error=f"{type(err).__name__}: {err}"[:500])
         log.close()
