@@ -21,7 +21,6 @@ Each line starts with ``ok`` or ``LOST``; the exit code is the number of LOST li
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
