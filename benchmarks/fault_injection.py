@@ -129,6 +129,24 @@ def _launch_and_signal(run: Path, extra: list[str], env: dict, signal_workers: b
     return p.returncode, err
 
 
+def _same_weights(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return wa.keys() == wb.keys() and all(bool((wa[k] == wb[k]).all()) for k in wa)
+
+
+def _reference(work: Path, extra: list[str]) -> Path:
+    """The same run, never stopped."""
+    ref = work / "uninterrupted"
+    p = _visionzoo("train", "fashion_mnist", "--data", "synthetic", "--device", "cpu", "--epochs", "1", "--output",
+                   str(ref), "data.synthetic_samples=4000", "data.batch_size=16", "train.log_every=1",
+                   "log.progress=off", "train.deterministic=true", *extra)
+    if p.returncode:
+        raise RuntimeError(p.stderr.strip()[-300:])
+    return ref
+
+
 def _finish(run: Path, extra: list[str]) -> dict | str:
     p = _visionzoo("train", "fashion_mnist", "--resume", str(run), *extra)
     if p.returncode != 0:
@@ -146,8 +164,9 @@ def fault_sigterm(work: Path) -> str:
     res = _finish(run, ["--devices", "2"])
     if isinstance(res, str):
         return _line(False, "sigterm", f"stopped at step {step}, resume failed: {res}")
-    return _line(res["steps"] == 250, "sigterm", f"double SIGTERM at step {step}: one line, exit {code}; resumed to "
-                                                 f"{res['steps']}/250 steps; lost: nothing")
+    same = _same_weights(run, _reference(work, ["--devices", "2"]))
+    return _line(res["steps"] == 250 and same, "sigterm", f"double SIGTERM at step {step}: one line, exit {code}; "
+                 f"resumed to {res['steps']}/250 steps, weights bit-identical to the run never stopped: {same}")
 
 
 def fault_usr1(work: Path) -> str:
@@ -161,9 +180,10 @@ def fault_usr1(work: Path) -> str:
     calls = (bin_dir / "calls").read_text().split("\n")[0] if (bin_dir / "calls").exists() else "(none)"
     ok = code == 128 + signal.SIGUSR1 and calls == "requeue 4321" and "requeued" in err
     res = _finish(run, []) if ok else "not resumed"
-    ok = ok and isinstance(res, dict) and res["steps"] == 250
+    same = ok and isinstance(res, dict) and _same_weights(run, _reference(work, []))
+    ok = ok and isinstance(res, dict) and res["steps"] == 250 and same
     return _line(ok, "usr1", f"SIGUSR1: checkpoint, `scontrol {calls}`, exit {code}; the requeued job resumed to "
-                             f"{res['steps'] if isinstance(res, dict) else res}/250 steps; lost: nothing")
+                             f"{res['steps'] if isinstance(res, dict) else res}/250 steps, bit-identical: {same}")
 
 
 def fault_ckpt(work: Path) -> str:
