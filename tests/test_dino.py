@@ -383,7 +383,7 @@ def test_mid_epoch_resume_is_exact(idx_dir: Path, tmp_path: Path, monkeypatch, c
         (run / "results.json").unlink()
     else:
         class StopAtOnce:  # SIGTERM arrives before the first step
-            requested = True
+            requested, code, signum = True, 1, 15
 
             def __enter__(self):
                 return self
@@ -394,8 +394,9 @@ def test_mid_epoch_resume_is_exact(idx_dir: Path, tmp_path: Path, monkeypatch, c
         with monkeypatch.context() as m:
             m.setattr(dino_engine, "StopSignal", StopAtOnce)
             capsys.readouterr()
-            assert main(["train", "dino_fashion_mnist", "--output", str(run), *common]) == 2
-        assert "stopped by a signal; checkpoint written at step 1" in capsys.readouterr().err
+            assert main(["train", "dino_fashion_mnist", "--output", str(run), *common]) == 128 + 15
+        assert ("stopped at step 1; checkpoint saved; continue with: visionzoo train dino_fashion_mnist --resume"
+                in capsys.readouterr().err)
         assert json.loads((run / "status.json").read_text())["status"] == "interrupted"
     assert main(["train", "dino_fashion_mnist", "--resume", str(run), *common]) == 0
     assert json.loads((run / "results.json").read_text())["steps"] == 6

@@ -95,9 +95,11 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(fmnist_dir, tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2 and "stopped by a signal; checkpoint written at step" in err
-    assert json.loads((run / "status.json").read_text())["status"] == "interrupted"
+    assert proc.returncode == 128 + signal.SIGTERM, err
     step = int(err.split("at step ")[1].split(";")[0])
+    assert err.strip() == (f"visionzoo: stopped at step {step}; checkpoint saved; continue with: "
+                           f"visionzoo train fashion_mnist --resume {run}")
+    assert json.loads((run / "status.json").read_text())["status"] == "interrupted"
     assert checkpoint_pairs(run)[0][0].name == f"step-{step:09d}.safetensors"
     # Resumed in a process like the first (bit-exactness needs the same CPU thread count).
     resumed = subprocess.run([sys.executable, "-m", "visionzoo", "train", "fashion_mnist", "--resume", str(run)],

@@ -189,17 +189,81 @@ def checkpoint_pairs(run_dir: Path) -> list[tuple[Path, Path]]:
 
 def load_latest(run_dir: Path) -> tuple[dict, dict, Path]:
     """The newest checkpoint of a run that loads: (state dict of the weights, training state,
-    weights path). A truncated newest pair (a crash mid-write) falls back to the one before."""
-    errors = []
+    weights path), the same one on every rank.
+
+    Rank 0 chooses and the choice is broadcast, so ranks never resume from different steps.
+    A newer pair that is corrupt (truncated by a crash mid-write, not a checkpoint) is skipped
+    with a warning naming it and why; an I/O error that is not corruption (permissions, a
+    failing disk, a missing mount) stops the run with one line instead of going back silently.
+    Temporary files of a write that was killed (``checkpoints/.step-*``) are removed first."""
+    import torch.distributed as dist
+
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    main = not several or dist.get_rank() == 0
+    choice: list = [None]  # ("ok", weights file name) or ("error", message), from rank 0
+    loaded = None
+    if main:
+        remove_partial_writes(run_dir)
+        try:
+            loaded, skipped = _choose(run_dir)
+            choice = [("ok", loaded[2].name)]
+            for name, why in skipped:
+                print(f"warning: checkpoint {name} is unusable ({why}); resuming from {loaded[2].stem} instead, "
+                      f"and the metrics logged after it are dropped", flush=True)
+        except UserError as err:
+            choice = [("error", str(err))]
+    if several:
+        dist.broadcast_object_list(choice, src=0)
+    kind, value = choice[0]
+    if kind == "error":
+        raise UserError(value)
+    if main:
+        return loaded
+    weights = Path(run_dir) / CHECKPOINTS / value
+    try:
+        return _load_pair(weights, weights.with_suffix(".pt"))
+    except Exception as err:  # noqa: BLE001 - see _choose
+        raise UserError(f"rank {dist.get_rank()} cannot read checkpoint {weights} that rank 0 resumes from: "
+                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
+def remove_partial_writes(run_dir: Path) -> list[Path]:
+    """Delete the temporary files that writes killed mid-way (SIGKILL, a node failure) left in
+    the run's checkpoint folder (``.step-*``); returns them."""
+    folder = Path(run_dir) / CHECKPOINTS
+    stale = sorted(folder.glob(".step-*")) if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _load_pair(weights: Path, state_path: Path) -> tuple[dict, dict, Path]:
+    """Read one (weights, state) pair and its EMA weights; raises what the libraries raise."""
+    with safe_open(str(weights), framework="pt") as f:
+        if META_KEY not in (f.metadata() or {}):
+            raise ValueError("not a visionzoo checkpoint")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    ema = weights.with_name(weights.name.replace(".safetensors", ".ema.safetensors"))
+    if ema.is_file():
+        with safe_open(str(ema), framework="pt") as f:
+            state["ema_weights"] = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, state, weights
+
+
+def _choose(run_dir: Path) -> tuple[tuple[dict, dict, Path], list[tuple[str, str]]]:
+    """The newest pair that loads, and the newer ones skipped as corrupt (name, why)."""
+    skipped = []
     for weights, state_path in checkpoint_pairs(run_dir):
         try:
-            tensors, _ = load_weights(weights)
-            state = load_state(state_path)
-            ema = weights.with_name(weights.name.replace(".safetensors", ".ema.safetensors"))
-            if ema.is_file():
-                state["ema_weights"] = load_weights(ema)[0]
-            return tensors, state, weights
-        except UserError as err:
-            errors.append(str(err))
-    detail = f" ({'; '.join(errors)})" if errors else ""
+            return _load_pair(weights, state_path), skipped
+        except OSError as err:
+            if err.errno is not None:  # the file system failed, not the file's bytes: say so, do not go back
+                raise UserError(f"cannot read checkpoint {weights.stem} in {weights.parent}: {err.strerror or err} "
+                                f"({err.filename or state_path}); fix this and resume again (an older "
+                                "checkpoint is not used in its place)") from None
+            skipped.append((weights.stem, str(err).splitlines()[0] if str(err) else type(err).__name__))
+        except Exception as err:  # noqa: BLE001 - safetensors, zip and pickle readers raise many types
+            skipped.append((weights.stem, str(err).splitlines()[0] if str(err) else type(err).__name__))
+    detail = f" ({'; '.join(f'{n}: {w}' for n, w in skipped)})" if skipped else ""
     raise UserError(f"no usable checkpoint in {Path(run_dir) / CHECKPOINTS}{detail}")

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from visionzoo.errors import UserError
+from visionzoo.errors import Stopped, UserError
 
 EXAMPLES = """examples:
   visionzoo recipes                                         # the recipes and their seed targets
@@ -86,8 +86,8 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from visionzoo import distributed
-    from visionzoo.config import load_config
     from visionzoo.api import fit_config
+    from visionzoo.config import load_config
     from visionzoo.data.loading.build import check_data_path
     from visionzoo.engine.resume import check_new_run_dir, check_resumable, find_auto_resume, finished_results
 
@@ -120,7 +120,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.devices > 1 and not distributed.in_launched_worker():
         check_data_path(cfg.data)
         raise SystemExit(distributed.launch_local(args.devices, args.argv))
-    fit_config(cfg, perf=args.perf, resume_dir=resume_dir)  # what visionzoo.train runs too
+    try:
+        fit_config(cfg, perf=args.perf, resume_dir=resume_dir)  # what visionzoo.train runs too
+    except Stopped as err:  # the command that continues the run, as this one was typed
+        devices = f" --devices {args.devices}" if args.devices > 1 else ""
+        err.resume_command = f"visionzoo train {args.recipe} --resume {err.run_dir}{devices}"
+        raise
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -409,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher hands to its workers
     try:
         args.func(args)
+    except Stopped as err:  # a signal: one line from rank 0, exit 128 + signal number
+        if not err.quiet:
+            print(f"visionzoo: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
     except UserError as err:
         print(f"visionzoo: error: {err}", file=sys.stderr)
         return 2

@@ -163,27 +163,20 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether ``flag`` is true on any rank; a collective with a process group, free without
-    one (no tensor, no device sync: it may be asked every training step)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    return bool(all_reduce_sum(t) > 0)
-
-
 def in_launched_worker() -> bool:
     """True inside a worker that torchrun, ``launch_local`` or ``srun`` (a step of several tasks)
     started: never launch again."""
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ or _slurm_info() is not None
 
 
-def params_in_sync(model: torch.nn.Module, buffers: bool = True) -> bool:
-    """Whether every rank holds the same weights, and buffers (BatchNorm statistics) with
-    ``buffers``: compares a float64 checksum of all of them."""
+def params_in_sync(*models: torch.nn.Module | None, buffers: bool = True) -> bool:
+    """Whether every rank holds the same weights of each of ``models`` (the network, its EMA;
+    None is left out), and their buffers (BatchNorm statistics and counters) with ``buffers``:
+    compares a float64 checksum of all of them."""
     if not dist.is_initialized():
         return True
-    tensors = itertools.chain(model.parameters(), model.buffers() if buffers else ())
+    tensors = itertools.chain.from_iterable(
+        itertools.chain(m.parameters(), m.buffers() if buffers else ()) for m in models if m is not None)
     with torch.no_grad():
         total = sum((t.detach().double() * (i + 1)).sum() for i, t in enumerate(tensors))
         sums = [torch.zeros_like(total) for _ in range(dist.get_world_size())]
@@ -222,6 +215,7 @@ def launch_local(nproc: int, argv: list[str], monitor_interval: float = 0.5) -> 
     """Run ``python -m visionzoo ARGV`` in ``nproc`` worker processes on this machine through
     torch's elastic launcher (what torchrun runs). If any worker fails, the launcher stops the
     others and this returns 1 with one line naming the failed rank; 0 when all succeed."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -234,12 +228,23 @@ def launch_local(nproc: int, argv: list[str], monitor_interval: float = 0.5) -> 
     with _launcher_scope({"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}):
         try:
             elastic_launch(config, sys.executable)("-m", "visionzoo", *argv)
+        except SignalException as err:
+            # This process was signalled; the agent passed the signal on to the workers, which
+            # checkpointed, and rank 0 printed the line that says how to continue.
+            return 128 + int(err.sigval)
         except ChildFailedError as err:
             rank, failure = err.get_first_failure()
+            codes = {f.exitcode for f in err.failures.values()}
+            if codes <= STOPPED_EXIT_CODES:  # the workers themselves were signalled and stopped cleanly
+                return failure.exitcode
             print(f"visionzoo: error: worker rank {rank} failed (exit code {failure.exitcode}); "
                   f"the other workers were stopped", file=sys.stderr)
             return 1
     return 0
+
+
+# Exit codes of a worker that stopped on SIGINT, SIGTERM or SIGUSR1 after its checkpoint (errors.Stopped).
+STOPPED_EXIT_CODES = {128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGUSR1}
 
 
 _LAUNCHER_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
@@ -252,6 +257,16 @@ def _launcher_scope(env_defaults: dict[str, str]) -> Iterator[None]:
     exception and never removes them, so a process that goes on after a launch (a notebook, the
     tests) would have every later child it forks, and SIGTERMs, ignore the signal."""
     added = {k: v for k, v in env_defaults.items() if k not in os.environ}
+    # The agent's warnings on a stop ("Received 15 death signal", "Sending process ... closing
+    # signal") add nothing to the workers' own line; its errors still show.
+    import logging
+
+    # (torch sets a level on each of its modules' loggers, so each is raised, not the parent.)
+    elastic_logs = [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict)
+                    if n.startswith("torch.distributed.elastic")]
+    old_levels = [log.level for log in elastic_logs]
+    for log in elastic_logs:
+        log.setLevel(logging.ERROR)
     saved = {}
     if threading.current_thread() is threading.main_thread():
         saved = {s: signal.getsignal(s) for s in (getattr(signal, n, None) for n in _LAUNCHER_SIGNALS) if s}
@@ -259,6 +274,8 @@ def _launcher_scope(env_defaults: dict[str, str]) -> Iterator[None]:
     try:
         yield
     finally:
+        for log, level in zip(elastic_logs, old_levels):
+            log.setLevel(level)
         for k in added:
             os.environ.pop(k, None)
         for s, handler in saved.items():

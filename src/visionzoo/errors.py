@@ -10,3 +10,20 @@ def first_line(err: BaseException) -> str:
     one-line error reports of library failures."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     return lines[0] if lines else type(err).__name__
+
+
+class Stopped(UserError):
+    """A run stopped by a signal after every rank wrote its part of a checkpoint: not a failure
+    of the run, but it did not finish. The CLI prints one line (rank 0 only: ``quiet`` on the
+    others) and exits with ``128 + signal number``, as a shell reports a process a signal ended:
+    the same code for one process and for ``--devices N``."""
+
+    def __init__(self, step: int, run_dir, signum: int, note: str | None = None, quiet: bool = False) -> None:
+        super().__init__(f"stopped at step {step}")
+        self.step, self.run_dir, self.signum, self.note, self.quiet = step, run_dir, signum, note, quiet
+        self.exit_code = 128 + signum
+        self.resume_command = f"visionzoo train RECIPE --resume {run_dir}"  # the CLI fills in the recipe
+
+    def __str__(self) -> str:
+        line = f"stopped at step {self.step}; checkpoint saved; continue with: {self.resume_command}"
+        return f"{line} ({self.note})" if self.note else line

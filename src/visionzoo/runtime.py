@@ -119,25 +119,42 @@ def default_signals() -> None:
         signal.signal(s, signal.SIG_DFL)
 
 
+STOP, REQUEUE = 1, 2  # StopSignal.code: stop with a checkpoint; also requeue the Slurm job
+
+
 class StopSignal:
-    """Turns SIGTERM and SIGINT into a flag the training loop polls, so a run can write a
-    checkpoint before it exits. A second signal exits at once."""
+    """Turns SIGTERM, SIGINT and SIGUSR1 into a code the training loop polls at step
+    boundaries, so a run writes a checkpoint before it exits.
+
+    Repeated SIGTERMs only set the flag: Slurm signals every process of a job step and torch's
+    launcher forwards its own a few milliseconds later, and neither may cut the checkpoint
+    short. A second SIGINT (Ctrl-C twice) exits at once, except in a worker of torch's launcher,
+    which forwards the terminal's Ctrl-C a second time itself (and kills its workers after its
+    own grace period). SIGUSR1 (Slurm's ``--signal=USR1@SECONDS`` warning) stops the same way
+    and asks for the job to be requeued."""
 
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.signum: int | None = None  # the first stop signal
+        self.requeue = False
         self._old: dict[int, object] = {}
+        self._under_launcher = "TORCHELASTIC_RUN_ID" in os.environ
 
     def _handle(self, signum: int, frame) -> None:  # noqa: ANN001
-        if self.signum is not None:
+        import signal
+
+        if signum == signal.SIGINT and self.signum == signal.SIGINT and not self._under_launcher:
             raise KeyboardInterrupt
-        self.signum = signum
+        if signum == signal.SIGUSR1:
+            self.requeue = True
+        if self.signum is None:
+            self.signum = signum
 
     def __enter__(self) -> "StopSignal":
         import signal
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
+            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 self._old[s] = signal.signal(s, self._handle)
         return self
 
@@ -150,3 +167,8 @@ class StopSignal:
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+    @property
+    def code(self) -> int:
+        """0: carry on; STOP: checkpoint and stop; REQUEUE: also requeue the Slurm job."""
+        return REQUEUE if self.requeue else STOP if self.signum is not None else 0

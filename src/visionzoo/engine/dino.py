@@ -37,9 +37,11 @@ from visionzoo.data.loading.build import build_datasets, cpu_fallbacks, failed_s
 from visionzoo.data.loading.device_decode import DeviceDecodeLoader
 from visionzoo.data.loading.in_memory import InMemoryMultiCropLoader
 from visionzoo.data.sources.tensor_dataset import TensorImageDataset
+from visionzoo.engine import lockstep
 from visionzoo.engine.knn import knn_eval
-from visionzoo.engine.resume import per_rank, rng_state, set_rng_state, truncate_metrics
-from visionzoo.engine.supervised import Interrupted, end_failed_run, set_loader_epoch
+from visionzoo.engine.resume import RESIZE_WHY, per_rank, rng_state, set_rng_state, truncate_metrics
+from visionzoo.engine.stopping import Interrupted, StopVote, end_failed_run
+from visionzoo.engine.supervised import set_loader_epoch
 from visionzoo.errors import UserError
 from visionzoo.models import build_model, create
 from visionzoo.models.dino import DINOLoss, build_dino, cancel_last_layer_grads, update_teacher
@@ -173,14 +175,17 @@ class DinoTraining:
             self.model, self.teacher_fwd = torch.compile(self.model), torch.compile(self.teacher)
 
     def step(self, crops: list[torch.Tensor], lr: float, wd: float, momentum: float, teacher_temp: float,
-             freeze_last_layer: bool) -> torch.Tensor | None:
+             freeze_last_layer: bool, weight: float = 1.0) -> torch.Tensor | None:
         """One optimizer step on a multi-crop batch already on the device; returns this rank's
         loss as a device tensor (``mean_loss`` reads it, averaged over ranks), nothing read back.
 
         A non-finite loss: with ``check_each_step`` every rank reads the loss summed over ranks
         (one sync per step), takes no step and returns None (the caller counts it); otherwise the
         step is taken and counted on the device, and the caller checks ``nonfinite_losses`` at its
-        log points, checkpoints and epoch ends, stopping before any diverged weights are saved."""
+        log points, checkpoints and epoch ends, stopping before any diverged weights are saved.
+
+        ``weight=0``: ``crops`` are placeholders (this rank's batch held no usable image); the
+        step runs with a zero loss, in eval mode, and adds nothing to the teacher centre."""
         for i, group in enumerate(self.optimizer.param_groups):  # floats: the state loads weights_only
             group["lr"] = lr
             if i == 0:  # only the first group (weights, not biases/norms) is decayed
@@ -188,7 +193,10 @@ class DinoTraining:
         with self.autocast():
             with torch.no_grad():
                 teacher_out = self.teacher_fwd(crops[:2])
-            loss = self.criterion(self.model(crops), teacher_out, teacher_temp)
+            if weight:
+                loss = self.criterion(self.model(crops), teacher_out, teacher_temp)
+            else:
+                loss = lockstep.zero_weight_loss(self.model, self.student, crops)
         if self.check_each_step:
             # Summed over ranks, so that a NaN on any rank skips the step on every rank alike.
             if not math.isfinite(distributed.all_reduce_sum(loss.detach().float().clone()).item()):
@@ -199,7 +207,7 @@ class DinoTraining:
             self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
         self.stepper(loss, freeze_last_layer)
         update_teacher(self.student, self.teacher, momentum)
-        self.criterion.update_center(teacher_out, self.reduce)
+        self.criterion.update_center(teacher_out, self.reduce, weight)
         return loss.detach()
 
     def mean_loss(self, loss: torch.Tensor | float | None) -> float:
@@ -276,8 +284,8 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
     if resume_dir is not None:
         _, state, _ = load_latest(resume_dir)
         if len(state["ranks"]) != info.world_size:
-            raise UserError(f"{resume_dir} was written by {len(state['ranks'])} process(es); "
-                            f"resume with --devices {len(state['ranks'])}")
+            raise UserError(f"{resume_dir} was written by {len(state['ranks'])} process(es), this run has "
+                            f"{info.world_size}: {RESIZE_WHY}; resume with --devices {len(state['ranks'])}")
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         criterion.load_state_dict(state["dino_loss"])
@@ -352,6 +360,9 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
         resumed_sums = tuple(mine["epoch_sums"].tolist())
         set_rng_state(mine["rng"], device)  # last: the set-up above drew from the RNGs
     check_stop_every = 10 if info.enabled else 1  # a collective per check on several ranks
+    vote = StopVote(device)
+    crop_shapes = [(d.in_chans, d.image_size, d.image_size)] * 2 + \
+        [(d.in_chans, dc.local_crop_size, dc.local_crop_size)] * dc.local_crops_number
     # Throughput counts training steps only (no k-NN, no checkpoints), after `warm` untimed steps.
     warm = t.perf_warmup_steps if perf else min(t.perf_warmup_steps, steps_per_epoch // 2)
     stop_at = step + warm + t.perf_steps
@@ -373,12 +384,17 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                 t_epoch = t_mark = time.perf_counter()
                 for crops, _, _ in loader:
                     seen += 1
-                    if not crops:  # every image of the batch was unreadable
+                    real = bool(crops)  # False: every image of the batch was unreadable
+                    if not real and not lockstep.must_step_empty():
                         continue
                     it = min(step, total - 1)  # a perf run may outlast the schedule
-                    crops = [c.to(device, non_blocking=True) for c in crops]
+                    if real:
+                        crops = [c.to(device, non_blocking=True) for c in crops]
+                        crop_shapes = [tuple(c.shape[1:]) for c in crops]
+                    else:  # a zero-weight step on placeholders, in step with the other ranks (lockstep.py)
+                        crops = [lockstep.placeholder(s, device) for s in crop_shapes]
                     loss = parts.step(crops, float(lrs[it]), float(wds[it]), float(moms[it]), float(temps[it]),
-                                      freeze_last_layer=epoch < dc.freeze_last_layer)
+                                      freeze_last_layer=epoch < dc.freeze_last_layer, weight=float(real))
                     if loss is None:  # train.skip_nonfinite > 0: a NaN/inf loss, no step taken on any rank
                         nonfinite += 1
                         if nonfinite > t.skip_nonfinite:
@@ -386,7 +402,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                                             f"training diverged (train.skip_nonfinite={t.skip_nonfinite}; try a "
                                             f"lower optim.lr, train.amp=bf16 or none, a longer schedule.warmup_epochs)")
                         continue
-                    n = crops[0].shape[0]
+                    n = crops[0].shape[0] if real else 0
                     last_loss = loss
                     loss_sum, count, fresh = loss_sum + loss.double() * n, count + n, fresh + n
                     step, done_in_epoch = step + 1, done_in_epoch + 1
@@ -416,9 +432,9 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                         position = (epoch, None, seen, (loss_sum, count, done_in_epoch))
                         if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
                             checkpoint(*position)
-                        if step % check_stop_every == 0 and distributed.any_rank(stop.requested, device):
+                        if step % check_stop_every == 0 and (code := vote.vote(stop.code)):
                             checkpoint(*position)
-                            raise Interrupted
+                            raise Interrupted(code, stop.signum)
                 synchronize(device)
                 if timing:
                     timed_seconds += time.perf_counter() - t_mark

@@ -31,7 +31,7 @@ def evaluate(
     Sums stay on the device until the end (one synchronisation per split). ``reduce``, when
     given, sums the totals over processes (each rank evaluates its own shard)."""
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
+    totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, top1, top5, count, unreadable
     bad = 0
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -48,14 +48,15 @@ def evaluate(
         loss = F.cross_entropy(logits, targets, reduction="sum")
         # torch.full: a fill kernel; torch.tensor(n, device=...) would be a blocking host→device copy.
         count = torch.full((), len(targets), device=device, dtype=torch.float64)
-        totals += torch.stack([loss.double(), top1.double(), top5.double(), count])
+        totals[:4] += torch.stack([loss.double(), top1.double(), top5.double(), count])
+    totals[4] += bad  # summed over ranks with the rest: each rank skipped its own unreadable images
     if reduce is not None:
         totals = reduce(totals)
-    loss_sum, top1, top5, count = totals.tolist()
+    loss_sum, top1, top5, count, bad = totals.tolist()
     count = max(count, 1.0)
     return {
         "loss": loss_sum / count, "acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count,
-        "samples": int(count), "bad_images": bad,
+        "samples": int(count), "bad_images": int(bad),
     }
 
 

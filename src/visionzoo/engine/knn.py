@@ -127,9 +127,16 @@ def extract_features(
             f = fn(model, images.to(device, non_blocking=True))
         feats.append(f.float())
         labels.append(targets.to(device))
-    if not feats:
+    # Every rank agrees before gathering: a rank whose share had no readable image contributes no
+    # rows (it must still join the gathers, or the others wait for it until the timeout).
+    width = torch.tensor([feats[0].shape[1] if feats else 0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    if int(width.item()) == 0:
         raise UserError("no readable images to extract features from")
-    return _gather(torch.cat(feats)), _gather(torch.cat(labels))
+    f = torch.cat(feats) if feats else torch.zeros((0, int(width.item())), device=device)
+    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64, device=device)
+    return _gather(f), _gather(y)
 
 
 @torch.no_grad()

@@ -21,6 +21,12 @@ import torch.distributed as dist
 from visionzoo.errors import UserError
 
 RUN_FILES = ("config.yaml", "metrics.jsonl")
+# Why a checkpoint is resumed only by as many processes as wrote it (an elastic resize is refused):
+# the resolved config fixes the per-device batch (a resize would change the global batch, the LR
+# and the steps per epoch the schedule is indexed by), and each rank's random streams and share
+# of the epoch order are saved per rank.
+RESIZE_WHY = ("its per-device batch, schedule, epoch split and random streams are per process, so "
+              "another count cannot continue it exactly")
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

@@ -23,9 +23,11 @@ from visionzoo.checkpoint import BEST, WEIGHTS, load_latest, publish, save_check
 from visionzoo.config import RecipeConfig, for_world_size, to_dict, to_yaml
 from visionzoo.data.augment.mix import PerSampleMixup
 from visionzoo.data.loading.build import build_datasets, build_loaders, cpu_fallbacks, failed_shards, loader_kind
+from visionzoo.engine import lockstep
 from visionzoo.engine.evaluate import evaluate
-from visionzoo.engine.resume import per_rank, rng_state, set_rng_state, truncate_metrics
+from visionzoo.engine.resume import RESIZE_WHY, per_rank, rng_state, set_rng_state, truncate_metrics
 from visionzoo.engine.step import GradStep
+from visionzoo.engine.stopping import Interrupted, StopVote, end_failed_run
 from visionzoo.errors import UserError
 from visionzoo.models import build_model
 from visionzoo.models.ghost_bn import bn_group_of, grouped_layers, reference_ranks, update_stats, use_bn_groups
@@ -81,6 +83,8 @@ class Loop:
     elapsed_before: float = 0.0
     checkpoint: Any = None  # callable writing a checkpoint of the current position (all ranks call it)
     stop: Any = None  # runtime.StopSignal
+    vote: Any = None  # stopping.StopVote: the ranks agree on a stop signal
+    sample_shape: tuple = ()  # (C, H, W) of a training image: the placeholder of a zero-weight step
 
 
 @dataclass
@@ -97,10 +101,6 @@ class EpochStats:
         return self.timed_images / self.timed_seconds if self.timed_seconds > 0 else float("nan")
 
 
-class Interrupted(Exception):
-    """SIGTERM/SIGINT arrived; a checkpoint of the current step has been written."""
-
-
 def _check_finite(loop: Loop, weights: bool = False) -> None:
     """Stop with a clear message if a non-finite loss went by since the last check, or (with
     ``weights``) if a weight or buffer is no longer finite: one sync."""
@@ -113,20 +113,6 @@ def _check_finite(loop: Loop, weights: bool = False) -> None:
         raise UserError(f"{what} became NaN/inf by step {loop.global_step}; the last good checkpoint "
                         "is kept. Lower optim.lr, use train.amp=bf16/none, or let train.skip_nonfinite=N "
                         "steps be skipped")
-
-
-def end_failed_run(err: BaseException, is_main: bool, run_dir, log, step: int) -> None:
-    """Record why a run ended early (status interrupted or failed, on rank 0) and re-raise:
-    a signal becomes one user-facing line naming the checkpoint to resume from."""
-    if is_main:
-        status = "interrupted" if isinstance(err, Interrupted) else "failed"
-        mark_status(run_dir, status, error=f"{type(err).__name__}: {err}"[:500])
-        log.close()
-        log.finish(run_dir, None, "KILLED" if isinstance(err, Interrupted) else "FAILED")
-    if isinstance(err, Interrupted):
-        raise UserError(f"stopped by a signal; checkpoint written at step {step}; "
-                        f"continue with --resume {run_dir or 'RUN_DIR'}") from None
-    raise err
 
 
 def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0) -> EpochStats:
@@ -153,28 +139,32 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
             break
         loop.bad_images += n_bad
         loop.batches_in_epoch += 1
-        if images.numel() == 0:
-            continue
-        images = images.to(loop.device, non_blocking=True, memory_format=loop.memory_format)
-        targets = targets.to(loop.device, non_blocking=True)
+        if loop.mixup is not None and len(images) % 2:
+            # Mixing pairs sample i with sample B-1-i: a batch that lost an unreadable image drops one more.
+            images, targets = images[:-1], targets[:-1]
+        n = len(images) if images.numel() else 0
+        if n == 0 and not lockstep.must_step_empty():
+            continue  # one process: nothing to match, nothing to learn from
         update = loop.batches_in_epoch % accum == 0
         if update:
             for group in loop.optimizer.param_groups:
                 group["lr"] = float(loop.lrs[min(loop.global_step, len(loop.lrs) - 1)])  # no NumPy scalars in state
-        if loop.mixup is not None and len(images) % 2:
-            # Mixing pairs sample i with sample B-1-i: a batch that lost an unreadable image drops one more.
-            images, targets = images[:-1], targets[:-1]
-            if len(images) == 0:
-                continue
-        hard_targets = targets
-        if loop.mixup is not None:
-            images, targets = loop.mixup(images, targets)
-        if grouped_bn:  # running statistics from the step's first micro-batch, as the reference's rank 0
-            update_stats(grouped_bn, loop.batches_in_epoch % accum == 1)
         no_sync = loop.model.no_sync if (not update and hasattr(loop.model, "no_sync")) else nullcontext
-        with no_sync(), autocast:
-            logits = loop.model(images)
-            loss = loop.criterion(logits, targets)
+        if n:
+            images = images.to(loop.device, non_blocking=True, memory_format=loop.memory_format)
+            hard_targets = targets = targets.to(loop.device, non_blocking=True)
+            loop.sample_shape = tuple(images.shape[1:])
+            if loop.mixup is not None:
+                images, targets = loop.mixup(images, targets)
+            if grouped_bn:  # running statistics from the step's first micro-batch, as the reference's rank 0
+                update_stats(grouped_bn, loop.batches_in_epoch % accum == 1)
+            with no_sync(), autocast:
+                logits = loop.model(images)
+                loss = loop.criterion(logits, targets)
+        else:  # no usable image on this rank: a zero-weight step, in step with the other ranks
+            with no_sync(), autocast:
+                loss = lockstep.zero_weight_loss(loop.model, loop.net, lockstep.placeholder(
+                    loop.sample_shape, loop.device, loop.memory_format))
         finite = torch.isfinite(loss.detach())
         # train.skip_nonfinite > 0 reads every step's loss (the one allowed per-step sync: skipping
         # exactly the bad steps needs it); otherwise the flag below is checked lazily.
@@ -189,12 +179,12 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
         if loop.amp_dtype != torch.float16:  # fp16: the loss scaler skips such steps itself
             loop.nonfinite = loop.nonfinite + (~finite).float() if loop.nonfinite is not None else (~finite).float()
         loop.step(loss / accum, update=update)
-        n = len(hard_targets)
-        sums += torch.stack([
-            torch.nan_to_num(loss.detach().double()) * n,
-            (logits.detach().argmax(1) == hard_targets).sum().double(),
-            torch.full((), n, dtype=torch.float64, device=loop.device),  # a fill kernel, not a host→device copy
-        ])
+        if n:
+            sums += torch.stack([
+                torch.nan_to_num(loss.detach().double()) * n,
+                (logits.detach().argmax(1) == hard_targets).sum().double(),
+                torch.full((), n, dtype=torch.float64, device=loop.device),  # a fill kernel, not a host→device copy
+            ])
         stats.images += n
         if t_start is not None:
             stats.timed_images += n
@@ -222,10 +212,11 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
         if loop.checkpoint is not None and done < total:
             if loop.checkpoint_every and loop.global_step % loop.checkpoint_every == 0:
                 loop.checkpoint()
-            stop = loop.stop is not None and loop.stop.requested
-            if loop.global_step % check_stop_every == 0 and distributed.any_rank(stop, loop.device):
-                loop.checkpoint()
-                raise Interrupted
+            if loop.global_step % check_stop_every == 0 and loop.stop is not None:
+                code = loop.vote.vote(loop.stop.code)
+                if code:
+                    loop.checkpoint()
+                    raise Interrupted(code, loop.stop.signum)
     progress.close()
     synchronize(loop.device)
     if t_start is not None:
@@ -333,14 +324,16 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
     if resume_dir is not None:
         tensors, state, weights_path = load_latest(resume_dir)
         if len(state["ranks"]) != info.world_size:
-            raise UserError(f"{weights_path} was written by {len(state['ranks'])} process(es); "
-                            f"resume with --devices {len(state['ranks'])}")
+            raise UserError(f"{weights_path} was written by {len(state['ranks'])} process(es), this run has "
+                            f"{info.world_size}: {RESIZE_WHY}; resume with --devices {len(state['ranks'])}")
         net.load_state_dict(tensors)
         optimizer.load_state_dict(state["optimizer"])
         stepper.load_state_dict(state["grad_step"])
         if ema is not None and "ema_weights" in state:
             ema.module.load_state_dict(state["ema_weights"])
     model = wrap_model(net, device, info.enabled, cfg.train.compile, cfg.model.bn_broadcast)
+    if ema is not None and "ema_weights" not in (state or {}):
+        ema.module.load_state_dict(net.state_dict())  # DDP gave every rank rank 0's weights: the EMA starts there
 
     run_dir = log = None
     if info.is_main:
@@ -364,7 +357,8 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
 
     loop = Loop(model, net, optimizer, stepper, lrs, criterion, device, amp_dtype, memory_format,
                 cfg.train.accum_steps, mixup, ema, log, cfg.train.log_every, cfg.log.progress,
-                skip_nonfinite=cfg.train.skip_nonfinite, checkpoint_every=cfg.train.checkpoint_every_steps)
+                skip_nonfinite=cfg.train.skip_nonfinite, checkpoint_every=cfg.train.checkpoint_every_steps,
+                sample_shape=(cfg.data.in_chans, cfg.data.image_size, cfg.data.image_size))
     meta = {"config": to_dict(cfg), "model": model_args, "classes": splits.classes}
     best = {"acc1": -math.inf}
     if state is not None:
@@ -374,6 +368,7 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
         loop.timed_images, loop.timed_seconds = state.get("timed", (0, 0.0))
         loop.elapsed_before = state.get("elapsed_s", 0.0)
         mine = state["ranks"][info.rank]
+        loop.bad_images = mine.get("bad_images", loop.bad_images if info.is_main else 0)  # this rank's own count
         loop.epoch_sums = mine["epoch_sums"].to(device)
         set_rng_state(mine["rng"], device)  # last: setup above drew from the RNGs
 
@@ -385,14 +380,14 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
             "optimizer": optimizer.state_dict(), "grad_step": stepper.state_dict(),
             "bad_images": loop.bad_images, "best_acc1": best["acc1"], "last_loss": loop.last_loss,
             "timed": [loop.timed_images, loop.timed_seconds], "elapsed_s": loop.elapsed_before + time.perf_counter() - t0,
-            "ranks": per_rank({"rng": rng_state(device), "epoch_sums": loop.epoch_sums.cpu()
+            "ranks": per_rank({"rng": rng_state(device), "bad_images": loop.bad_images, "epoch_sums": loop.epoch_sums.cpu()
                                if loop.epoch_sums is not None else torch.zeros(3, dtype=torch.float64)}),
         }
         if info.is_main:
             save_checkpoint(run_dir, loop.global_step, net, {**meta, "epoch": loop.epoch, "acc1": acc1},
                             train_state, cfg.train.keep_checkpoints, ema.module if ema is not None else None)
 
-    loop.checkpoint = checkpoint
+    loop.checkpoint, loop.vote = checkpoint, StopVote(device)
     eval_kw = dict(device=device, amp_dtype=amp_dtype, channels_last=use_cl,
                    reduce=distributed.all_reduce_sum if info.enabled else None,
                    progress=cfg.log.progress if info.is_main else "off")
@@ -450,11 +445,14 @@ def _results(cfg: RecipeConfig, perf: bool, loop: Loop, info, device, amp_dtype,
         "TrainAccuracy": last_eval["acc1"] if last_eval else None,  # the seeds' name for final val Acc@1
         "ActualLoss": loop.last_loss,
         "E2ETrainingTime": loop.elapsed_before + time.perf_counter() - t0,  # all sessions of a resumed run
-        "bad_images": loop.bad_images + (last_eval["bad_images"] if last_eval else 0),
+        # Every rank skips its own unreadable images: summed over ranks (evaluate sums its own).
+        "bad_images": int(distributed.all_reduce_sum(torch.tensor(float(loop.bad_images), device=device)).item())
+        + (last_eval["bad_images"] if last_eval else 0),
         "skipped_steps": loop.step.skipped + loop.nonfinite_skipped,
         "first_step_s": loop.first_step_s,  # includes compilation with train.compile
-        # DDP keeps replicas equal (BatchNorm statistics too where averaged); checked
-        "ranks_in_sync": distributed.params_in_sync(loop.net, buffers=cfg.model.bn_average),
+        # DDP keeps replicas equal (BatchNorm statistics too where averaged); checked, with the EMA
+        "ranks_in_sync": distributed.params_in_sync(loop.net, loop.ema.module if loop.ema is not None else None,
+                                                    buffers=cfg.model.bn_average),
         "device": str(device),
         "run_dir": str(run_dir) if run_dir else None,
     }

@@ -168,13 +168,20 @@ class DINOLoss(nn.Module):
         return dino_loss(student_out, teacher_out, self.center, teacher_temp, self.student_temp, self.n_global)
 
     @torch.no_grad()
-    def update_center(self, teacher_out: torch.Tensor, all_reduce_sum=None) -> None:
+    def update_center(self, teacher_out: torch.Tensor, all_reduce_sum=None, weight: float = 1.0) -> None:
         """``center = m * center + (1 - m) * mean of teacher_out`` over all ranks' rows
-        (``all_reduce_sum`` sums a tensor over ranks; None: one process)."""
+        (``all_reduce_sum`` sums a tensor over ranks; None: one process). A rank whose rows are
+        placeholders passes ``weight=0``: its rows count for nothing, and when no rank has a real
+        row the centre stays as it is."""
         # new_full is a fill kernel (new_tensor would copy from the host and wait for the device).
-        rows = teacher_out.new_full((1,), teacher_out.shape[0], dtype=torch.float32)
-        sums = torch.cat([teacher_out.float().sum(0), rows])
+        rows = teacher_out.new_full((1,), teacher_out.shape[0] * weight, dtype=torch.float32)
+        sums = torch.cat([teacher_out.float().sum(0) * weight if weight != 1.0 else teacher_out.float().sum(0), rows])
         if all_reduce_sum is not None:
             sums = all_reduce_sum(sums)
         batch_center = (sums[:-1] / sums[-1]).unsqueeze(0)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        if weight == 1.0 and all_reduce_sum is None:
+            self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+            return
+        # Without a host read: an all-placeholder global batch (0 rows, a NaN mean) leaves the centre.
+        new = self.center.mul(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        self.center.copy_(torch.where(sums[-1] > 0, new, self.center))

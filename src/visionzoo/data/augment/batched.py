@@ -110,7 +110,9 @@ def random_resized_crop(
 
     The draws come from the CPU ``generator`` (the same crops on any device): ``_TRIES`` x 4
     uniforms per image, then one flip uniform per image; the crop boxes are computed on the host.
-    The whole batch is then resized at once: each image's crop is copied into one uint8 batch
+    The batch is then resized at once (or, with an outsized photo in it, in groups of similar
+    crop sizes, ``crop_groups``: memory stays bounded by the crops' and the output's pixels):
+    each image's crop is copied into one uint8 batch
     (one copy per image: nvJPEG returns separate tensors), and resized by two batched matrix
     products with the weights of torch's antialiased bilinear/bicubic (or nearest) resize, the
     flip folded into the horizontal weights; float32 copies of at most ``multicrop_batched.CHUNK_BYTES``.
@@ -122,16 +124,55 @@ def random_resized_crop(
     u = torch.rand(b, _TRIES, 4, generator=generator, dtype=torch.float64).tolist()
     flip = torch.rand(b, generator=generator) < hflip if hflip > 0 else torch.zeros(b, dtype=torch.bool)
     boxes = [crop_params(img.shape[-2], img.shape[-1], scale, ratio, draws) for img, draws in zip(images, u)]
-    hc, wc = max(h for _, _, h, _ in boxes), max(w for _, _, _, w in boxes)
-    crops = torch.zeros(b, c, hc, wc, dtype=torch.uint8, device=device)
-    for k, (img, (top, left, h, w)) in enumerate(zip(images, boxes)):
-        crops[k, :, :h, :w] = img[:, top:top + h, left:left + w]
     hs, ws, flips = send([torch.tensor([bx[2] for bx in boxes]), torch.tensor([bx[3] for bx in boxes]), flip], device)
+    groups = crop_groups(boxes, size)
+    if len(groups) == 1:
+        out = _resize_crops(images, boxes, range(b), hs, ws, flips, size, interpolation)
+    else:  # an outsized photo is resized on its own, not padded into every other image's buffer
+        out = torch.empty(b, c, size, size, device=device)
+        for group in groups:
+            idx = torch.tensor(group, device=device)
+            out[idx] = _resize_crops(images, boxes, group, hs[idx], ws[idx], flips[idx], size, interpolation)
+    return out.clamp_(0, 255) if interpolation == "bicubic" else out  # bicubic overshoots, as Pillow/uint8 clamp
+
+
+def crop_groups(boxes: list[tuple[int, int, int, int]], size: int, slack: float = 1.5) -> list[list[int]]:
+    """The images of a batch in groups resized together: the crops of a group are padded to its
+    largest height and width, so one 4000x3000 photo among 500x375 ones would make the buffer
+    of every image 4000x3000 (1.8 GB at batch 64). Largest crop first, an image joins the
+    current group while the padded buffer stays within ``slack`` x the group's real crop
+    pixels, or within 16 output images per image (so ordinary batches stay one group). The
+    buffers together then hold at most ``slack`` x the crops' pixels plus 16 x the output's."""
+    order = sorted(range(len(boxes)), key=lambda k: boxes[k][2] * boxes[k][3], reverse=True)
+    groups: list[list[int]] = []
+    hmax = wmax = area = 0
+    for k in order:
+        h, w = boxes[k][2], boxes[k][3]
+        if groups:
+            n = len(groups[-1]) + 1
+            padded = n * max(hmax, h) * max(wmax, w)
+            if padded <= max(slack * (area + h * w), 16 * n * size * size):
+                groups[-1].append(k)
+                hmax, wmax, area = max(hmax, h), max(wmax, w), area + h * w
+                continue
+        groups.append([k])
+        hmax, wmax, area = h, w, h * w
+    return [sorted(g) for g in groups]
+
+
+def _resize_crops(images, boxes, group, hs, ws, flips, size: int, interpolation: str) -> torch.Tensor:
+    """The crops ``boxes[k]`` of ``images[k]`` for k in ``group``, copied into one uint8 buffer
+    of the group's largest crop and resized as a batch: float32 [len(group), C, size, size]."""
+    c, device = images[group[0]].shape[0], images[group[0]].device
+    hc, wc = max(boxes[k][2] for k in group), max(boxes[k][3] for k in group)
+    crops = torch.zeros(len(group), c, hc, wc, dtype=torch.uint8, device=device)
+    for j, k in enumerate(group):
+        top, left, h, w = boxes[k]
+        crops[j, :, :h, :w] = images[k][:, top:top + h, left:left + w]
     wy = resize_weights(hs, size, hc, interpolation)  # [B, S, hc]
     wx = resize_weights(ws, size, wc, interpolation, flips).transpose(1, 2)  # [B, wc, S]
-    per = max(1, multicrop_batched.CHUNK_BYTES // max(1, c * hc * wc * 4))
-    out = torch.cat([wy[i:i + per, None] @ crops[i:i + per].float() @ wx[i:i + per, None] for i in range(0, b, per)])
-    return out.clamp_(0, 255) if interpolation == "bicubic" else out  # bicubic overshoots, as Pillow/uint8 clamp
+    n, per = len(group), max(1, multicrop_batched.CHUNK_BYTES // max(1, c * hc * wc * 4))
+    return torch.cat([wy[i:i + per, None] @ crops[i:i + per].float() @ wx[i:i + per, None] for i in range(0, n, per)])
 
 
 class SupervisedAugment:
@@ -159,9 +200,16 @@ class MultiCropAugment:
 
     def __init__(self, d, dino):
         self.multicrop = BatchedMultiCrop(d, dino)
+        self.size = d.image_size
 
     def __call__(self, images: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
         if not images:
             return []
-        x, heights, widths = pad_batch(images)
-        return self.multicrop(x, generator, (heights, widths))
+        groups = crop_groups([(0, 0, int(i.shape[-2]), int(i.shape[-1])) for i in images], self.size)
+        if len(groups) == 1:
+            x, heights, widths = pad_batch(images)
+            return self.multicrop(x, generator, (heights, widths))
+        # An outsized photo is padded on its own, not every image of the batch to its size.
+        sizes = (torch.tensor([int(i.shape[-2]) for i in images]), torch.tensor([int(i.shape[-1]) for i in images]))
+        padded = [(group, pad_batch([images[k] for k in group])[0]) for group in groups]
+        return self.multicrop(padded, generator, sizes)

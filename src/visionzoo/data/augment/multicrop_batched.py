@@ -201,10 +201,16 @@ class BatchedMultiCrop:
             y = torch.where(p["solarize"].bool().view(b, 1, 1, 1) & (y >= 128), 255 - y, y)
         return (y - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
-    def __call__(self, images: torch.Tensor, g: torch.Generator,
+    def __call__(self, images: torch.Tensor | list, g: torch.Generator,
                  sizes: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """``images``: one batch, or a list of ``(image indices, padded batch of those images)``
+        groups (an outsized photo padded on its own, device_decode.crop_groups); ``sizes``
+        then holds every image's height and width in index order."""
         d, dino = self.d, self.dino
-        b, c, h, w = images.shape
+        groups = images if isinstance(images, list) else [(None, images)]
+        b = sum(x.shape[0] for _, x in groups)
+        c, h, w = groups[0][1].shape[1:]
+        device = groups[0][1].device
         sizes = sizes if sizes is not None else (h, w)
         p1, p2, pl = dino.blur_p
         specs = [(d.image_size, dino.global_crops_scale, p1, 0.0),
@@ -214,30 +220,40 @@ class BatchedMultiCrop:
 
         # Images per float32 chunk, and the roi_align boxes of every (chunk, crop size): image
         # indices relative to the chunk, crops of one size after each other.
-        per = max(1, CHUNK_BYTES // max(1, c * h * w * 4))
-        chunks = [(i, min(i + per, b)) for i in range(0, b, per)]
+        chunks = []  # (padded batch, first, stop, the images' indices in the batch's order)
+        for index, x in groups:
+            per = max(1, CHUNK_BYTES // max(1, c * x.shape[-2] * x.shape[-1] * 4))
+            for i0 in range(0, x.shape[0], per):
+                i1 = min(i0 + per, x.shape[0])
+                chunks.append((x, i0, i1, list(index[i0:i1]) if index is not None else list(range(i0, i1))))
         by_size: dict[int, list[int]] = {}
         for j, (size, *_) in enumerate(specs):
             by_size.setdefault(size, []).append(j)
         parts, layout = [self.mean, self.std], []
-        for i0, i1 in chunks:
+        for x, i0, i1, rows in chunks:
             index = torch.arange(i1 - i0, dtype=torch.float32)[:, None]
+            sel = torch.tensor(rows)
             for size, js in by_size.items():
-                parts.append(torch.cat([torch.cat([index, draws[j]["boxes"][i0:i1]], 1) for j in js]))
-                layout.append((i0, i1, size, js))
+                parts.append(torch.cat([torch.cat([index, draws[j]["boxes"][sel]], 1) for j in js]))
+                layout.append((x, i0, i1, size, js))
+        order = [r for *_, rows in chunks for r in rows]
+        regroup = order != list(range(b))  # crops come out group by group: put them back in image order
+        if regroup:
+            parts.append(torch.argsort(torch.tensor(order)).float())
         names = ("flip", "factors", "order", "jitter", "grey", "sigma", "solarize")
         for p in draws:
             parts += [p[n] for n in names if n in p] + [rows for _, _, rows in p.get("groups", []) if len(rows)]
-        sent = iter(send(parts, images.device))  # float32: boxes, factors and indices are exact
+        sent = iter(send(parts, device))  # float32: boxes, factors and indices are exact
 
         mean, std = next(sent), next(sent)
         pieces: list[list[torch.Tensor]] = [[] for _ in specs]
-        for i0, i1, size, js in layout:
+        for x, i0, i1, size, js in layout:
             rois = next(sent)
-            cut = roi_align(images[i0:i1].float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1,
+            cut = roi_align(x[i0:i1].float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1,
                             aligned=True)
             for n, j in enumerate(cut.chunk(len(js))):
                 pieces[js[n]].append(j)
+        inverse = next(sent).long() if regroup else None
         crops = []
         for (size, *_), p, piece in zip(specs, draws, pieces):
             on_device = {n: next(sent) for n in names if n in p}
@@ -246,5 +262,6 @@ class BatchedMultiCrop:
             # (the rows of an empty group were not sent: nothing is taken for them)
             on_device["blur"] = bool((p["sigma"] > 0).any())  # a host tensor: no device sync
             y = torch.cat(piece) if len(piece) > 1 else piece[0]
+            y = y[inverse] if inverse is not None else y
             crops.append(self._colour(y, on_device, size, mean, std))
         return crops

@@ -80,6 +80,8 @@ def decode_batch(chunks: list[torch.Tensor], device: torch.device) -> list[torch
         warnings.filterwarnings("ignore", message=_TV_DEPRECATION, category=DeprecationWarning)
         try:
             return list(decode_jpeg(chunks, device=device, mode=ImageReadMode.RGB))
+        except torch.OutOfMemoryError:
+            raise  # the device is full, not the file bad: splitting would hide it and drop good images
         except RuntimeError:
             if len(chunks) == 1:
                 return [None]

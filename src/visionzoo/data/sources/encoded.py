@@ -44,6 +44,9 @@ def device_jpeg(data: bytes) -> bool:
             frame_ok = data[pos + 4] == 8 and data[pos + 9] in (1, 3)
             if not frame_ok:
                 return False
+            pixels = int.from_bytes(data[pos + 5:pos + 7], "big") * int.from_bytes(data[pos + 7:pos + 9], "big")
+            if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
+                return False  # nvJPEG has no limit: Pillow decides, as on the CPU path (a bomb is a bad image)
         pos += 2 + length
     return False
 

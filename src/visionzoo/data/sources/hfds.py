@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -43,14 +42,19 @@ def check_schema(schema, where: str) -> None:
     """The image and label columns must be there, with types this reader understands."""
     import pyarrow as pa
 
+    def binary(t) -> bool:  # never a string: a string of bytes would be taken for a file name
+        return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
     names = schema.names
-    ok_image = IMAGE in names and (
-        (pa.types.is_struct(schema.field(IMAGE).type) and schema.field(IMAGE).type.get_field_index("bytes") >= 0)
-        or pa.types.is_binary(schema.field(IMAGE).type) or pa.types.is_large_binary(schema.field(IMAGE).type))
+    image = schema.field(IMAGE).type if IMAGE in names else None
+    ok_image = image is not None and (binary(image) or (
+        pa.types.is_struct(image) and image.get_field_index("bytes") >= 0 and binary(image.field("bytes").type)
+        and (image.get_field_index("path") < 0 or pa.types.is_string(image.field("path").type)
+             or pa.types.is_large_string(image.field("path").type))))
     ok_label = LABEL in names and pa.types.is_integer(schema.field(LABEL).type)
     if not (ok_image and ok_label):
-        raise UserError(f"{where}: expected an '{IMAGE}' column ({{bytes, path}} or binary) and an integer "
-                        f"'{LABEL}' column; it has {', '.join(f'{n} ({schema.field(n).type})' for n in names)}")
+        raise UserError(f"{where}: expected an '{IMAGE}' column ({{bytes: binary, path: string}} or binary) and an "
+                        f"integer '{LABEL}' column; it has {', '.join(f'{n} ({schema.field(n).type})' for n in names)}")
 
 
 def _rows(name: str, batch, first: int, start: int) -> Iterator:
@@ -69,12 +73,23 @@ def _rows(name: str, batch, first: int, start: int) -> Iterator:
             continue
         key = f"{name}:{row}"
         if img is None:
-            if path and os.path.isabs(path) and os.path.isfile(path):  # an image kept as a file path
-                img = Path(path).read_bytes()
-            else:
-                yield key, None, label, "no image bytes" + (f" (path {path})" if path else "")
+            local = _inside_data_folder(path, name) if path else None
+            if local is None:
+                yield key, None, label, "no image bytes" + (f" (path {path} is not a file in the data folder)" if path else "")
                 continue
+            img = local.read_bytes()  # an image kept as a file next to the parquet files
         yield key, img, label, None if label is not None else "no label"
+
+
+def _inside_data_folder(path: str, shard: str) -> Path | None:
+    """The file a row's ``image.path`` names, when the row has no bytes: only a file inside the
+    folder that holds the shard (a relative path is taken from there), never anywhere else the
+    process could read; None otherwise."""
+    root = Path(shard).resolve().parent
+    target = (root / path).resolve()  # an absolute ``path`` replaces root here; checked below
+    if not target.is_relative_to(root) or not target.is_file():
+        return None
+    return target
 
 
 class ParquetReader:

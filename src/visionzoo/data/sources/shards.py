@@ -114,6 +114,8 @@ class ShardStream(IterableDataset):
         for pos, key, data, label, problem, failed_shard in items:
             if problem is None:
                 problem = self.label_problem(label)
+            if problem is None and not isinstance(data, (bytes, bytearray, memoryview)):
+                problem = f"the image is a {type(data).__name__}, not bytes"  # never a file name to open
             if problem is not None and failed_shard is None and warned < MAX_SAMPLE_WARNINGS:
                 warned += 1
                 warn(f"sample {key}: {problem}; skipped and counted"
@@ -159,5 +161,7 @@ def replace_stream(stream: ShardStream) -> ShardStream:
 
 def decode_sample(data: bytes, label: int, transform: Callable | None) -> tuple[Any, int] | None:
     """Decode one sample's image bytes as ImageFolderDataset decodes a file; None if it cannot."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):  # a payload is bytes, never a file name to open
+        return None
     img = load_image(data, transform)
     return None if img is None else (img, label)
