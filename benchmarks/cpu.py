@@ -46,26 +46,17 @@ from visionzoo.runtime import cpu_bf16_isa, seed_everything
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def _median_time(fn: Callable[[], None], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def matmul_peaks(n: int, repeats: int, threads: int) -> dict[str, float]:
-    """FLOP/s (int8: op/s) of an n x n x n matrix product: torch.mm in fp32 and bf16, ONNX
-    Runtime's MatMulInteger in uint8 x int8."""
+def matmul_peaks(n: int, threads: int) -> dict[str, Callable[[], None]]:
+    """Callables doing an n x n x n matrix product (2 n^3 FLOP or int8 op): torch.mm in fp32 and
+    bf16, ONNX Runtime's MatMulInteger in uint8 x int8. They are timed in the same alternating
+    rounds as the rows, so that load from other processes hits the peak as it hits the rows."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     peaks = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        torch.mm(a, b)
-        peaks[name] = 2 * n**3 / _median_time(lambda: torch.mm(a, b), repeats)
+        peaks[name] = lambda a=a, b=b: torch.mm(a, b)
     node = helper.make_node("MatMulInteger", ["a", "b"], ["c"])
     graph = helper.make_graph([node], "mm", [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n]),
                                              helper.make_tensor_value_info("b", TensorProto.INT8, [n, n])],
@@ -75,8 +66,7 @@ def matmul_peaks(n: int, repeats: int, threads: int) -> dict[str, float]:
     opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     feed = {"a": np.random.randint(0, 255, (n, n), dtype=np.uint8), "b": np.random.randint(-127, 127, (n, n), dtype=np.int8)}
-    sess.run(None, feed)
-    peaks["int8"] = 2 * n**3 / _median_time(lambda: sess.run(None, feed), repeats)
+    peaks["int8"] = lambda: sess.run(None, feed)
     return peaks
 
 
@@ -155,8 +145,9 @@ def ort_infer(path: str, x: np.ndarray, threads: int):
 
 
 def bench_recipe(recipe: str, batch: int, steps: int, repeats: int, compiled: bool, threads: int,
-                 peaks: dict[str, float], tmp: Path) -> list[dict]:
-    """The rows of one recipe's model (see the module docstring)."""
+                 matmul: int, tmp: Path) -> tuple[list[dict], dict[str, float]]:
+    """The rows of one recipe's model (see the module docstring) and the matmul peaks (FLOP/s)
+    measured in the same rounds."""
     cfg = load_config(recipe, [f"data.batch_size={batch}", "train.device=cpu"])
     d = cfg.data
     nc = NUM_CLASSES.get(d.name, d.num_classes)
@@ -187,23 +178,32 @@ def bench_recipe(recipe: str, batch: int, steps: int, repeats: int, compiled: bo
     rows.append(("infer", "ONNX Runtime fp32", "fp32", ort_infer(fp32_path, x_eval.numpy(), threads), flops))
     rows.append(("infer", "ONNX Runtime int8 (QDQ)", "int8", ort_infer(int8_path, x_eval.numpy(), threads), flops))
 
+    mm = matmul_peaks(matmul, threads)
+    for name, fn in mm.items():
+        fn()
     for _, name, _, fn, _ in rows:  # warm-up (and compilation), untimed
         t = time.perf_counter()
         fn(2)
         print(f"  warm-up {name}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
     times: dict[str, list[float]] = {r[1]: [] for r in rows}
-    for r in range(repeats):  # alternating: one round of every row, then the next
+    peak_runs: dict[str, list[float]] = {k: [] for k in mm}
+    for r in range(repeats):  # alternating: one round of every row and every peak, then the next
+        for name, fn in mm.items():
+            t = time.perf_counter()
+            fn()
+            peak_runs[name].append(2 * matmul**3 / (time.perf_counter() - t))
         for _, name, _, fn, _ in rows:
             t = time.perf_counter()
             fn(steps)
             times[name].append(steps * batch / (time.perf_counter() - t))
+    peaks = {k: statistics.median(v) for k, v in peak_runs.items()}
     out = []
     for kind, name, peak_precision, _, f in rows:
         img_s = statistics.median(times[name])
         out.append({"recipe": recipe, "model": cfg.model.name, "kind": kind, "row": name, "img_s": img_s,
                     "runs_img_s": times[name], "flops_per_img": f, "peak": peak_precision,
                     "fraction_of_peak": img_s * f / peaks[peak_precision]})
-    return out
+    return out, peaks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,28 +213,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="training steps / inference batches per measurement")
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds; the median is printed (>= 3)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows (minutes to compile)")
-    p.add_argument("--matmul", type=int, default=2048, help="side of the peak-measuring matrix product")
+    p.add_argument("--matmul", type=int, default=1024, help="side of the peak-measuring matrix product")
     p.add_argument("--output", help="JSON file for every measurement")
     a = p.parse_args(argv)
     threads = torch.get_num_threads()
-    peaks = matmul_peaks(a.matmul, max(a.repeats, 3), threads)
+    if a.repeats < 3:
+        p.error("--repeats must be >= 3 (medians of at least 3 alternating rounds)")
     print(f"# {_cpu_name()}, {threads} threads, torch {torch.__version__}, native bf16: {cpu_bf16_isa() or 'no'}")
-    print("# matmul peak: " + ", ".join(f"{k} {v / 1e9:.1f} G{'op' if k == 'int8' else 'FLOP'}/s" for k, v in peaks.items()))
-    results = []
+    results, all_peaks = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in a.recipes.split(","):
-            rows = bench_recipe(recipe, a.batch, a.steps, a.repeats, not a.no_compile, threads, peaks, Path(tmp))
-            results += rows
+            rows, peaks = bench_recipe(recipe, a.batch, a.steps, a.repeats, not a.no_compile, threads, a.matmul, Path(tmp))
+            results, all_peaks[recipe] = results + rows, peaks
             fp32 = {r["kind"]: r["img_s"] for r in rows if r["row"] in ("visionzoo step fp32 eager", "PyTorch eager fp32")}
             timm = {r["row"].replace("timm train.py", "visionzoo"): r["img_s"] for r in rows if r["row"].startswith("timm")}
             print(f"\n| {recipe} ({rows[0]['model']}, batch {a.batch}) | img/s | x fp32 eager | x timm | % peak |")
             print("|---|---:|---:|---:|---:|")
+            print("| matmul peak (same rounds) | " + ", ".join(
+                f"{k} {v / 1e9:.1f} G{'op' if k == 'int8' else 'FLOP'}/s" for k, v in peaks.items()) + " | | | |")
             for r in rows:
                 vs_timm = f"{r['img_s'] / timm[r['row']]:.2f}" if r["row"] in timm else ""
                 print(f"| {r['row']} | {r['img_s']:.1f} | {r['img_s'] / fp32[r['kind']]:.2f} | {vs_timm} | "
                       f"{100 * r['fraction_of_peak']:.1f}% ({r['peak']}) |", flush=True)
     if a.output:
-        Path(a.output).write_text(json.dumps({"peaks": peaks, "threads": threads, "rows": results}, indent=2) + "\n")
+        Path(a.output).write_text(json.dumps({"peaks": all_peaks, "threads": threads, "rows": results}, indent=2) + "\n")
     return 0
 
 

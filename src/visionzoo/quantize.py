@@ -158,7 +158,8 @@ def reference_session(model_path: Path, meta: dict):
     ref = meta.get("reference")
     if not ref:
         return None
-    path = model_path.with_name(ref["file"])
+    path = Path(ref["file"])  # a file name beside the model (an absolute path is taken as it is)
+    path = path if path.is_absolute() else model_path.with_name(ref["file"])
     if not path.is_file():
         print(f"visionzoo: the fp32 reference {path.name} is not next to {model_path.name}: reporting "
               f"the {meta.get('precision')} model's accuracy alone", flush=True)
