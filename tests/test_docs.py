@@ -9,7 +9,7 @@ A command is found in fenced code blocks (also after ``python -m``, ``torchrun .
 ``srun``, ``$ `` prompts, ``VAR=value`` prefixes; ``\\`` continuations joined, ``#`` comments
 and ``;``/``&&``/``|`` separators honoured) and in inline code spans that start with
 ``visionzoo `` unless they only name a sub-command or are a synopsis (``[--flag]``, ``...``,
-``RECIPE``). Placeholder paths (``runs/<run>``, ``RUN_DIR``, ``MODEL.onnx``) are fine: nothing
+``RECIPE``). A block fenced as ``text`` is program output, not commands. Placeholder paths (``runs/<run>``, ``RUN_DIR``, ``MODEL.onnx``) are fine: nothing
 is opened. A recipe or a config key is never a placeholder: it must exist."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES_OF_OTHERS = {f"docs/{n}.md" for n in (
     "troubleshooting", "faults", "devices", "report", "python-api", "trackers", "cpu", "architecture")}
 SEPARATORS = {";", "&&", "||", "|", "&"}
-FENCE = re.compile(r"^\s*(```|~~~)")
+FENCE = re.compile(r"^\s*(```|~~~)\s*(\w*)")
 INLINE = re.compile(r"`([^`\n]+)`")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)[^)]*\)")
 # An inline span that is a synopsis, not a command: optional parts, an ellipsis, or a placeholder
@@ -99,10 +99,14 @@ def commands_in_line(line: str, where: str) -> list[DocCommand]:
 
 def commands_in(text: str, name: str) -> list[DocCommand]:
     """Every visionzoo command of a markdown page: code-block lines and inline code spans."""
-    out, in_block, pending, start = [], False, "", 0
+    out, in_block, output, pending, start = [], False, False, "", 0
     for n, line in enumerate(text.splitlines(), 1):
-        if FENCE.match(line):
+        fence = FENCE.match(line)
+        if fence:
             in_block, pending = not in_block, ""
+            output = in_block and fence.group(2) == "text"  # what a program prints
+            continue
+        if in_block and output:
             continue
         if in_block:
             if not pending:
@@ -343,3 +347,8 @@ def test_a_broken_link_fails_and_a_page_of_another_issue_is_only_named(tmp_path)
     page.write_text("[ok](docs/data.md#shards) [url](https://x.org/a.md) [anchor](#tests)\n"
                     "[gone](docs/dta.md) [later](docs/faults.md)\n```\n[in code](nowhere.md)\n```\n")
     assert relative_links([page], tmp_path) == (["README.md -> docs/dta.md"], ["README.md -> docs/faults.md"])
+
+
+def test_a_text_block_is_output_not_commands() -> None:
+    page = "```text\nvisionzoo: training x | visionzoo small_cnn | 1 × cpu\n```\n```bash\nvisionzoo recipes\n```\n"
+    assert [c.argv for c in commands_in(page, "page.md")] == [["recipes"]]

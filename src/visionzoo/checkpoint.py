@@ -7,6 +7,7 @@ crash leaves either the old file or the new one, never half of one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -23,6 +24,15 @@ WEIGHTS = "model.safetensors"
 BEST = "best.safetensors"
 STATE = "state.pt"
 META_KEY = "visionzoo"
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:

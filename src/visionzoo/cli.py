@@ -187,7 +187,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     args.overrides, args.data = [], None  # export takes no config flags beyond --checkpoint-key
     checkpoint, overrides, kw = _weights_args(args)
-    export_checkpoint(checkpoint, args.format, args.opset, args.output, args.tolerance, overrides=overrides, **kw)
+    export_checkpoint(checkpoint, args.format, args.opset, args.output, args.tolerance, overrides=overrides,
+                      precision=args.precision, calibration_images=args.calibration_images,
+                      calibration=args.calibration, data=args.calibration_data, **kw)
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
@@ -312,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  visionzoo export runs/fashion_mnist-20261123-101500      # -> <run>/model.onnx + model.json\n"
                               "  visionzoo export runs/<run>/best.safetensors --opset 18 --output exported/\n"
                               "  visionzoo export runs/<run> --format torchscript\n"
+                              "  visionzoo export runs/<run> --precision int8     # + model.int8.onnx (static QDQ, calibrated)\n"
                               "  visionzoo export --weights dm_nfnet_f0.pth --recipe nfnet_f0_imagenet --output nfnet/\n")
     p.add_argument("checkpoint", nargs="?", help="a run folder or a .safetensors file (optional with --weights)")
     _add_weights_flags(p)
@@ -320,6 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output file or folder (default: next to the checkpoint, <name>.onnx)")
     p.add_argument("--tolerance", type=float,
                    help="parity limit: max |torch - exported| <= tolerance * max(1, max |logit|) (default 1e-4)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "int8", "bf16"),
+                   help="int8: also write <name>.int8.onnx, statically quantised (QDQ, per-channel weights) by "
+                        "ONNX Runtime; bf16: <name>.bf16.onnx run with bf16 kernels (ONNX Runtime on Arm only)")
+    p.add_argument("--calibration-images", type=int, help="int8: training images the activation ranges are "
+                   "calibrated on, with the eval preprocessing (default 512)")
+    p.add_argument("--calibration", default="minmax", choices=("minmax", "entropy", "percentile"),
+                   help="int8: calibration method (default minmax)")
+    p.add_argument("--calibration-data", help="int8: data folder to calibrate on (default: the recipe's data.path)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("infer", help="run an exported ONNX model: accuracy and speed on a split, or top-5 per image",

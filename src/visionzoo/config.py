@@ -205,7 +205,7 @@ class TrainConfig:
     """The training loop."""
 
     epochs: int = 90
-    amp: str = "auto"  # auto (bf16 where supported, else fp32) | none | bf16 | fp16
+    amp: str = "auto"  # auto (bf16 on GPUs that have it and on CPUs with AMX/avx512_bf16, else fp32) | none | bf16 | fp16
     loss_scale: str = "dynamic"  # fp16 only: dynamic, or a number for a static scale
     init_scale: float = 65536.0  # first dynamic loss scale
     label_smoothing: float = 0.0

@@ -12,7 +12,6 @@ beyond the tolerance is an error and no file is kept."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from visionzoo.checkpoint import atomic_write, load_model, resolve_weights
+from visionzoo.checkpoint import atomic_write, load_model, resolve_weights, sha256_file
 from visionzoo.errors import UserError, first_line
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}
@@ -43,15 +42,6 @@ def sidecar_path(model_path: str | Path) -> Path:
     """Where the JSON sidecar of an exported file lives."""
     p = Path(model_path)
     return p.with_suffix(".json") if p.suffix == ".onnx" else p.with_name(p.name + ".json")
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def input_size(d) -> int:
@@ -277,17 +267,28 @@ def _from_weights(checkpoint: str | None, weights: str, recipe: str | None,
 def export_checkpoint(
     checkpoint: str | None, fmt: str = "onnx", opset: int | None = None, output: str | None = None,
     tolerance: float | None = None, weights: str | None = None, recipe: str | None = None,
-    overrides: list[str] | None = None,
+    overrides: list[str] | None = None, precision: str = "fp32", calibration_images: int | None = None,
+    calibration: str = "minmax", data: str | None = None,
 ) -> dict:
     """``visionzoo export``: write the checkpoint (a run folder or a .safetensors file), or
     ``weights`` in the model of ``recipe`` / of the run folder, as ``fmt`` with its sidecar,
     after checking the exported model against PyTorch; return the sidecar. ``opset`` and
-    ``tolerance`` default to DEFAULT_OPSET and DEFAULT_TOLERANCE."""
+    ``tolerance`` default to DEFAULT_OPSET and DEFAULT_TOLERANCE.
+
+    ``precision`` int8 or bf16 (ONNX only) writes the fp32 model and then ``<name>.int8.onnx`` /
+    ``<name>.bf16.onnx`` beside it (quantize.py): int8 calibrated on ``calibration_images``
+    training images (of ``data`` when given) with ``calibration`` (minmax | entropy | percentile)."""
+    from visionzoo import quantize
     from visionzoo import __version__
     from visionzoo.config import from_dict, to_dict
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}' (have: {', '.join(FORMATS)})")
+    if precision not in quantize.PRECISIONS:
+        raise UserError(f"unknown precision '{precision}' (have: {', '.join(quantize.PRECISIONS)})")
+    if precision != "fp32" and fmt != "onnx":
+        raise UserError(f"--precision {precision} is for ONNX exports (ONNX Runtime runs it); not --format {fmt}")
+    low_options = quantize.bf16_session_options() if precision == "bf16" else {}
     opset = DEFAULT_OPSET if opset is None else opset
     tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
     if fmt == "onnx":
@@ -304,6 +305,8 @@ def export_checkpoint(
         model, meta = load_model(weights)
     # A DINO run's weights are the teacher backbone: it exports as a feature extractor.
     features = meta.get("task", meta["config"].get("task", "supervised")) == "dino"
+    if features and precision != "fp32":
+        raise UserError(f"--precision {precision} is for classifiers; {weights} is a DINO backbone")
     if not features and not meta.get("classes"):
         raise UserError(f"{weights} holds no class names: it is not a classifier checkpoint visionzoo wrote")
     model = model.float().eval()
@@ -347,6 +350,7 @@ def export_checkpoint(
         "file": out_path.name,
         "sha256": sha256_file(out_path),
         "opset": opset if fmt == "onnx" else None,
+        "precision": "fp32",
         "input": {"name": INPUT_NAME, "shape": ["batch", chans, size, size], "dtype": "float32"},
         "output": {"name": FEATURES_NAME if features else OUTPUT_NAME, "kind": "features" if features else "logits",
                    "shape": ["batch", int(reference.shape[-1]) if features else len(classes)]},
@@ -373,4 +377,45 @@ def export_checkpoint(
     print(f"{out_path}: {fmt} export of {meta['model']['library']} {meta['model']['name']} "
           f"(input [batch, {chans}, {size}, {size}], {what}); parity vs PyTorch: "
           f"max abs diff {parity['max_abs_diff']:.2e} (limit {parity['limit']:.2e}); sidecar {side}")
+    if precision != "fp32":
+        sidecar = _low_precision(out_path, sidecar, cfg.data, precision, low_options, calibration_images,
+                                 calibration, data)
+    return sidecar
+
+
+def _low_precision(fp32_path: Path, fp32_sidecar: dict, d, precision: str, options: dict[str, str],
+                   calibration_images: int | None, calibration: str, data: str | None) -> dict:
+    """The int8 (or bf16) model beside the fp32 ``fp32_path`` and its sidecar, which names the
+    fp32 model as the reference ``infer`` compares accuracy with."""
+    import shutil
+
+    from visionzoo import quantize
+
+    path = fp32_path.with_name(fp32_path.stem + f".{precision}.onnx")
+    extra: dict = {"session_options": options}
+    if precision == "int8":
+        n = quantize.DEFAULT_CALIBRATION_IMAGES if calibration_images is None else calibration_images
+        calib, check = quantize.calibration_sets(d, n, data)
+
+        def write(tmp: str) -> None:
+            extra["quantization"] = quantize.quantize_int8(fp32_path, tmp, calib, calibration)
+            extra["parity"] = quantize.int8_agreement(fp32_path, tmp, check)
+    else:
+        def write(tmp: str) -> None:  # the same graph; ONNX Runtime computes it in bf16 (session option)
+            shutil.copyfile(fp32_path, tmp)
+            extra["parity"] = {"reference": "the fp32 ONNX model", "note": "same graph, bf16 matrix kernels"}
+
+    atomic_write(path, write)
+    _share(path)
+    sidecar = {**fp32_sidecar, "file": path.name, "sha256": sha256_file(path), "precision": precision, **extra,
+               "reference": {"file": fp32_path.name, "sha256": fp32_sidecar["sha256"], "precision": "fp32"}}
+    side = sidecar_path(path)
+    atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
+    _share(side)
+    p = sidecar["parity"]
+    agree = (f"top-1 agreement with fp32 {100 * p['top1_agreement']:.1f}% on {p['images']} validation images"
+             if "top1_agreement" in p else p["note"])
+    q = sidecar.get("quantization")
+    how = f"static QDQ, {q['calibration']} calibration on {q['calibration_images']} training images; " if q else ""
+    print(f"{path}: {precision} model ({how}{agree}); sidecar {side}")
     return sidecar

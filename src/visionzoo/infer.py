@@ -67,6 +67,8 @@ def load_exported(model_path: str | Path) -> tuple[Any, dict]:
     meta = read_sidecar(path)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ONNX Runtime's optimizer warnings are noise here
+    for key, value in (meta.get("session_options") or {}).items():  # a bf16 export's kernel choice
+        options.add_session_config_entry(key, value)
     try:
         session = ort.InferenceSession(str(path), options, providers=providers())
     except Exception as err:  # onnxruntime's pybind errors share no useful base class
@@ -129,6 +131,11 @@ def infer_split(model: str, data: str | None = None, batch_size: int | None = No
     _, loader = build_loaders(splits, d, batch, torch.device("cpu"), 0)
     name, shape = session.get_inputs()[0].name, tuple(meta["input"]["shape"][1:])
     session.run(None, {name: np.zeros((1, *shape), np.float32)})  # the first run allocates memory arenas
+    # A low-precision export (int8, bf16) is measured next to its fp32 model, on the same batches.
+    from visionzoo.quantize import reference_session
+
+    reference = reference_session(Path(model).expanduser(), meta)
+    ref_correct1, ref_s = 0, 0.0
 
     correct1 = correct5 = count = bad = 0
     run_s = 0.0
@@ -145,8 +152,13 @@ def infer_split(model: str, data: str | None = None, batch_size: int | None = No
         logits = session.run(None, {name: x})[0]
         run_s += time.perf_counter() - t
         c1, c5 = topk_correct(torch.from_numpy(logits), targets)
+        if reference is not None:
+            t = time.perf_counter()
+            ref_logits = reference.run(None, {name: x})[0]
+            ref_s += time.perf_counter() - t  # left out of this model's images/s
+            ref_correct1 += int(topk_correct(torch.from_numpy(ref_logits), targets)[0])
         correct1, correct5, count = correct1 + int(c1), correct5 + int(c5), count + len(targets)
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t0 - ref_s
     if count == 0:
         raise UserError("no readable images in the validation split")
 
@@ -158,14 +170,19 @@ def infer_split(model: str, data: str | None = None, batch_size: int | None = No
         "images_per_s": count / wall,  # end to end: reading, preprocessing and the model
         "ms_per_image": 1000.0 * run_s / count,  # mean time in ONNX Runtime per image
         "wall_s": wall, "batch_size": batch, "provider": session.get_providers()[0],
-        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime": onnxruntime.__version__, "precision": meta.get("precision", "fp32"),
     }
+    if reference is not None:
+        result["fp32_acc1"] = 100.0 * ref_correct1 / count
     out = Path(output) if output else Path(model).with_name(Path(model).stem + ".infer.json")
     _write_json(out, result)
     print(f"{model}: Acc@1 {result['acc1']:.2f}%  Acc@5 {result['acc5']:.2f}%  ({count} images"
           + (f", {bad} unreadable skipped" if bad else "") + f") | {result['images_per_s']:.1f} images/s, "
           f"{result['ms_per_image']:.3f} ms per image in ONNX Runtime ({result['provider']}, batch {batch}), "
           f"{wall:.1f} s in all | results {out}")
+    if reference is not None:
+        print(f"{model}: {result['precision']} Acc@1 {result['acc1']:.2f}% | fp32 Acc@1 {result['fp32_acc1']:.2f}% "
+              f"({meta['reference']['file']}, same images) | difference {result['acc1'] - result['fp32_acc1']:+.2f} pt")
     return result
 
 

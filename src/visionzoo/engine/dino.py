@@ -52,6 +52,7 @@ from visionzoo.report import MetricsLog, mark_status, new_run_dir, report_fallba
 from visionzoo.runtime import (
     StopSignal,
     configure_determinism,
+    precision_label,
     precision_name,
     resolve_amp,
     resolve_device,
@@ -322,7 +323,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
         mark_status(run_dir, "running")
         print(f"visionzoo: DINO {'perf run' if perf else 'training'} {cfg.recipe} | {model_args['library']} "
               f"{model_args['name']} | {n_images} images × {2 + dc.local_crops_number} crops | "
-              f"{info.world_size} × {device} {precision_name(amp_dtype)} | batch {d.batch_size}, peak lr "
+              f"{info.world_size} × {device} {precision_label(amp_dtype, device)} | batch {d.batch_size}, peak lr "
               f"{peak_lr:.3g} | " + (where if resume_dir else f"run folder {run_dir}"),
               flush=True)
 

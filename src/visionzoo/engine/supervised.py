@@ -38,6 +38,7 @@ from visionzoo.report import MetricsLog, mark_status, new_run_dir, report_fallba
 from visionzoo.runtime import (
     StopSignal,
     configure_determinism,
+    precision_label,
     precision_name,
     resolve_amp,
     resolve_device,
@@ -352,7 +353,7 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
                  if state is not None else f"run folder {run_dir}")
         print(f"visionzoo: {'perf run' if perf else 'training'} {cfg.recipe} | {model_args['library']} "
               f"{model_args['name']} | {len(splits.train)} train / {len(splits.val)} val images, "
-              f"{num_classes} classes | {info.world_size} × {device} {precision_name(amp_dtype)} | "
+              f"{num_classes} classes | {info.world_size} × {device} {precision_label(amp_dtype, device)} | "
               f"batch {cfg.data.batch_size}{bn} | {where}", flush=True)
 
     loop = Loop(model, net, optimizer, stepper, lrs, criterion, device, amp_dtype, memory_format,
