@@ -79,3 +79,9 @@ def test_recipe_file_with_unknown_key(tmp_path):
     f.write_text("optim:\n  lr: [1, 2\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(str(f))
+
+
+def test_fp64_is_a_supervised_precision():
+    assert load_config("fashion_mnist", ["train.amp=fp64"]).train.amp == "fp64"
+    with pytest.raises(UserError, match="fp64 is for supervised runs"):
+        load_config("dino_fashion_mnist", ["train.amp=fp64"])

@@ -19,7 +19,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from visionzoo.errors import UserError
 
-AMP_MODES = ("auto", "none", "bf16", "fp16")
+AMP_MODES = ("auto", "none", "bf16", "fp16", "fp64")
 DATASETS = ("imagefolder", "cifar10", "cifar100", "fashion_mnist", "mnist", "synthetic", "webdataset", "hfds")
 
 
@@ -166,7 +166,9 @@ class TrainConfig:
     """The training loop."""
 
     epochs: int = 90
-    amp: str = "auto"  # auto (bf16 where supported, else fp32) | none | bf16 | fp16
+    # auto (bf16 where supported, else fp32) | none (fp32) | bf16 | fp16 | fp64 (float64 weights and
+    # math, supervised only: slow; for numerical checks whose round-off must not matter)
+    amp: str = "auto"
     loss_scale: str = "dynamic"  # fp16 only: dynamic, or a number for a static scale
     init_scale: float = 65536.0  # first dynamic loss scale
     label_smoothing: float = 0.0
@@ -302,6 +304,8 @@ class RecipeConfig:
 
     def __post_init__(self) -> None:
         _check(self.task, ("supervised", "dino"), "task")
+        if self.task == "dino" and self.train.amp == "fp64":
+            raise UserError("train.amp=fp64 is for supervised runs (task=dino trains in fp32, bf16 or fp16)")
 
 
 RECIPES_PACKAGE = "visionzoo.recipes"

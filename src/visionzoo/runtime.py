@@ -80,7 +80,7 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
 
     ``auto`` picks bf16 on CUDA GPUs that support it (no loss scaling needed) and fp32 on the
     CPU, where bf16 autocast is slower than fp32 on most processors."""
-    if mode == "none":
+    if mode in ("none", "fp64"):  # fp64 is not autocast: the weights themselves are float64
         return None
     if mode == "bf16":
         return torch.bfloat16
@@ -91,9 +91,16 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def weights_dtype(mode: str) -> torch.dtype:
+    """The dtype of the weights (and of the inputs) for train.amp: float64 for ``fp64``, else
+    float32 (autocast, when on, runs parts of the model in a lower precision)."""
+    return torch.float64 if mode == "fp64" else torch.float32
+
+
 def precision_name(dtype: torch.dtype | None) -> str:
-    """The name the results row uses for a precision."""
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    """The name the results row uses for a precision (an autocast dtype, or the weights' dtype)."""
+    return {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+            torch.float64: "fp64"}[dtype]
 
 
 def seed_everything(seed: int) -> None:

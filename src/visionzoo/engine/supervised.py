@@ -33,7 +33,7 @@ from visionzoo.progress import Progress
 from visionzoo.plots import plot_curves
 from visionzoo.report import MetricsLog, mark_status, new_run_dir, report_fallbacks, write_results
 from visionzoo.runtime import (StopSignal, configure_determinism, precision_name, resolve_amp, resolve_device,
-                               seed_everything, synchronize)
+                               seed_everything, synchronize, weights_dtype)
 
 
 @dataclass
@@ -73,6 +73,7 @@ class Loop:
     elapsed_before: float = 0.0
     checkpoint: Any = None  # callable writing a checkpoint of the current position (all ranks call it)
     stop: Any = None  # runtime.StopSignal
+    input_dtype: torch.dtype = torch.float32  # the weights' dtype (float64 with train.amp=fp64)
 
 
 @dataclass
@@ -145,7 +146,7 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
         loop.batches_in_epoch += 1
         if images.numel() == 0:
             continue
-        images = images.to(loop.device, non_blocking=True, memory_format=loop.memory_format)
+        images = images.to(loop.device, loop.input_dtype, non_blocking=True, memory_format=loop.memory_format)
         targets = targets.to(loop.device, non_blocking=True)
         update = loop.batches_in_epoch % accum == 0
         if update:
@@ -251,7 +252,7 @@ def build_training(cfg: RecipeConfig, num_classes: int, device: torch.device, am
     mixup and EMA, as training and ``visionzoo bench`` both use them. Returns
     ``(net, model_args, optimizer, lrs, stepper, criterion, mixup, ema)``."""
     net, model_args = build_model(cfg.model, num_classes, cfg.data.in_chans)
-    net = net.to(device, memory_format=memory_format)
+    net = net.to(device, weights_dtype(cfg.train.amp), memory_format=memory_format)
     if cfg.model.sync_bn and ddp:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     optimizer = build_optimizer(net, cfg.optim, device.type)
@@ -334,12 +335,13 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
                  if state is not None else f"run folder {run_dir}")
         print(f"visionzoo: {'perf run' if perf else 'training'} {cfg.recipe} | {model_args['library']} "
               f"{model_args['name']} | {len(splits.train)} train / {len(splits.val)} val images, "
-              f"{num_classes} classes | {info.world_size} × {device} {precision_name(amp_dtype)} | "
+              f"{num_classes} classes | {info.world_size} × {device} {precision_name(amp_dtype or weights_dtype(cfg.train.amp))} | "
               f"batch {cfg.data.batch_size} | {where}", flush=True)
 
     loop = Loop(model, net, optimizer, stepper, lrs, criterion, device, amp_dtype, memory_format,
                 cfg.train.accum_steps, mixup, ema, log, cfg.train.log_every, cfg.log.progress,
-                skip_nonfinite=cfg.train.skip_nonfinite, checkpoint_every=cfg.train.checkpoint_every_steps)
+                skip_nonfinite=cfg.train.skip_nonfinite, checkpoint_every=cfg.train.checkpoint_every_steps,
+                input_dtype=weights_dtype(cfg.train.amp))
     meta = {"config": to_dict(cfg), "model": model_args, "classes": splits.classes}
     best = {"acc1": -math.inf}
     if state is not None:
@@ -386,7 +388,7 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
         table = write_results(run_dir, results)
         mark_status(run_dir, "finished")
         if not perf:
-            plot_curves(run_dir, f"{cfg.recipe} ({precision_name(amp_dtype)}, {info.world_size} device(s))")
+            plot_curves(run_dir, f"{cfg.recipe} ({precision_name(amp_dtype or weights_dtype(cfg.train.amp))}, {info.world_size} device(s))")
         per_device = f" ({fps / info.world_size:.2f} per device)" if fps and info.enabled else ""
         print(("\n" + table + "\n") + (f"Final Performance images/sec : {fps:.2f}{per_device}\n" if fps else "")
               + (f"Final Train Accuracy : {results['TrainAccuracy']:.2f}\n" if last_eval else "")
@@ -411,7 +413,7 @@ def _results(cfg: RecipeConfig, perf: bool, loop: Loop, info, device, amp_dtype,
         "FPS_per_device": fps / info.world_size if fps else None,
         "devices": info.world_size,
         "epochs": round(epochs_done, 2),
-        "precision": precision_name(amp_dtype),
+        "precision": precision_name(amp_dtype or weights_dtype(cfg.train.amp)),
         "torch": torch.__version__.split("+")[0],
         "mode": "perf" if perf else "full",
         "batch_size": cfg.data.batch_size,
