@@ -18,6 +18,7 @@ from conftest import pattern_images  # noqa: E402
 from visionzoo.checkpoint import save_weights  # noqa: E402
 from visionzoo.cli import main  # noqa: E402
 from visionzoo.config import load_config, to_dict  # noqa: E402
+from visionzoo.errors import UserError  # noqa: E402
 from visionzoo.export import export_checkpoint, sidecar_path  # noqa: E402
 from visionzoo.models import build_model  # noqa: E402
 
@@ -81,10 +82,12 @@ def test_other_formats_export_with_parity(tmp_path: Path, fmt: str) -> None:
 
 def test_parity_failure_is_a_user_error_and_writes_nothing(tmp_path: Path, capsys) -> None:
     run = make_checkpoint(tmp_path / "run", "fashion_mnist", [])
-    # A negative tolerance cannot be met: the check must refuse and leave no model behind.
-    code = main(["export", str(run), "--tolerance", "-1"])
-    err = capsys.readouterr().err
-    assert code == 2 and "does not match PyTorch" in err and err.count("\n") == 1
+    # A negative tolerance cannot be met: the check must refuse and leave no model behind. (The
+    # command line refuses it before exporting; the function is called with it directly.)
+    assert main(["export", str(run), "--tolerance", "-1"]) == 2
+    assert "--tolerance -1.0 is out of range (must be > 0)" in capsys.readouterr().err
+    with pytest.raises(UserError, match="does not match PyTorch"):
+        export_checkpoint(str(run), tolerance=-1.0)
     assert not (run / "model.onnx").exists() and not (run / "model.json").exists()
     assert not list(run.glob(".model.onnx.*"))  # the temporary file is gone too
     assert main(["export", str(run), "--opset", "99"]) == 2

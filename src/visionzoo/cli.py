@@ -36,6 +36,12 @@ FLAG_ALIASES = {
     "amp": "train.amp",
     "device": "train.device",
 }
+# The range of every numeric flag (by its argparse name; config.RANGES's notation). Flags that
+# alias a config key have that key's range.
+FLAG_RANGES = {
+    "devices": ">=1", "steps": ">=1", "epochs": ">=0", "batch_size": ">=1", "lr": ">=0", "workers": ">=0",
+    "seed": ">=0", "opset": "9..20", "tolerance": ">0", "shard_samples": ">=0", "resize": ">=0", "quality": "1..100",
+}
 # apex opt levels of the seeds: O1 (autocast) and O2 (fp16 weights, fp32 master copy) both map to
 # fp16 autocast with a loss scaler; O0 is full precision.
 AMP_ALIASES = {"o0": "none", "o1": "fp16", "o2": "fp16", "true": "auto", "false": "none"}
@@ -94,18 +100,20 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from visionzoo import distributed
     from visionzoo.config import load_config
-    from visionzoo.data.build import check_data_path
-    from visionzoo.engine.resume import check_new_run_dir, check_resumable, find_auto_resume, finished_results
-    from visionzoo.engine.supervised import fit
 
     overrides = _overrides(args)
     if args.steps is not None:
         overrides.append(f"train.perf_steps={args.steps}")
     if args.output:
         overrides.append(f"output={args.output}")
-    cfg = load_config(args.recipe, overrides)  # config mistakes stop here, before any launch
+    # Config mistakes stop here, before any launch and before torch is imported (seconds).
+    cfg = load_config(args.recipe, overrides)
+    from visionzoo import distributed
+    from visionzoo.data.build import check_data_path
+    from visionzoo.engine.resume import check_new_run_dir, check_resumable, find_auto_resume, finished_results
+    from visionzoo.engine.supervised import fit
+
     resume_dir = None
     # A finished run is left as it is: job scripts (cluster requeues) pass --resume every time.
     target = args.output if args.resume == "auto" else args.resume
@@ -138,10 +146,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from visionzoo import distributed
-    from visionzoo.bench import run_bench
     from visionzoo.config import load_config
-    from visionzoo.data.build import check_data_path
 
     synthetic = args.data == "synthetic"
     if synthetic:  # bench's own source: decode-free images through the recipe's loader
@@ -151,7 +156,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         overrides.append(f"train.perf_steps={args.steps}")
     if args.compile:
         overrides.append("train.compile=true")
-    cfg = load_config(args.recipe, overrides)
+    cfg = load_config(args.recipe, overrides)  # before torch is imported
+    from visionzoo import distributed
+    from visionzoo.bench import run_bench
+    from visionzoo.data.build import check_data_path
+
     if args.devices > 1 and not distributed.in_launched_worker():
         check_data_path(cfg.data)
         raise SystemExit(distributed.launch_local(args.devices, args.argv))
@@ -166,36 +175,50 @@ def _weights_args(args: argparse.Namespace) -> tuple[str | None, list[str], dict
     if checkpoint and "=" in checkpoint and not Path(checkpoint).exists():
         checkpoint, extra = None, [checkpoint]
     keys = [f"model.checkpoint_key={args.checkpoint_key}"] if args.checkpoint_key else []
-    return checkpoint, keys + extra + _overrides(args), {"weights": args.weights, "recipe": args.recipe}
+    overrides = keys + extra + _overrides(args)
+    _check_early(checkpoint, overrides, args.weights, args.recipe)
+    return checkpoint, overrides, {"weights": args.weights, "recipe": args.recipe}
+
+
+def _check_early(checkpoint: str | None, overrides: list[str], weights: str | None, recipe: str | None) -> None:
+    """The config mistakes a command that reads weights can be told about before torch is
+    imported: overrides checked against --recipe or the run folder's config.yaml. (The command
+    resolves its config again from the checkpoint's own copy.)"""
+    from visionzoo.config import load_config
+
+    if weights and recipe:
+        load_config(recipe, overrides)
+    elif checkpoint and (Path(checkpoint).expanduser() / "config.yaml").is_file():
+        load_config(str(Path(checkpoint).expanduser() / "config.yaml"), overrides)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    checkpoint, overrides, kw = _weights_args(args)  # config mistakes stop here, before torch
     from visionzoo.engine.evaluate import evaluate_checkpoint
 
-    checkpoint, overrides, kw = _weights_args(args)
     evaluate_checkpoint(checkpoint, overrides, **kw)
 
 
 def cmd_knn(args: argparse.Namespace) -> None:
+    checkpoint, overrides, kw = _weights_args(args)  # config mistakes stop here, before torch
     from visionzoo.engine.knn import knn_checkpoint
 
-    checkpoint, overrides, kw = _weights_args(args)
     knn_checkpoint(checkpoint, overrides, **kw)
 
 
 def cmd_linear(args: argparse.Namespace) -> None:
+    epochs, args.epochs = args.epochs, None  # here --epochs is the probe's, not the pre-training's
+    checkpoint, overrides, kw = _weights_args(args)  # config mistakes stop here, before torch
     from visionzoo.engine.knn import linear_checkpoint
 
-    epochs, args.epochs = args.epochs, None  # here --epochs is the probe's, not the pre-training's
-    checkpoint, overrides, kw = _weights_args(args)
     linear_checkpoint(checkpoint, overrides + ([f"dino.linear_epochs={epochs}"] if epochs else []), **kw)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from visionzoo.export import export_checkpoint
-
     args.overrides, args.data = [], None  # export takes no config flags beyond --checkpoint-key
     checkpoint, overrides, kw = _weights_args(args)
+    from visionzoo.export import export_checkpoint
+
     export_checkpoint(checkpoint, args.format, args.opset, args.output, args.tolerance, overrides=overrides, **kw)
 
 
@@ -378,6 +401,16 @@ def _add_data_parser(sub, fmt) -> None:
     p.set_defaults(func=cmd_data)
 
 
+def _check_flag_ranges(args: argparse.Namespace) -> None:
+    """One line for a numeric flag out of its range (FLAG_RANGES)."""
+    from visionzoo.config import check_range
+
+    for dest, spec in FLAG_RANGES.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            check_range(value, spec, f"--{dest.replace('_', '-')}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (2 for a user error, with one line on stderr)."""
     parser = build_parser()
@@ -390,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher hands to its workers
     try:
+        _check_flag_ranges(args)
         args.func(args)
     except UserError as err:
         print(f"visionzoo: error: {err}", file=sys.stderr)

@@ -76,14 +76,6 @@ def _output_path(weights: Path, fmt: str, output: str | None) -> Path:
     return out
 
 
-def _share(path: Path) -> None:
-    """Give a written file the umask's permissions: atomic_write's temporary files are private
-    (0600), but an exported model is meant to be copied and served by other users."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def _pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
     """[n_out, n_in] averaging matrix of adaptive average pooling along one axis (PyTorch's bins:
     floor(i*n_in/n_out) .. ceil((i+1)*n_in/n_out))."""
@@ -341,7 +333,6 @@ def export_checkpoint(
                             f"tolerance {tolerance:g} x max(1, max |logit|)); nothing written")
 
     atomic_write(out_path, write)
-    _share(out_path)
     sidecar = {
         "format": fmt,
         "file": out_path.name,
@@ -367,7 +358,6 @@ def export_checkpoint(
     }
     side = sidecar_path(out_path)
     atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
-    _share(side)
     what = (f"DINO teacher backbone: [CLS] features of {reference.shape[-1]} dims, no classifier"
             if features else f"{len(classes)} classes")
     print(f"{out_path}: {fmt} export of {meta['model']['library']} {meta['model']['name']} "
