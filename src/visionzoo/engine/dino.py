@@ -250,6 +250,8 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
 
     splits = build_datasets(d, train=True)
     loader, n_images, classes = dino_loader(cfg, splits.train, device, info.rank, info.world_size), len(splits.train), splits.classes
+    if classes:  # the labels k-NN evaluates with, recorded as found (not the default)
+        cfg.data.num_classes = len(classes)
     steps_per_epoch = min(len(loader), t.max_steps_per_epoch) if t.max_steps_per_epoch else len(loader)
     if steps_per_epoch < 1:
         raise UserError(f"the training split ({n_images} images) is smaller than one global batch "

@@ -293,6 +293,7 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
 
     splits = build_datasets(cfg.data, train=True)
     num_classes = len(splits.classes)
+    cfg.data.num_classes = num_classes  # recorded as built (config.yaml, checkpoints, exports), not the default
     empty = getattr(splits.train, "empty_classes", [])
     if empty and info.is_main:  # they keep their label index; the model can never predict them well
         print(f"warning: {len(empty)} class folder(s) with no training images: {', '.join(empty[:5])}"
