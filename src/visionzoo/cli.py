@@ -126,8 +126,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     if args.resume == "auto":
         resume_dir = find_auto_resume(cfg.recipe, args.output)
-        if resume_dir is None and not distributed.in_launched_worker():
-            print("visionzoo: no unfinished run to resume; starting a new one")
+        if not distributed.in_launched_worker():
+            where = args.output or "runs/"
+            print(f"visionzoo: --resume auto: continuing {resume_dir}, the newest unfinished {cfg.recipe} run in {where}"
+                  if resume_dir is not None else
+                  f"visionzoo: no unfinished {cfg.recipe} run in {where} to resume; starting a new one")
     elif args.resume:
         resume_dir = check_resumable(args.resume)
     elif args.output:
