@@ -469,6 +469,14 @@ def for_world_size(cfg: RecipeConfig, world_size: int) -> RecipeConfig:
     return cfg
 
 
+def absolute_data_path(path: Optional[str]) -> Optional[str]:
+    """``data.path`` as an absolute path when it names a local file or folder (so a run's config,
+    checkpoints and exports work from any directory); URLs, shard patterns and None unchanged."""
+    if not path or "://" in path or path.startswith("pipe:") or not Path(path).expanduser().exists():
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
 def to_yaml(cfg: RecipeConfig) -> str:
     """The resolved config as YAML (what `recipes --show` prints and runs save)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

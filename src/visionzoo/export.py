@@ -276,7 +276,7 @@ def export_checkpoint(
     after checking the exported model against PyTorch; return the sidecar. ``opset`` and
     ``tolerance`` default to DEFAULT_OPSET and DEFAULT_TOLERANCE."""
     from visionzoo import __version__
-    from visionzoo.config import from_dict, to_dict
+    from visionzoo.config import absolute_data_path, from_dict, to_dict
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}' (have: {', '.join(FORMATS)})")
@@ -348,7 +348,7 @@ def export_checkpoint(
         },
         "classes": classes,
         "recipe": cfg.recipe,
-        "data": to_dict(cfg)["data"],
+        "data": {**to_dict(cfg)["data"], "path": absolute_data_path(cfg.data.path)},  # infer from any folder
         "model": meta["model"],
         "checkpoint": {"path": str(weights.resolve()), "sha256": sha256_file(weights),
                        "epoch": meta.get("epoch"), "acc1": meta.get("acc1")},

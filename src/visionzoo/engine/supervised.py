@@ -21,7 +21,7 @@ import torch.nn as nn
 from visionzoo import distributed
 from visionzoo.checkpoint import BEST, WEIGHTS, load_latest, publish, save_checkpoint
 from visionzoo.engine.resume import per_rank, rng_state, set_rng_state, truncate_metrics
-from visionzoo.config import RecipeConfig, for_world_size, to_dict, to_yaml
+from visionzoo.config import RecipeConfig, absolute_data_path, for_world_size, to_dict, to_yaml
 from visionzoo.data.build import build_datasets, build_loaders, cpu_fallbacks, failed_shards, loader_kind
 from visionzoo.data.mix import PerSampleMixup
 from visionzoo.engine.evaluate import evaluate
@@ -294,6 +294,7 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
     splits = build_datasets(cfg.data, train=True)
     num_classes = len(splits.classes)
     cfg.data.num_classes = num_classes  # recorded as built (config.yaml, checkpoints, exports), not the default
+    cfg.data.path = absolute_data_path(cfg.data.path)  # eval/export/infer of the run work from any folder
     empty = getattr(splits.train, "empty_classes", [])
     if empty and info.is_main:  # they keep their label index; the model can never predict them well
         print(f"warning: {len(empty)} class folder(s) with no training images: {', '.join(empty[:5])}"
