@@ -33,6 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
+from visionzoo.data.manifest import checked_splits
 from visionzoo.errors import UserError, first_line
 from visionzoo.runtime import default_signals
 
@@ -363,12 +364,12 @@ def verify(out: str, deep: bool = False) -> dict:
         raise UserError(f"{root} has no manifest.json (written by visionzoo data pack)")
     try:
         manifest = json.loads(path.read_text())
-        splits = manifest["splits"]
-    except (ValueError, KeyError) as err:
+    except (ValueError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not a visionzoo manifest: {first_line(err)}") from None
+    splits = checked_splits(manifest, str(path), ("name", "bytes", "sha256", "samples"))  # before any file is read
     problems, total, n_shards = [], 0, 0
-    for split, info in splits.items():
-        for s in info["shards"]:
+    for split, shards in splits.items():
+        for s in shards:
             n_shards += 1
             p = root / s["name"]
             if not p.is_file():
@@ -386,7 +387,7 @@ def verify(out: str, deep: bool = False) -> dict:
                     problems.append(f"{s['name']} ({n} samples, the manifest says {s['samples']})")
                     continue
             total += s["samples"]
-        print(f"{split}: {len(info['shards'])} shard(s), {info['samples']} images", flush=True)
+        print(f"{split}: {len(shards)} shard(s), {sum(s['samples'] for s in shards)} images", flush=True)
     if problems:
         raise UserError(f"{len(problems)} of {n_shards} shard(s) in {root} do not match manifest.json: "
                         + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
