@@ -47,15 +47,20 @@ FLAG_RANGES = {
 AMP_ALIASES = {"o0": "none", "o1": "fp16", "o2": "fp16", "true": "auto", "false": "none"}
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, training: bool = True) -> None:
+    """Overrides, --data and the seed scripts' flags; without ``training`` (eval, knn, linear)
+    the flags that only change training (--epochs, --lr, --seed) are left out."""
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.2")
     p.add_argument("--data", help="data folder, or 'synthetic' for random images")
     g = p.add_argument_group("seed-script flags (aliases of config keys)")
-    g.add_argument("--epochs", type=int, help="train.epochs")
+    if training:
+        g.add_argument("--epochs", type=int, help="train.epochs")
     g.add_argument("--batch-size", type=int, help="data.batch_size (global, all devices)")
-    g.add_argument("--lr", type=float, help="optim.lr")
+    if training:
+        g.add_argument("--lr", type=float, help="optim.lr")
     g.add_argument("--workers", type=int, help="data.workers (per device)")
-    g.add_argument("--seed", type=int, help="train.seed")
+    if training:
+        g.add_argument("--seed", type=int, help="train.seed")
     g.add_argument("--amp", nargs="?", const="auto", help="train.amp: auto|none|bf16|fp16 (apex O0/O1/O2 accepted)")
     g.add_argument("--device", help="train.device: auto|cpu|cuda|cuda:N|mps")
 
@@ -328,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, formatter_class=fmt,
                            epilog="examples:\n" + "".join(f"  {e}\n" for e in examples))
         p.add_argument("checkpoint", nargs="?", help="a run folder or a .safetensors file (optional with --weights)")
-        _add_config_flags(p)
+        _add_config_flags(p, training=False)
+        if name == "linear":  # the probe's own training length
+            p.add_argument("--epochs", type=int, help="epochs of the linear probe (dino.linear_epochs)")
         _add_weights_flags(p)
         p.set_defaults(func=func)
 
