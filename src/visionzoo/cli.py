@@ -241,7 +241,7 @@ def cmd_data(args: argparse.Namespace) -> None:
         from visionzoo.data.pack import pack
 
         pack(args.src, args.out, args.format, args.shard_size, args.shard_samples, args.resize, args.workers,
-             args.seed, args.quality, args.source)
+             args.seed, args.quality, args.source, check=not args.no_check)
     elif args.data_command == "verify":
         from visionzoo.data.pack import verify
 
@@ -398,6 +398,9 @@ def _add_data_parser(sub, fmt) -> None:
     q.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
     q.add_argument("--workers", type=int, default=0, help="encoding processes (default 0: in this process)")
     q.add_argument("--seed", type=int, default=0, help="seed of the one shuffle of the training samples")
+    q.add_argument("--no-check", action="store_true",
+                   help="copy files without decoding them (default: decode each once; undecodable ones are "
+                        "left out and listed in manifest.json)")
     q.add_argument("--source", default="auto", choices=("auto", "imagefolder", "cifar10", "cifar100", "fashion_mnist", "mnist"),
                    help="what SRC holds (default: guessed)")
     q = dsub.add_parser("verify", help="re-check shards against their manifest.json (size, sha256)", formatter_class=fmt)

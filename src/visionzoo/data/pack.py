@@ -123,9 +123,10 @@ def find_source(src: str, kind: str = "auto") -> Source:
     return _array_source(root, kind)
 
 
-def encode(job: tuple[Any, int | None, int]) -> tuple[str | None, bytes | str]:
-    """One item as (extension, bytes) to store, or (None, why) when it cannot be read."""
-    item, resize, quality = job
+def encode(job: tuple[Any, int | None, int, bool]) -> tuple[str | None, bytes | str]:
+    """One item as (extension, bytes) to store, or (None, why) when it cannot be read (with
+    ``check``, also when a file kept as it is does not decode in full)."""
+    item, resize, quality, check = job
     if isinstance(item, np.ndarray):
         img = Image.fromarray(item)
         ext, data = None, None
@@ -135,7 +136,7 @@ def encode(job: tuple[Any, int | None, int]) -> tuple[str | None, bytes | str]:
             data = Path(item).read_bytes()
         except OSError as err:
             return None, f"cannot read: {first_line(err)}"
-        if ext is not None and not resize:
+        if ext is not None and not resize and not check:
             return ext, data
         from visionzoo.data.folder import _DECODE_ERRORS, _to_rgb
 
@@ -260,8 +261,8 @@ def _progress(total: int, desc: str):
                 mininterval=0.5, file=sys.stderr)
 
 
-def _encoded(items: list[Any], resize: int | None, quality: int, workers: int) -> Iterator[tuple]:
-    jobs = ((it, resize, quality) for it in items)
+def _encoded(items: list[Any], resize: int | None, quality: int, workers: int, check: bool = True) -> Iterator[tuple]:
+    jobs = ((it, resize, quality, check) for it in items)
     if workers > 1:
         from multiprocessing import get_context
 
@@ -272,8 +273,11 @@ def _encoded(items: list[Any], resize: int | None, quality: int, workers: int) -
 
 
 def pack(src: str, out: str, fmt: str = "webdataset", shard_size: str = "512MB", shard_samples: int = 0,
-         resize: int = 0, workers: int = 0, seed: int = 0, quality: int = 90, source: str = "auto") -> dict:
-    """Convert ``src`` into shards in ``out``; returns (and writes) the manifest."""
+         resize: int = 0, workers: int = 0, seed: int = 0, quality: int = 90, source: str = "auto",
+         check: bool = True) -> dict:
+    """Convert ``src`` into shards in ``out``; returns (and writes) the manifest. With ``check``
+    every image is decoded once, and those that do not decode are left out and listed in the
+    manifest's ``skipped`` (without it, files are copied unread)."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "hfds":
@@ -297,7 +301,7 @@ def pack(src: str, out: str, fmt: str = "webdataset", shard_size: str = "512MB",
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict = {"format": fmt, "version": 1, "classes": data.classes, "source": data.kind,
                       "options": {"resize": resize, "shard_size": max_bytes, "shard_samples": shard_samples,
-                                  "seed": seed, "quality": quality}, "splits": {}}
+                                  "seed": seed, "quality": quality, "check": check}, "splits": {}}
     nc = len(data.classes)
     for split, (items, labels) in data.splits.items():
         order = list(range(len(items)))
@@ -308,7 +312,7 @@ def pack(src: str, out: str, fmt: str = "webdataset", shard_size: str = "512MB",
         skipped: list[str] = []
         cur, written = None, 0
         bar = _progress(len(order), f"pack {split}")
-        for i, (ext, payload) in zip(order, _encoded([items[i] for i in order], resize, quality, workers)):
+        for i, (ext, payload) in zip(order, _encoded([items[i] for i in order], resize, quality, workers, check)):
             bar.update(1)
             rel = os.path.relpath(items[i], data.root) if isinstance(items[i], str) else None
             if ext is None:

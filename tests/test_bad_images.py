@@ -1,0 +1,32 @@
+"""Unreadable images are named, not only counted: `data pack` decodes each image once and lists
+the ones it left out in manifest.json (--no-check copies files unread)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import write_jpeg_tree
+from visionzoo.cli import main
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_data_pack_leaves_out_and_lists_undecodable_files(tmp_path, capsys, check):
+    pytest.importorskip("webdataset")
+    src = write_jpeg_tree(tmp_path / "src", n_train=8, n_val=4)
+    (src / "train" / "c0" / "fake.jpg").write_text("this is a text file\n")
+    good = (src / "train" / "c1" / "001.jpg").read_bytes()
+    (src / "train" / "c1" / "cut.jpg").write_bytes(good[: len(good) // 2])
+    out = tmp_path / "shards"
+    assert main(["data", "pack", str(src), str(out), *([] if check else ["--no-check"])]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    skipped = manifest["splits"]["train"]["skipped"]
+    if check:
+        assert sorted(s.split(":")[0] for s in skipped) == ["train/c0/fake.jpg", "train/c1/cut.jpg"]
+        assert manifest["splits"]["train"]["samples"] == 8
+        assert "2 left out (see manifest.json)" in capsys.readouterr().out
+    else:
+        assert skipped == [] and manifest["splits"]["train"]["samples"] == 10
