@@ -30,3 +30,26 @@ def test_data_pack_leaves_out_and_lists_undecodable_files(tmp_path, capsys, chec
         assert "2 left out (see manifest.json)" in capsys.readouterr().out
     else:
         assert skipped == [] and manifest["splits"]["train"]["samples"] == 10
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_names_unreadable_images_per_split_once_each(imagefolder_dir, tmp_path, capsys, workers):
+    from conftest import TINY_FOLDER_RECIPE
+
+    data = tmp_path / "data"
+    shutil.copytree(imagefolder_dir, data)
+    (data / "train" / "class_0" / "fake.jpg").write_text("not an image\n")
+    (data / "val" / "class_1" / "empty.png").write_bytes(b"")
+    recipe = tmp_path / "tiny_folder.yaml"
+    recipe.write_text(TINY_FOLDER_RECIPE)
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--data", str(data), "--output", str(run), "--epochs", "2",
+                 "--workers", str(workers)]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((run / "results.json").read_text())
+    # Read in both epochs, counted once: the same count however many epochs ran.
+    assert results["bad_images_per_split"] == {"train": 1, "val": 1} and results["bad_images"] == 2
+    assert results["bad_image_names"] == {"train": [str(data / "train" / "class_0" / "fake.jpg")],
+                                          "val": [str(data / "val" / "class_1" / "empty.png")]}
+    assert (f"warning: 2 unreadable image(s) were skipped: train 1 ({data / 'train' / 'class_0' / 'fake.jpg'}); "
+            f"val 1 ({data / 'val' / 'class_1' / 'empty.png'})") in out

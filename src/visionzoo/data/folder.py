@@ -25,7 +25,7 @@ from visionzoo.data.scan_cache import scan_classes
 from visionzoo.data.device_batches import stack_images
 from visionzoo.errors import UserError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "collate_skip_bad", "find_classes", "load_image"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "Unreadable", "collate_skip_bad", "find_classes", "load_image"]
 
 # ImageFile.LOAD_TRUNCATED_IMAGES is deliberately left at Pillow's default
 # (False): a truncated file must raise in __getitem__ and be counted as bad,
@@ -218,6 +218,43 @@ class ImageFolderDataset(Dataset):
         img = load_image(path, self.transform)
         return None if img is None else (img, target)
 
+    def sample_name(self, index: int) -> str:
+        """The path of sample ``index`` (how unreadable images are named)."""
+        return self.samples[index][0]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """A batch's items (DataLoader calls this when it exists), with the paths of the
+        undecodable ones attached, so collate_skip_bad can name them."""
+        return with_bad_names([self[i] for i in indices], [self.sample_name(i) for i in indices])
+
+
+class _Items(list):
+    """A batch's items plus ``bad``: the names of the items that are None."""
+
+    bad: tuple[str, ...] = ()
+
+
+def with_bad_names(items: list, names: list[str]) -> list:
+    """``items`` (a batch, None for an undecodable image) carrying the names of its None items."""
+    out = _Items(items)
+    out.bad = tuple(name for name, item in zip(names, items) if item is None)
+    return out
+
+
+class Unreadable(int):
+    """How many images of a batch could not be decoded, with their names (paths, or shard and
+    key) where the reader knows them: an int wherever a count is expected."""
+
+    names: tuple[str, ...] = ()
+
+    def __new__(cls, count: int, names: tuple[str, ...] = ()) -> "Unreadable":
+        obj = super().__new__(cls, count)
+        obj.names = tuple(names)
+        return obj
+
+    def __reduce__(self):  # loader workers send it to the main process pickled
+        return Unreadable, (int(self), self.names)
+
 
 def collate_skip_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Stack the good (image tensor, target) items; return (images, targets, n_dropped).
@@ -226,7 +263,7 @@ def collate_skip_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
     bad, images and targets are empty tensors of shape [0]; skip such batches.
     """
     good = [item for item in batch if item is not None]
-    dropped = len(batch) - len(good)
+    dropped = Unreadable(len(batch) - len(good), getattr(batch, "bad", ()))
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.int64), dropped
     images = stack_images([img for img, _ in good])

@@ -32,13 +32,14 @@ def evaluate(
     given, sums the totals over processes (each rank evaluates its own shard)."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
-    bad = 0
+    bad, names = 0, set()  # names: of the undecodable images, where the reader gives them
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     # Inputs in the weights' dtype (float64 for a train.amp=fp64 model, else float32).
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for images, targets, n_bad in Progress(loader, len(loader), "validate", progress, leave=False):
         bad += n_bad
+        names.update(getattr(n_bad, "names", ()))
         if images.numel() == 0:
             continue
         images = images.to(device, dtype, non_blocking=True, memory_format=memory_format)
@@ -57,7 +58,7 @@ def evaluate(
     count = max(count, 1.0)
     return {
         "loss": loss_sum / count, "acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count,
-        "samples": int(count), "bad_images": bad,
+        "samples": int(count), "bad_images": int(bad), "bad_names": sorted(names)[:10],
     }
 
 

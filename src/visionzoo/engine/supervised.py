@@ -11,7 +11,7 @@ import math
 import time
 from pathlib import Path
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ from visionzoo.engine.resume import per_rank, rng_state, set_rng_state, truncate
 from visionzoo.config import RecipeConfig, absolute_data_path, for_world_size, to_dict, to_yaml
 from visionzoo.data.build import build_datasets, build_loaders, cpu_fallbacks, failed_shards, loader_kind
 from visionzoo.data.mix import PerSampleMixup
+from visionzoo.engine.bad_images import BadImages, describe
 from visionzoo.engine.evaluate import evaluate
 from visionzoo.engine.step import GradStep
 from visionzoo.errors import UserError
@@ -59,7 +60,8 @@ class Loop:
     epoch: int = 0  # the epoch being trained (0-based)
     batches_in_epoch: int = 0  # batches of this epoch already trained on (resume skips them)
     epoch_sums: torch.Tensor | None = None  # this rank's loss×n, correct, n of the current epoch
-    bad_images: int = 0
+    bad_images: int = 0  # as the batches reported them (an image read in 3 epochs: 3)
+    bad: BadImages = field(default_factory=BadImages)  # distinct training images, named
     nonfinite_skipped: int = 0
     nonfinite: torch.Tensor | None = None  # device flag: a non-finite loss was seen (checked lazily)
     skip_nonfinite: int = 0
@@ -143,6 +145,8 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
         if done >= total:
             break
         loop.bad_images += n_bad
+        if n_bad:
+            loop.bad.add(n_bad)
         loop.batches_in_epoch += 1
         if images.numel() == 0:
             continue
@@ -349,6 +353,7 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
     if state is not None:
         loop.global_step, loop.epoch, loop.batches_in_epoch = state["global_step"], state["epoch"], state["batches_in_epoch"]
         loop.bad_images, best["acc1"] = state["bad_images"], state["best_acc1"]
+        loop.bad.load(state.get("bad_names"))
         loop.last_loss = state.get("last_loss", loop.last_loss)
         loop.timed_images, loop.timed_seconds = state.get("timed", (0, 0.0))
         loop.elapsed_before = state.get("elapsed_s", 0.0)
@@ -362,7 +367,8 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
         train_state = {
             "epoch": loop.epoch, "batches_in_epoch": loop.batches_in_epoch, "global_step": loop.global_step,
             "optimizer": optimizer.state_dict(), "grad_step": stepper.state_dict(),
-            "bad_images": loop.bad_images, "best_acc1": best["acc1"], "last_loss": loop.last_loss,
+            "bad_images": loop.bad_images, "bad_names": loop.bad.state(), "best_acc1": best["acc1"],
+            "last_loss": loop.last_loss,
             "timed": [loop.timed_images, loop.timed_seconds], "elapsed_s": loop.elapsed_before + time.perf_counter() - t0,
             "ranks": per_rank({"rng": rng_state(device), "epoch_sums": loop.epoch_sums.cpu()
                                if loop.epoch_sums is not None else torch.zeros(3, dtype=torch.float64)}),
@@ -396,7 +402,9 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None) -
               + (f"Final Train Accuracy : {results['TrainAccuracy']:.2f}\n" if last_eval else "")
               + f"E2E Training Duration sec : {results['E2ETrainingTime']:.0f}", flush=True)
         if results["bad_images"]:
-            print(f"warning: {results['bad_images']} unreadable image(s) were skipped", flush=True)
+            parts = [describe(split, n, results["bad_image_names"][split])
+                     for split, n in results["bad_images_per_split"].items() if n]
+            print(f"warning: {results['bad_images']} unreadable image(s) were skipped: {'; '.join(parts)}", flush=True)
         report_fallbacks(results["cpu_fallbacks"])
         if cfg.train.compile and loop.first_step_s:
             print(f"torch.compile: the first step took {loop.first_step_s:.1f} s (compilation included)", flush=True)
@@ -425,7 +433,10 @@ def _results(cfg: RecipeConfig, perf: bool, loop: Loop, info, device, amp_dtype,
         "TrainAccuracy": last_eval["acc1"] if last_eval else None,  # the seeds' name for final val Acc@1
         "ActualLoss": loop.last_loss,
         "E2ETrainingTime": loop.elapsed_before + time.perf_counter() - t0,  # all sessions of a resumed run
-        "bad_images": loop.bad_images + (last_eval["bad_images"] if last_eval else 0),
+        # Distinct images (each counted once, whatever the epochs), per split, the first few named.
+        "bad_images": loop.bad.count + (last_eval["bad_images"] if last_eval else 0),
+        "bad_images_per_split": {"train": loop.bad.count, "val": last_eval["bad_images"] if last_eval else 0},
+        "bad_image_names": {"train": loop.bad.first(), "val": last_eval.get("bad_names", []) if last_eval else []},
         "skipped_steps": loop.step.skipped + loop.nonfinite_skipped,
         "first_step_s": loop.first_step_s,  # includes compilation with train.compile
         "ranks_in_sync": distributed.params_in_sync(loop.net),  # DDP keeps replicas equal; checked
