@@ -53,3 +53,20 @@ def test_training_names_unreadable_images_per_split_once_each(imagefolder_dir, t
                                           "val": [str(data / "val" / "class_1" / "empty.png")]}
     assert (f"warning: 2 unreadable image(s) were skipped: train 1 ({data / 'train' / 'class_0' / 'fake.jpg'}); "
             f"val 1 ({data / 'val' / 'class_1' / 'empty.png'})") in out
+
+
+def test_dino_names_unreadable_images(jpeg_tree, tmp_path, capsys):
+    from test_dino import TINY_OVERRIDES
+
+    data = tmp_path / "data"
+    shutil.copytree(jpeg_tree, data)
+    (data / "train" / "c0" / "fake.jpg").write_text("not an image\n")
+    run = tmp_path / "run"
+    assert main(["train", "dino_fashion_mnist", "--data", str(data), "--output", str(run), "--device", "cpu",
+                 *TINY_OVERRIDES, "data.name=imagefolder", "data.in_chans=3", "data.mean=[128,128,128]",
+                 "data.std=[64,64,64]", "train.epochs=1", "data.workers=0",
+                 "data.image_size=28", "data.test_size=28", "data.test_resize=28", "dino.knn_k=[5]",
+                 "dino.knn_report_k=5"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["bad_images"] == 1 and results["bad_image_names"] == {"train": [str(data / "train" / "c0" / "fake.jpg")]}
+    assert f"warning: 1 unreadable image(s) were skipped: train 1 ({data / 'train' / 'c0' / 'fake.jpg'})" in capsys.readouterr().out

@@ -185,8 +185,10 @@ class MultiCropTransform:
 def collate_multicrop(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, int]:
     """Stack ``(crops, target)`` items into one batch per crop position; drop and count the
     None items (undecodable files). An all-bad batch gives an empty list of crops."""
+    from visionzoo.data.folder import Unreadable
+
     good = [item for item in batch if item is not None]
-    dropped = len(batch) - len(good)
+    dropped = Unreadable(len(batch) - len(good), getattr(batch, "bad", ()))  # names from ImageFolder
     if not good:
         return [], torch.empty(0, dtype=torch.int64), dropped
     crops = [stack_images([item[0][i] for item in good]) for i in range(len(good[0][0]))]

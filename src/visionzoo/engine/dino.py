@@ -44,6 +44,7 @@ from visionzoo.models.weights import load_weights
 from visionzoo.optim import build_optimizer
 from visionzoo.plots import plot_curves
 from visionzoo.report import MetricsLog, mark_status, new_run_dir, report_fallbacks, write_results
+from visionzoo.engine.bad_images import BadImages, describe
 from visionzoo.runtime import (StopSignal, configure_determinism, precision_name, resolve_amp, resolve_device,
                                seed_everything, synchronize)
 
@@ -347,6 +348,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
         last_loss, elapsed_before = state.get("last_loss", last_loss), state.get("elapsed_s", 0.0)
         timed_images, timed_seconds = state.get("timed", (0, 0.0))
     epoch, first_step_s, t_loop = first_epoch, None, time.perf_counter()
+    bad = BadImages()  # undecodable training images, each once (this session's)
     try:
         with StopSignal() as stop:
             while (step < stop_at) if perf else (epoch < t.epochs):
@@ -357,8 +359,10 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                 loss_sum = torch.full((), loss_sum, dtype=torch.float64, device=device)  # summed on the device
                 seen, fresh, skip = skip, 0, 0  # seen: batches of this epoch consumed; fresh: images this session
                 t_epoch = t_mark = time.perf_counter()
-                for crops, _, _ in loader:
+                for crops, _, n_bad in loader:
                     seen += 1
+                    if n_bad:
+                        bad.add(n_bad)
                     if not crops:  # every image of the batch was unreadable
                         continue
                     it = min(step, total - 1)  # a perf run may outlast the schedule
@@ -461,11 +465,15 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
         "device": str(device), "run_dir": str(run_dir) if run_dir else None,
         "loader": loader_kind(loader), "cpu_fallbacks": cpu_fallbacks(loader, device),
         "bad_shards": failed_shards(loader),
+        "bad_images": bad.count, "bad_images_per_split": {"train": bad.count}, "bad_image_names": {"train": bad.first()},
     }
     if info.is_main:
         log.close()
         table = write_results(run_dir, results)
         mark_status(run_dir, "finished")
+        if bad.count:
+            print(f"warning: {bad.count} unreadable image(s) were skipped: {describe('train', bad.count, bad.first())}",
+                  flush=True)
         if not perf and t.epochs > 0:
             plot_curves(run_dir, f"{cfg.recipe} (DINO, k-NN accuracy; {precision_name(amp_dtype)}, {info.world_size} device(s))")
         print("\n" + table + "\n" + (f"Final Performance images/sec : {fps:.2f}\n" if fps else "")
