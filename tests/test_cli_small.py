@@ -40,3 +40,13 @@ def test_recipes_show_the_size_they_evaluate_at(recipe, size, capsys):
     assert main(["recipes", "--show", recipe]) == 0
     out = capsys.readouterr().out
     assert f"test_size: {size}\n" in out and "test_resize: 0\n" in out
+
+
+def test_a_resumed_epoch_counts_on_from_where_it_stopped(capsys):
+    from visionzoo.progress import Progress
+
+    progress = Progress(range(50), 100, "epoch 2", "lines", start=50)
+    for i, _ in enumerate(progress):
+        if i == 0:
+            progress.update(loss=1.0)
+    assert capsys.readouterr().out.startswith("epoch 2 step 51/100 loss")

@@ -139,7 +139,7 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
     done = loop.batches_in_epoch // accum  # optimizer steps already taken in this epoch
     total = min(len(loader) // accum + done, max_steps) if max_steps else len(loader) // accum + done
     check_stop_every = 10 if distributed.world_size() > 1 else 1  # a collective per check on several ranks
-    progress = Progress(loader, (total - done) * accum, f"epoch {loop.epoch + 1}", loop.progress,
+    progress = Progress(loader, total * accum, f"epoch {loop.epoch + 1}", loop.progress, start=done * accum,
                         enabled=loop.log is not None)
     for images, targets, n_bad in progress:
         if done >= total:
@@ -208,7 +208,8 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
         if loop.log is not None and loop.log_every > 0 and (loop.global_step % loop.log_every == 0 or loop.global_step == 1):
             loop.last_loss = float(loss.item())  # a sync, only at log points
             elapsed = time.perf_counter() - t_start if t_start else 0.0
-            img_s = stats.timed_images / elapsed if elapsed > 0 else None
+            # All devices together (as the epoch lines and results.json): this rank's images × ranks.
+            img_s = stats.timed_images * distributed.world_size() / elapsed if elapsed > 0 else None
             lr = float(loop.optimizer.param_groups[0]["lr"])
             loop.log.write(kind="step", epoch=loop.epoch + 1, step=loop.global_step, loss=loop.last_loss, lr=lr, img_s=img_s)
             progress.update(loss=loop.last_loss, lr=lr, **{"img/s": img_s})
@@ -501,7 +502,7 @@ def _run_epochs(cfg: RecipeConfig, perf: bool, loop: Loop, train_loader, val_loa
         loop.checkpoint(record.get("acc1"))
         if info.is_main:
             print(f"epoch {epoch + 1}/{cfg.train.epochs}: train loss {s.loss:.4f} acc {s.acc1:.2f}% "
-                  f"| {record['img_s']:.0f} img/s"
+                  f"| {record['img_s']:.0f} img/s" + (f" ({info.world_size} devices)" if info.enabled else "")
                   + (f" | val loss {last_eval['loss']:.4f} Acc@1 {last_eval['acc1']:.2f}% "
                      f"Acc@5 {last_eval['acc5']:.2f}%" if "acc1" in record else ""), flush=True)
             if improved:
