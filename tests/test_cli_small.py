@@ -50,3 +50,13 @@ def test_a_resumed_epoch_counts_on_from_where_it_stopped(capsys):
         if i == 0:
             progress.update(loss=1.0)
     assert capsys.readouterr().out.startswith("epoch 2 step 51/100 loss")
+
+
+def test_dino_knn_says_its_size_and_can_be_capped(fmnist_dir, tmp_path, capsys):
+    from test_dino import TINY_OVERRIDES
+
+    run = tmp_path / "run"
+    assert main(["train", "dino_fashion_mnist", "--data", str(fmnist_dir), "--output", str(run), "--device", "cpu",
+                 *TINY_OVERRIDES, "train.max_steps_per_epoch=2", "dino.knn_max_train=100"]) == 0
+    assert "k-NN: features of 100 training and 200 validation images" in capsys.readouterr().out
+    assert json.loads((run / "results.json").read_text())["Acc@1"] is not None

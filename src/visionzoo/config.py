@@ -55,7 +55,7 @@ RANGES: dict[str, str] = {
     "dino.global_crops_scale": "0..1", "dino.local_crops_scale": "0..1", "dino.local_crops_number": ">=0",
     "dino.local_crop_size": ">=1", "dino.color_jitter": ">=0", "dino.color_jitter_p": "0..1",
     "dino.grayscale_p": "0..1", "dino.blur_p": "0..1", "dino.blur_sigma": ">=0", "dino.solarize_p": "0..1",
-    "dino.knn_k": ">=1", "dino.knn_temperature": ">0", "dino.knn_report_k": ">=1", "dino.linear_epochs": ">=0",
+    "dino.knn_k": ">=1", "dino.knn_temperature": ">0", "dino.knn_report_k": ">=1", "dino.knn_max_train": ">=0", "dino.linear_epochs": ">=0",
     "dino.linear_lr": ">=0", "dino.linear_batch_size": ">=1", "dino.linear_n_last_blocks": ">=1",
 }
 
@@ -300,6 +300,9 @@ class DinoConfig:
     # Evaluation of the teacher backbone (visionzoo knn / linear; k-NN at the end of training).
     knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
     knn_temperature: float = 0.07
+    # k-NN: at most N training images (every len/N-th, the same ones every time; 0: all). A short
+    # run's end-of-run k-NN over a large training split can take longer than the run itself.
+    knn_max_train: int = 0
     knn_report_k: int = 20  # the k whose top-1 is a training run's Acc@1 (evaluated too if not in knn_k)
     linear_epochs: int = 100
     linear_lr: float = 0.001  # SGD m0.9 cosine, per 256 images (reference eval_linear.py)
