@@ -102,3 +102,17 @@ def test_a_cifar10_folder_given_to_a_cifar100_recipe_names_the_fix(tmp_path, cap
     assert main(["train", "resnet50_cifar100", "--data", str(folder), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "no CIFAR-100 data under" in err and "set data.name=cifar10" in err and err.count("\n") == 1
+
+
+def test_a_refused_connection_is_not_reported_as_a_missing_file(tmp_path, capsys):
+    pytest.importorskip("aiohttp")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    code = main(["train", "fashion_mnist", "--data", f"http://127.0.0.1:{port}/shards/", "data.name=webdataset",
+                 "--device", "cpu", "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "FileNotFoundError" not in err and "connect" in err.lower(), err

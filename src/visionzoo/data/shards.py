@@ -77,6 +77,11 @@ def shard_error(err: BaseException) -> str:
     text = (first.strip() if first else first_line(err)).split(" @ ")[0]
     text = text if text.startswith(type(err).__name__) else f"{type(err).__name__}: {text}"
     cause = err.__cause__ or err.__context__  # fsspec reports a timeout as FileNotFoundError from it
+    if isinstance(err, FileNotFoundError) and cause is not None and cause is not err \
+            and getattr(cause, "status", None) not in (403, 404):
+        # fsspec turns every failed request into FileNotFoundError: the cause is what happened
+        # (a refused connection, a timeout), and the file may well exist.
+        return f"{type(cause).__name__}: {first_line(cause)}" if str(cause) else type(cause).__name__
     if cause is not None and cause is not err:
         text += f" ({type(cause).__name__}" + (f": {first_line(cause)})" if str(cause) else ")")
     return text
