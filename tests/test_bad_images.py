@@ -70,3 +70,20 @@ def test_dino_names_unreadable_images(jpeg_tree, tmp_path, capsys):
     results = json.loads((run / "results.json").read_text())
     assert results["bad_images"] == 1 and results["bad_image_names"] == {"train": [str(data / "train" / "c0" / "fake.jpg")]}
     assert f"warning: 1 unreadable image(s) were skipped: train 1 ({data / 'train' / 'c0' / 'fake.jpg'})" in capsys.readouterr().out
+
+
+def test_undecodable_shard_samples_are_named(tmp_path, capsys):
+    pytest.importorskip("webdataset")
+    from conftest import TINY_FOLDER_RECIPE
+
+    src = write_jpeg_tree(tmp_path / "src", n_train=8, n_val=4)
+    (src / "train" / "c0" / "fake.jpg").write_text("this is a text file\n")
+    out = tmp_path / "shards"
+    assert main(["data", "pack", str(src), str(out), "--no-check"]) == 0
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_FOLDER_RECIPE)
+    capsys.readouterr()
+    assert main(["train", str(recipe), "--data", str(out), "data.name=webdataset", "--output", str(tmp_path / "run"),
+                 "log.progress=off", "data.batch_size=3"]) == 0
+    err = capsys.readouterr().err
+    assert f"sample {out / 'train-000000.tar'}:" in err and "the image cannot be decoded; skipped and counted" in err, err

@@ -266,7 +266,12 @@ class _Pass(IterableDataset):
                          + ("" if warned < MAX_SAMPLE_WARNINGS else " (further bad samples of this pass are only counted)"))
                 yield None, failed_shard
                 continue
-            yield self._decode(seeded, pos, epoch, data, label), None
+            item = self._decode(seeded, pos, epoch, data, label)
+            if item is None and warned < MAX_SAMPLE_WARNINGS:  # undecodable bytes: named like a bad label
+                warned += 1
+                warn(f"sample {key}: the image cannot be decoded; skipped and counted"
+                     + ("" if warned < MAX_SAMPLE_WARNINGS else " (further bad samples of this pass are only counted)"))
+            yield item, None
 
     def _label_problem(self, label: int | None) -> str | None:
         if label is None:
