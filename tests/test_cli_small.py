@@ -60,3 +60,8 @@ def test_dino_knn_says_its_size_and_can_be_capped(fmnist_dir, tmp_path, capsys):
                  *TINY_OVERRIDES, "train.max_steps_per_epoch=2", "dino.knn_max_train=100"]) == 0
     assert "k-NN: features of 100 training and 200 validation images" in capsys.readouterr().out
     assert json.loads((run / "results.json").read_text())["Acc@1"] is not None
+
+
+def test_bench_refuses_fp64(capsys):
+    assert main(["bench", "fashion_mnist", "--data", "synthetic", "train.amp=fp64", "--device", "cpu"]) == 2
+    assert "train.amp=fp64 is for numerical checks" in capsys.readouterr().err
