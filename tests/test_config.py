@@ -79,3 +79,38 @@ def test_recipe_file_with_unknown_key(tmp_path):
     f.write_text("optim:\n  lr: [1, 2\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(str(f))
+
+
+def test_fp64_is_a_supervised_precision():
+    assert load_config("fashion_mnist", ["train.amp=fp64"]).train.amp == "fp64"
+    with pytest.raises(UserError, match="fp64 is for supervised runs"):
+        load_config("dino_fashion_mnist", ["train.amp=fp64"])
+
+
+def test_every_numeric_key_has_a_range():
+    """config.RANGES covers every int/float (or list of them) key of the schema."""
+    import dataclasses
+
+    from visionzoo.config import RANGES, RecipeConfig
+
+    numeric = []
+    for section in dataclasses.fields(RecipeConfig):
+        if not dataclasses.is_dataclass(section.default_factory if section.default_factory is not dataclasses.MISSING
+                                         else None):
+            continue
+        for f in dataclasses.fields(section.default_factory):
+            if str(f.type) in ("int", "float", "list[float]", "list[int]"):
+                numeric.append(f"{section.name}.{f.name}")
+    assert numeric and sorted(set(numeric) - set(RANGES)) == []
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.epochs=-1", "train.epochs=-1 is out of range (must be >= 0)"),
+    ("data.hflip=1.5", "data.hflip=1.5 is out of range (must be 0 to 1)"),
+    ("data.crop_scale=[0.5,2]", "data.crop_scale=[0.5, 2.0] is out of range"),
+    ("train.keep_checkpoints=0", "must be >= 1"),
+])
+def test_numbers_out_of_range_are_refused(override, words):
+    with pytest.raises(UserError) as err:
+        load_config("fashion_mnist", [override])
+    assert words in str(err.value)

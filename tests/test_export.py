@@ -15,9 +15,11 @@ from PIL import Image
 pytest.importorskip("onnxruntime")
 
 from conftest import pattern_images  # noqa: E402
+
 from visionzoo.checkpoint import save_weights  # noqa: E402
 from visionzoo.cli import main  # noqa: E402
 from visionzoo.config import load_config, to_dict  # noqa: E402
+from visionzoo.errors import UserError  # noqa: E402
 from visionzoo.export import export_checkpoint, sidecar_path  # noqa: E402
 from visionzoo.models import build_model  # noqa: E402
 
@@ -81,10 +83,12 @@ def test_other_formats_export_with_parity(tmp_path: Path, fmt: str) -> None:
 
 def test_parity_failure_is_a_user_error_and_writes_nothing(tmp_path: Path, capsys) -> None:
     run = make_checkpoint(tmp_path / "run", "fashion_mnist", [])
-    # A negative tolerance cannot be met: the check must refuse and leave no model behind.
-    code = main(["export", str(run), "--tolerance", "-1"])
-    err = capsys.readouterr().err
-    assert code == 2 and "does not match PyTorch" in err and err.count("\n") == 1
+    # A negative tolerance cannot be met: the check must refuse and leave no model behind. (The
+    # command line refuses it before exporting; the function is called with it directly.)
+    assert main(["export", str(run), "--tolerance", "-1"]) == 2
+    assert "--tolerance -1.0 is out of range (must be > 0)" in capsys.readouterr().err
+    with pytest.raises(UserError, match="does not match PyTorch"):
+        export_checkpoint(str(run), tolerance=-1.0)
     assert not (run / "model.onnx").exists() and not (run / "model.json").exists()
     assert not list(run.glob(".model.onnx.*"))  # the temporary file is gone too
     assert main(["export", str(run), "--opset", "99"]) == 2
@@ -232,3 +236,35 @@ def test_undecodable_and_missing_images(tmp_path: Path, exported: Path, capsys) 
     _one_line_error(capsys, main(["infer", str(exported), str(tmp_path / "nope.png")]), "image not found")
     _one_line_error(capsys, main(["infer", str(tmp_path / "absent.onnx"), "--data", "x"]), "model not found")
     _one_line_error(capsys, main(["infer", str(exported), str(bad), "--data", "x"]), "not both")
+
+
+def test_infer_takes_a_folder_of_images_and_says_what_it_does_without_input(tmp_path: Path, exported: Path,
+                                                                            fmnist_dir: Path, monkeypatch,
+                                                                            capsys) -> None:
+    photos = tmp_path / "photos"
+    (photos / "more").mkdir(parents=True)
+    for i, where in enumerate((photos, photos / "more")):
+        Image.fromarray(pattern_images(np.array([i]), 28, 1, i)[0]).save(where / f"shoe{i}.png")
+    assert main(["infer", str(exported), str(photos)]) == 0
+    out = capsys.readouterr().out
+    assert f"{photos} is a folder: classifying its 2 images" in out
+    assert f"{photos / 'shoe0.png'}:" in out and f"{photos / 'more' / 'shoe1.png'}:" in out
+    (tmp_path / "empty").mkdir()
+    _one_line_error(capsys, main(["infer", str(exported), str(tmp_path / "empty")]), "folder with no images",
+                    f"--data {tmp_path / 'empty'}")
+    # A model exported from a run whose data path was relative: the sidecar records it absolute,
+    # so infer with no input works from another directory, and says what it measures.
+    monkeypatch.chdir(fmnist_dir.parent)
+    from visionzoo.data.loading.build import build_datasets
+
+    rel = [f"data.path={fmnist_dir.name}", "data.workers=0"]
+    classes = build_datasets(load_config("fashion_mnist", rel).data, train=False).classes
+    run = make_checkpoint(tmp_path / "rel", "fashion_mnist", rel, classes=classes)
+    export_checkpoint(str(run))
+    assert json.loads((run / "model.json").read_text())["data"]["path"] == str(fmnist_dir.resolve())
+    monkeypatch.chdir(tmp_path)
+    assert main(["infer", str(run / "model.onnx"), "--output", str(tmp_path / "acc.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"no images and no --data given: measuring accuracy on the validation split of the data the model " \
+           f"was trained on ({fmnist_dir.resolve()})" in out
+    assert json.loads((tmp_path / "acc.json").read_text())["samples"] == 200

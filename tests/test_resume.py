@@ -190,3 +190,31 @@ def test_nonfinite_steps_are_skipped_up_to_the_limit(fmnist_dir, tmp_path, monke
     else:
         results = json.loads((run / "results.json").read_text())
         assert results["skipped_steps"] == 3 and results["steps"] == 20 - 3
+
+
+def _fake_run(root: Path, name: str, recipe: str, mtime: float, finished: bool = False) -> Path:
+    run = root / name
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"recipe: {recipe}\ntask: supervised\n")
+    for suffix in (".safetensors", ".pt"):
+        (run / "checkpoints" / f"step-000000010{suffix}").write_bytes(b"x")
+    (run / "status.json").write_text('{"status": "interrupted"}\n')
+    if finished:
+        (run / "results.json").write_text("{}\n")
+    for p in (run / "status.json", run / "config.yaml"):
+        os.utime(p, (mtime, mtime))
+    return run
+
+
+def test_resume_auto_finds_runs_by_their_config_whatever_their_names(tmp_path, monkeypatch, capsys):
+    from visionzoo.engine.resume import find_auto_resume
+
+    runs = tmp_path / "runs"
+    _fake_run(runs, "fashion_mnist-20260101-000000", "fashion_mnist", 1000)
+    wanted = _fake_run(runs, "fm3", "fashion_mnist", 2000)  # own name, the newest unfinished one
+    _fake_run(runs, "fm4", "fashion_mnist", 3000, finished=True)
+    _fake_run(runs, "other", "resnet50_cifar100", 4000)
+    (runs / "notes").mkdir()
+    assert find_auto_resume("fashion_mnist", None, str(runs)) == wanted
+    assert find_auto_resume("dino_fashion_mnist", None, str(runs)) is None
+    assert find_auto_resume("fashion_mnist", None, str(tmp_path / "nothing")) is None

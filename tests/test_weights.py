@@ -22,7 +22,7 @@ from visionzoo.cli import main
 from visionzoo.config import ModelConfig, load_config
 from visionzoo.errors import UserError
 from visionzoo.models import build_model, create, model_args
-from visionzoo.models.weights import load_weights, model_from_weights
+from visionzoo.models.weights import load_weights, model_from_weights, read_file
 
 # dino_fashion_mnist's ViT (28 px grey images, 7 px patches), as the DINO reference would build it.
 VIT_KW = {"img_size": 28, "patch_size": 7, "embed_dim": 96, "depth": 4, "num_heads": 3}
@@ -225,7 +225,7 @@ def test_mismatched_weights_are_one_line_with_counts_and_names(tmp_path: Path, c
     (tmp_path / "junk.pth").write_bytes(b"not a pickle")
     assert main(["knn", "--weights", str(tmp_path / "junk.pth"), "--recipe", "dino_fashion_mnist"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("visionzoo: error: cannot read weights") and "\n" not in err
+    assert err == f"visionzoo: error: {tmp_path / 'junk.pth'} is a text file, not a checkpoint: pass a .pth/.pt/.bin/.safetensors weights file"
 
 
 def test_pickled_code_is_refused(tmp_path: Path, capsys) -> None:
@@ -234,9 +234,63 @@ def test_pickled_code_is_refused(tmp_path: Path, capsys) -> None:
             return (print, ("ran code from the file",))
 
     torch.save({"state_dict": {"w": torch.zeros(1)}, "x": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(UserError, match="weights_only"):
+    with pytest.raises(UserError, match=r"holds a pickled 'print', which would run code from the file") as err:
         model_from_weights(VIT_CFG, tmp_path / "evil.pth", 10, 1)
     assert "ran code" not in capsys.readouterr().out
+    assert "\x1b" not in str(err.value) and "\n" not in str(err.value)
+
+
+def _other_files(tmp_path: Path) -> dict[str, bytes]:
+    sd = {"w": torch.zeros(1000)}
+    torch.save(sd, tmp_path / "good.pth")
+    torch.save(sd, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    good, legacy = (tmp_path / "good.pth").read_bytes(), (tmp_path / "legacy.pth").read_bytes()
+    return {"afile.txt": b"accuracy 71.5\nloss 1.2\n", "empty.pth": b"", "cut.pth": good[:len(good) // 2],
+            "cut_legacy.pth": legacy[:len(legacy) // 2], "photo.pth": b"\x89PNG\r\n\x1a\n" + bytes(range(256))}
+
+
+@pytest.mark.parametrize("name, words", [
+    ("afile.txt", "is a text file, not a checkpoint"),
+    ("empty.pth", "is empty, not a checkpoint"),
+    ("cut.pth", "is truncated or damaged"),
+    ("cut_legacy.pth", "is truncated or damaged"),
+    ("photo.pth", "is not a checkpoint: neither a PyTorch file"),
+])
+def test_unreadable_weights_say_what_the_file_is(tmp_path: Path, capsys, name, words) -> None:
+    (tmp_path / name).write_bytes(_other_files(tmp_path)[name])
+    assert main(["eval", "--weights", str(tmp_path / name), "--recipe", "fashion_mnist"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"visionzoo: error: {tmp_path / name} {words}") and err.count("\n") == 1, err
+
+
+def _numpy1_pickle(obj) -> bytes:
+    """``obj`` as torch.save's legacy (flat pickle) format writes it, with NumPy 1.x's module
+    names: NumPy 2 pickles ``numpy._core.multiarray.scalar``, NumPy 1.x wrote ``numpy.core...``."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf, _use_new_zipfile_serialization=False, pickle_protocol=2)
+    data = buf.getvalue()
+    assert b"numpy._core.multiarray\n" in data
+    return data.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+
+
+def test_numpy1_checkpoints_load_and_code_stays_refused(tmp_path: Path) -> None:
+    """An mmcls/timm training checkpoint pickled under NumPy 1.x: scalars, an array and dtypes in
+    its metadata load; a pickled function under a numpy.core name is still refused."""
+    sd = _reference_vit(8).state_dict()
+    meta = {"best_score": np.float64(80.1), "epoch": np.int64(200), "hist": np.arange(4.0), "dt": np.dtype("float32")}
+    (tmp_path / "np1.pth").write_bytes(_numpy1_pickle({"meta": meta, "state_dict": sd}))
+    obj, _ = read_file(tmp_path / "np1.pth")
+    assert obj["meta"]["best_score"] == 80.1 and obj["meta"]["epoch"] == 200
+    assert obj["meta"]["hist"].tolist() == [0.0, 1.0, 2.0, 3.0] and obj["meta"]["dt"] == np.dtype("float32")
+    assert torch.equal(obj["state_dict"]["pos_embed"], sd["pos_embed"])
+    # The NumPy 1.x names are allowed for the harmless builders only, not for any numpy.core function.
+    evil = _numpy1_pickle({"x": np.float64(1.0)}).replace(b"numpy.core.multiarray\nscalar\n",
+                                                          b"numpy.core.multiarray\nset_string_function\n")
+    (tmp_path / "evil_np1.pth").write_bytes(evil)
+    with pytest.raises(UserError, match="numpy.core.multiarray.set_string_function"):
+        read_file(tmp_path / "evil_np1.pth")
 
 
 # ----------------------------------------------------------------------------- the CLI end to end

@@ -296,6 +296,8 @@ def run_bench(cfg: RecipeConfig, synthetic: bool = False, precisions: str | None
     write the JSON file. ``synthetic``: decode-free random images through the recipe's loader."""
     if cfg.train.perf_steps < 1 or cfg.train.perf_warmup_steps < 0:
         raise UserError("bench needs --steps (train.perf_steps) >= 1 and train.perf_warmup_steps >= 0")
+    if cfg.train.amp == "fp64":
+        raise UserError("bench times fp32, bf16 and fp16 (--precision); train.amp=fp64 is for numerical checks")
     info = distributed.from_env()
     cfg = for_world_size(cfg, info.world_size)
     configure_determinism(cfg.train.deterministic, cfg.train.cudnn_benchmark)  # before CUDA initialises

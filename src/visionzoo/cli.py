@@ -28,17 +28,29 @@ EXAMPLES = """examples:
   visionzoo report runs/<run>                               # -> <run>/report/index.html
 """
 
+# The range of every numeric flag (by its argparse name; config.RANGES's notation). Flags that
+# alias a config key have that key's range.
+FLAG_RANGES = {
+    "devices": ">=1", "steps": ">=1", "epochs": ">=0", "batch_size": ">=1", "lr": ">=0", "workers": ">=0",
+    "seed": ">=0", "opset": "9..20", "tolerance": ">0", "shard_samples": ">=0", "resize": ">=0", "quality": "1..100",
+    "calibration_images": ">=1",
+}
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, training: bool = True) -> None:
+    """Overrides, --data and the seed scripts' flags; without ``training`` (eval, knn, linear)
+    the flags that only change training (--epochs, --lr, --seed) are left out."""
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.2")
     p.add_argument("--data", help="data folder, or 'synthetic' for random images")
     g = p.add_argument_group("seed-script flags (aliases of config keys)")
-    g.add_argument("--epochs", type=int, help="train.epochs")
+    if training:
+        g.add_argument("--epochs", type=int, help="train.epochs")
     g.add_argument("--batch-size", type=int, help="data.batch_size (global, all devices)")
-    g.add_argument("--lr", type=float, help="optim.lr")
+    if training:
+        g.add_argument("--lr", type=float, help="optim.lr")
     g.add_argument("--workers", type=int, help="data.workers (per device)")
-    g.add_argument("--seed", type=int, help="train.seed")
+    if training:
+        g.add_argument("--seed", type=int, help="train.seed")
     g.add_argument("--amp", nargs="?", const="auto", help="train.amp: auto|none|bf16|fp16 (apex O0/O1/O2 accepted)")
     g.add_argument("--device", help="train.device: auto|cpu|cuda|cuda:N|mps")
 
@@ -85,18 +97,20 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from visionzoo import distributed
-    from visionzoo.api import fit_config
     from visionzoo.config import load_config
-    from visionzoo.data.loading.build import check_data_path
-    from visionzoo.engine.resume import check_new_run_dir, check_resumable, find_auto_resume, finished_results
 
     overrides = _overrides(args)
     if args.steps is not None:
         overrides.append(f"train.perf_steps={args.steps}")
     if args.output:
         overrides.append(f"output={args.output}")
-    cfg = load_config(args.recipe, overrides)  # config mistakes stop here, before any launch
+    # Config mistakes stop here, before any launch and before torch is imported (seconds).
+    cfg = load_config(args.recipe, overrides)
+    from visionzoo import distributed
+    from visionzoo.api import fit_config
+    from visionzoo.data.loading.build import check_data_path
+    from visionzoo.engine.resume import check_new_run_dir, check_resumable, find_auto_resume, finished_results
+
     resume_dir = None
     # A finished run is left as it is: job scripts (cluster requeues) pass --resume every time.
     target = args.output if args.resume == "auto" else args.resume
@@ -109,8 +123,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     if args.resume == "auto":
         resume_dir = find_auto_resume(cfg.recipe, args.output)
-        if resume_dir is None and not distributed.in_launched_worker():
-            print("visionzoo: no unfinished run to resume; starting a new one")
+        if not distributed.in_launched_worker():
+            where = args.output or "runs/"
+            print(f"visionzoo: --resume auto: continuing {resume_dir}, the newest unfinished {cfg.recipe} run in {where}"
+                  if resume_dir is not None else
+                  f"visionzoo: no unfinished {cfg.recipe} run in {where} to resume; starting a new one")
     elif args.resume:
         resume_dir = check_resumable(args.resume)
     elif args.output:
@@ -129,10 +146,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from visionzoo import distributed
-    from visionzoo.bench import run_bench
     from visionzoo.config import load_config
-    from visionzoo.data.loading.build import check_data_path
 
     synthetic = args.data == "synthetic"
     if synthetic:  # bench's own source: decode-free images through the recipe's loader
@@ -142,7 +156,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         overrides.append(f"train.perf_steps={args.steps}")
     if args.compile:
         overrides.append("train.compile=true")
-    cfg = load_config(args.recipe, overrides)
+    cfg = load_config(args.recipe, overrides)  # before torch is imported
+    from visionzoo import distributed
+    from visionzoo.bench import run_bench
+    from visionzoo.data.loading.build import check_data_path
+
     if args.devices > 1 and not distributed.in_launched_worker():
         check_data_path(cfg.data)
         raise SystemExit(distributed.launch_local(args.devices, args.argv))
@@ -157,36 +175,50 @@ def _weights_args(args: argparse.Namespace) -> tuple[str | None, list[str], dict
     if checkpoint and "=" in checkpoint and not Path(checkpoint).exists():
         checkpoint, extra = None, [checkpoint]
     keys = [f"model.checkpoint_key={args.checkpoint_key}"] if args.checkpoint_key else []
-    return checkpoint, keys + extra + _overrides(args), {"weights": args.weights, "recipe": args.recipe}
+    overrides = keys + extra + _overrides(args)
+    _check_early(checkpoint, overrides, args.weights, args.recipe)
+    return checkpoint, overrides, {"weights": args.weights, "recipe": args.recipe}
+
+
+def _check_early(checkpoint: str | None, overrides: list[str], weights: str | None, recipe: str | None) -> None:
+    """The config mistakes a command that reads weights can be told about before torch is
+    imported: overrides checked against --recipe or the run folder's config.yaml. (The command
+    resolves its config again from the checkpoint's own copy.)"""
+    from visionzoo.config import load_config
+
+    if weights and recipe:
+        load_config(recipe, overrides)
+    elif checkpoint and (Path(checkpoint).expanduser() / "config.yaml").is_file():
+        load_config(str(Path(checkpoint).expanduser() / "config.yaml"), overrides)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    checkpoint, overrides, kw = _weights_args(args)  # config mistakes stop here, before torch
     from visionzoo.engine.evaluate import evaluate_checkpoint
 
-    checkpoint, overrides, kw = _weights_args(args)
     evaluate_checkpoint(checkpoint, overrides, **kw)
 
 
 def cmd_knn(args: argparse.Namespace) -> None:
+    checkpoint, overrides, kw = _weights_args(args)  # config mistakes stop here, before torch
     from visionzoo.engine.knn import knn_checkpoint
 
-    checkpoint, overrides, kw = _weights_args(args)
     knn_checkpoint(checkpoint, overrides, **kw)
 
 
 def cmd_linear(args: argparse.Namespace) -> None:
+    epochs, args.epochs = args.epochs, None  # here --epochs is the probe's, not the pre-training's
+    checkpoint, overrides, kw = _weights_args(args)  # config mistakes stop here, before torch
     from visionzoo.engine.knn import linear_checkpoint
 
-    epochs, args.epochs = args.epochs, None  # here --epochs is the probe's, not the pre-training's
-    checkpoint, overrides, kw = _weights_args(args)
     linear_checkpoint(checkpoint, overrides + ([f"dino.linear_epochs={epochs}"] if epochs else []), **kw)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from visionzoo.export import export_checkpoint
-
     args.overrides, args.data = [], None  # export takes no config flags beyond --checkpoint-key
     checkpoint, overrides, kw = _weights_args(args)
+    from visionzoo.export import export_checkpoint
+
     export_checkpoint(checkpoint, args.format, args.opset, args.output, args.tolerance, overrides=overrides,
                       precision=args.precision, calibration_images=args.calibration_images,
                       calibration=args.calibration, data=args.calibration_data, **kw)
@@ -213,7 +245,7 @@ def cmd_data(args: argparse.Namespace) -> None:
         from visionzoo.data.pack import pack
 
         pack(args.src, args.out, args.format, args.shard_size, args.shard_samples, args.resize, args.workers,
-             args.seed, args.quality, args.source)
+             args.seed, args.quality, args.source, check=not args.no_check)
     elif args.data_command == "verify":
         from visionzoo.data.pack import verify
 
@@ -305,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, formatter_class=fmt,
                            epilog="examples:\n" + "".join(f"  {e}\n" for e in examples))
         p.add_argument("checkpoint", nargs="?", help="a run folder or a .safetensors file (optional with --weights)")
-        _add_config_flags(p)
+        _add_config_flags(p, training=False)
+        if name == "linear":  # the probe's own training length
+            p.add_argument("--epochs", type=int, help="epochs of the linear probe (dino.linear_epochs)")
         _add_weights_flags(p)
         p.set_defaults(func=func)
 
@@ -392,6 +426,9 @@ def _add_data_parser(sub, fmt) -> None:
     q.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
     q.add_argument("--workers", type=int, default=0, help="encoding processes (default 0: in this process)")
     q.add_argument("--seed", type=int, default=0, help="seed of the one shuffle of the training samples")
+    q.add_argument("--no-check", action="store_true",
+                   help="copy files without decoding them (default: decode each once; undecodable ones are "
+                        "left out and listed in manifest.json)")
     q.add_argument("--source", default="auto", choices=("auto", "imagefolder", "cifar10", "cifar100", "fashion_mnist", "mnist"),
                    help="what SRC holds (default: guessed)")
     q = dsub.add_parser("verify", help="re-check shards against their manifest.json (size, sha256)", formatter_class=fmt)
@@ -403,6 +440,16 @@ def _add_data_parser(sub, fmt) -> None:
     q.add_argument("--no-check", action="store_true", help="only list and count files, do not decode them")
     q.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: in this process)")
     p.set_defaults(func=cmd_data)
+
+
+def _check_flag_ranges(args: argparse.Namespace) -> None:
+    """One line for a numeric flag out of its range (FLAG_RANGES)."""
+    from visionzoo.config import check_range
+
+    for dest, spec in FLAG_RANGES.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            check_range(value, spec, f"--{dest.replace('_', '-')}")
 
 
 def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
@@ -424,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a launcher hands to its workers
     try:
+        _check_flag_ranges(args)
         args.func(args)
     except Stopped as err:  # a signal: one line from rank 0, exit 128 + signal number
         if not err.quiet:

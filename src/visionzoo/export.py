@@ -66,14 +66,6 @@ def _output_path(weights: Path, fmt: str, output: str | None) -> Path:
     return out
 
 
-def _share(path: Path) -> None:
-    """Give a written file the umask's permissions: atomic_write's temporary files are private
-    (0600), but an exported model is meant to be copied and served by other users."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def _pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
     """[n_out, n_in] averaging matrix of adaptive average pooling along one axis (PyTorch's bins:
     floor(i*n_in/n_out) .. ceil((i+1)*n_in/n_out))."""
@@ -280,7 +272,7 @@ def export_checkpoint(
     training images (of ``data`` when given) with ``calibration`` (minmax | entropy | percentile)."""
     from visionzoo import quantize
     from visionzoo import __version__
-    from visionzoo.config import from_dict, to_dict
+    from visionzoo.config import absolute_data_path, from_dict, to_dict
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}' (have: {', '.join(FORMATS)})")
@@ -344,7 +336,6 @@ def export_checkpoint(
                             f"tolerance {tolerance:g} x max(1, max |logit|)); nothing written")
 
     atomic_write(out_path, write)
-    _share(out_path)
     sidecar = {
         "format": fmt,
         "file": out_path.name,
@@ -361,7 +352,7 @@ def export_checkpoint(
         },
         "classes": classes,
         "recipe": cfg.recipe,
-        "data": to_dict(cfg)["data"],
+        "data": {**to_dict(cfg)["data"], "path": absolute_data_path(cfg.data.path)},  # infer from any folder
         "model": meta["model"],
         "checkpoint": {"path": str(weights.resolve()), "sha256": sha256_file(weights),
                        "epoch": meta.get("epoch"), "acc1": meta.get("acc1")},
@@ -371,7 +362,6 @@ def export_checkpoint(
     }
     side = sidecar_path(out_path)
     atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
-    _share(side)
     what = (f"DINO teacher backbone: [CLS] features of {reference.shape[-1]} dims, no classifier"
             if features else f"{len(classes)} classes")
     print(f"{out_path}: {fmt} export of {meta['model']['library']} {meta['model']['name']} "
@@ -406,12 +396,10 @@ def _low_precision(fp32_path: Path, fp32_sidecar: dict, d, precision: str, optio
             extra["parity"] = {"reference": "the fp32 ONNX model", "note": "same graph, bf16 matrix kernels"}
 
     atomic_write(path, write)
-    _share(path)
     sidecar = {**fp32_sidecar, "file": path.name, "sha256": sha256_file(path), "precision": precision, **extra,
                "reference": {"file": fp32_path.name, "sha256": fp32_sidecar["sha256"], "precision": "fp32"}}
     side = sidecar_path(path)
     atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
-    _share(side)
     p = sidecar["parity"]
     agree = (f"top-1 agreement with fp32 {100 * p['top1_agreement']:.1f}% on {p['images']} validation images"
              if "top1_agreement" in p else p["note"])

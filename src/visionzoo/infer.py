@@ -249,6 +249,31 @@ def run_infer(model: str, images: list[str], data: str | None = None, batch_size
     if images and data:
         raise UserError("give either --data PATH (a validation split) or image files, not both")
     if images:
-        return predict_images(model, images, output)
-    # Without --data: the split the recipe trained on (data.path in the sidecar).
+        return predict_images(model, expand_images(images, model), output)
+    if not data:  # the split the recipe trained on (data.path in the sidecar): say so
+        meta = read_sidecar(Path(model).expanduser()) if Path(model).expanduser().is_file() else {}
+        where = (meta.get("data") or {}).get("path") or "its default location"
+        print(f"visionzoo: no images and no --data given: measuring accuracy on the validation split of the "
+              f"data the model was trained on ({where}); pass image files or --data DIR for others", flush=True)
     return infer_split(model, data, batch_size, workers, output)
+
+
+def expand_images(paths: list[str], model: str) -> list[str]:
+    """Image arguments with folders replaced by the image files under them (sorted); a folder
+    without images is a UserError that points to --data (accuracy on a labelled split)."""
+    from visionzoo.data.sources.folder import IMAGE_EXTENSIONS
+
+    out = []
+    for path in paths:
+        p = Path(path).expanduser()
+        if not p.is_dir():
+            out.append(path)
+            continue
+        found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+        if not found:
+            raise UserError(f"{p} is a folder with no images in it; for accuracy on a labelled split "
+                            f"(class folders) use: visionzoo infer {model} --data {p}")
+        print(f"visionzoo: {p} is a folder: classifying its {len(found)} images (for accuracy on it as a "
+              f"labelled split use --data {p})", flush=True)
+        out += found
+    return out

@@ -19,15 +19,17 @@ class Progress:
     prints one ``desc step i/n k=v ... ETA`` line (call it at the logging interval)."""
 
     def __init__(self, iterable: Iterable, total: int, desc: str, mode: str = "auto", enabled: bool = True,
-                 leave: bool = True):
-        self.iterable, self.total, self.desc = iterable, total, desc
+                 leave: bool = True, start: int = 0):
+        """``start``: items already done before this session (a resumed epoch counts on from
+        there: step 51/100, not 1/50); ``total`` counts them too."""
+        self.iterable, self.total, self.desc, self.start = iterable, total, desc, start
         self.enabled = enabled and mode != "off"
         self.bar = None
         if self.enabled and use_bar(mode):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, leave=leave, dynamic_ncols=True, file=sys.stdout)
-        self.count, self.t0 = 0, time.perf_counter()
+            self.bar = tqdm(total=total, initial=start, desc=desc, leave=leave, dynamic_ncols=True, file=sys.stdout)
+        self.count, self.t0 = start, time.perf_counter()
 
     def __iter__(self) -> Iterator:
         for item in self.iterable:
@@ -47,7 +49,8 @@ class Progress:
             self.bar.set_postfix_str(text, refresh=False)
             return
         elapsed = time.perf_counter() - self.t0
-        eta = elapsed / self.count * (self.total - self.count) if self.count else 0.0
+        done = self.count - self.start  # in this session: the rate the ETA extrapolates
+        eta = elapsed / done * (self.total - self.count) if done else 0.0
         print(f"{self.desc} step {self.count}/{self.total} {text} | ETA {_duration(eta)}", flush=True)
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from visionzoo.checkpoint import atomic_write
+from visionzoo.files import atomic_write
 
 # The columns of the seeds' results tables, in their order.
 TABLE_COLUMNS = ("recipe", "Acc@1", "FPS", "devices", "BN group", "epochs", "precision", "torch")

@@ -62,9 +62,23 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         if results.get("mode") == "perf":
             row["epochs"] = "perf"
     row["FPS"] = results.get("FPS")
-    stamp = records[0].get("time") if records else (run_dir / "config.yaml").stat().st_mtime
+    stamp = started(run_dir, records)
     row["started"] = datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M") if stamp else "-"
     return row
+
+
+def started(run_dir: Path, records: list[dict] | None = None) -> float:
+    """When a run started: its first metrics record, else when its config.yaml was written (a
+    folder's own mtime changes with every file the run adds, so it is not used)."""
+    if records is None:
+        try:
+            with open(run_dir / "metrics.jsonl") as f:
+                first = f.readline()
+            records = [json.loads(first)] if first.strip() else []
+        except (OSError, ValueError):
+            records = []
+    stamp = records[0].get("time") if records else None
+    return stamp if isinstance(stamp, (int, float)) else (run_dir / "config.yaml").stat().st_mtime
 
 
 def is_run(path: Path) -> bool:
@@ -80,7 +94,7 @@ def list_runs(root: str | Path) -> list[dict[str, Any]]:
         raise UserError(f"no runs folder at {root}")
     if is_run(root):
         return [summarize(root)]
-    dirs = sorted((d for d in root.iterdir() if is_run(d)), key=lambda d: d.stat().st_mtime)
+    dirs = sorted((d for d in root.iterdir() if is_run(d)), key=started)
     return [summarize(d) for d in dirs]
 
 

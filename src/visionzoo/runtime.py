@@ -96,7 +96,7 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     ``auto`` picks bf16 on CUDA GPUs that support it (no loss scaling needed), bf16 on CPUs with
     native bf16 (cpu_bf16_isa: AMX or avx512_bf16, where bf16 autocast trains about 2x faster
     than fp32) and fp32 on every other device (on CPUs without it bf16 is emulated and slower)."""
-    if mode == "none":
+    if mode in ("none", "fp64"):  # fp64 is not autocast: the weights themselves are float64
         return None
     if mode == "bf16":
         return torch.bfloat16
@@ -109,16 +109,23 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def weights_dtype(mode: str) -> torch.dtype:
+    """The dtype of the weights (and of the inputs) for train.amp: float64 for ``fp64``, else
+    float32 (autocast, when on, runs parts of the model in a lower precision)."""
+    return torch.float64 if mode == "fp64" else torch.float32
+
+
 def precision_name(dtype: torch.dtype | None) -> str:
-    """The name the results row uses for a precision."""
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    """The name the results row uses for a precision (an autocast dtype, or the weights' dtype)."""
+    return {None: "fp32", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+            torch.float64: "fp64"}[dtype]
 
 
 def precision_label(dtype: torch.dtype | None, device: torch.device) -> str:
     """The precision as the run header prints it: on the CPU with the instruction set that
     decided it ("bf16 (avx512_bf16)", "fp32 (no native bf16)", "bf16 (emulated)")."""
     name = precision_name(dtype)
-    if device.type != "cpu" or dtype == torch.float16:
+    if device.type != "cpu" or dtype in (torch.float16, torch.float64):
         return name
     isa = cpu_bf16_isa()
     if dtype == torch.bfloat16:

@@ -33,6 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
+from visionzoo.data.sources.manifest import checked_splits
 from visionzoo.errors import UserError, first_line
 from visionzoo.runtime import default_signals
 
@@ -122,9 +123,10 @@ def find_source(src: str, kind: str = "auto") -> Source:
     return _array_source(root, kind)
 
 
-def encode(job: tuple[Any, int | None, int]) -> tuple[str | None, bytes | str]:
-    """One item as (extension, bytes) to store, or (None, why) when it cannot be read."""
-    item, resize, quality = job
+def encode(job: tuple[Any, int | None, int, bool]) -> tuple[str | None, bytes | str]:
+    """One item as (extension, bytes) to store, or (None, why) when it cannot be read (with
+    ``check``, also when a file kept as it is does not decode in full)."""
+    item, resize, quality, check = job
     if isinstance(item, np.ndarray):
         img = Image.fromarray(item)
         ext, data = None, None
@@ -134,7 +136,7 @@ def encode(job: tuple[Any, int | None, int]) -> tuple[str | None, bytes | str]:
             data = Path(item).read_bytes()
         except OSError as err:
             return None, f"cannot read: {first_line(err)}"
-        if ext is not None and not resize:
+        if ext is not None and not resize and not check:
             return ext, data
         from visionzoo.data.sources.folder import _DECODE_ERRORS, _to_rgb
 
@@ -259,8 +261,8 @@ def _progress(total: int, desc: str):
                 mininterval=0.5, file=sys.stderr)
 
 
-def _encoded(items: list[Any], resize: int | None, quality: int, workers: int) -> Iterator[tuple]:
-    jobs = ((it, resize, quality) for it in items)
+def _encoded(items: list[Any], resize: int | None, quality: int, workers: int, check: bool = True) -> Iterator[tuple]:
+    jobs = ((it, resize, quality, check) for it in items)
     if workers > 1:
         from multiprocessing import get_context
 
@@ -271,8 +273,11 @@ def _encoded(items: list[Any], resize: int | None, quality: int, workers: int) -
 
 
 def pack(src: str, out: str, fmt: str = "webdataset", shard_size: str = "512MB", shard_samples: int = 0,
-         resize: int = 0, workers: int = 0, seed: int = 0, quality: int = 90, source: str = "auto") -> dict:
-    """Convert ``src`` into shards in ``out``; returns (and writes) the manifest."""
+         resize: int = 0, workers: int = 0, seed: int = 0, quality: int = 90, source: str = "auto",
+         check: bool = True) -> dict:
+    """Convert ``src`` into shards in ``out``; returns (and writes) the manifest. With ``check``
+    every image is decoded once, and those that do not decode are left out and listed in the
+    manifest's ``skipped`` (without it, files are copied unread)."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "hfds":
@@ -296,7 +301,7 @@ def pack(src: str, out: str, fmt: str = "webdataset", shard_size: str = "512MB",
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict = {"format": fmt, "version": 1, "classes": data.classes, "source": data.kind,
                       "options": {"resize": resize, "shard_size": max_bytes, "shard_samples": shard_samples,
-                                  "seed": seed, "quality": quality}, "splits": {}}
+                                  "seed": seed, "quality": quality, "check": check}, "splits": {}}
     nc = len(data.classes)
     for split, (items, labels) in data.splits.items():
         order = list(range(len(items)))
@@ -307,7 +312,7 @@ def pack(src: str, out: str, fmt: str = "webdataset", shard_size: str = "512MB",
         skipped: list[str] = []
         cur, written = None, 0
         bar = _progress(len(order), f"pack {split}")
-        for i, (ext, payload) in zip(order, _encoded([items[i] for i in order], resize, quality, workers)):
+        for i, (ext, payload) in zip(order, _encoded([items[i] for i in order], resize, quality, workers, check)):
             bar.update(1)
             rel = os.path.relpath(items[i], data.root) if isinstance(items[i], str) else None
             if ext is None:
@@ -363,12 +368,12 @@ def verify(out: str, deep: bool = False) -> dict:
         raise UserError(f"{root} has no manifest.json (written by visionzoo data pack)")
     try:
         manifest = json.loads(path.read_text())
-        splits = manifest["splits"]
-    except (ValueError, KeyError) as err:
+    except (ValueError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not a visionzoo manifest: {first_line(err)}") from None
+    splits = checked_splits(manifest, str(path), ("name", "bytes", "sha256", "samples"))  # before any file is read
     problems, total, n_shards = [], 0, 0
-    for split, info in splits.items():
-        for s in info["shards"]:
+    for split, shards in splits.items():
+        for s in shards:
             n_shards += 1
             p = root / s["name"]
             if not p.is_file():
@@ -386,7 +391,7 @@ def verify(out: str, deep: bool = False) -> dict:
                     problems.append(f"{s['name']} ({n} samples, the manifest says {s['samples']})")
                     continue
             total += s["samples"]
-        print(f"{split}: {len(info['shards'])} shard(s), {info['samples']} images", flush=True)
+        print(f"{split}: {len(shards)} shard(s), {sum(s['samples'] for s in shards)} images", flush=True)
     if problems:
         raise UserError(f"{len(problems)} of {n_shards} shard(s) in {root} do not match manifest.json: "
                         + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))

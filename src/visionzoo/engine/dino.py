@@ -38,6 +38,7 @@ from visionzoo.data.loading.device_decode import DeviceDecodeLoader
 from visionzoo.data.loading.in_memory import InMemoryMultiCropLoader
 from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 from visionzoo.engine import lockstep
+from visionzoo.engine.bad_images import BadImages, describe
 from visionzoo.engine.knn import knn_eval
 from visionzoo.engine.resume import RESIZE_WHY, per_rank, rng_state, set_rng_state, truncate_metrics
 from visionzoo.engine.stopping import Interrupted, StopVote, end_failed_run
@@ -271,6 +272,8 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
 
     splits = build_datasets(d, train=True)
     loader, n_images, classes = dino_loader(cfg, splits.train, device, info.rank, info.world_size), len(splits.train), splits.classes
+    if classes:  # the labels k-NN evaluates with, recorded as found (not the default)
+        cfg.data.num_classes = len(classes)
     steps_per_epoch = min(len(loader), t.max_steps_per_epoch) if t.max_steps_per_epoch else len(loader)
     if steps_per_epoch < 1:
         raise UserError(f"the training split ({n_images} images) is smaller than one global batch "
@@ -373,6 +376,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
         last_loss, elapsed_before = state.get("last_loss", last_loss), state.get("elapsed_s", 0.0)
         timed_images, timed_seconds = state.get("timed", (0, 0.0))
     epoch, first_step_s, t_loop = first_epoch, None, time.perf_counter()
+    bad = BadImages()  # undecodable training images, each once (this session's)
     try:
         with StopSignal() as stop:
             while (step < stop_at) if perf else (epoch < t.epochs):
@@ -383,8 +387,10 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
                 loss_sum = torch.full((), loss_sum, dtype=torch.float64, device=device)  # summed on the device
                 seen, fresh, skip = skip, 0, 0  # seen: batches of this epoch consumed; fresh: images this session
                 t_epoch = t_mark = time.perf_counter()
-                for crops, _, _ in loader:
+                for crops, _, n_bad in loader:
                     seen += 1
+                    if n_bad:
+                        bad.add(n_bad)
                     real = bool(crops)  # False: every image of the batch was unreadable
                     if not real and not lockstep.must_step_empty():
                         continue
@@ -474,6 +480,7 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
 
     fps = timed_images / timed_seconds if timed_seconds > 0 else None
     top1, top5 = knn[dc.knn_report_k] if knn else (None, None)
+    bad = bad.over_ranks()  # a collective: every rank builds the results
     results = {
         "recipe": cfg.recipe, "Acc@1": top1, "Acc@5": top5,
         "eval": f"k-NN k={dc.knn_report_k}" if knn else None,
@@ -492,11 +499,15 @@ def fit_dino(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = No
         "device": str(device), "run_dir": str(run_dir) if run_dir else None,
         "loader": loader_kind(loader), "cpu_fallbacks": cpu_fallbacks(loader, device),
         "bad_shards": failed_shards(loader),
+        "bad_images": bad.count, "bad_images_per_split": {"train": bad.count}, "bad_image_names": {"train": bad.first()},
     }
     if info.is_main:
         log.close()
         table = write_results(run_dir, results)
         mark_status(run_dir, "finished")
+        if bad.count:
+            print(f"warning: {bad.count} unreadable image(s) were skipped: {describe('train', bad.count, bad.first())}",
+                  flush=True)
         if not perf and t.epochs > 0:
             plot_curves(run_dir, f"{cfg.recipe} (DINO, k-NN accuracy; {precision_name(amp_dtype)}, {info.world_size} device(s))")
             if on_finished is not None:

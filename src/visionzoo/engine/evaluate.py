@@ -32,18 +32,21 @@ def evaluate(
     given, sums the totals over processes (each rank evaluates its own shard)."""
     model.eval()
     totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, top1, top5, count, unreadable
-    bad = 0
+    bad, names = 0, set()  # names: of the undecodable images, where the reader gives them
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    # Inputs in the weights' dtype (float64 for a train.amp=fp64 model, else float32).
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for images, targets, n_bad in Progress(loader, len(loader), "validate", progress, leave=False):
         bad += n_bad
+        names.update(getattr(n_bad, "names", ()))
         if images.numel() == 0:
             continue
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        images = images.to(device, dtype, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         with autocast:
             logits = model(images)
-        logits = logits.float()
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 → fp32; fp64 stays
         top1, top5 = topk_correct(logits, targets)
         loss = F.cross_entropy(logits, targets, reduction="sum")
         # torch.full: a fill kernel; torch.tensor(n, device=...) would be a blocking host→device copy.
@@ -56,7 +59,7 @@ def evaluate(
     count = max(count, 1.0)
     return {
         "loss": loss_sum / count, "acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count,
-        "samples": int(count), "bad_images": int(bad),
+        "samples": int(count), "bad_images": int(bad), "bad_names": sorted(names)[:10],
     }
 
 
@@ -70,7 +73,7 @@ def evaluate_checkpoint(checkpoint: str | None, overrides: list[str], weights: s
     from visionzoo.data.loading.build import build_datasets, build_loaders
     from visionzoo.errors import UserError
     from visionzoo.models.weights import model_from_weights
-    from visionzoo.runtime import precision_name, resolve_amp, resolve_device, select_device
+    from visionzoo.runtime import precision_name, resolve_amp, resolve_device, select_device, weights_dtype
 
     # The training config (or the recipe's), with this command's overrides (--data, --batch-size ...) on top.
     cfg, meta = command_config(checkpoint, overrides, weights, recipe)
@@ -88,9 +91,9 @@ def evaluate_checkpoint(checkpoint: str | None, overrides: list[str], weights: s
     channels_last = cfg.model.channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     _, loader = build_loaders(splits, cfg.data, cfg.data.batch_size, device, 0, memory_format=memory_format)
-    model = model.to(device, memory_format=memory_format)
+    model = model.to(device, weights_dtype(cfg.train.amp), memory_format=memory_format)
     result = evaluate(model, loader, device, amp_dtype, channels_last, progress=cfg.log.progress)
     print(f"{weights or checkpoint}: Acc@1 {result['acc1']:.2f}%  Acc@5 {result['acc5']:.2f}%  loss {result['loss']:.4f}  "
-          f"({result['samples']} images, {precision_name(amp_dtype)} on {device})"
+          f"({result['samples']} images, {precision_name(amp_dtype or weights_dtype(cfg.train.amp))} on {device})"
           + (f", {result['bad_images']} unreadable skipped" if result["bad_images"] else ""))
     return result

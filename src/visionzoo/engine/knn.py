@@ -179,6 +179,15 @@ def knn_eval(backbone: nn.Module, d, dino, device: torch.device, amp_dtype: torc
     """Extract the normalised features of both splits of ``d`` and run ``knn_classify`` for
     ``ks`` (default: dino.knn_k)."""
     train_ds, val_ds, classes = eval_splits(d)
+    cap = getattr(dino, "knn_max_train", 0)
+    if cap and not isinstance(train_ds, IterableDataset) and len(train_ds) > cap:
+        step = len(train_ds) / cap  # evenly spaced: every class of an ordered split keeps its share
+        train_ds = Subset(train_ds, [int(i * step) for i in range(cap)])
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        n_train = len(train_ds) if not isinstance(train_ds, IterableDataset) else "all"
+        n_val = len(val_ds) if not isinstance(val_ds, IterableDataset) else "all"
+        print(f"k-NN: features of {n_train} training and {n_val} validation images"
+              + ("" if cap else " (dino.knn_max_train=N uses N training images)"), flush=True)
     train_f, train_y = extract_features(backbone, train_ds, batch_size, d.workers, device, amp_dtype)
     val_f, val_y = extract_features(backbone, val_ds, batch_size, d.workers, device, amp_dtype)
     res = knn_classify(F.normalize(train_f, dim=1), train_y, F.normalize(val_f, dim=1), val_y,

@@ -86,16 +86,39 @@ def truncate_metrics(run_dir: Path, global_step: int, epochs_done: int) -> None:
     path.write_text("".join(f"{line}\n" for line in kept))
 
 
+def _recipe_of(run: Path) -> str | None:
+    """The recipe name a run folder's config.yaml records (None if it has none or is unreadable)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return cfg.get("recipe") if isinstance(cfg, dict) else None
+
+
+def _last_written(run: Path) -> float:
+    """When a run last wrote its state (status.json, else metrics.jsonl, else config.yaml)."""
+    for name in ("status.json", "metrics.jsonl", "config.yaml"):
+        try:
+            return (run / name).stat().st_mtime
+        except OSError:
+            continue
+    return run.stat().st_mtime
+
+
 def find_auto_resume(recipe: str, output: str | None, root: str = "runs") -> Path | None:
-    """``--resume auto``: ``output`` if it holds an unfinished run, else the newest unfinished
-    run of this recipe under ``root``; None when there is nothing to resume."""
+    """``--resume auto``: ``output`` if it holds an unfinished run, else the unfinished run of
+    this recipe under ``root`` (any folder name: the recipe is read from its config.yaml) that
+    wrote its status last; None when there is nothing to resume."""
     from visionzoo.checkpoint import checkpoint_pairs
 
     if output:
         candidates = [Path(output)]
     else:
         base = Path(root)
-        candidates = sorted(base.glob(f"{recipe}-*"), key=lambda p: p.stat().st_mtime, reverse=True) if base.is_dir() else []
+        folders = [p for p in base.iterdir() if p.is_dir()] if base.is_dir() else []
+        candidates = sorted((p for p in folders if _recipe_of(p) == recipe), key=_last_written, reverse=True)
     for run in candidates:
         if run.is_dir() and not (run / "results.json").exists() and checkpoint_pairs(run):
             return run

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,10 +20,11 @@ import torch.nn as nn
 
 from visionzoo import distributed
 from visionzoo.checkpoint import BEST, WEIGHTS, load_latest, publish, save_checkpoint
-from visionzoo.config import RecipeConfig, for_world_size, to_dict, to_yaml
+from visionzoo.config import RecipeConfig, absolute_data_path, for_world_size, to_dict, to_yaml
 from visionzoo.data.augment.mix import PerSampleMixup
 from visionzoo.data.loading.build import build_datasets, build_loaders, cpu_fallbacks, failed_shards, loader_kind
 from visionzoo.engine import lockstep
+from visionzoo.engine.bad_images import BadImages, describe
 from visionzoo.engine.evaluate import evaluate
 from visionzoo.engine.resume import RESIZE_WHY, per_rank, rng_state, set_rng_state, truncate_metrics
 from visionzoo.engine.step import GradStep
@@ -44,6 +45,7 @@ from visionzoo.runtime import (
     resolve_device,
     seed_everything,
     synchronize,
+    weights_dtype,
 )
 
 
@@ -70,7 +72,8 @@ class Loop:
     epoch: int = 0  # the epoch being trained (0-based)
     batches_in_epoch: int = 0  # batches of this epoch already trained on (resume skips them)
     epoch_sums: torch.Tensor | None = None  # this rank's loss×n, correct, n of the current epoch
-    bad_images: int = 0
+    bad_images: int = 0  # as the batches reported them (an image read in 3 epochs: 3)
+    bad: BadImages = field(default_factory=BadImages)  # distinct training images, named
     nonfinite_skipped: int = 0
     nonfinite: torch.Tensor | None = None  # device flag: a non-finite loss was seen (checked lazily)
     skip_nonfinite: int = 0
@@ -86,6 +89,7 @@ class Loop:
     stop: Any = None  # runtime.StopSignal
     vote: Any = None  # stopping.StopVote: the ranks agree on a stop signal
     sample_shape: tuple = ()  # (C, H, W) of a training image: the placeholder of a zero-weight step
+    input_dtype: torch.dtype = torch.float32  # the weights' dtype (float64 with train.amp=fp64)
 
 
 @dataclass
@@ -133,12 +137,14 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
     total = min(len(loader) // accum + done, max_steps) if max_steps else len(loader) // accum + done
     grouped_bn = grouped_layers(loop.net) if accum > 1 else []  # model.bn_group with micro-batches
     check_stop_every = 10 if distributed.world_size() > 1 else 1  # a collective per check on several ranks
-    progress = Progress(loader, (total - done) * accum, f"epoch {loop.epoch + 1}", loop.progress,
+    progress = Progress(loader, total * accum, f"epoch {loop.epoch + 1}", loop.progress, start=done * accum,
                         enabled=loop.log is not None)
     for images, targets, n_bad in progress:
         if done >= total:
             break
         loop.bad_images += n_bad
+        if n_bad:
+            loop.bad.add(n_bad)
         loop.batches_in_epoch += 1
         if loop.mixup is not None and len(images) % 2:
             # Mixing pairs sample i with sample B-1-i: a batch that lost an unreadable image drops one more.
@@ -152,7 +158,7 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
                 group["lr"] = float(loop.lrs[min(loop.global_step, len(loop.lrs) - 1)])  # no NumPy scalars in state
         no_sync = loop.model.no_sync if (not update and hasattr(loop.model, "no_sync")) else nullcontext
         if n:
-            images = images.to(loop.device, non_blocking=True, memory_format=loop.memory_format)
+            images = images.to(loop.device, loop.input_dtype, non_blocking=True, memory_format=loop.memory_format)
             hard_targets = targets = targets.to(loop.device, non_blocking=True)
             loop.sample_shape = tuple(images.shape[1:])
             if loop.mixup is not None:
@@ -165,7 +171,7 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
         else:  # no usable image on this rank: a zero-weight step, in step with the other ranks
             with no_sync(), autocast:
                 loss = lockstep.zero_weight_loss(loop.model, loop.net, lockstep.placeholder(
-                    loop.sample_shape, loop.device, loop.memory_format))
+                    loop.sample_shape, loop.device, loop.memory_format).to(loop.input_dtype))
         finite = torch.isfinite(loss.detach())
         # train.skip_nonfinite > 0 reads every step's loss (the one allowed per-step sync: skipping
         # exactly the bad steps needs it); otherwise the flag below is checked lazily.
@@ -206,7 +212,8 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
         if loop.log is not None and loop.log_every > 0 and (loop.global_step % loop.log_every == 0 or loop.global_step == 1):
             loop.last_loss = float(loss.item())  # a sync, only at log points
             elapsed = time.perf_counter() - t_start if t_start else 0.0
-            img_s = stats.timed_images / elapsed if elapsed > 0 else None
+            # All devices together (as the epoch lines and results.json): this rank's images × ranks.
+            img_s = stats.timed_images * distributed.world_size() / elapsed if elapsed > 0 else None
             lr = float(loop.optimizer.param_groups[0]["lr"])
             loop.log.write(kind="step", epoch=loop.epoch + 1, step=loop.global_step, loss=loop.last_loss, lr=lr, img_s=img_s)
             progress.update(loss=loop.last_loss, lr=lr, **{"img/s": img_s})
@@ -255,7 +262,7 @@ def build_training(cfg: RecipeConfig, num_classes: int, device: torch.device, am
     mixup and EMA, as training and ``visionzoo bench`` both use them. Returns
     ``(net, model_args, optimizer, lrs, stepper, criterion, mixup, ema)``."""
     net, model_args = build_model(cfg.model, num_classes, cfg.data.in_chans)
-    net = net.to(device, memory_format=memory_format)
+    net = net.to(device, weights_dtype(cfg.train.amp), memory_format=memory_format)
     if cfg.model.sync_bn and ddp:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     elif cfg.model.bn_group > 0:  # BatchNorm over the reference's images per device, on any device count
@@ -303,6 +310,8 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
 
     splits = build_datasets(cfg.data, train=True)
     num_classes = len(splits.classes)
+    cfg.data.num_classes = num_classes  # recorded as built (config.yaml, checkpoints, exports), not the default
+    cfg.data.path = absolute_data_path(cfg.data.path)  # eval/export/infer of the run work from any folder
     empty = getattr(splits.train, "empty_classes", [])
     if empty and info.is_main:  # they keep their label index; the model can never predict them well
         print(f"warning: {len(empty)} class folder(s) with no training images: {', '.join(empty[:5])}"
@@ -353,18 +362,20 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
                  if state is not None else f"run folder {run_dir}")
         print(f"visionzoo: {'perf run' if perf else 'training'} {cfg.recipe} | {model_args['library']} "
               f"{model_args['name']} | {len(splits.train)} train / {len(splits.val)} val images, "
-              f"{num_classes} classes | {info.world_size} × {device} {precision_label(amp_dtype, device)} | "
+              f"{num_classes} classes | {info.world_size} × {device} {precision_label(amp_dtype or weights_dtype(cfg.train.amp), device)} | "
               f"batch {cfg.data.batch_size}{bn} | {where}", flush=True)
 
     loop = Loop(model, net, optimizer, stepper, lrs, criterion, device, amp_dtype, memory_format,
                 cfg.train.accum_steps, mixup, ema, log, cfg.train.log_every, cfg.log.progress,
                 skip_nonfinite=cfg.train.skip_nonfinite, checkpoint_every=cfg.train.checkpoint_every_steps,
-                sample_shape=(cfg.data.in_chans, cfg.data.image_size, cfg.data.image_size))
+                sample_shape=(cfg.data.in_chans, cfg.data.image_size, cfg.data.image_size),
+                input_dtype=weights_dtype(cfg.train.amp))
     meta = {"config": to_dict(cfg), "model": model_args, "classes": splits.classes}
     best = {"acc1": -math.inf}
     if state is not None:
         loop.global_step, loop.epoch, loop.batches_in_epoch = state["global_step"], state["epoch"], state["batches_in_epoch"]
         loop.bad_images, best["acc1"] = state["bad_images"], state["best_acc1"]
+        loop.bad.load(state.get("bad_names"))
         loop.last_loss = state.get("last_loss", loop.last_loss)
         loop.timed_images, loop.timed_seconds = state.get("timed", (0, 0.0))
         loop.elapsed_before = state.get("elapsed_s", 0.0)
@@ -379,7 +390,8 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
         train_state = {
             "epoch": loop.epoch, "batches_in_epoch": loop.batches_in_epoch, "global_step": loop.global_step,
             "optimizer": optimizer.state_dict(), "grad_step": stepper.state_dict(),
-            "bad_images": loop.bad_images, "best_acc1": best["acc1"], "last_loss": loop.last_loss,
+            "bad_images": loop.bad_images, "bad_names": loop.bad.state(), "best_acc1": best["acc1"],
+            "last_loss": loop.last_loss,
             "timed": [loop.timed_images, loop.timed_seconds], "elapsed_s": loop.elapsed_before + time.perf_counter() - t0,
             "ranks": per_rank({"rng": rng_state(device), "bad_images": loop.bad_images, "epoch_sums": loop.epoch_sums.cpu()
                                if loop.epoch_sums is not None else torch.zeros(3, dtype=torch.float64)}),
@@ -407,7 +419,7 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
         table = write_results(run_dir, results)
         mark_status(run_dir, "finished")
         if not perf:
-            plot_curves(run_dir, f"{cfg.recipe} ({precision_name(amp_dtype)}, {info.world_size} device(s))")
+            plot_curves(run_dir, f"{cfg.recipe} ({precision_name(amp_dtype or weights_dtype(cfg.train.amp))}, {info.world_size} device(s))")
             if on_finished is not None:
                 on_finished(run_dir)
         per_device = f" ({fps / info.world_size:.2f} per device)" if fps and info.enabled else ""
@@ -415,7 +427,9 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
               + (f"Final Train Accuracy : {results['TrainAccuracy']:.2f}\n" if last_eval else "")
               + f"E2E Training Duration sec : {results['E2ETrainingTime']:.0f}", flush=True)
         if results["bad_images"]:
-            print(f"warning: {results['bad_images']} unreadable image(s) were skipped", flush=True)
+            parts = [describe(split, n, results["bad_image_names"][split])
+                     for split, n in results["bad_images_per_split"].items() if n]
+            print(f"warning: {results['bad_images']} unreadable image(s) were skipped: {'; '.join(parts)}", flush=True)
         report_fallbacks(results["cpu_fallbacks"])
         if cfg.train.compile and loop.first_step_s:
             print(f"torch.compile: the first step took {loop.first_step_s:.1f} s (compilation included)", flush=True)
@@ -427,6 +441,7 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
 def _results(cfg: RecipeConfig, perf: bool, loop: Loop, info, device, amp_dtype, last_eval: dict | None,
              fps: float | None, epochs_done: float, t0: float, run_dir) -> dict:
     """results.json: the seed-style row plus the figures the seeds' scripts print."""
+    train_bad = loop.bad.over_ranks()  # a collective: every rank builds the results
     return {
         "recipe": cfg.recipe,
         "Acc@1": last_eval["acc1"] if last_eval else None,
@@ -436,7 +451,7 @@ def _results(cfg: RecipeConfig, perf: bool, loop: Loop, info, device, amp_dtype,
         "devices": info.world_size,
         "BN group": bn_group_of(cfg, loop.net, info.world_size),  # images per BatchNorm statistic (None: no BN)
         "epochs": round(epochs_done, 2),
-        "precision": precision_name(amp_dtype),
+        "precision": precision_name(amp_dtype or weights_dtype(cfg.train.amp)),
         "torch": torch.__version__.split("+")[0],
         "mode": "perf" if perf else "full",
         "batch_size": cfg.data.batch_size,
@@ -446,9 +461,10 @@ def _results(cfg: RecipeConfig, perf: bool, loop: Loop, info, device, amp_dtype,
         "TrainAccuracy": last_eval["acc1"] if last_eval else None,  # the seeds' name for final val Acc@1
         "ActualLoss": loop.last_loss,
         "E2ETrainingTime": loop.elapsed_before + time.perf_counter() - t0,  # all sessions of a resumed run
-        # Every rank skips its own unreadable images: summed over ranks (evaluate sums its own).
-        "bad_images": int(distributed.all_reduce_sum(torch.tensor(float(loop.bad_images), device=device)).item())
-        + (last_eval["bad_images"] if last_eval else 0),
+        # Distinct images (each counted once, whatever the epochs) over all ranks, per split, the first few named.
+        "bad_images": train_bad.count + (last_eval["bad_images"] if last_eval else 0),
+        "bad_images_per_split": {"train": train_bad.count, "val": last_eval["bad_images"] if last_eval else 0},
+        "bad_image_names": {"train": train_bad.first(), "val": last_eval.get("bad_names", []) if last_eval else []},
         "skipped_steps": loop.step.skipped + loop.nonfinite_skipped,
         "first_step_s": loop.first_step_s,  # includes compilation with train.compile
         # DDP keeps replicas equal (BatchNorm statistics too where averaged); checked, with the EMA
@@ -518,7 +534,7 @@ def _run_epochs(cfg: RecipeConfig, perf: bool, loop: Loop, train_loader, val_loa
         loop.checkpoint(record.get("acc1"))
         if info.is_main:
             print(f"epoch {epoch + 1}/{cfg.train.epochs}: train loss {s.loss:.4f} acc {s.acc1:.2f}% "
-                  f"| {record['img_s']:.0f} img/s"
+                  f"| {record['img_s']:.0f} img/s" + (f" ({info.world_size} devices)" if info.enabled else "")
                   + (f" | val loss {last_eval['loss']:.4f} Acc@1 {last_eval['acc1']:.2f}% "
                      f"Acc@5 {last_eval['acc5']:.2f}%" if "acc1" in record else ""), flush=True)
             if improved:

@@ -45,12 +45,61 @@ def say(message: str) -> None:
 
 def _safe_globals() -> list:
     """Harmless classes released checkpoints pickle besides tensors: DINO's and timm's ``args``
-    (argparse.Namespace), numpy scalars and dtypes in mmcls/timm metadata."""
+    (argparse.Namespace), numpy scalars, arrays and dtypes in mmcls/timm metadata.
+
+    Each is allowed under the name NumPy 2 pickles it with (``numpy._core...``) and the name
+    NumPy 1.x wrote (``numpy.core...``: nearly every released training checkpoint). None of them
+    runs code: ``scalar`` and ``_reconstruct`` build a number or an array from bytes, and any
+    object inside one is unpickled under the same restrictions."""
     import numpy as np
 
     core = getattr(np, "_core", None) or np.core
-    dtypes = {type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)}
-    return [argparse.Namespace, core.multiarray.scalar, np.dtype, *dtypes]
+    dtypes = {type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.int16,
+                                          np.int8, np.uint8, np.bool_, np.str_, np.bytes_)}
+    builders = [(core.multiarray.scalar, "scalar"), (core.multiarray._reconstruct, "_reconstruct")]
+    return [argparse.Namespace, np.dtype, np.ndarray, *dtypes,
+            *((f, f"numpy.{mod}.multiarray.{name}") for f, name in builders for mod in ("core", "_core")),
+            *((d, f"numpy.dtypes.{d.__name__}") for d in dtypes)]
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch's messages carry terminal colour codes
+
+
+def _is_text(head: bytes) -> bool:
+    """Whether the first bytes of a file are UTF-8 text (a cut-off last character allowed)."""
+    try:
+        chars = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 3:
+            return False
+        chars = head[:err.start].decode("utf-8")
+    return all(c.isprintable() or c in "\t\r\n" for c in chars)
+
+
+def unreadable(p: Path, err: Exception) -> UserError:
+    """One line for a file torch.load(weights_only=True) refused: what the file is (empty,
+    text, truncated, holding objects that would run code, something else) and what to do."""
+    text = ANSI.sub("", str(err))
+    with open(p, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return UserError(f"{p} is empty, not a checkpoint: copy or download it again")
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if unsafe:
+        return UserError(f"{p} holds a pickled '{unsafe.group(1)}', which would run code from the file when "
+                         f"loaded, so it is not read; if you trust the file, save its tensors alone (torch.save("
+                         f"state_dict, 'weights.pth'), or a .safetensors file) and pass that")
+    pickle_like = head.startswith((b"PK\x03\x04", b"\x80"))
+    if pickle_like and (isinstance(err, EOFError) or any(
+            w in text for w in ("central directory", "unexpected EOF", "truncated", "Ran out of input", "corrupted"))):
+        return UserError(f"{p} is truncated or damaged ({p.stat().st_size} bytes): copy or download it again")
+    if not pickle_like and _is_text(head):
+        return UserError(f"{p} is a text file, not a checkpoint: pass a .pth/.pt/.bin/.safetensors weights file")
+    if not pickle_like:
+        return UserError(f"{p} is not a checkpoint: neither a PyTorch file (.pth/.pt/.bin) nor .safetensors")
+    detail = text.split("WeightsUnpickler error:", 1)[-1]
+    return UserError(f"{p} is a PyTorch file visionzoo cannot read: "
+                     f"{first_line(Exception(detail)) if detail.strip() else type(err).__name__}")
 
 
 def read_file(path: str | Path) -> tuple[Any, dict | None]:
@@ -73,7 +122,7 @@ def read_file(path: str | Path) -> tuple[Any, dict | None]:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(p, map_location="cpu", weights_only=True), None
     except Exception as err:  # truncated files, foreign formats, classes weights_only refuses
-        raise UserError(f"cannot read weights {p} with torch.load(weights_only=True): {first_line(err)}") from None
+        raise unreadable(p, err) from None
 
 
 def _tensors(obj: Any, path: Path | str) -> dict[str, torch.Tensor]:

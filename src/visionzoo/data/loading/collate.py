@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from visionzoo.data.sources.folder import Unreadable
+
 
 def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
     """Stack [C, H, W] images of one shape into [B, C, H, W], in [B, H, W, C] memory
@@ -26,7 +28,7 @@ def collate_skip_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
     bad, images and targets are empty tensors of shape [0]; skip such batches.
     """
     good = [item for item in batch if item is not None]
-    dropped = len(batch) - len(good)
+    dropped = Unreadable(len(batch) - len(good), getattr(batch, "bad", ()))  # names from ImageFolder
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.int64), dropped
     images = stack_images([img for img, _ in good])
@@ -38,7 +40,7 @@ def collate_multicrop(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, in
     """Stack ``(crops, target)`` items into one batch per crop position; drop and count the
     None items (undecodable files). An all-bad batch gives an empty list of crops."""
     good = [item for item in batch if item is not None]
-    dropped = len(batch) - len(good)
+    dropped = Unreadable(len(batch) - len(good), getattr(batch, "bad", ()))  # names from ImageFolder
     if not good:
         return [], torch.empty(0, dtype=torch.int64), dropped
     crops = [stack_images([item[0][i] for item in good]) for i in range(len(good[0][0]))]

@@ -125,6 +125,17 @@ class SeededDataset(Dataset):
             random.setstate(states[1])
             np.random.set_state(states[2])
 
+    def __getitems__(self, items: list[tuple[int, int]]) -> list:
+        """A batch; when the wrapped set names its samples, the names of its undecodable images
+        ride along (for collate_skip_bad)."""
+        batch = [self[item] for item in items]
+        name_of = getattr(self.dataset, "sample_name", None)
+        if name_of is None:
+            return batch
+        from visionzoo.data.sources.folder import with_bad_names
+
+        return with_bad_names(batch, [name_of(index) for index, _ in items])
+
     def __getattr__(self, name: str) -> Any:  # classes, targets, samples ... of the wrapped set
         if name == "dataset":
             raise AttributeError(name)

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from visionzoo.data.loading.collate import collate_skip_bad
 from visionzoo.data.loading.samplers import SeededDataset, eval_indices, sample_seed
-from visionzoo.data.sources.shards import Shard, ShardStream, decode_sample, warn
+from visionzoo.data.sources.shards import SampleWarnings, Shard, ShardStream, decode_sample, warn
 
 
 def _parts(shards: list[Shard], order: list[int], start: int, stop: int) -> list[tuple[int, int, int, int]]:
@@ -138,12 +138,15 @@ class _Pass(IterableDataset):
             items = _shuffled(items, max(self.stream.shuffle_buffer, 1), rng)
             drop = len(range(v, skip, self.workers)) * self.batch
         seeded = SeededDataset(self, self.seed)  # per-sample augmentation seeds, as for ImageFolder
-        kept = (item for k, item in enumerate(items) if k >= drop)
-        for pos, key, data, label, problem, failed_shard in self.stream.checked(kept):
+        kept, warnings = (item for k, item in enumerate(items) if k >= drop), SampleWarnings()
+        for pos, key, data, label, problem, failed_shard in self.stream.checked(kept, warnings):
             if problem is not None:
                 yield None, failed_shard
                 continue
-            yield self._decode(seeded, pos, epoch, data, label), None
+            item = self._decode(seeded, pos, epoch, data, label)
+            if item is None:  # undecodable bytes: named like a bad label
+                warnings.say(key, "the image cannot be decoded")
+            yield item, None
 
     def _decode(self, seeded: SeededDataset, pos: int, epoch: int, data: bytes, label: int) -> Any:
         if self.stream.mode == "bytes" or not self.train:

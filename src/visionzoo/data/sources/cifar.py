@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from visionzoo.errors import UserError
+from visionzoo.errors import UserError, first_line
 
 __all__ = ["load_cifar"]
 
@@ -57,9 +57,12 @@ def _find_folder(root: Path, layout: _Layout) -> Path:
     for folder in candidates:
         if (folder / layout.meta_file).is_file():
             return folder
+    other = _LAYOUTS[110 - layout.num_classes]  # the other CIFAR: a likely mix-up, name its data.name
+    hint = next((f"; it holds CIFAR-{other.num_classes} ({folder}): set data.name=cifar{other.num_classes}"
+                 for folder in [root, root / other.folder, *candidates[2:]] if (folder / other.meta_file).is_file()), "")
     raise UserError(
         f"no CIFAR-{layout.num_classes} data under {root}: "
-        f"looked for {layout.meta_file} in {root} and in {root / layout.folder}"
+        f"looked for {layout.meta_file} in {root} and in {root / layout.folder}{hint}"
     )
 
 
@@ -110,11 +113,10 @@ def _unpickle(path: Path) -> dict[str, Any]:
             # admits data only. encoding="latin1" is what numpy needs to rebuild arrays
             # pickled by Python 2 (a byte-for-byte mapping).
             obj = _DataUnpickler(f, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            ImportError, IndexError, KeyError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot unpickle CIFAR file {path}: {type(e).__name__}: {e}") from None
     except OSError as e:
         raise UserError(f"cannot read CIFAR file {path}: {e.strerror or e}") from None
+    except Exception as e:  # a damaged or hostile file can make the allowed builders raise anything
+        raise UserError(f"cannot unpickle CIFAR file {path}: {type(e).__name__}: {first_line(e)}") from None
     if not isinstance(obj, dict):
         raise UserError(f"CIFAR file {path} holds a {type(obj).__name__}, expected a dict")
     return _normalise(obj)
@@ -144,11 +146,16 @@ def _read_batch(path: Path, labels_key: str) -> tuple[np.ndarray, np.ndarray]:
             f"CIFAR file {path}: key 'data' has shape {list(data.shape)}, expected "
             f"rows of {_ROW_BYTES} bytes (32x32 pixels x 3 planes)"
         )
+    if data.dtype.kind not in "biu":  # objects, strings, floats: not pixels
+        raise UserError(f"CIFAR file {path}: key 'data' holds {data.dtype} values, expected uint8 pixels")
     if data.dtype != np.uint8:
         if data.size and (data.min() < 0 or data.max() > 255):
             raise UserError(f"CIFAR file {path}: key 'data' has values outside 0..255")
         data = data.astype(np.uint8)
-    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    try:
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"CIFAR file {path}: key '{labels_key}' is not a list of integer labels") from None
     if len(labels) != len(data):
         raise UserError(
             f"CIFAR file {path}: key 'data' has {len(data)} rows but key "

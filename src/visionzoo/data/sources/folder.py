@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from visionzoo.data.sources.scan_cache import scan_classes
 from visionzoo.errors import UserError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "find_classes", "load_image"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "Unreadable", "find_classes", "load_image", "with_bad_names"]
 
 # ImageFile.LOAD_TRUNCATED_IMAGES is deliberately left at Pillow's default
 # (False): a truncated file must raise in __getitem__ and be counted as bad,
@@ -215,3 +215,41 @@ class ImageFolderDataset(Dataset):
         path, target = self.samples[index]
         img = load_image(path, self.transform)
         return None if img is None else (img, target)
+
+    def sample_name(self, index: int) -> str:
+        """The path of sample ``index`` (how unreadable images are named)."""
+        return self.samples[index][0]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """A batch's items (DataLoader calls this when it exists), with the paths of the
+        undecodable ones attached, so collate_skip_bad can name them."""
+        return with_bad_names([self[i] for i in indices], [self.sample_name(i) for i in indices])
+
+
+class _Items(list):
+    """A batch's items plus ``bad``: the names of the items that are None."""
+
+    bad: tuple[str, ...] = ()
+
+
+def with_bad_names(items: list, names: list[str]) -> list:
+    """``items`` (a batch, None for an undecodable image) carrying the names of its None items."""
+    out = _Items(items)
+    out.bad = tuple(name for name, item in zip(names, items) if item is None)
+    return out
+
+
+class Unreadable(int):
+    """How many images of a batch could not be decoded, with their names (paths, or shard and
+    key) where the reader knows them: an int wherever a count is expected."""
+
+    names: tuple[str, ...] = ()
+
+    def __new__(cls, count: int, names: tuple[str, ...] = ()) -> "Unreadable":
+        obj = super().__new__(cls, count)
+        obj.names = tuple(names)
+        return obj
+
+    def __reduce__(self):  # loader workers send it to the main process pickled
+        return Unreadable, (int(self), self.names)
+

@@ -57,6 +57,11 @@ def shard_error(err: BaseException) -> str:
     text = (first.strip() if first else first_line(err)).split(" @ ")[0]
     text = text if text.startswith(type(err).__name__) else f"{type(err).__name__}: {text}"
     cause = err.__cause__ or err.__context__  # fsspec reports a timeout as FileNotFoundError from it
+    if isinstance(err, FileNotFoundError) and cause is not None and cause is not err \
+            and getattr(cause, "status", None) not in (403, 404):
+        # fsspec turns every failed request into FileNotFoundError: the cause is what happened
+        # (a refused connection, a timeout), and the file may well exist.
+        return f"{type(cause).__name__}: {first_line(cause)}" if str(cause) else type(cause).__name__
     if cause is not None and cause is not err:
         text += f" ({type(cause).__name__}" + (f": {first_line(cause)})" if str(cause) else ")")
     return text
@@ -64,6 +69,22 @@ def shard_error(err: BaseException) -> str:
 
 def warn(msg: str) -> None:
     print(f"visionzoo: warning: {msg}", file=sys.stderr, flush=True)
+
+
+class SampleWarnings:
+    """Names the first ``MAX_SAMPLE_WARNINGS`` bad samples of a pass in warning lines (a bad
+    label, no image, undecodable bytes); the rest are only counted."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def say(self, key: str, problem: str) -> None:
+        if self.count >= MAX_SAMPLE_WARNINGS:
+            return
+        self.count += 1
+        last = self.count == MAX_SAMPLE_WARNINGS
+        warn(f"sample {key}: {problem}; skipped and counted"
+             + (" (further bad samples of this pass are only counted)" if last else ""))
 
 
 class ShardStream(IterableDataset):
@@ -87,9 +108,12 @@ class ShardStream(IterableDataset):
         return other
 
     def __iter__(self):
-        whole = [(i, 0, s.samples, 0) for i, s in enumerate(self.shards)]
-        for _, _, data, label, problem, _ in self.checked(self.slots(whole)):
-            yield None if problem is not None else self.decode(data, label)
+        whole, warnings = [(i, 0, s.samples, 0) for i, s in enumerate(self.shards)], SampleWarnings()
+        for _, key, data, label, problem, _ in self.checked(self.slots(whole), warnings):
+            item = None if problem is not None else self.decode(data, label)
+            if item is None and problem is None:
+                warnings.say(key, "the image cannot be decoded")
+            yield item
 
     def label_problem(self, label: int | None) -> str | None:
         """What is wrong with ``label`` for this stream's classes, or None."""
@@ -107,19 +131,17 @@ class ShardStream(IterableDataset):
             return bytes_item(data, label)
         return decode_sample(data, label, self.transform)
 
-    def checked(self, items: Iterator[tuple]) -> Iterator[tuple]:
-        """``slots`` items with label problems filled in; the first ``MAX_SAMPLE_WARNINGS`` bad
-        samples of the pass are named in a warning line (a failed shard's own line covers its)."""
-        warned = 0
+    def checked(self, items: Iterator[tuple], warnings: SampleWarnings | None = None) -> Iterator[tuple]:
+        """``slots`` items with label and payload problems filled in; bad samples are named by
+        ``warnings`` (a failed shard's own line covers its)."""
+        warnings = warnings if warnings is not None else SampleWarnings()
         for pos, key, data, label, problem, failed_shard in items:
             if problem is None:
                 problem = self.label_problem(label)
             if problem is None and not isinstance(data, (bytes, bytearray, memoryview)):
                 problem = f"the image is a {type(data).__name__}, not bytes"  # never a file name to open
-            if problem is not None and failed_shard is None and warned < MAX_SAMPLE_WARNINGS:
-                warned += 1
-                warn(f"sample {key}: {problem}; skipped and counted"
-                     + ("" if warned < MAX_SAMPLE_WARNINGS else " (further bad samples of this pass are only counted)"))
+            if problem is not None and failed_shard is None:
+                warnings.say(key, problem)
             yield pos, key, data, label, problem, failed_shard
 
     # ---------------------------------------------------------------------------- worker side

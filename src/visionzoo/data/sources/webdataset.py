@@ -227,9 +227,11 @@ def _folder_specs(folder: str, local: bool, timeout: float) -> tuple[str, str | 
     if manifest is not None and manifest.get("format", "webdataset") != "webdataset":
         raise UserError(f"{folder} holds {manifest['format']} shards (its {MANIFEST}): use data.name={manifest['format']}")
     if manifest is not None:
-        splits = manifest.get("splits", {})
+        from visionzoo.data.sources.manifest import checked_splits
+
+        splits = checked_splits(manifest, f"{folder}/{MANIFEST}")  # names inside the folder only
         join = posixpath.join if not local else os.path.join
-        names = {s: [join(root, x["name"]) for x in splits[s]["shards"]] for s in splits}
+        names = {s: [join(root, x["name"]) for x in shards] for s, shards in splits.items()}
         val = next((names[v] for v in VAL_NAMES if v in names), None)
         return _as_list_spec(names.get("train", [])), (_as_list_spec(val) if val else None)
     if not local:
@@ -309,8 +311,12 @@ def counted_shards(names: list[str], timeout: float) -> tuple[list[Shard], dict[
     known: dict[str, int] = {}
     for folder in dict.fromkeys(_dirname(n) for n in names):
         manifest = load_manifest(folder, timeout)
-        for split in (manifest or {}).get("splits", {}).values():
-            for s in split.get("shards", []):
+        if manifest is None:
+            continue
+        from visionzoo.data.sources.manifest import checked_splits
+
+        for split in checked_splits(manifest, f"{folder}/{MANIFEST}", ("name", "samples")).values():
+            for s in split:
                 known[posixpath.join(folder, s["name"]) if is_url(folder) else os.path.join(folder, s["name"])] = int(s["samples"])
     key = (lambda n: n) if names and is_url(names[0]) else os.path.abspath
     todo = [n for n in names if key(n) not in known]
