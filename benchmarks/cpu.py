@@ -40,7 +40,8 @@ import torch.nn as nn
 
 from visionzoo.bench import NUM_CLASSES, RepeatBatch, _cpu_name
 from visionzoo.config import load_config
-from visionzoo.engine.supervised import Loop, build_training, train_one_epoch
+from visionzoo.engine.setup import build_training
+from visionzoo.engine.supervised import Loop, train_one_epoch
 from visionzoo.export import _export_onnx, input_size
 from visionzoo.models import build_model
 from visionzoo.quantize import quantize_int8

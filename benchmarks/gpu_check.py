@@ -374,7 +374,8 @@ def _supervised_steppers(cfg, splits, device, amp):
 
     from visionzoo.bench import RepeatBatch
     from visionzoo.data.loading.build import build_loaders
-    from visionzoo.engine.supervised import Loop, build_training, set_loader_epoch, train_one_epoch
+    from visionzoo.engine.setup import build_training, set_loader_epoch
+    from visionzoo.engine.supervised import Loop, train_one_epoch
 
     mf = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     loader, _ = build_loaders(splits, cfg.data, cfg.data.batch_size_per_device, device, cfg.train.seed, 0, 1, mf)
@@ -407,7 +408,7 @@ def _supervised_steppers(cfg, splits, device, amp):
 
 def _dino_steppers(cfg, splits, device, amp):
     from visionzoo.engine.dino import build_dino_training, dino_loader
-    from visionzoo.engine.supervised import set_loader_epoch
+    from visionzoo.engine.setup import set_loader_epoch
 
     training = build_dino_training(cfg, device, amp)
     training.wrap(device, False, False)

@@ -17,18 +17,14 @@ from PIL import Image
 from torchvision import transforms as T
 
 from visionzoo.config import for_world_size, load_config
-from visionzoo.data.loading.in_memory import InMemoryLoader
-from visionzoo.data.loading.device_batches import DeviceBatches
-from visionzoo.data.loading.collate import stack_images
-from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 from visionzoo.data.augment.presets import Normalize
+from visionzoo.data.loading.collate import stack_images
+from visionzoo.data.loading.device_batches import DeviceBatches
+from visionzoo.data.loading.in_memory import InMemoryLoader
+from visionzoo.data.sources.tensor_dataset import TensorImageDataset
+from visionzoo.engine.setup import build_training, wrap_model
 from visionzoo.engine.step import GradStep
-from visionzoo.engine.supervised import (
-    Loop,
-    build_training,
-    train_one_epoch,
-    wrap_model,
-)
+from visionzoo.engine.supervised import Loop, train_one_epoch
 from visionzoo.models import create
 from visionzoo.models.ghost_bn import bn_group_of, grouped_layers, use_bn_groups
 from visionzoo.optim import lr_schedule

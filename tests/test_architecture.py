@@ -1,5 +1,6 @@
 """The package's layers hold (import-linter's contracts in pyproject.toml, as `make test` runs
-them) and an import that points up a layer breaks them."""
+them), an import that points up a layer breaks them, and no source file grows past what a reader
+takes in at once (split a file by what it holds instead)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "visionzoo"
+MAX_LINES = 500
 
 
 def _lint(src_root: Path) -> subprocess.CompletedProcess:
@@ -45,3 +47,7 @@ def test_an_upward_import_fails(tmp_path: Path, module: str, upward: str) -> Non
     imported = upward.split()[1] + "." + upward.split()[3] if upward.startswith("from") else upward.split()[1]
     assert "BROKEN" in proc.stdout and imported in proc.stdout, proc.stdout
 
+
+def test_no_source_file_over_500_lines() -> None:
+    long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"files over {MAX_LINES} lines (split them by what they hold): {long}"

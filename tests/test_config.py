@@ -88,10 +88,11 @@ def test_fp64_is_a_supervised_precision():
 
 
 def test_every_numeric_key_has_a_range():
-    """config.RANGES covers every int/float (or list of them) key of the schema."""
+    """ranges.RANGES covers every int/float (or list of them) key of the schema."""
     import dataclasses
 
-    from visionzoo.config import RANGES, RecipeConfig
+    from visionzoo.config import RecipeConfig
+    from visionzoo.ranges import RANGES
 
     numeric = []
     for section in dataclasses.fields(RecipeConfig):

@@ -35,7 +35,8 @@ from visionzoo.config import RecipeConfig, for_world_size, to_dict
 from visionzoo.data.augment.presets import eval_transform, train_transform
 from visionzoo.data.loading.build import Splits, build_datasets, build_loaders, cpu_fallbacks, loader_kind
 from visionzoo.data.sources.tensor_dataset import TensorImageDataset
-from visionzoo.engine.supervised import Loop, build_training, set_loader_epoch, timed_steps, train_one_epoch, wrap_model
+from visionzoo.engine.setup import build_training, set_loader_epoch, wrap_model
+from visionzoo.engine.supervised import Loop, timed_steps, train_one_epoch
 from visionzoo.errors import UserError
 from visionzoo.report import format_table, new_run_dir
 from visionzoo.runtime import (

@@ -28,7 +28,7 @@ EXAMPLES = """examples:
   visionzoo report runs/<run>                               # -> <run>/report/index.html
 """
 
-# The range of every numeric flag (by its argparse name; config.RANGES's notation). Flags that
+# The range of every numeric flag (by its argparse name; ranges.RANGES's notation). Flags that
 # alias a config key have that key's range.
 FLAG_RANGES = {
     "devices": ">=1", "steps": ">=1", "epochs": ">=0", "batch_size": ">=1", "lr": ">=0", "workers": ">=0",
@@ -444,7 +444,7 @@ def _add_data_parser(sub, fmt) -> None:
 
 def _check_flag_ranges(args: argparse.Namespace) -> None:
     """One line for a numeric flag out of its range (FLAG_RANGES)."""
-    from visionzoo.config import check_range
+    from visionzoo.ranges import check_range
 
     for dest, spec in FLAG_RANGES.items():
         value = getattr(args, dest, None)

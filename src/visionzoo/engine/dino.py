@@ -24,7 +24,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -39,10 +38,11 @@ from visionzoo.data.loading.in_memory import InMemoryMultiCropLoader
 from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 from visionzoo.engine import lockstep
 from visionzoo.engine.bad_images import BadImages, describe
+from visionzoo.engine.dino_schedules import clip_per_tensor, cosine_schedule, teacher_temp_schedule
 from visionzoo.engine.knn import knn_eval
 from visionzoo.engine.resume import RESIZE_WHY, per_rank, rng_state, set_rng_state, truncate_metrics
+from visionzoo.engine.setup import set_loader_epoch
 from visionzoo.engine.stopping import Interrupted, StopVote, end_failed_run
-from visionzoo.engine.supervised import set_loader_epoch
 from visionzoo.errors import UserError
 from visionzoo.models import build_model, create
 from visionzoo.models.dino import DINOLoss, build_dino, cancel_last_layer_grads, update_teacher
@@ -60,38 +60,6 @@ from visionzoo.runtime import (
     seed_everything,
     synchronize,
 )
-
-
-def cosine_schedule(start: float, end: float, total_steps: int, warmup_steps: int = 0,
-                    warmup_start: float = 0.0) -> np.ndarray:
-    """The reference's cosine_scheduler: linear warm-up from ``warmup_start`` to ``start``, then
-    ``end + (start - end) * (1 + cos(pi * i / n)) / 2`` for i = 0..n-1 (n = remaining steps)."""
-    warm = np.linspace(warmup_start, start, warmup_steps) if warmup_steps > 0 else np.array([])
-    i = np.arange(total_steps - warmup_steps)
-    main = end + 0.5 * (start - end) * (1 + np.cos(np.pi * i / max(len(i), 1)))
-    return np.concatenate([warm, main])[:total_steps]
-
-
-def teacher_temp_schedule(warmup_temp: float, temp: float, warmup_epochs: int, epochs: int,
-                          steps_per_epoch: int) -> np.ndarray:
-    """Per step: ``linspace(warmup_temp, temp, warmup_epochs)`` over the first epochs, then
-    ``temp``; constant within an epoch, as the reference indexes it by epoch."""
-    per_epoch = np.concatenate([np.linspace(warmup_temp, temp, warmup_epochs),
-                                np.full(max(epochs - warmup_epochs, 0), temp)])[:epochs]
-    return np.repeat(per_epoch, steps_per_epoch)
-
-
-@torch.no_grad()
-def clip_per_tensor(params: list[torch.Tensor], max_norm: float) -> None:
-    """Scale each gradient whose own L2 norm exceeds ``max_norm`` down to it (the reference's
-    clip_gradients: tensor by tensor, unlike torch's global-norm clipping)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    # All on the device, a few foreach kernels: the reference reads every norm on the host.
-    norms = torch.stack(torch._foreach_norm(grads))
-    coefs = (max_norm / (norms.float() + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, list(coefs.unbind()))
 
 
 class DinoStep:
