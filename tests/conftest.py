@@ -140,3 +140,20 @@ def hf_dir(jpeg_tree, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("hf") / "parquet"
     assert main(["data", "pack", str(jpeg_tree), str(out), "--format", "hfds", "--shard-samples", "16"]) == 0
     return out
+
+
+def start_ranks(argv_of, world: int = 2, **popen) -> list:
+    """``world`` processes ``argv_of(rank)`` started as the ranks of one process group on 127.0.0.1
+    (RANK, WORLD_SIZE, MASTER_ADDR/PORT set; this tree's src first on PYTHONPATH; one thread each),
+    for tests that check what several ranks do together."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    return [subprocess.Popen(argv_of(rank), text=True, **popen,
+                             env={**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1", "RANK": str(rank),
+                                  "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+            for rank in range(world)]

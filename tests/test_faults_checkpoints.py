@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import start_ranks
 
 import visionzoo.checkpoint as ckpt
 from visionzoo.checkpoint import checkpoint_pairs, load_latest, save_checkpoint
 from visionzoo.errors import UserError
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def _run_with_checkpoints(run: Path, steps=(10, 20, 30)) -> None:
@@ -88,15 +86,8 @@ def test_rank_0_chooses_the_checkpoint_for_every_rank(tmp_path):
     newest.write_bytes(newest.read_bytes()[:50])
     script = tmp_path / "rank.py"
     script.write_text(_RANK_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, str(script), str(run), str(tmp_path / f"r{rank}.json")],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs = start_ranks(lambda rank: [sys.executable, str(script), str(run), str(tmp_path / f"r{rank}.json")],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     outs = [p.communicate(timeout=120) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]

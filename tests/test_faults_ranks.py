@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_FOLDER_RECIPE, write_jpeg_tree
+from conftest import TINY_FOLDER_RECIPE, start_ranks, write_jpeg_tree
 
 from visionzoo.cli import main
 
@@ -111,19 +111,10 @@ dist.destroy_process_group()
 
 def test_knn_features_when_one_rank_has_no_readable_image(tmp_path):
     # Before: that rank raised alone and the other waited in the all-gather until the timeout.
-    import socket
-
     script = tmp_path / "knn.py"
     script.write_text(_KNN_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / f"r{rank}.json")], env=env,
-                                      stderr=subprocess.PIPE, text=True))
+    procs = start_ranks(lambda rank: [sys.executable, str(script), str(tmp_path / f"r{rank}.json")],
+                        stderr=subprocess.PIPE)
     for p in procs:
         assert p.wait(timeout=60) == 0, p.stderr.read()[-2000:]
     for rank in range(2):
