@@ -16,6 +16,12 @@ Faults (``--only`` names):
   photo    one 4000x3000 photo among 63 500x375 ones in a device-decode batch: the crop
            buffer's peak bytes with size groups vs one padded buffer (CPU tensors)
   knn      k-NN features on 2 ranks where one rank has no readable image: no hang
+  numpy1   a training checkpoint pickled under NumPy 1.x (numpy.core.* names): loads; the same
+           file naming a numpy.core function instead: refused with one line
+  cifar    CIFAR batches whose pickle calls a builder with a bad argument, or holds object data:
+           one line naming the file, exit 2, no traceback
+  manifest a pack manifest naming ../secret.tar: `data verify` refuses with one line, the file
+           outside the folder never opened
 Each line starts with ``ok`` or ``LOST``; the exit code is the number of LOST lines."""
 
 from __future__ import annotations
@@ -307,8 +313,83 @@ def fault_knn(work: Path) -> str:
                             "lost: nothing")
 
 
+def fault_numpy1(work: Path) -> str:
+    import io
+
+    import torch
+
+    from visionzoo.errors import UserError
+    from visionzoo.models.weights import read_file
+
+    buf = io.BytesIO()  # torch.save's legacy pickle, with the module names NumPy 1.x wrote
+    torch.save({"meta": {"epoch": np.int64(200), "best": np.float64(80.1), "dt": np.dtype("float32")},
+                "state_dict": {"w": torch.ones(2)}}, buf, _use_new_zipfile_serialization=False, pickle_protocol=2)
+    old = buf.getvalue().replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+    (work / "np1.pth").write_bytes(old)
+    obj, _ = read_file(work / "np1.pth")
+    loaded = obj["meta"]["epoch"] == 200 and torch.equal(obj["state_dict"]["w"], torch.ones(2))
+    (work / "evil.pth").write_bytes(old.replace(b"numpy.core.multiarray\nscalar\n",
+                                                b"numpy.core.multiarray\nset_string_function\n"))
+    try:
+        read_file(work / "evil.pth")
+        refused = "loaded"
+    except UserError as err:
+        refused = str(err)
+    ok = loaded and "set_string_function" in refused
+    return _line(ok, "numpy1", f"NumPy-1.x checkpoint loaded (epoch 200, weights equal); a numpy.core function "
+                               f"refused: {refused[:70]}...; lost: nothing")
+
+
+class _CodecTrick:
+    """Pickles as _codecs.encode('a', 'nonexistent'): an allowed builder with a bad argument."""
+
+    def __reduce__(self):
+        import _codecs
+
+        return (_codecs.encode, ("a", "nonexistent"))
+
+
+def fault_cifar(work: Path) -> str:
+    import pickle
+
+    lines = []
+    for kind, data in (("bad builder argument", _CodecTrick()), ("object data", np.array([["x"] * 3072], dtype=object))):
+        folder = work / kind.replace(" ", "_") / "cifar-10-batches-py"
+        folder.mkdir(parents=True)
+        (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c%d" % i for i in range(10)]}, protocol=2))
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            (folder / name).write_bytes(pickle.dumps({b"data": data, b"labels": [0]}, protocol=2))
+        r = _visionzoo("train", "resnet50_cifar100", "--data", str(folder), "data.name=cifar10", "--device", "cpu",
+                       "--epochs", "1", "train.max_steps_per_epoch=1", timeout=300)
+        err = r.stderr.strip()
+        lines.append((r.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+                      and ("data_batch" in err or "test_batch" in err), kind, err))
+    ok = all(good for good, _, _ in lines)
+    return _line(ok, "cifar", "; ".join(f"{kind}: {err[:80]}" for _, kind, err in lines) + "; lost: nothing")
+
+
+def fault_manifest(work: Path) -> str:
+    shards = work / "shards"
+    _jpegs(work / "tree", 8, 4)
+    r = _visionzoo("data", "pack", str(work / "tree"), str(shards), "--shard-samples", "4")
+    if r.returncode:
+        return _line(False, "manifest", r.stderr.strip()[-200:])
+    secret = work / "secret.tar"
+    secret.write_bytes(b"not yours")
+    before = secret.stat().st_atime_ns
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["name"] = "../secret.tar"
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    r = _visionzoo("data", "verify", str(shards), "--deep")
+    err = r.stderr.strip()
+    ok = r.returncode == 2 and len(err.splitlines()) == 1 and "outside the folder" in err \
+        and secret.stat().st_atime_ns == before
+    return _line(ok, "manifest", f"`data verify`: {err[:110]}; refused before any shard is opened; lost: nothing")
+
+
 FAULTS = {"shard": fault_shard, "sigterm": fault_sigterm, "usr1": fault_usr1, "ckpt": fault_ckpt,
-          "parquet": fault_parquet, "photo": fault_photo, "knn": fault_knn}
+          "parquet": fault_parquet, "photo": fault_photo, "knn": fault_knn, "numpy1": fault_numpy1,
+          "cifar": fault_cifar, "manifest": fault_manifest}
 
 
 def main() -> int:
