@@ -361,7 +361,7 @@ def test_one_process_trains_what_two_ranks_train(tmp_path):
     from safetensors.torch import load_file
 
     data = write_fmnist(tmp_path, 96, 20)
-    common = ["--epochs", "1", "--device", "cpu", "--workers", "0", "data.batch_size=32", "data.augment=none",
+    common = ["--epochs", "1", "--device", "cpu", "--amp", "none", "--workers", "0", "data.batch_size=32", "data.augment=none",
               "data.hflip=0", "model.channels_last=false", "model.bn_group=16", "model.bn_average=false",
               "train.log_every=0", "train.checkpoint_every_steps=1", "train.max_steps_per_epoch=2"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}

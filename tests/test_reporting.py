@@ -14,7 +14,7 @@ from visionzoo.cli import main
 from visionzoo.report import format_table, read_metrics
 from visionzoo.runs import compare, list_runs
 
-SHORT = ["--epochs", "2", "--device", "cpu", "data.batch_size=64", "train.log_every=2"]
+SHORT = ["--epochs", "2", "--device", "cpu", "--amp", "none", "data.batch_size=64", "train.log_every=2"]
 
 
 @pytest.fixture(scope="module")

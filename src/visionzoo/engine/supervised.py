@@ -87,7 +87,7 @@ class Loop:
     stop: Any = None  # runtime.StopSignal
     vote: Any = None  # stopping.StopVote: the ranks agree on a stop signal
     sample_shape: tuple = ()  # (C, H, W) of a training image: the placeholder of a zero-weight step
-    input_dtype: torch.dtype = torch.float32  # the weights' dtype (float64 with train.amp=fp64)
+    input_dtype: torch.dtype | None = None  # None: the weights' dtype (float64 with train.amp=fp64)
 
 
 @dataclass
@@ -133,7 +133,8 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
     accum = loop.accum_steps
     done = loop.batches_in_epoch // accum  # optimizer steps already taken in this epoch
     total = min(len(loader) // accum + done, max_steps) if max_steps else len(loader) // accum + done
-    grouped_bn = grouped_layers(loop.net) if accum > 1 else []  # model.bn_group with micro-batches
+    grouped_bn = grouped_layers(loop.net) if accum > 1 else []
+    dtype = loop.input_dtype or next((q.dtype for q in loop.net.parameters() if q.is_floating_point()), torch.float32)  # model.bn_group with micro-batches
     check_stop_every = 10 if distributed.world_size() > 1 else 1  # a collective per check on several ranks
     progress = Progress(loader, total * accum, f"epoch {loop.epoch + 1}", loop.progress, start=done * accum,
                         enabled=loop.log is not None)
@@ -156,7 +157,7 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
                 group["lr"] = float(loop.lrs[min(loop.global_step, len(loop.lrs) - 1)])  # no NumPy scalars in state
         no_sync = loop.model.no_sync if (not update and hasattr(loop.model, "no_sync")) else nullcontext
         if n:
-            images = images.to(loop.device, loop.input_dtype, non_blocking=True, memory_format=loop.memory_format)
+            images = images.to(loop.device, dtype, non_blocking=True, memory_format=loop.memory_format)
             hard_targets = targets = targets.to(loop.device, non_blocking=True)
             loop.sample_shape = tuple(images.shape[1:])
             if loop.mixup is not None:
@@ -169,7 +170,7 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
         else:  # no usable image on this rank: a zero-weight step, in step with the other ranks
             with no_sync(), autocast:
                 loss = lockstep.zero_weight_loss(loop.model, loop.net, lockstep.placeholder(
-                    loop.sample_shape, loop.device, loop.memory_format).to(loop.input_dtype))
+                    loop.sample_shape, loop.device, loop.memory_format).to(dtype))
         finite = torch.isfinite(loss.detach())
         # train.skip_nonfinite > 0 reads every step's loss (the one allowed per-step sync: skipping
         # exactly the bad steps needs it); otherwise the flag below is checked lazily.
