@@ -319,7 +319,7 @@ def cuda_pinning():
 def fused_optimizers(counter: HostReads):
     """Build optimizers as on CUDA (fused: no host read inside GradScaler.step); returns the undo."""
     import visionzoo.engine.dino as dino_engine
-    import visionzoo.engine.supervised as sup_engine
+    import visionzoo.engine.setup as setup_engine
     from visionzoo import optim
 
     real = optim.build_optimizer
@@ -327,7 +327,7 @@ def fused_optimizers(counter: HostReads):
     def cuda_like(model, o, device_type):
         return real(model, o, "cuda")
 
-    modules = [m for m in (sup_engine, dino_engine, optim) if getattr(m, "build_optimizer", None) is real]
+    modules = [m for m in (setup_engine, dino_engine, optim) if getattr(m, "build_optimizer", None) is real]
     for m in modules:
         m.build_optimizer = cuda_like
     return lambda: [setattr(m, "build_optimizer", real) for m in modules]
