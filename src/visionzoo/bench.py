@@ -197,7 +197,7 @@ def bench_setting(cfg: RecipeConfig, setting: Setting, device: torch.device, num
         "first_step_s": first_step_s,  # includes compilation when compile is on
         "compile_s": first_step_s if setting.compile else None,
         "model_only": model_only, "end_to_end": end_to_end,
-        "bad_images": loop.bad_images, "skipped_steps": stepper.skipped,
+        "bad_images": loop.bad.count, "skipped_steps": stepper.skipped,
         "final_loss": loop.last_loss,
     }
 

@@ -70,7 +70,6 @@ class Loop:
     epoch: int = 0  # the epoch being trained (0-based)
     batches_in_epoch: int = 0  # batches of this epoch already trained on (resume skips them)
     epoch_sums: torch.Tensor | None = None  # this rank's loss×n, correct, n of the current epoch
-    bad_images: int = 0  # as the batches reported them (an image read in 3 epochs: 3)
     bad: BadImages = field(default_factory=BadImages)  # distinct training images, named
     nonfinite_skipped: int = 0
     nonfinite: torch.Tensor | None = None  # device flag: a non-finite loss was seen (checked lazily)
@@ -141,7 +140,6 @@ def train_one_epoch(loop: Loop, loader, max_steps: int = 0, time_after: int = 0)
     for images, targets, n_bad in progress:
         if done >= total:
             break
-        loop.bad_images += n_bad
         if n_bad:
             loop.bad.add(n_bad)
         loop.batches_in_epoch += 1
@@ -318,13 +316,13 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
     best = {"acc1": -math.inf}
     if state is not None:
         loop.global_step, loop.epoch, loop.batches_in_epoch = state["global_step"], state["epoch"], state["batches_in_epoch"]
-        loop.bad_images, best["acc1"] = state["bad_images"], state["best_acc1"]
-        loop.bad.load(state.get("bad_names"))
+        best["acc1"] = state["best_acc1"]
         loop.last_loss = state.get("last_loss", loop.last_loss)
         loop.timed_images, loop.timed_seconds = state.get("timed", (0, 0.0))
         loop.elapsed_before = state.get("elapsed_s", 0.0)
         mine = state["ranks"][info.rank]
-        loop.bad_images = mine.get("bad_images", loop.bad_images if info.is_main else 0)  # this rank's own count
+        # This rank's unreadable images (a checkpoint from before names were kept: its count, unnamed).
+        loop.bad.load(mine.get("bad", {"names": [], "unnamed": mine.get("bad_images", 0)}))
         loop.epoch_sums = mine["epoch_sums"].to(device)
         set_rng_state(mine["rng"], device)  # last: setup above drew from the RNGs
 
@@ -334,10 +332,10 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
         train_state = {
             "epoch": loop.epoch, "batches_in_epoch": loop.batches_in_epoch, "global_step": loop.global_step,
             "optimizer": optimizer.state_dict(), "grad_step": stepper.state_dict(),
-            "bad_images": loop.bad_images, "bad_names": loop.bad.state(), "best_acc1": best["acc1"],
+            "best_acc1": best["acc1"],
             "last_loss": loop.last_loss,
             "timed": [loop.timed_images, loop.timed_seconds], "elapsed_s": loop.elapsed_before + time.perf_counter() - t0,
-            "ranks": per_rank({"rng": rng_state(device), "bad_images": loop.bad_images, "epoch_sums": loop.epoch_sums.cpu()
+            "ranks": per_rank({"rng": rng_state(device), "bad": loop.bad.state(), "epoch_sums": loop.epoch_sums.cpu()
                                if loop.epoch_sums is not None else torch.zeros(3, dtype=torch.float64)}),
         }
         if info.is_main:
