@@ -32,13 +32,14 @@ def test_int8_export_agrees_with_fp32_and_records_its_calibration(trained_run: P
     run = trained_run
     assert main(["export", str(run), "--precision", "int8", "--calibration-images", "96"]) == 0
     out = capsys.readouterr().out
-    assert "int8 model (static QDQ, minmax calibration on 96 training images" in out
+    assert "int8 model (static QDQ, percentile calibration on 96 training images" in out
     fp32, int8 = run / "model.onnx", run / "model.int8.onnx"
     side = json.loads((run / "model.int8.json").read_text())
     assert json.loads((run / "model.json").read_text())["precision"] == "fp32"
     assert side["precision"] == "int8" and side["file"] == "model.int8.onnx" and side["sha256"] == sha256_file(int8)
     q = side["quantization"]
-    assert q["format"] == "QDQ" and q["calibration"] == "minmax" and q["calibration_images"] == 96
+    assert q["format"] == "QDQ" and q["calibration"] == "percentile" and q["calibration_images"] == 96
+    assert q["calibration_options"] == {"num_bins": 2048, "percentile": 99.999}
     assert q["calibration_split"] == "train" and q["calibration_transform"] == "eval"
     assert side["reference"] == {"file": "model.onnx", "sha256": sha256_file(fp32), "precision": "fp32"}
     assert side["parity"]["images"] == 200 and side["parity"]["top1_agreement"] >= 0.9
@@ -75,6 +76,7 @@ def test_int8_export_agrees_with_fp32_and_records_its_calibration(trained_run: P
     printed = capsys.readouterr().out
     result = json.loads((run / "model.int8.infer.json").read_text())
     assert result["precision"] == "int8" and result["fp32_acc1"] == fp32_result["acc1"]
+    assert result["fp32_ms_per_image"] > 0 and "x the fp32 model's speed in ONNX Runtime" in printed
     assert abs(result["acc1"] - result["fp32_acc1"]) <= 10.0
     assert f"int8 Acc@1 {result['acc1']:.2f}% | fp32 Acc@1 {fp32_result['acc1']:.2f}%" in printed
 
@@ -86,6 +88,35 @@ def test_int8_export_agrees_with_fp32_and_records_its_calibration(trained_run: P
         assert "fp32_acc1" not in json.loads((run / "model.int8.infer.json").read_text())
     finally:
         (run / "elsewhere.onnx").rename(fp32)
+
+
+def _activation_scales(path: Path) -> dict[str, float]:
+    """The scale of every activation QuantizeLinear of a QDQ model, by the tensor it quantises."""
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    return {n.input[0]: float(inits[n.input[1]]) for n in graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+
+
+def test_each_calibration_method_sets_its_own_ranges(trained_run: Path, fmnist_dir: Path, tmp_path: Path) -> None:
+    # ONNX Runtime's entropy defaults alone (128 bins for 128 levels) give minmax's ranges exactly.
+    from visionzoo.config import from_dict
+    from visionzoo.quantize import quantize_int8
+
+    fp32 = trained_run / "model.onnx"
+    if not fp32.is_file():
+        assert main(["export", str(trained_run)]) == 0
+    d = from_dict({"recipe": "fashion_mnist", "data": json.loads((trained_run / "model.json").read_text())["data"]}).data
+    calib, _ = calibration_sets(d, 64, str(fmnist_dir))
+    scales = {}
+    for method in ("minmax", "entropy", "percentile"):
+        info = quantize_int8(fp32, tmp_path / f"{method}.onnx", calib, method)
+        assert info["calibration"] == method
+        scales[method] = _activation_scales(tmp_path / f"{method}.onnx")
+    assert scales["minmax"].keys() == scales["entropy"].keys() == scales["percentile"].keys()
+    for method in ("entropy", "percentile"):
+        narrower = [k for k, v in scales[method].items() if v < scales["minmax"][k] * 0.99]
+        assert len(narrower) >= len(scales["minmax"]) // 2, (method, narrower)  # clipped ranges, not minmax's
 
 
 def test_low_precision_refusals_are_one_line(trained_run: Path, capsys) -> None:

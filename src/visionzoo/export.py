@@ -260,7 +260,7 @@ def export_checkpoint(
     checkpoint: str | None, fmt: str = "onnx", opset: int | None = None, output: str | None = None,
     tolerance: float | None = None, weights: str | None = None, recipe: str | None = None,
     overrides: list[str] | None = None, precision: str = "fp32", calibration_images: int | None = None,
-    calibration: str = "minmax", data: str | None = None,
+    calibration: str | None = None, data: str | None = None,
 ) -> dict:
     """``visionzoo export``: write the checkpoint (a run folder or a .safetensors file), or
     ``weights`` in the model of ``recipe`` / of the run folder, as ``fmt`` with its sidecar,
@@ -269,7 +269,8 @@ def export_checkpoint(
 
     ``precision`` int8 or bf16 (ONNX only) writes the fp32 model and then ``<name>.int8.onnx`` /
     ``<name>.bf16.onnx`` beside it (quantize.py): int8 calibrated on ``calibration_images``
-    training images (of ``data`` when given) with ``calibration`` (minmax | entropy | percentile)."""
+    training images (of ``data`` when given) with ``calibration`` (percentile | minmax | entropy;
+    default quantize.DEFAULT_CALIBRATION)."""
     from visionzoo import quantize
     from visionzoo import __version__
     from visionzoo.config import absolute_data_path, from_dict, to_dict
@@ -374,7 +375,7 @@ def export_checkpoint(
 
 
 def _low_precision(fp32_path: Path, fp32_sidecar: dict, d, precision: str, options: dict[str, str],
-                   calibration_images: int | None, calibration: str, data: str | None) -> dict:
+                   calibration_images: int | None, calibration: str | None, data: str | None) -> dict:
     """The int8 (or bf16) model beside the fp32 ``fp32_path`` and its sidecar, which names the
     fp32 model as the reference ``infer`` compares accuracy with."""
     import shutil
@@ -388,7 +389,8 @@ def _low_precision(fp32_path: Path, fp32_sidecar: dict, d, precision: str, optio
         calib, check = quantize.calibration_sets(d, n, data)
 
         def write(tmp: str) -> None:
-            extra["quantization"] = quantize.quantize_int8(fp32_path, tmp, calib, calibration)
+            extra["quantization"] = quantize.quantize_int8(fp32_path, tmp, calib,
+                                                           calibration or quantize.DEFAULT_CALIBRATION)
             extra["parity"] = quantize.int8_agreement(fp32_path, tmp, check)
     else:
         def write(tmp: str) -> None:  # the same graph; ONNX Runtime computes it in bf16 (session option)
