@@ -8,7 +8,8 @@ Rows (per recipe model, on random inputs of the recipe's sizes: no data loading)
 - training img/s, fp32 and bf16 autocast, eager and torch.compile'd, for visionzoo's step
   (engine/supervised.py's training loop: the recipe's optimizer, GradStep, loss, channels_last)
   and for a step written as timm's train.py writes it (autocast forward, loss, zero_grad,
-  backward, optimizer.step, with timm's create_optimizer_v2) on the same model and batch;
+  backward, optimizer.step, with timm's create_optimizer_v2) on the same model (the recipe's
+  grouped BatchNorm too) and batch;
 - inference img/s: PyTorch eager fp32 and bf16 autocast (inference_mode, channels_last), ONNX
   Runtime fp32 and int8 (visionzoo's export: static QDQ, per-channel weights; calibrated here on
   random inputs, which changes its accuracy but not its speed).
@@ -44,10 +45,24 @@ from visionzoo.engine.setup import build_training
 from visionzoo.engine.supervised import Loop, train_one_epoch
 from visionzoo.export import _export_onnx, input_size
 from visionzoo.models import build_model
+from visionzoo.models.ghost_bn import use_bn_groups
 from visionzoo.quantize import quantize_int8
 from visionzoo.runtime import cpu_bf16_isa, seed_everything
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+PEAK_CALLS, PEAK_SECONDS = 3, 0.3  # each peak measurement: at least this many products and CPU-seconds
+
+
+def _ort_options(threads: int):
+    """ONNX Runtime session options for ``threads`` threads that do not spin after a run: spinning
+    pool threads would take the cores from the next row's measurement (and count as its CPU time)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
 
 
 def matmul_peaks(n: int, threads: int) -> dict[str, Callable[[], None]]:
@@ -68,8 +83,7 @@ def matmul_peaks(n: int, threads: int) -> dict[str, Callable[[], None]]:
                                              helper.make_tensor_value_info("b", TensorProto.INT8, [n, n])],
                               [helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    opts = _ort_options(threads)
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     feed = {"a": np.random.randint(0, 255, (n, n), dtype=np.uint8), "b": np.random.randint(-127, 127, (n, n), dtype=np.int8)}
     peaks["int8"] = lambda: sess.run(None, feed)
@@ -115,6 +129,8 @@ def timm_step(cfg, num_classes: int, x: torch.Tensor, y: torch.Tensor, precision
 
     seed_everything(0)
     net, _ = build_model(cfg.model, num_classes, cfg.data.in_chans)
+    if cfg.model.bn_group > 0:  # the network visionzoo's step trains: the loops are compared, not BN kinds
+        use_bn_groups(net, cfg.model.bn_group)
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format  # --channels-last
     net = net.to(memory_format=fmt).train()
     o = cfg.optim
@@ -149,10 +165,7 @@ def torch_infer(net: nn.Module, x: torch.Tensor, precision: str, channels_last: 
 def ort_infer(path: str, x: np.ndarray, threads: int):
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(path, _ort_options(threads), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     return lambda n: [sess.run(None, {name: x}) for _ in range(n)]
 
@@ -202,11 +215,15 @@ def bench_recipe(recipe: str, batch: int, steps: int, repeats: int, compiled: bo
     cpu_times: dict[str, list[float]] = {r[1]: [] for r in rows}
     peak_runs: dict[str, list[float]] = {k: [] for k in mm}
     for r in range(repeats):  # alternating: one round of every row and every peak, then the next
+        # each round starts at another row, so that no row always follows the peaks' large products
+        shift = r * len(rows) // repeats
         for name, fn in mm.items():
-            c = time.process_time()
-            fn()
-            peak_runs[name].append(2 * matmul**3 / (time.process_time() - c))
-        for _, name, _, fn, _ in rows:
+            c, n = time.process_time(), 0
+            while n < PEAK_CALLS or time.process_time() - c < PEAK_SECONDS:  # long enough to time
+                fn()
+                n += 1
+            peak_runs[name].append(2 * matmul**3 * n / (time.process_time() - c))
+        for _, name, _, fn, _ in rows[shift:] + rows[:shift]:
             t, c = time.perf_counter(), time.process_time()
             fn(steps)
             times[name].append(steps * batch / (time.perf_counter() - t))
