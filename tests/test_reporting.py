@@ -103,9 +103,9 @@ def test_runs_lists_finished_and_failed(two_runs, fmnist_dir, monkeypatch, capsy
 def test_compare_shows_exactly_the_changed_keys(two_runs, capsys):
     diffs, rows = compare(two_runs / "a", two_runs / "b")
     assert {k for k, _, _ in diffs} == {"optim.lr", "train.seed", "log.progress", "log.tensorboard"}
-    assert ("optim.lr", 0.1, 0.05) in diffs
+    assert ("optim.lr", 0.2, 0.05) in diffs
     assert main(["runs", "--compare", str(two_runs / "a"), str(two_runs / "b")]) == 0
-    assert "| optim.lr | 0.1 | 0.05 |" in capsys.readouterr().out
+    assert "| optim.lr | 0.2 | 0.05 |" in capsys.readouterr().out
 
 
 def test_runs_on_missing_folder_is_a_user_error(tmp_path, capsys):

@@ -41,7 +41,7 @@ def _check_mlflow_run(uri: str, run: Path, results: dict) -> None:
     (found,) = client.search_runs([exp.experiment_id], f"attributes.run_name = '{run.name}'")
     assert found.info.status == "FINISHED"
     params = found.data.params
-    assert params["recipe"] == "fashion_mnist" and float(params["optim.lr"]) == 0.1
+    assert params["recipe"] == "fashion_mnist" and float(params["optim.lr"]) == 0.2
     assert params["train.max_steps_per_epoch"] == "3" and params["data.mean"] == "[72.94]"
     losses = client.get_metric_history(found.info.run_id, "step/loss")
     assert [m.step for m in losses] == [1, 2, 3]
