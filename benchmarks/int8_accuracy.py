@@ -27,11 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from visionzoo.cli import main as visionzoo
-from visionzoo.data.sources.idx import load_idx_split
-
-FMNIST = "/usr/share/datasets/fashion-mnist"
-FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                  "Ankle boot"]
+from visionzoo.data.sources.idx import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, load_idx_split
+from visionzoo.quantize import CALIBRATION_METHODS, DEFAULT_CALIBRATION
 
 
 def write_cifar100(fmnist: str, root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
@@ -48,7 +45,7 @@ def write_cifar100(fmnist: str, root: Path, n_train: int, n_test: int, seed: int
         labels = labels[pick].astype(int).tolist()
         with open(folder / split, "wb") as f:
             pickle.dump({b"data": rows, b"fine_labels": labels, b"coarse_labels": [0] * len(labels)}, f, protocol=2)
-    names = [c.encode() for c in FMNIST_CLASSES] + [f"unused_{i}".encode() for i in range(10, 100)]
+    names = [c.encode() for c in FASHION_MNIST_CLASSES] + [f"unused_{i}".encode() for i in range(10, 100)]
     with open(folder / "meta", "wb") as f:
         pickle.dump({b"fine_label_names": names, b"coarse_label_names": [b"all"] * 20}, f, protocol=2)
     return folder
@@ -89,12 +86,12 @@ def measure(recipe: str, data: str, out: Path, epochs: int, calibration_images: 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", default="fashion_mnist", choices=["fashion_mnist", "resnet50_cifar100"])
-    p.add_argument("--fmnist", default=FMNIST, help="Fashion-MNIST IDX folder")
+    p.add_argument("--fmnist", default=DEFAULT_FASHION_MNIST_DIR, help="Fashion-MNIST IDX folder")
     p.add_argument("--train", type=int, default=5000, help="CIFAR-format training images (resnet50_cifar100)")
     p.add_argument("--test", type=int, default=2000, help="CIFAR-format test images (resnet50_cifar100)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--calibration-images", type=int, default=512)
-    p.add_argument("--calibration", default="percentile", choices=["minmax", "entropy", "percentile"])
+    p.add_argument("--calibration", default=DEFAULT_CALIBRATION, choices=list(CALIBRATION_METHODS))
     p.add_argument("--out", default="/tmp/int8_accuracy")
     p.add_argument("--reuse", action="store_true",
                    help="quantise the run a previous call trained in --out again (another --calibration)")
