@@ -221,7 +221,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     export_checkpoint(checkpoint, args.format, args.opset, args.output, args.tolerance, overrides=overrides,
                       precision=args.precision, calibration_images=args.calibration_images,
-                      calibration=args.calibration, data=args.calibration_data, **kw)
+                      calibration=args.calibration, data=args.calibration_data, int8_target=args.int8_target, **kw)
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
@@ -359,13 +359,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parity limit: max |torch - exported| <= tolerance * max(1, max |logit|) (default 1e-4)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "int8", "bf16"),
                    help="int8: also write <name>.int8.onnx, statically quantised (QDQ, per-channel weights) by "
-                        "ONNX Runtime; bf16: <name>.bf16.onnx run with bf16 kernels (ONNX Runtime on Arm only)")
+                        "ONNX Runtime; bf16: <name>.bf16.onnx run with bf16 kernels (ONNX Runtime on Arm only). "
+                        "--output X.onnx is then the fp32 model and X.int8.onnx the int8 one; "
+                        "--output X.int8.onnx names the int8 file the same way")
     p.add_argument("--calibration-images", type=int, help="int8: training images the activation ranges are "
                    "calibrated on, with the eval preprocessing (default 512)")
     p.add_argument("--calibration", choices=("percentile", "minmax", "entropy"),
                    help="int8: calibration method (default percentile: the 99.999th percentile of a 2048-bin "
                         "histogram of each activation)")
     p.add_argument("--calibration-data", help="int8: data folder to calibrate on (default: the recipe's data.path)")
+    p.add_argument("--int8-target", choices=("auto", "x86", "x86-vnni", "arm"),
+                   help="int8: the CPUs the model is for (default auto: this machine's). x86: any x86-64 CPU, "
+                        "7-bit weights (no saturation without VNNI); x86-vnni: AVX512-VNNI/AVX-VNNI/AMX, "
+                        "8-bit weights; arm: 64-bit Arm, 8-bit weights")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("infer", help="run an exported ONNX model: accuracy and speed on a split, or top-5 per image",

@@ -260,7 +260,7 @@ def export_checkpoint(
     checkpoint: str | None, fmt: str = "onnx", opset: int | None = None, output: str | None = None,
     tolerance: float | None = None, weights: str | None = None, recipe: str | None = None,
     overrides: list[str] | None = None, precision: str = "fp32", calibration_images: int | None = None,
-    calibration: str | None = None, data: str | None = None,
+    calibration: str | None = None, data: str | None = None, int8_target: str | None = None,
 ) -> dict:
     """``visionzoo export``: write the checkpoint (a run folder or a .safetensors file), or
     ``weights`` in the model of ``recipe`` / of the run folder, as ``fmt`` with its sidecar,
@@ -270,7 +270,9 @@ def export_checkpoint(
     ``precision`` int8 or bf16 (ONNX only) writes the fp32 model and then ``<name>.int8.onnx`` /
     ``<name>.bf16.onnx`` beside it (quantize.py): int8 calibrated on ``calibration_images``
     training images (of ``data`` when given) with ``calibration`` (percentile | minmax | entropy;
-    default quantize.DEFAULT_CALIBRATION)."""
+    default quantize.DEFAULT_CALIBRATION), for the CPUs of ``int8_target`` (quantize.INT8_TARGETS;
+    default: this machine's). An ``output`` named ``X.int8.onnx`` names the int8 file; its fp32
+    reference is then ``X.onnx``."""
     from visionzoo import quantize
     from visionzoo import __version__
     from visionzoo.config import absolute_data_path, from_dict, to_dict
@@ -281,6 +283,11 @@ def export_checkpoint(
         raise UserError(f"unknown precision '{precision}' (have: {', '.join(quantize.PRECISIONS)})")
     if precision != "fp32" and fmt != "onnx":
         raise UserError(f"--precision {precision} is for ONNX exports (ONNX Runtime runs it); not --format {fmt}")
+    if int8_target is not None and precision != "int8":
+        raise UserError(f"--int8-target is for --precision int8 (this export is {precision})")
+    target = quantize.resolve_int8_target(int8_target) if precision == "int8" else None
+    if output is not None and precision != "fp32" and output.endswith(f".{precision}.onnx"):
+        output = output.removesuffix(f".{precision}.onnx") + ".onnx"  # --output names the low-precision file
     low_options = quantize.bf16_session_options() if precision == "bf16" else {}
     opset = DEFAULT_OPSET if opset is None else opset
     tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
@@ -370,12 +377,13 @@ def export_checkpoint(
           f"max abs diff {parity['max_abs_diff']:.2e} (limit {parity['limit']:.2e}); sidecar {side}")
     if precision != "fp32":
         sidecar = _low_precision(out_path, sidecar, cfg.data, precision, low_options, calibration_images,
-                                 calibration, data)
+                                 calibration, data, target)
     return sidecar
 
 
 def _low_precision(fp32_path: Path, fp32_sidecar: dict, d, precision: str, options: dict[str, str],
-                   calibration_images: int | None, calibration: str | None, data: str | None) -> dict:
+                   calibration_images: int | None, calibration: str | None, data: str | None,
+                   target=None) -> dict:
     """The int8 (or bf16) model beside the fp32 ``fp32_path`` and its sidecar, which names the
     fp32 model as the reference ``infer`` compares accuracy with."""
     import shutil
@@ -390,8 +398,8 @@ def _low_precision(fp32_path: Path, fp32_sidecar: dict, d, precision: str, optio
 
         def write(tmp: str) -> None:
             extra["quantization"] = quantize.quantize_int8(fp32_path, tmp, calib,
-                                                           calibration or quantize.DEFAULT_CALIBRATION)
-            extra["parity"] = quantize.int8_agreement(fp32_path, tmp, check)
+                                                           calibration or quantize.DEFAULT_CALIBRATION, target)
+            extra["parity"] = quantize.int8_agreement(fp32_path, tmp, check, target)
     else:
         def write(tmp: str) -> None:  # the same graph; ONNX Runtime computes it in bf16 (session option)
             shutil.copyfile(fp32_path, tmp)
@@ -406,6 +414,9 @@ def _low_precision(fp32_path: Path, fp32_sidecar: dict, d, precision: str, optio
     agree = (f"top-1 agreement with fp32 {100 * p['top1_agreement']:.1f}% on {p['images']} validation images"
              if "top1_agreement" in p else p["note"])
     q = sidecar.get("quantization")
-    how = f"static QDQ, {q['calibration']} calibration on {q['calibration_images']} training images; " if q else ""
+    how = (f"static QDQ, {'7' if q['reduce_range'] else '8'}-bit weights for {q['target']} CPUs, "
+           f"{q['calibration']} calibration on {q['calibration_images']} training images; ") if q else ""
     print(f"{path}: {precision} model ({how}{agree}); sidecar {side}")
+    print(f"visionzoo: wrote the {precision} model {path} and its fp32 reference {fp32_path} "
+          f"(infer compares the two)", flush=True)
     return sidecar

@@ -92,6 +92,12 @@ def load_exported(model_path: str | Path) -> tuple[Any, dict]:
         # A converted or optimised copy of the model is fine as long as the shapes agree.
         print(f"visionzoo: warning: {path.name} is not the file {sidecar_path(path).name} was written for "
               f"(sha256 differs); its input and output shapes match, so going on", file=sys.stderr)
+    if meta.get("quantization"):
+        from visionzoo.quantize import target_warning
+
+        warning = target_warning(meta["quantization"])
+        if warning:
+            print(f"visionzoo: warning: {path.name}: {warning}", file=sys.stderr, flush=True)
     return session, meta
 
 

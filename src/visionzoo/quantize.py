@@ -4,11 +4,18 @@ CPU provider computes in bf16.
 
 ``visionzoo export --precision int8`` writes the fp32 model first (checked against PyTorch as
 usual), then quantises it: ``quantize_static`` with QuantFormat.QDQ, int8 weights per output
-channel, uint8 activations (the U8S8 pair ONNX Runtime's x86 kernels run with VNNI), their
-ranges calibrated on N training-split images preprocessed with the eval transform. The int8
-model is then compared with the fp32 one on a fixed set of validation images (top-1
-agreement); its sidecar records the method, N and that agreement, and names the fp32 model,
-so that ``visionzoo infer`` reports both models' Acc@1 on the same split."""
+channel, uint8 activations, their ranges calibrated on N training-split images preprocessed
+with the eval transform. The int8 model is then compared with the fp32 one on a fixed set of
+validation images (top-1 agreement); its sidecar records the method, N, that agreement and the
+CPU it was made for, and names the fp32 model, so that ``visionzoo infer`` reports both models'
+Acc@1 on the same split.
+
+The CPU matters (``--int8-target``, INT8_TARGETS): ONNX Runtime multiplies uint8 activations by
+int8 weights with VNNI (AVX512-VNNI, AVX-VNNI, AMX) where the CPU has it, accumulating in int32;
+x86 CPUs without it (AVX2, AVX512 without VNNI) add pairs of u8×s8 products in int16 first,
+which saturates with full 8-bit weights. A model for those CPUs therefore has 7-bit weights
+(``reduce_range``; measured in BENCHMARKS.md against uint8 weights). The default target is the
+exporting machine's CPU."""
 
 from __future__ import annotations
 
@@ -16,7 +23,9 @@ import importlib
 import io
 import platform
 import tempfile
+from collections.abc import Mapping
 from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +53,92 @@ DEFAULT_CALIBRATION = "percentile"
 ARM_BF16_OPTION = "mlas.enable_gemm_fastmath_arm64_bfloat16"
 
 
+@dataclass(frozen=True)
+class Int8Target:
+    """How an int8 model is quantised for one kind of CPU."""
+
+    name: str
+    cpus: str  # the CPUs it is for, in words
+    activations: str  # "uint8"
+    weights: str  # "int8" (signed, symmetric per channel)
+    reduce_range: bool  # 7-bit weights: no int16 saturation in u8×s8 kernels without VNNI
+    why: str
+
+
+INT8_TARGETS = {
+    "x86": Int8Target("x86", "any x86-64 CPU (AVX2, AVX512 with or without VNNI)", "uint8", "int8", True,
+                      "without VNNI, ONNX Runtime adds pairs of u8×s8 products in int16, which saturates with "
+                      "8-bit weights; 7-bit weights cannot"),
+    "x86-vnni": Int8Target("x86-vnni", "x86-64 CPUs with VNNI (AVX512-VNNI, AVX-VNNI, AMX)", "uint8", "int8", False,
+                           "VNNI accumulates u8×s8 products in int32: full 8-bit weights"),
+    "arm": Int8Target("arm", "64-bit Arm CPUs", "uint8", "int8", False,
+                      "Arm's u8×s8 kernels widen before they add: full 8-bit weights"),
+}
+INT8_TARGET_CHOICES = ("auto", *INT8_TARGETS)
+
+
+def cpu_capabilities() -> Mapping:
+    """This CPU's features as torch's cpuinfo reports them (torch >= 2.8), else the flags of
+    /proc/cpuinfo, else none; "architecture" is always there."""
+    caps = getattr(torch.cpu, "get_capabilities", None)
+    if caps is not None:
+        return caps()
+    found: dict = {"architecture": platform.machine().lower()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                found.update({flag: True for flag in line.split(":", 1)[1].split()})
+                break
+    except OSError:
+        pass
+    return found
+
+
+def has_vnni(caps: Mapping) -> bool:
+    """Whether ONNX Runtime's u8×s8 kernels accumulate in int32 on a CPU with ``caps``: VNNI in
+    one of its forms (cpuinfo's names and /proc/cpuinfo's)."""
+    return any(caps.get(flag) for flag in ("avx512_vnni", "avx512vnni", "avx_vnni", "avxvnni", "amx_int8"))
+
+
+def is_arm(caps: Mapping) -> bool:
+    return str(caps.get("architecture", platform.machine())).lower() in ("arm64", "aarch64", "armv8", "arm")
+
+
+def detect_int8_target(caps: Mapping | None = None) -> str:
+    """The INT8_TARGETS entry for the CPU with ``caps`` (default: this one)."""
+    caps = cpu_capabilities() if caps is None else caps
+    if is_arm(caps):
+        return "arm"
+    return "x86-vnni" if has_vnni(caps) else "x86"
+
+
+def resolve_int8_target(name: str | None) -> Int8Target:
+    """``--int8-target``: a name of INT8_TARGETS, or auto / None for this machine's CPU."""
+    if name in (None, "auto"):
+        return INT8_TARGETS[detect_int8_target()]
+    if name not in INT8_TARGETS:
+        raise UserError(f"unknown --int8-target '{name}' (have: {', '.join(INT8_TARGET_CHOICES)})")
+    return INT8_TARGETS[name]
+
+
+def saturates_on(reduce_range: bool, caps: Mapping | None = None) -> bool:
+    """Whether a model with full 8-bit weights (``reduce_range`` False) can saturate on the CPU
+    with ``caps`` (default: this one): an x86 CPU without VNNI."""
+    caps = cpu_capabilities() if caps is None else caps
+    return not reduce_range and not is_arm(caps) and not has_vnni(caps)
+
+
+def target_warning(quantization: Mapping, caps: Mapping | None = None) -> str | None:
+    """One line when an int8 model with full 8-bit weights (made for VNNI or Arm) runs on an x86
+    CPU without VNNI, where its products can saturate; None otherwise. Models exported before
+    targets were recorded have 8-bit weights too."""
+    if not saturates_on(bool(quantization.get("reduce_range", False)), caps):
+        return None
+    made_for = f"--int8-target {quantization['target']}" if quantization.get("target") else "an older visionzoo"
+    return (f"this int8 model has 8-bit weights ({made_for}), for CPUs with VNNI or Arm; this CPU has no VNNI, so its "
+            "u8×s8 products can saturate and its accuracy drop: export it again with --int8-target x86")
+
+
 def bf16_session_options() -> dict[str, str]:
     """The session config entries that make ONNX Runtime compute in bf16 on this machine; a
     UserError where its CPU provider has no bf16 path (x86)."""
@@ -53,7 +148,7 @@ def bf16_session_options() -> dict[str, str]:
                     f"(this is {platform.machine()}); use --precision int8, or bf16 in PyTorch (visionzoo eval --amp bf16)")
 
 
-def _images(ds, indices, transform) -> np.ndarray:
+def eval_images(ds, indices, transform) -> np.ndarray:
     """The images ``indices`` of a map-style dataset as normalised float32 [N, C, H, W]: each one
     through the eval transform and its normalisation, unreadable ones skipped."""
     ds.transform = transform
@@ -90,8 +185,8 @@ def calibration_sets(d, n: int, data: str | None = None, seed: int = 0) -> tuple
         raise UserError(f"int8 calibration needs the recipe's training images ({err}); pass --data PATH") from None
     g = np.random.default_rng(seed)
     transform = eval_transform(d)
-    calib = _images(splits.train, g.permutation(len(splits.train))[:n], transform)
-    check = _images(splits.val, g.permutation(len(splits.val))[:AGREEMENT_IMAGES], transform)
+    calib = eval_images(splits.train, g.permutation(len(splits.train))[:n], transform)
+    check = eval_images(splits.val, g.permutation(len(splits.val))[:AGREEMENT_IMAGES], transform)
     return calib, check
 
 
@@ -128,16 +223,19 @@ def _calibrator_options(options: dict):
         ort_quantize.create_calibrator = build
 
 
-def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, method: str) -> dict:
-    """Statically quantise the ONNX model ``fp32_path`` into ``out_path`` (QDQ, per-channel int8
-    weights, uint8 activations calibrated with ``method`` on ``calib``); returns the
-    sidecar's description of it."""
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, method: str,
+                  target: Int8Target | None = None) -> dict:
+    """Statically quantise the ONNX model ``fp32_path`` into ``out_path`` for the CPUs of
+    ``target`` (default: this machine's): QDQ, per-channel weights, activations calibrated with
+    ``method`` on ``calib``. Returns the sidecar's description of it."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method not in CALIBRATION_METHODS:
         raise UserError(f"unknown calibration method '{method}' (have: {', '.join(CALIBRATION_METHODS)})")
+    target = target or resolve_int8_target("auto")
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     session = _session(fp32_path)
     name = session.get_inputs()[0].name
 
@@ -162,25 +260,41 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray
             # redirect: the histogram calibrators print their bin counts
             with _calibrator_options(CALIBRATION_OPTIONS[method]), redirect_stdout(io.StringIO()):
                 quantize_static(pre, str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                activation_type=types[target.activations], weight_type=types[target.weights],
+                                reduce_range=target.reduce_range,
                                 calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
                                 extra_options={"CalibTensorRangeSymmetric": False})
         except Exception as err:  # onnxruntime's quantisation raises plain Exceptions of many kinds
             raise UserError(f"int8 quantisation failed: {first_line(err)}") from None
-    return {"method": "onnxruntime quantize_static", "format": "QDQ", "weights": "int8 per-channel (symmetric)",
-            "activations": "uint8 per-tensor", "calibration": method, "calibration_images": int(len(calib)),
+    bits = 7 if target.reduce_range else 8
+    return {"method": "onnxruntime quantize_static", "format": "QDQ",
+            "weights": f"{target.weights} per-channel ({'symmetric' if target.weights == 'int8' else 'asymmetric'}, "
+                       f"{bits} bits)",
+            "activations": f"{target.activations} per-tensor", "target": target.name, "target_cpus": target.cpus,
+            "reduce_range": target.reduce_range, "target_why": target.why,
+            "exported_on": detect_int8_target(), "calibration": method, "calibration_images": int(len(calib)),
             "calibration_options": CALIBRATION_OPTIONS[method],
             "calibration_split": "train", "calibration_transform": "eval"}
 
 
-def int8_agreement(fp32_path: str | Path, int8_path: str | Path, check: np.ndarray) -> dict:
-    """Top-1 agreement (fraction of ``check`` images) of the int8 model with its fp32 one;
-    a UserError below MIN_AGREEMENT."""
+def int8_agreement(fp32_path: str | Path, int8_path: str | Path, check: np.ndarray,
+                   target: Int8Target | None = None) -> dict:
+    """Top-1 agreement (fraction of ``check`` images) of the int8 model with its fp32 one, on
+    this CPU; a UserError below MIN_AGREEMENT. Where this CPU saturates and the ``target``'s
+    does not (8-bit weights checked on x86 without VNNI), the figure is a lower bound: recorded
+    and said, never a refusal."""
     ref = run_batches(_session(fp32_path), check).argmax(1)
     got = run_batches(_session(int8_path), check).argmax(1)
     agreement = float((ref == got).mean())
     result = {"top1_agreement": agreement, "images": int(len(check)), "split": "val", "min_agreement": MIN_AGREEMENT,
-              "runtime": "onnxruntime CPUExecutionProvider", "reference": "the fp32 ONNX model"}
+              "runtime": "onnxruntime CPUExecutionProvider", "reference": "the fp32 ONNX model",
+              "checked_on": detect_int8_target()}
+    if target is not None and saturates_on(target.reduce_range):
+        result["note"] = (f"checked on an x86 CPU without VNNI, where 8-bit weights can saturate; on {target.cpus} "
+                          "they do not, so the agreement there is at least this")
+        print(f"visionzoo: warning: the int8 model for {target.name} was checked on this CPU without VNNI, where it "
+              f"can saturate: top-1 agreement {100 * agreement:.1f}% here is a lower bound for its target", flush=True)
+        return result
     if agreement < MIN_AGREEMENT:
         raise UserError(f"the int8 model's top-1 agrees with the fp32 model's on only {100 * agreement:.1f}% of "
                         f"{len(check)} validation images (minimum {100 * MIN_AGREEMENT:.0f}%); try "
