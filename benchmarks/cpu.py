@@ -39,14 +39,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from visionzoo.bench import NUM_CLASSES, RepeatBatch, _cpu_name
+from visionzoo.commands.bench import NUM_CLASSES, RepeatBatch, _cpu_name
 from visionzoo.config import load_config
 from visionzoo.engine.setup import build_training
 from visionzoo.engine.supervised import Loop, train_one_epoch
-from visionzoo.export import _export_onnx, input_size
+from visionzoo.commands.export import _export_onnx, input_size
 from visionzoo.models import build_model
 from visionzoo.models.ghost_bn import use_bn_groups
-from visionzoo.quantize import quantize_int8
+from visionzoo.commands.quantize import quantize_int8
 from visionzoo.runtime import cpu_bf16_isa, seed_everything
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}

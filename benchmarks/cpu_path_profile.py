@@ -30,7 +30,7 @@ from visionzoo.data.augment import multicrop
 from visionzoo.data.augment import presets as transforms
 from visionzoo.data.loading.collate import stack_images
 from visionzoo.data.loading.samplers import seed_sample_rngs
-from visionzoo.data.sources.folder import _to_rgb
+from visionzoo.data.sources.folder import to_rgb
 
 COST: dict[str, float] = defaultdict(float)
 PATCHED: list[tuple[Any, str, Any]] = []
@@ -111,7 +111,7 @@ def run_old(recipe: str, cfg, files: list[str]) -> list[Any]:
         t0 = time.process_time()
         with Image.open(path) as img:
             img.load()
-            rgb = _to_rgb(img)
+            rgb = to_rgb(img)
             if rgb is img:
                 rgb = img.copy()
         COST["open + decode"] += time.process_time() - t0
@@ -158,7 +158,7 @@ def run_new(recipe: str, cfg, files: list[str]) -> list[Any]:
             prepared = transform.prepare(img)
             t0 = time.process_time()
             img.load()
-            rgb = _to_rgb(img)
+            rgb = to_rgb(img)
             COST["open + decode"] += time.process_time() - t0
         t0, before = time.process_time(), dict(COST)
         x = transform(rgb, prepared)

@@ -281,7 +281,7 @@ def fault_photo(work: Path) -> str:
 _KNN = """
 import sys, torch, torch.distributed as dist
 from torch.utils.data import Dataset
-from visionzoo.engine.knn import extract_features
+from visionzoo.engine.evaluation.knn import extract_features
 dist.init_process_group("gloo")
 class D(Dataset):
     def __len__(self): return 8

@@ -243,7 +243,7 @@ def train_check(recipe, data, run, args, expect_device_decode: bool):
 
 
 def epoch_losses(run: Path) -> list[float]:
-    from visionzoo.report import read_metrics
+    from visionzoo.run_folder import read_metrics
 
     return [r["train_loss"] for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "epoch"]
 
@@ -253,7 +253,7 @@ def resume_check(recipe, data, reference: Path, work: Path, args: list[str]):
     resume it and compare the epoch-2 loss with the uninterrupted run's."""
     from visionzoo.checkpoint import checkpoint_pairs
     from visionzoo.cli import main
-    from visionzoo.report import mark_status
+    from visionzoo.run_folder import mark_status
 
     run = work / "resumed"
     shutil.copytree(reference, run)
@@ -279,13 +279,13 @@ def resume_check(recipe, data, reference: Path, work: Path, args: list[str]):
 def eval_check(recipe, reference: Path, data: str, device: str):
     """``visionzoo eval`` (``visionzoo knn`` for DINO) of the reference run, on ``device``."""
     if recipe.startswith("dino"):
-        from visionzoo.engine.knn import knn_checkpoint
+        from visionzoo.commands.evaluate import knn_checkpoint
 
         res = knn_checkpoint(str(reference), [f"data.path={data}", f"train.device={device}"])
         top1 = max(v["top1"] for v in res.values())
         return ("PASS" if 0 <= top1 <= 100 else "FAIL"), "k-NN top-1 " + ", ".join(
             f"k={k} {v['top1']:.1f}" for k, v in res.items()), res
-    from visionzoo.engine.evaluate import evaluate_checkpoint
+    from visionzoo.commands.evaluate import evaluate_checkpoint
 
     res = evaluate_checkpoint(str(reference), [f"data.path={data}", f"train.device={device}"])
     ok = 0 <= res["acc1"] <= 100 and math.isfinite(res["loss"])
@@ -293,7 +293,7 @@ def eval_check(recipe, reference: Path, data: str, device: str):
 
 
 def export_check(reference: Path):
-    from visionzoo.export import export_checkpoint
+    from visionzoo.commands.export import export_checkpoint
 
     side = export_checkpoint(str(reference))
     p = side["parity"]
@@ -372,7 +372,7 @@ def sync_check(recipe: str, data: str, overrides: list[str], device_name: str, c
 def _supervised_steppers(cfg, splits, device, amp):
     import torch
 
-    from visionzoo.bench import RepeatBatch
+    from visionzoo.commands.bench import RepeatBatch
     from visionzoo.data.loading.build import build_loaders
     from visionzoo.engine.setup import build_training, set_loader_epoch
     from visionzoo.engine.supervised import Loop, train_one_epoch
@@ -662,7 +662,7 @@ def run_checks(args: argparse.Namespace, mode: str, device: str, cuda: bool, rec
         summary[recipe].update(syncs_per_step_model_only=syncs.get("model_only_per_step"),
                                syncs_per_step_end_to_end=syncs.get("end_to_end_per_step"))
 
-    from visionzoo.report import format_table
+    from visionzoo.run_folder import format_table
 
     table = format_table([{k: r[k] for k in ("recipe", "check", "status", "seconds", "detail")} for r in ck.rows],
                          ("recipe", "check", "status", "seconds", "detail"))

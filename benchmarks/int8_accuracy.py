@@ -28,7 +28,7 @@ import numpy as np
 
 from visionzoo.cli import main as visionzoo
 from visionzoo.data.sources.idx import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, load_idx_split
-from visionzoo.quantize import CALIBRATION_METHODS, DEFAULT_CALIBRATION
+from visionzoo.commands.quantize import CALIBRATION_METHODS, DEFAULT_CALIBRATION
 
 
 def write_cifar100(fmnist: str, root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:

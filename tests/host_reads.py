@@ -360,7 +360,7 @@ def measure_eval(recipe: str, overrides: list[str], start: int = 1, steps: int =
     ``start`` .. ``start + steps - 1`` counted."""
     from visionzoo.config import load_config
     from visionzoo.data.loading.build import build_datasets, build_loaders
-    from visionzoo.engine.evaluate import evaluate
+    from visionzoo.engine.evaluation.topk import evaluate
     from visionzoo.models import build_model
 
     cfg = load_config(recipe, overrides)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from visionzoo.bench import RepeatBatch, synthetic_source
+from visionzoo.commands.bench import RepeatBatch, synthetic_source
 from visionzoo.cli import main
 from visionzoo.config import load_config
 

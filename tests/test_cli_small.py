@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from visionzoo.cli import build_parser, main
-from visionzoo.runs import list_runs
+from visionzoo.commands.runs import list_runs
 
 
 def _run(root: Path, name: str, start: float, touched: float) -> None:

@@ -24,7 +24,7 @@ from visionzoo.data.loading.build import build_datasets, build_loader, build_loa
 from visionzoo.data.loading.collate import stack_images
 from visionzoo.data.loading.device_batches import DeviceBatches
 from visionzoo.data.loading.samplers import SeededDataset, sample_seed
-from visionzoo.data.sources.folder import ImageFolderDataset, _to_rgb
+from visionzoo.data.sources.folder import ImageFolderDataset, to_rgb
 
 SEED, EPOCH = 3, 1
 SIZES = [(120, 90), (90, 120), (200, 150), (64, 64), (150, 100)]
@@ -112,7 +112,7 @@ def old_multicrop(d, dino):
 def _old_decode(path: str) -> Image.Image:
     with Image.open(path) as img:
         img.load()
-        return _to_rgb(img).copy()
+        return to_rgb(img).copy()
 
 
 def _seeded(index: int, fn):
@@ -228,7 +228,7 @@ def _prepared(transform, path: Path, seed: int):
         prepared = transform.prepare(img)
         img.load()
         size = img.size
-        return prepared, size, transform(_to_rgb(img), prepared)
+        return prepared, size, transform(to_rgb(img), prepared)
 
 
 def test_draft_draws_the_same_crop_and_shrinks_the_decode_by_the_crop(large_jpeg) -> None:
@@ -260,7 +260,7 @@ def test_eval_draft_decodes_towards_the_resize_target(large_jpeg) -> None:
         target = t.prepare(img)
         img.load()
         assert target == (170, 128) and img.size == (300, 225)  # 900 / 128 >= 4: decoded at 1/4
-        out = t(_to_rgb(img), target)
+        out = t(to_rgb(img), target)
     want = transforms.ResizeCenterCrop(d, False)(_old_decode(str(large_jpeg)))
     assert out.shape == want.shape == (3, 112, 112) and (out.float() - want.float()).abs().mean() < 3
 

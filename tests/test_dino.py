@@ -19,7 +19,7 @@ from visionzoo.data.augment.multicrop import MultiCropTransform
 from visionzoo.data.augment.multicrop_batched import BatchedMultiCrop, random_resized_boxes
 from visionzoo.data.loading.collate import collate_multicrop
 from visionzoo.engine.dino_schedules import clip_per_tensor, cosine_schedule, teacher_temp_schedule
-from visionzoo.engine.knn import knn_classify
+from visionzoo.engine.evaluation.knn import knn_classify
 from visionzoo.models import create
 from visionzoo.models.dino import (
     DINOHead,

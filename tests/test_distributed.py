@@ -19,7 +19,7 @@ from conftest import write_fmnist
 from visionzoo.cli import main
 from visionzoo.config import for_world_size, load_config
 from visionzoo.errors import UserError
-from visionzoo.report import read_metrics
+from visionzoo.run_folder import read_metrics
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -60,7 +60,7 @@ def test_the_ema_starts_from_the_same_weights_on_every_rank(tmp_path, capsys):
     the 2-rank validation loss was not the loss of the saved EMA."""
     from conftest import write_fmnist
 
-    from visionzoo.report import read_metrics
+    from visionzoo.run_folder import read_metrics
 
     (tmp_path / "fm").mkdir()
     data = write_fmnist(tmp_path / "fm", 64, 40)
@@ -83,7 +83,7 @@ _KNN_SCRIPT = """
 import json, sys
 import torch, torch.distributed as dist
 from torch.utils.data import Dataset
-from visionzoo.engine.knn import extract_features
+from visionzoo.engine.evaluation.knn import extract_features
 from visionzoo.errors import UserError
 dist.init_process_group("gloo")
 
@@ -126,7 +126,7 @@ def test_knn_features_when_one_rank_has_no_readable_image(tmp_path):
 def test_unreadable_validation_images_are_summed_over_ranks():
     import torch
 
-    from visionzoo.engine.evaluate import evaluate
+    from visionzoo.engine.evaluation.topk import evaluate
 
     batches = [(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64), 1), (torch.empty(0), torch.empty(0), 2)]
     two_ranks = lambda t: t * 2  # noqa: E731 - what the sum over 2 ranks with the same share gives

@@ -17,7 +17,7 @@ from torchvision import transforms as T
 
 from visionzoo.cli import main
 from visionzoo.config import load_config
-from visionzoo.engine.knn import knn_classify, probe_splits
+from visionzoo.engine.evaluation.knn import knn_classify, probe_splits
 from visionzoo.models import build_model, create
 from visionzoo.optim import build_optimizer
 

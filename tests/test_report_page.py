@@ -12,9 +12,9 @@ import pytest
 import torch
 from browser import inspect_page, require_chromium, screenshot
 
-from visionzoo.analysis import metrics
-from visionzoo.analysis.attention import cls_attention, mass_mask
-from visionzoo.analysis.predictions import CACHE, Predictions
+from visionzoo.html_report import metrics
+from visionzoo.html_report.attention import cls_attention, mass_mask
+from visionzoo.html_report.predictions import CACHE, Predictions
 from visionzoo.cli import main
 
 FAST = ["--epochs", "1", "--device", "cpu", "--amp", "none", "log.progress=off"]
@@ -169,8 +169,8 @@ def test_dino_report_in_a_browser(fmnist_dir, browser, tmp_path, capsys):
 
 def test_many_classes_get_the_most_confused_pairs(tmp_path, monkeypatch):
     """Above 30 classes the matrix has no numbers and the 20 most confused pairs come as a table."""
-    from visionzoo.analysis import compute
-    from visionzoo.analysis.run_report import write_report
+    from visionzoo.html_report import compute
+    from visionzoo.html_report.build import write_report
 
     rng = np.random.default_rng(0)
     n, c = 400, 40

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from visionzoo.cli import main
-from visionzoo.report import format_table, read_metrics
-from visionzoo.runs import compare, list_runs
+from visionzoo.run_folder import format_table, read_metrics
+from visionzoo.commands.runs import compare, list_runs
 
 SHORT = ["--epochs", "2", "--device", "cpu", "--amp", "none", "data.batch_size=64", "train.log_every=2"]
 
@@ -146,7 +146,7 @@ def _metrics(losses: list[float], epochs: int = 2, steps_per_epoch: int = 20, ev
 def test_curves_integer_epochs_log_loss_best_in_legend_and_per_step_lr():
     import matplotlib.pyplot as plt
 
-    from visionzoo.plots import curves_figure, step_to_epoch
+    from visionzoo.curves import curves_figure, step_to_epoch
 
     assert list(step_to_epoch([0, 10, 20, 30, 50], [{"epoch": 1, "step": 20}, {"epoch": 2, "step": 40}])) == \
         [0.0, 0.5, 1.0, 1.5, 2.5]  # a step after the last epoch end continues at the epoch length

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from visionzoo.checkpoint import checkpoint_pairs, load_latest
 from visionzoo.cli import main
-from visionzoo.report import read_metrics
+from visionzoo.run_folder import read_metrics
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # Deterministic CPU run that exercises every random stream: crop/flip (per batch), mixup (NumPy),

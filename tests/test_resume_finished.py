@@ -11,7 +11,7 @@ import pytest
 
 from test_dino import TINY_OVERRIDES, idx_dir  # noqa: F401  (idx_dir is a fixture)
 from visionzoo.cli import main
-from visionzoo.report import read_metrics
+from visionzoo.run_folder import read_metrics
 
 SUPERVISED = ["fashion_mnist", "--epochs", "2", "--device", "cpu", "--workers", "0", "data.batch_size=64",
               "train.log_every=2"]

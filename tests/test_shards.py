@@ -27,7 +27,7 @@ from visionzoo.data.augment.presets import eval_transform
 from visionzoo.data.loading.build import build_datasets
 from visionzoo.data.loading.stream_loader import StreamLoader
 from visionzoo.data.sources.folder import load_image
-from visionzoo.report import read_metrics
+from visionzoo.run_folder import read_metrics
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # Images used whole (no crop, no flip), so a batch's tensors identify its samples.

@@ -20,7 +20,7 @@ from test_distributed import EXACT  # no augmentation, GroupNorm, float64: 2 ran
 from visionzoo import distributed
 from visionzoo.distributed import DistInfo, expand_nodelist, from_env, in_launched_worker, slurm_rendezvous
 from visionzoo.errors import UserError
-from visionzoo.report import read_metrics
+from visionzoo.run_folder import read_metrics
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")

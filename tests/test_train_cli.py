@@ -9,7 +9,7 @@ import pytest
 from safetensors import safe_open
 
 from visionzoo.cli import main
-from visionzoo.report import read_metrics
+from visionzoo.run_folder import read_metrics
 
 FAST = ["--epochs", "1", "--workers", "0", "--device", "cpu", "--amp", "none", "train.log_every=1"]
 IMAGENET_SMALL = ["data.batch_size=4", "train.max_steps_per_epoch=2"]

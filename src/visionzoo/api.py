@@ -84,7 +84,7 @@ class Run:
 
     def report(self, max_images: int = 24, **overrides: Any) -> Path:
         """Write RUN/report/index.html (as ``visionzoo report RUN``); return its path."""
-        from visionzoo.analysis.run_report import write_report
+        from visionzoo.html_report.build import write_report
 
         return write_report(self.path, overrides_from((), overrides), max_images=max_images)
 
@@ -95,7 +95,7 @@ class Run:
 def fit_config(cfg, perf: bool = False, resume_dir: Path | None = None) -> dict:
     """Train a resolved config in this process (one device, or one rank under torchrun):
     the supervised loop or DINO's. Returns results.json's dict."""
-    from visionzoo.analysis.run_report import report_at_end  # the cheap page, when a full run ends
+    from visionzoo.html_report.build import report_at_end  # the cheap page, when a full run ends
 
     if cfg.task == "dino":
         from visionzoo.engine.dino import fit_dino
@@ -176,7 +176,7 @@ class Preprocess:
         import torch
         from PIL import Image
 
-        from visionzoo.data.sources.folder import _to_rgb
+        from visionzoo.data.sources.folder import to_rgb
         from visionzoo.data.augment.presets import normalized
 
         if isinstance(image, (str, Path)):
@@ -184,7 +184,7 @@ class Preprocess:
                 img.load()
                 image = img.copy()
         if isinstance(image, Image.Image):
-            image = _to_rgb(image).convert("L") if self.in_chans == 1 else _to_rgb(image)
+            image = to_rgb(image).convert("L") if self.in_chans == 1 else to_rgb(image)
         elif isinstance(image, torch.Tensor):
             if image.dtype != torch.uint8:
                 raise UserError(f"preprocess takes uint8 image tensors (0-255), got {image.dtype}")
@@ -212,7 +212,7 @@ def load(run_or_weights: Any, recipe: Any = None) -> Loaded:
 
         model, meta = load_model(path)
     else:
-        from visionzoo.export import _from_weights
+        from visionzoo.commands.export import model_for_weights
 
         if isinstance(recipe, RecipeConfig):
             import tempfile
@@ -220,9 +220,9 @@ def load(run_or_weights: Any, recipe: Any = None) -> Loaded:
             with tempfile.TemporaryDirectory() as tmp:  # the config as a recipe file command_config reads
                 yaml = Path(tmp) / f"{recipe.recipe or 'recipe'}.yaml"
                 yaml.write_text(to_yaml(recipe))
-                model, meta = _from_weights(None, path, str(yaml), [])
+                model, meta = model_for_weights(None, path, str(yaml), [])
         else:
-            model, meta = _from_weights(None, path, str(recipe), [])
+            model, meta = model_for_weights(None, path, str(recipe), [])
     cfg = from_dict(meta["config"])
     return Loaded(model.eval(), Preprocess(cfg.data, int(meta["model"]["in_chans"])), list(meta["classes"]))
 

@@ -83,7 +83,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def cmd_recipes(args: argparse.Namespace) -> None:
     from visionzoo.config import load_config, recipe_names, to_yaml
-    from visionzoo.report import format_table
+    from visionzoo.run_folder import format_table
 
     if args.show:
         print(to_yaml(load_config(args.show, _overrides(args))), end="")
@@ -117,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     done = finished_results(target) if target else None
     if done is not None:
         if distributed.from_env().is_main:
-            from visionzoo.report import format_table
+            from visionzoo.run_folder import format_table
 
             print(f"visionzoo: {target} has finished; nothing to resume\n{format_table([done])}")
         return
@@ -158,7 +158,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         overrides.append("train.compile=true")
     cfg = load_config(args.recipe, overrides)  # before torch is imported
     from visionzoo import distributed
-    from visionzoo.bench import run_bench
+    from visionzoo.commands.bench import run_bench
     from visionzoo.data.loading.build import check_data_path
 
     if args.devices > 1 and not distributed.in_launched_worker():
@@ -194,14 +194,14 @@ def _check_early(checkpoint: str | None, overrides: list[str], weights: str | No
 
 def cmd_eval(args: argparse.Namespace) -> None:
     checkpoint, overrides, kw = _weights_args(args)  # config mistakes stop here, before torch
-    from visionzoo.engine.evaluate import evaluate_checkpoint
+    from visionzoo.commands.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(checkpoint, overrides, **kw)
 
 
 def cmd_knn(args: argparse.Namespace) -> None:
     checkpoint, overrides, kw = _weights_args(args)  # config mistakes stop here, before torch
-    from visionzoo.engine.knn import knn_checkpoint
+    from visionzoo.commands.evaluate import knn_checkpoint
 
     knn_checkpoint(checkpoint, overrides, **kw)
 
@@ -209,7 +209,7 @@ def cmd_knn(args: argparse.Namespace) -> None:
 def cmd_linear(args: argparse.Namespace) -> None:
     epochs, args.epochs = args.epochs, None  # here --epochs is the probe's, not the pre-training's
     checkpoint, overrides, kw = _weights_args(args)  # config mistakes stop here, before torch
-    from visionzoo.engine.knn import linear_checkpoint
+    from visionzoo.commands.evaluate import linear_checkpoint
 
     linear_checkpoint(checkpoint, overrides + ([f"dino.linear_epochs={epochs}"] if epochs else []), **kw)
 
@@ -217,7 +217,7 @@ def cmd_linear(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     args.overrides, args.data = [], None  # export takes no config flags beyond --checkpoint-key
     checkpoint, overrides, kw = _weights_args(args)
-    from visionzoo.export import export_checkpoint
+    from visionzoo.commands.export import export_checkpoint
 
     export_checkpoint(checkpoint, args.format, args.opset, args.output, args.tolerance, overrides=overrides,
                       precision=args.precision, calibration_images=args.calibration_images,
@@ -225,13 +225,13 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
-    from visionzoo.infer import run_infer
+    from visionzoo.commands.infer import run_infer
 
     run_infer(args.model, args.images, args.data, args.batch_size, args.workers, args.output)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from visionzoo.analysis.run_report import write_report
+    from visionzoo.html_report.build import write_report
 
     overrides = [f"data.path={args.data}"] if args.data else []
     for flag, key in (("device", "train.device"), ("batch_size", "data.batch_size"), ("workers", "data.workers")):
@@ -257,7 +257,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from visionzoo.runs import print_compare, print_runs
+    from visionzoo.commands.runs import print_compare, print_runs
 
     if args.compare:
         print_compare(*args.compare)

@@ -138,14 +138,14 @@ def encode(job: tuple[Any, int | None, int, bool]) -> tuple[str | None, bytes | 
             return None, f"cannot read: {first_line(err)}"
         if ext is not None and not resize and not check:
             return ext, data
-        from visionzoo.data.sources.folder import _DECODE_ERRORS, _to_rgb
+        from visionzoo.data.sources.folder import DECODE_ERRORS, to_rgb
 
         try:
             with Image.open(io.BytesIO(data)) as opened:
                 opened.load()
-                img = opened if opened.mode in ("L", "RGB") else _to_rgb(opened)
+                img = opened if opened.mode in ("L", "RGB") else to_rgb(opened)
                 img = img.copy()
-        except _DECODE_ERRORS as err:
+        except DECODE_ERRORS as err:
             return None, f"cannot be decoded: {first_line(err)}"
     short = min(img.size)
     if resize and short > resize:

@@ -39,7 +39,7 @@ from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 from visionzoo.engine import lockstep
 from visionzoo.engine.bad_images import BadImages, describe
 from visionzoo.engine.dino_schedules import clip_per_tensor, cosine_schedule, teacher_temp_schedule
-from visionzoo.engine.knn import knn_eval
+from visionzoo.engine.evaluation.knn import knn_eval
 from visionzoo.engine.resume import RESIZE_WHY, per_rank, rng_state, set_rng_state, truncate_metrics
 from visionzoo.engine.setup import set_loader_epoch
 from visionzoo.engine.stopping import Interrupted, StopVote, end_failed_run
@@ -48,8 +48,8 @@ from visionzoo.models import build_model, create
 from visionzoo.models.dino import DINOLoss, build_dino, cancel_last_layer_grads, update_teacher
 from visionzoo.models.weights import load_weights
 from visionzoo.optim import build_optimizer
-from visionzoo.plots import plot_curves
-from visionzoo.report import MetricsLog, mark_status, new_run_dir, report_fallbacks, write_results
+from visionzoo.curves import plot_curves
+from visionzoo.run_folder import MetricsLog, mark_status, new_run_dir, report_fallbacks, write_results
 from visionzoo.runtime import (
     StopSignal,
     configure_determinism,

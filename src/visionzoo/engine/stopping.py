@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from visionzoo.errors import Stopped
-from visionzoo.report import mark_status
+from visionzoo.run_folder import mark_status
 from visionzoo.runtime import REQUEUE, STOP
 
 

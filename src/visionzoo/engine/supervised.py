@@ -24,16 +24,16 @@ from visionzoo.config import RecipeConfig, absolute_data_path, for_world_size, t
 from visionzoo.data.loading.build import build_datasets, build_loaders, cpu_fallbacks, failed_shards, loader_kind
 from visionzoo.engine import lockstep
 from visionzoo.engine.bad_images import BadImages, describe
-from visionzoo.engine.evaluate import evaluate
+from visionzoo.engine.evaluation.topk import evaluate
 from visionzoo.engine.resume import RESIZE_WHY, per_rank, rng_state, set_rng_state, truncate_metrics
 from visionzoo.engine.setup import build_training, set_loader_epoch, wrap_model
 from visionzoo.engine.step import GradStep
 from visionzoo.engine.stopping import Interrupted, StopVote, end_failed_run
 from visionzoo.errors import UserError
 from visionzoo.models.ghost_bn import bn_group_of, grouped_layers, reference_ranks, update_stats
-from visionzoo.plots import plot_curves
+from visionzoo.curves import plot_curves
 from visionzoo.progress import Progress
-from visionzoo.report import MetricsLog, mark_status, new_run_dir, report_fallbacks, write_results
+from visionzoo.run_folder import MetricsLog, mark_status, new_run_dir, report_fallbacks, write_results
 from visionzoo.runtime import (
     StopSignal,
     configure_determinism,

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from visionzoo.data.sources.folder import _DECODE_ERRORS, _to_rgb
+from visionzoo.data.sources.folder import DECODE_ERRORS, to_rgb
 
 # JPEG start-of-frame markers nvJPEG decodes: baseline, extended sequential, progressive (Huffman).
 _SOF_DEVICE = {0xC0, 0xC1, 0xC2}
@@ -57,8 +57,8 @@ def pil_decode(data: bytes) -> torch.Tensor | None:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # the full decode here, so truncated data raises inside this try
-            rgb = np.array(_to_rgb(img), dtype=np.uint8)
-    except _DECODE_ERRORS:
+            rgb = np.array(to_rgb(img), dtype=np.uint8)
+    except DECODE_ERRORS:
         return None
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
 

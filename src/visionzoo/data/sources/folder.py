@@ -37,7 +37,7 @@ IMAGE_EXTENSIONS = frozenset(
 # UnidentifiedImageError is an OSError, listed for the reader. struct.error
 # and EOFError come out of some plugins (TIFF, GIF) on cut-off headers;
 # DecompressionBombError is Pillow refusing an absurdly large image.
-_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     UnidentifiedImageError,
     ValueError,
@@ -95,7 +95,7 @@ def _scan_class_dir(class_dir: str, walked: list[str] | None = None) -> list[str
     return found
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB."""
     mode = img.mode
     if mode == "RGB":
@@ -144,7 +144,7 @@ def load_image(source: str | os.PathLike | bytes | IO[bytes], transform: Callabl
     prepare = getattr(transform, "prepare", None)
     try:
         img = Image.open(source)
-    except _DECODE_ERRORS:
+    except DECODE_ERRORS:
         return None
     with img:
         prepared = prepare(img) if prepare is not None else None
@@ -152,8 +152,8 @@ def load_image(source: str | os.PathLike | bytes | IO[bytes], transform: Callabl
             # load() forces the full decode here, so truncated data raises
             # inside this try rather than later in the transform.
             img.load()
-            rgb = _to_rgb(img)
-        except _DECODE_ERRORS:
+            rgb = to_rgb(img)
+        except DECODE_ERRORS:
             return None
     if rgb is img and img.readonly:
         # A memory-mapped file (uncompressed formats): detach the pixels from the file.

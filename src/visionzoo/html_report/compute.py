@@ -10,8 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from visionzoo.analysis import attention
-from visionzoo.analysis.predictions import (ATTENTION_IMAGES, CACHE, NEIGHBOUR_QUERIES, NEIGHBOURS, Predictions,
+from visionzoo.html_report import attention
+from visionzoo.html_report.predictions import (ATTENTION_IMAGES, CACHE, NEIGHBOUR_QUERIES, NEIGHBOURS, Predictions,
                                             classifier_scores, knn_scores, predict_split, thumbnail, unnormalise)
 from visionzoo.errors import UserError
 
@@ -80,7 +80,7 @@ def _predict_dino(model, cfg, meta, device, amp_dtype, max_images: int, progress
     from torch.utils.data import IterableDataset
 
     from visionzoo.data.loading.build import build_loader
-    from visionzoo.engine.knn import eval_splits, extract_features
+    from visionzoo.engine.evaluation.knn import eval_splits, extract_features
 
     d, dc = cfg.data, cfg.dino
     model = model.to(device)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from visionzoo.analysis import figures, metrics
-from visionzoo.analysis.page import Section, esc, image, key_values, paragraph, preformatted, render, table
+from visionzoo.html_report import figures, metrics
+from visionzoo.html_report.page import Section, esc, image, key_values, paragraph, preformatted, render, table
 from visionzoo.errors import UserError
 
 REPORT_DIR = "report"
@@ -87,7 +87,7 @@ def _curves(run_dir: Path, out: Path) -> Section:
     metrics_file = run_dir / "metrics.jsonl"
     if metrics_file.is_file() and metrics_file.stat().st_size and (
             not curves.is_file() or curves.stat().st_mtime < metrics_file.stat().st_mtime):
-        from visionzoo.plots import plot_curves
+        from visionzoo.curves import plot_curves
 
         plot_curves(run_dir)
     if curves.is_file():
@@ -100,7 +100,7 @@ def _results(results: dict) -> Section:
     s = Section("results", "Results")
     if not results:
         return s.add(paragraph("No results.json: the run has not finished."))
-    from visionzoo.report import TABLE_COLUMNS
+    from visionzoo.run_folder import TABLE_COLUMNS
 
     s.add(table(list(TABLE_COLUMNS), [[results.get(c) for c in TABLE_COLUMNS]]))  # the seeds' results row
     rows = {k: results[k] for k in RESULT_KEYS if k in results}
@@ -116,7 +116,7 @@ def _recipe(run_dir: Path) -> Section:
 
 
 def _environment(run_dir: Path, results: dict) -> Section:
-    from visionzoo import __version__
+    from visionzoo.version import __version__
 
     s = Section("environment", "Environment")
     status = _read_json(run_dir / "status.json") or {}
@@ -156,7 +156,7 @@ def _onnx(run_dir: Path) -> Section | None:
 
 
 def _analysis(run_dir: Path, out: Path, overrides: list[str], max_images: int, progress: str) -> list[Section]:
-    from visionzoo.analysis.compute import cached_predictions
+    from visionzoo.html_report.compute import cached_predictions
 
     pred, note = cached_predictions(run_dir, overrides, max_images, progress)
     classes, n = pred.classes, len(pred.targets)

@@ -61,39 +61,3 @@ def evaluate(
         "loss": loss_sum / count, "acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count,
         "samples": int(count), "bad_images": int(bad), "bad_names": sorted(names)[:10],
     }
-
-
-def evaluate_checkpoint(checkpoint: str | None, overrides: list[str], weights: str | None = None,
-                        recipe: str | None = None) -> dict:
-    """``visionzoo eval``: rebuild the model of a checkpoint, evaluate it on the validation split
-    of its data set (or the one ``overrides`` name), print and return the figures. With
-    ``weights`` (any format models/weights.py reads), the model of ``recipe`` (or of the run
-    folder) gets them and is evaluated on that data, whose classes it must have."""
-    from visionzoo.checkpoint import command_config, load_model
-    from visionzoo.data.loading.build import build_datasets, build_loaders
-    from visionzoo.errors import UserError
-    from visionzoo.models.weights import model_from_weights
-    from visionzoo.runtime import precision_name, resolve_amp, resolve_device, select_device, weights_dtype
-
-    # The training config (or the recipe's), with this command's overrides (--data, --batch-size ...) on top.
-    cfg, meta = command_config(checkpoint, overrides, weights, recipe)
-    device = resolve_device(cfg.train.device)
-    select_device(device)  # loaders' pin-memory thread and nvJPEG use the current device
-    amp_dtype = resolve_amp(cfg.train.amp, device)
-    splits = build_datasets(cfg.data, train=False)
-    if weights:
-        model, _ = model_from_weights(cfg.model, weights, len(splits.classes), cfg.data.in_chans)
-    else:
-        model, meta = load_model(checkpoint)
-        if cfg.data.name != "synthetic" and splits.classes != meta["classes"]:
-            raise UserError(f"the data's {len(splits.classes)} classes are not the {len(meta['classes'])} "
-                            f"classes the checkpoint was trained on")
-    channels_last = cfg.model.channels_last
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    _, loader = build_loaders(splits, cfg.data, cfg.data.batch_size, device, 0, memory_format=memory_format)
-    model = model.to(device, weights_dtype(cfg.train.amp), memory_format=memory_format)
-    result = evaluate(model, loader, device, amp_dtype, channels_last, progress=cfg.log.progress)
-    print(f"{weights or checkpoint}: Acc@1 {result['acc1']:.2f}%  Acc@5 {result['acc5']:.2f}%  loss {result['loss']:.4f}  "
-          f"({result['samples']} images, {precision_name(amp_dtype or weights_dtype(cfg.train.amp))} on {device})"
-          + (f", {result['bad_images']} unreadable skipped" if result["bad_images"] else ""))
-    return result

@@ -191,7 +191,7 @@ def classifier_scores(model: nn.Module):
 
 def knn_scores(backbone: nn.Module, bank: torch.Tensor, bank_labels: torch.Tensor, k: int, temperature: float,
                num_classes: int):
-    """The weighted k-NN vote of ``engine/knn.py`` (weights exp(cos / T) of the k most similar
+    """The weighted k-NN vote of ``engine/evaluation/knn.py`` (weights exp(cos / T) of the k most similar
     training features), normalised to sum 1, as class probabilities. ``bank``: L2-normalised."""
     kk = min(k, bank.shape[0])
 

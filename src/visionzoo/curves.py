@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visionzoo.report import read_metrics
+from visionzoo.run_folder import read_metrics
 
 # A loss whose finite values span more than this factor is drawn on a log axis (a diverging
 # run's 1e10 would otherwise flatten the rest of the curve onto zero).

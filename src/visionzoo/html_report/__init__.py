@@ -1,4 +1,4 @@
-"""What a finished run learned, as a page: ``visionzoo report RUN`` (analysis/run_report.py).
+"""What a finished run learned, as a page: ``visionzoo report RUN`` (html_report/build.py).
 
 predictions.py makes one pass over the validation split and caches what the page needs;
 metrics.py turns that into per-class accuracy, confusion and calibration; attention.py holds the

@@ -20,7 +20,7 @@ import torch
 
 from visionzoo.checkpoint import atomic_write
 from visionzoo.errors import UserError, first_line
-from visionzoo.export import sha256_file, sidecar_path
+from visionzoo.commands.export import sha256_file, sidecar_path
 from visionzoo.progress import Progress
 
 TOPK = 5
@@ -93,7 +93,7 @@ def load_exported(model_path: str | Path) -> tuple[Any, dict]:
         print(f"visionzoo: warning: {path.name} is not the file {sidecar_path(path).name} was written for "
               f"(sha256 differs); its input and output shapes match, so going on", file=sys.stderr)
     if meta.get("quantization"):
-        from visionzoo.quantize import target_warning
+        from visionzoo.commands.quantize import target_warning
 
         warning = target_warning(meta["quantization"])
         if warning:
@@ -117,7 +117,7 @@ def infer_split(model: str, data: str | None = None, batch_size: int | None = No
     """Accuracy and speed of an ONNX model over the validation split of its recipe's data set
     (``data`` overrides the folder, as ``eval --data`` does); prints them and writes JSON."""
     from visionzoo.data.loading.build import build_datasets, build_loaders
-    from visionzoo.engine.evaluate import topk_correct
+    from visionzoo.engine.evaluation.topk import topk_correct
 
     session, meta = load_exported(model)
     overrides = []
@@ -138,7 +138,7 @@ def infer_split(model: str, data: str | None = None, batch_size: int | None = No
     name, shape = session.get_inputs()[0].name, tuple(meta["input"]["shape"][1:])
     session.run(None, {name: np.zeros((1, *shape), np.float32)})  # the first run allocates memory arenas
     # A low-precision export (int8, bf16) is measured next to its fp32 model, on the same batches.
-    from visionzoo.quantize import reference_session
+    from visionzoo.commands.quantize import reference_session
 
     reference = reference_session(Path(model).expanduser(), meta)
     ref_correct1, ref_s = 0, 0.0
@@ -201,7 +201,7 @@ def preprocess_image(path: str | Path, d, in_chans: int, size: int) -> tuple[np.
     from PIL import Image
 
     from visionzoo.data.augment.presets import eval_transform, normalized
-    from visionzoo.data.sources.folder import _DECODE_ERRORS, _to_rgb
+    from visionzoo.data.sources.folder import DECODE_ERRORS, to_rgb
 
     p = Path(path).expanduser()
     if not p.is_file():
@@ -209,9 +209,9 @@ def preprocess_image(path: str | Path, d, in_chans: int, size: int) -> tuple[np.
     try:
         with Image.open(p) as img:
             img.load()  # decode now, so a truncated file fails here and not in the transform
-            # _to_rgb first: it scales 16-bit grey and composites alpha, which convert("L") would not.
-            img = _to_rgb(img).convert("L") if in_chans == 1 else _to_rgb(img).copy()
-    except _DECODE_ERRORS as err:
+            # to_rgb first: it scales 16-bit grey and composites alpha, which convert("L") would not.
+            img = to_rgb(img).convert("L") if in_chans == 1 else to_rgb(img).copy()
+    except DECODE_ERRORS as err:
         raise UserError(f"cannot decode image {p}: {first_line(err)}") from None
     x = normalized(eval_transform(d), img)
     note = ""

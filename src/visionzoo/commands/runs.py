@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from visionzoo.errors import UserError
-from visionzoo.report import format_table, read_metrics
+from visionzoo.run_folder import format_table, read_metrics
 
 DEFAULT_ROOT = "runs"  # where runs go without --output (report.new_run_dir)
 RUN_COLUMNS = ("run", "recipe", "status", "epochs", "best Acc@1", "FPS", "started")

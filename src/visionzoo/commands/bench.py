@@ -38,7 +38,7 @@ from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 from visionzoo.engine.setup import build_training, set_loader_epoch, wrap_model
 from visionzoo.engine.supervised import Loop, timed_steps, train_one_epoch
 from visionzoo.errors import UserError
-from visionzoo.report import format_table, new_run_dir
+from visionzoo.run_folder import format_table, new_run_dir
 from visionzoo.runtime import (
     configure_determinism,
     precision_name,

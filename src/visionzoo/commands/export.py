@@ -232,7 +232,7 @@ def _class_names(cfg, n: int) -> list[str]:
     return [str(i) for i in range(n)]
 
 
-def _from_weights(checkpoint: str | None, weights: str, recipe: str | None,
+def model_for_weights(checkpoint: str | None, weights: str, recipe: str | None,
                   overrides: list[str]) -> tuple[nn.Module, dict]:
     """The model and checkpoint-style metadata for ``--weights`` (any format models/weights.py
     reads) in the model of ``recipe`` or of the run folder ``checkpoint``."""
@@ -273,8 +273,8 @@ def export_checkpoint(
     default quantize.DEFAULT_CALIBRATION), for the CPUs of ``int8_target`` (quantize.INT8_TARGETS;
     default: this machine's). An ``output`` named ``X.int8.onnx`` names the int8 file; its fp32
     reference is then ``X.onnx``."""
-    from visionzoo import quantize
-    from visionzoo import __version__
+    from visionzoo.commands import quantize
+    from visionzoo.version import __version__
     from visionzoo.config import absolute_data_path, from_dict, to_dict
 
     if fmt not in FORMATS:
@@ -296,7 +296,7 @@ def export_checkpoint(
         if not ONNX_MIN_OPSET <= opset <= ONNX_MAX_OPSET:
             raise UserError(f"--opset {opset} is outside what the exporter writes ({ONNX_MIN_OPSET}-{ONNX_MAX_OPSET})")
     if weights:
-        model, meta = _from_weights(checkpoint, weights, recipe, list(overrides or []))
+        model, meta = model_for_weights(checkpoint, weights, recipe, list(overrides or []))
         weights = Path(weights).expanduser()
     else:
         if recipe or overrides:
@@ -388,7 +388,7 @@ def _low_precision(fp32_path: Path, fp32_sidecar: dict, d, precision: str, optio
     fp32 model as the reference ``infer`` compares accuracy with."""
     import shutil
 
-    from visionzoo import quantize
+    from visionzoo.commands import quantize
 
     path = fp32_path.with_name(fp32_path.stem + f".{precision}.onnx")
     extra: dict = {"session_options": options}
