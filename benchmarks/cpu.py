@@ -6,7 +6,7 @@ this CPU offers, side by side, and each as a fraction of the CPU's own measured 
 
 Rows (per recipe model, on random inputs of the recipe's sizes: no data loading):
 - training img/s, fp32 and bf16 autocast, eager and torch.compile'd, for visionzoo's step
-  (engine/supervised.py's training loop: the recipe's optimizer, GradStep, loss, channels_last)
+  (engine/loop.py with the classification task: the recipe's optimizer, GradStep, loss, channels_last)
   and for a step written as timm's train.py writes it (autocast forward, loss, zero_grad,
   backward, optimizer.step, with timm's create_optimizer_v2) on the same model (the recipe's
   grouped BatchNorm too) and batch;
@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -41,8 +42,9 @@ import torch.nn as nn
 
 from visionzoo.commands.bench import NUM_CLASSES, RepeatBatch, _cpu_name
 from visionzoo.config import load_config
-from visionzoo.engine.setup import build_training
-from visionzoo.engine.supervised import Loop, train_one_epoch
+from visionzoo.engine.loop import LoopSettings, Position, RunHooks, train_epoch
+from visionzoo.engine.tasks.base import RunEnv
+from visionzoo.engine.tasks.classify import ClassifyTask
 from visionzoo.commands.export import _export_onnx, input_size
 from visionzoo.models import build_model
 from visionzoo.models.ghost_bn import use_bn_groups
@@ -108,18 +110,22 @@ def forward_flops(model: nn.Module, x: torch.Tensor) -> float:
 
 
 def visionzoo_step(cfg, num_classes: int, x: torch.Tensor, y: torch.Tensor, precision: str, compiled: bool):
-    """``n`` optimizer steps of visionzoo's training loop (as ``visionzoo bench`` times them)."""
+    """``n`` optimizer steps of visionzoo's training loop (engine/loop.py with the recipe's task, as
+    ``visionzoo bench`` times them)."""
     seed_everything(0)
     device, amp = torch.device("cpu"), DTYPES[precision]
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    net, _, opt, lrs, stepper, criterion, mixup, ema = build_training(cfg, num_classes, device, amp, fmt, 1000, False)
-    model = torch.compile(net) if compiled else net
-    loop = Loop(model, net, opt, stepper, lrs, criterion, device, amp, fmt, 1, mixup, ema, log=None, progress="off")
+    task = ClassifyTask(replace(cfg, train=replace(cfg.train, compile=compiled)), RunEnv(device, amp))
+    task.classes, task.steps_per_epoch = [str(i) for i in range(num_classes)], 1000
+    task.build()
+    task.wrap(resumed=False)
+    pos, settings = Position(), LoopSettings(log_every=0, progress="off", show=False)
     xb = x.contiguous(memory_format=fmt)
 
     def steps(n: int) -> None:
-        train_one_epoch(loop, RepeatBatch(xb, y, n), max_steps=n)  # synchronises at its end
-        loop.epoch, loop.batches_in_epoch, loop.epoch_sums = loop.epoch + 1, 0, None  # as timed_steps does
+        task.train_loader = RepeatBatch(xb, y, n)
+        train_epoch(task, pos, settings, RunHooks(), max_steps=n)  # synchronises at its end
+        pos.epoch, pos.batches_in_epoch, pos.epoch_sums = pos.epoch + 1, 0, None  # as timed_steps does
     return steps
 
 

@@ -19,7 +19,7 @@ engines):
 - resume on the device: the fp32 run with its last checkpoint removed, resumed, must give the
   uninterrupted run's epoch-2 loss (relative difference <= 1e-3);
 - host syncs in the steady state (``torch.cuda.set_sync_debug_mode``): counted over N and 2N
-  training steps (``train_one_epoch`` / ``DinoTraining.step``) on one batch kept on the device,
+  training steps (the recipe's task through engine/loop.py) on one batch kept on the device,
   and end to end from the recipe's loader (data.decode=device for ImageFolder recipes); the
   difference divided by N is the syncs per step (epoch-end syncs cancel). PASS at zero; the
   places that synchronised are listed;
@@ -351,10 +351,7 @@ def sync_check(recipe: str, data: str, overrides: list[str], device_name: str, c
     seed_everything(0)
     amp = resolve_amp(cfg.train.amp, device)
     splits = build_datasets(cfg.data, train=True)
-    if cfg.task == "dino":
-        run_model, run_e2e = _dino_steppers(cfg, splits, device, amp)
-    else:
-        run_model, run_e2e = _supervised_steppers(cfg, splits, device, amp)
+    run_model, run_e2e = _steppers(cfg, splits, device, amp)
     run_model(steps)  # warm-up: allocator, cuDNN, lazy state
     model_rate, model_places = _per_step(run_model, steps, device, cuda)
     run_e2e(steps)
@@ -369,77 +366,44 @@ def sync_check(recipe: str, data: str, overrides: list[str], device_name: str, c
                                                  "places_model_only": model_places, "places_end_to_end": e2e_places}
 
 
-def _supervised_steppers(cfg, splits, device, amp):
-    import torch
-
+def _steppers(cfg, splits, device, amp):
+    """(run n model-only steps, run n end-to-end steps) of the recipe's task through the training
+    loop (engine/loop.py), as ``visionzoo bench`` times them."""
     from visionzoo.commands.bench import RepeatBatch
-    from visionzoo.data.loading.build import build_loaders
-    from visionzoo.engine.setup import build_training, set_loader_epoch
-    from visionzoo.engine.supervised import Loop, train_one_epoch
+    from visionzoo.data.loading.build import set_loader_epoch
+    from visionzoo.engine.loop import LoopSettings, Position, RunHooks, train_epoch
+    from visionzoo.engine.tasks import make_task
+    from visionzoo.engine.tasks.base import RunEnv
 
-    mf = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    loader, _ = build_loaders(splits, cfg.data, cfg.data.batch_size_per_device, device, cfg.train.seed, 0, 1, mf)
-    net, _, optimizer, lrs, stepper, criterion, mixup, ema = build_training(
-        cfg, len(splits.classes), device, amp, mf, max(len(loader), 1), False)
-    loop = Loop(net, net, optimizer, stepper, lrs, criterion, device, amp, mf, cfg.train.accum_steps, mixup, ema,
-                log=None, log_every=0, progress="off")
+    task = make_task(cfg, RunEnv(device, amp))
+    task.setup_data(splits)
+    task.build()
+    task.wrap(resumed=False)
+    loader, accum = task.train_loader, cfg.train.accum_steps
     set_loader_epoch(loader, 0, 0)
-    images, targets, _ = next(iter(loader))
-    images, targets = images.to(device), targets.to(device)
+    inputs, targets, _ = next(iter(loader))
+    inputs = [c.to(device) for c in inputs] if isinstance(inputs, list) else inputs.to(device)
+    pos, hooks = Position(), RunHooks()
+    settings = LoopSettings(accum_steps=accum, log_every=0, progress="off", show=False)
     epoch = [0]
 
-    def fresh_epoch() -> None:
-        loop.batches_in_epoch, loop.epoch_sums = 0, None
+    def run(source, n: int) -> None:
+        pos.batches_in_epoch, pos.epoch_sums = 0, None
+        task.train_loader = source
+        train_epoch(task, pos, settings, hooks, max_steps=n)
 
     def run_model(n: int) -> None:
-        fresh_epoch()
-        train_one_epoch(loop, RepeatBatch(images, targets, n), max_steps=n)
+        run(RepeatBatch(inputs, targets.to(device), n * accum), n)
 
     def run_e2e(n: int) -> None:
-        if len(loader) < n:
-            raise RuntimeError(f"the loader has {len(loader)} batches; {n} needed")
-        fresh_epoch()
+        if len(loader) < n * accum:
+            raise RuntimeError(f"the loader has {len(loader)} batches; {n * accum} needed")
         epoch[0] += 1
         set_loader_epoch(loader, epoch[0], 0)
-        train_one_epoch(loop, loader, max_steps=n)
+        run(loader, n)
 
     return run_model, run_e2e
 
-
-def _dino_steppers(cfg, splits, device, amp):
-    from visionzoo.engine.dino import build_dino_training, dino_loader
-    from visionzoo.engine.setup import set_loader_epoch
-
-    training = build_dino_training(cfg, device, amp)
-    training.wrap(device, False, False)
-    loader = dino_loader(cfg, splits.train, device, 0, 1)
-    dc = cfg.dino
-    hp = (cfg.optim.lr * cfg.data.batch_size / 256, cfg.optim.weight_decay, dc.momentum_teacher, dc.teacher_temp)
-    set_loader_epoch(loader, 0, 0)
-    crops = [c.to(device) for c in next(iter(loader))[0]]
-    epoch = [0]
-
-    def run_model(n: int) -> None:
-        for _ in range(n):
-            training.step(crops, *hp, freeze_last_layer=False)
-
-    def run_e2e(n: int) -> None:
-        if len(loader) < n:
-            raise RuntimeError(f"the loader has {len(loader)} batches; {n} needed")
-        epoch[0] += 1
-        set_loader_epoch(loader, epoch[0], 0)
-        done = 0
-        for batch, _, _ in loader:
-            if done == n:
-                break
-            if batch:  # not every image of the batch unreadable
-                training.step([c.to(device, non_blocking=True) for c in batch], *hp, freeze_last_layer=False)
-                done += 1
-
-    return run_model, run_e2e
-
-
-# ----------------------------------------------------------------------------- once per machine
 
 def decode_check(kinds: dict[str, list[Path]], device_name: str):
     """nvJPEG (decode_jpeg on the device, batched as the loader calls it) against Pillow, on every
@@ -620,16 +584,15 @@ def dry_run_shortcuts(enabled: bool):
 
     import torch
 
-    import visionzoo.engine.dino as dino
-    import visionzoo.engine.supervised as supervised
+    import visionzoo.engine.run as run
 
-    saved = torch.compile, supervised.plot_curves, dino.plot_curves
+    saved = torch.compile, run.plot_curves
     torch.compile = functools.partial(torch.compile, backend="eager")
-    supervised.plot_curves = dino.plot_curves = lambda *a, **k: None
+    run.plot_curves = lambda *a, **k: None
     try:
         yield
     finally:
-        torch.compile, supervised.plot_curves, dino.plot_curves = saved
+        torch.compile, run.plot_curves = saved
 
 
 def run_checks(args: argparse.Namespace, mode: str, device: str, cuda: bool, recipes: list[str]) -> int:

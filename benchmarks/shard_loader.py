@@ -52,7 +52,7 @@ def throughput(kind: str, path: str, batch: int, workers: int, warm: int, steps:
     from visionzoo.data.augment.presets import train_transform
     from visionzoo.data.loading.build import build_datasets, build_loader
     from visionzoo.data.sources.folder import ImageFolderDataset
-    from visionzoo.engine.setup import set_loader_epoch
+    from visionzoo.data.loading.build import set_loader_epoch
 
     d = replace(load_config("alexnet_imagenet").data, workers=workers)
     if kind == "imagefolder":

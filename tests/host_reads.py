@@ -261,8 +261,8 @@ def _measure(recipe: str, overrides: list[str], start: int = 2, steps: int = 3, 
     """Train ``recipe`` (CLI overrides) on the CPU under a HostReads; count the training steps
     ``start`` .. ``start + steps - 1`` (no log point or checkpoint among them). ``patch``:
     a callable taking the counter, for extra set-up (e.g. marking decoder outputs)."""
-    import visionzoo.engine.dino as dino_engine
-    import visionzoo.engine.supervised as sup_engine
+    import visionzoo.engine.tasks.classify as sup_engine
+    import visionzoo.engine.tasks.dino as dino_engine
     from visionzoo.cli import main
 
     counter = HostReads("cpu")
@@ -318,8 +318,8 @@ def cuda_pinning():
 
 def fused_optimizers(counter: HostReads):
     """Build optimizers as on CUDA (fused: no host read inside GradScaler.step); returns the undo."""
-    import visionzoo.engine.dino as dino_engine
-    import visionzoo.engine.setup as setup_engine
+    import visionzoo.engine.tasks.classify as setup_engine
+    import visionzoo.engine.tasks.dino as dino_engine
     from visionzoo import optim
 
     real = optim.build_optimizer

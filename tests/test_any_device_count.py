@@ -16,17 +16,17 @@ import torch.nn as nn
 from PIL import Image
 from torchvision import transforms as T
 
-from visionzoo.config import for_world_size, load_config
+from visionzoo.config import for_world_size, from_dict, load_config
 from visionzoo.data.augment.presets import Normalize
 from visionzoo.data.loading.collate import stack_images
 from visionzoo.data.loading.device_batches import DeviceBatches
 from visionzoo.data.loading.in_memory import InMemoryLoader
 from visionzoo.data.sources.tensor_dataset import TensorImageDataset
-from visionzoo.engine.setup import build_training, wrap_model
-from visionzoo.engine.step import GradStep
-from visionzoo.engine.supervised import Loop, train_one_epoch
+from visionzoo.engine.loop import LoopSettings, Position, RunHooks, train_epoch
+from visionzoo.engine.tasks.base import RunEnv
+from visionzoo.engine.tasks.classify import ClassifyTask, bn_group_of, build_network, reference_ranks, wrap_model
 from visionzoo.models import create
-from visionzoo.models.ghost_bn import bn_group_of, grouped_layers, use_bn_groups
+from visionzoo.models.ghost_bn import grouped_layers, use_bn_groups
 from visionzoo.optim import lr_schedule
 
 CPU = torch.device("cpu")
@@ -66,17 +66,21 @@ def _reference(net: nn.Module, x: torch.Tensor, y: torch.Tensor, ranks: int = RA
 
 
 def _one_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, accum: int) -> list[torch.Tensor]:
-    """One optimizer step of visionzoo's training loop (engine/supervised.py train_one_epoch) on
-    the global batch, in ``accum`` micro-batches; SGD lr 1 without momentum, so the update is
-    the gradient. Returns the update of every parameter."""
+    """One optimizer step of visionzoo's training loop (engine/loop.py train_epoch with the
+    classification task) on the global batch, in ``accum`` micro-batches; SGD lr 1 without
+    momentum, so the update is the gradient. Returns the update of every parameter."""
     before = [p.detach().clone() for p in net.parameters()]
-    opt = torch.optim.SGD(net.parameters(), lr=1.0, momentum=0.0)
-    step = GradStep(opt, CPU, None, "dynamic", 1.0, "none", 0.0, [])
-    loop = Loop(net, net, opt, step, np.ones(1), nn.CrossEntropyLoss(), CPU, None, torch.contiguous_format,
-                accum_steps=accum, progress="off")
+    cfg = for_world_size(from_dict({
+        "recipe": "one_step", "data": {"batch_size": len(x), "in_chans": 3}, "model": {"channels_last": False},
+        "optim": {"lr": 1.0, "momentum": 0.0, "weight_decay": 0.0}, "schedule": {"name": "constant"},
+        "train": {"epochs": 1, "accum_steps": accum, "amp": "fp64" if x.dtype == torch.float64 else "none"}}), 1)
+    task = ClassifyTask(cfg, RunEnv(CPU, None))
     micro = len(x) // accum
-    loader = [(x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro], 0) for i in range(accum)]
-    assert train_one_epoch(loop, loader, max_steps=1).steps == 1
+    task.train_loader = [(x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro], 0) for i in range(accum)]
+    task.classes, task.steps_per_epoch = [str(i) for i in range(5)], 1
+    task.attach(net, {})
+    settings = LoopSettings(accum_steps=accum, progress="off", show=False)
+    assert train_epoch(task, Position(), settings, RunHooks(), max_steps=1).steps == 1
     return [b - p.detach() for b, p in zip(before, net.parameters())]
 
 
@@ -177,12 +181,12 @@ def test_the_results_row_says_the_bn_group(recipe, devices, overrides, group):
     assert bn_group_of(cfg, nn.Linear(2, 2), devices) is None
 
 
-def test_build_training_groups_batchnorm_unless_syncbn():
+def test_build_network_groups_batchnorm_unless_syncbn():
     cfg = for_world_size(load_config("fashion_mnist", ["model.bn_group=16", "train.device=cpu"]), 1)
-    net = build_training(cfg, 10, CPU, None, torch.contiguous_format, 10, ddp=False)[0]
+    net = build_network(cfg, 10, CPU, torch.contiguous_format, ddp=False)[0]
     assert len(grouped_layers(net)) > 0 and all(m.group == 16 for m in grouped_layers(net))
-    assert not grouped_layers(build_training(load_config("fashion_mnist"), 10, CPU, None,
-                                             torch.contiguous_format, 10, ddp=False)[0])
+    assert not grouped_layers(build_network(load_config("fashion_mnist"), 10, CPU, torch.contiguous_format,
+                                            ddp=False)[0])
 
 
 # The references' choices for BatchNorm buffers across ranks (mmcls v0.24.0 apis/train.py:
@@ -323,8 +327,6 @@ def test_a_group_holds_the_images_of_its_reference_rank(world, k):
     ("densenet201_imagenet", 1, [], (8, 128)), ("alexnet_imagenet", 1, [], (1, 0)),
 ])
 def test_loaders_stand_for_the_reference_ranks(recipe, devices, overrides, want):
-    from visionzoo.models.ghost_bn import reference_ranks
-
     assert reference_ranks(for_world_size(load_config(recipe, overrides), devices), devices) == want
 
 

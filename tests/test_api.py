@@ -12,7 +12,7 @@ from PIL import Image
 
 import visionzoo
 from visionzoo.cli import main
-from visionzoo.errors import UserError
+from visionzoo.errors import Stopped, UserError
 
 
 def test_import_is_light_and_the_api_lazy():
@@ -78,3 +78,41 @@ def test_train_on_two_processes_returns_the_run(fmnist_dir, tmp_path):
                           device="cpu", amp="none", data__batch_size=32, train__max_steps_per_epoch=2,
                           log__progress="off")
     assert run.path == tmp_path / "ddp" and run.results["devices"] == 2 and run.results["steps"] == 2
+
+
+def test_train_resume_continues_as_the_cli_does(fmnist_dir, tmp_path, monkeypatch, capsys):
+    """visionzoo.train(..., resume="auto" | RUN) goes through the CLI's resume logic (engine/resume.py
+    plan_resume): a run stopped mid-way continues exactly; a finished one is returned as it is."""
+    import visionzoo.engine.run as run_engine
+    from safetensors.torch import load_file
+
+    kw = dict(data=str(fmnist_dir), epochs=2, device="cpu", amp="none", data__batch_size=64,
+              train__checkpoint_every_steps=3, log__progress="off")
+    ref = visionzoo.train("fashion_mnist", output=str(tmp_path / "ref"), **kw)
+
+    class StopAt4:
+        calls, signum = 0, 15
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        @property
+        def code(self):
+            StopAt4.calls += 1
+            return 1 if StopAt4.calls >= 4 else 0
+
+    with monkeypatch.context() as m:
+        m.setattr(run_engine, "StopSignal", StopAt4)
+        with pytest.raises(Stopped):
+            visionzoo.train("fashion_mnist", output=str(tmp_path / "run"), **kw)
+    capsys.readouterr()
+    run = visionzoo.train("fashion_mnist", output=str(tmp_path / "run"), resume="auto", **kw)
+    assert f"--resume auto: continuing {tmp_path / 'run'}" in capsys.readouterr().out
+    a, b = load_file(str(ref.path / "model.safetensors")), load_file(str(run.path / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and run.results["steps"] == ref.results["steps"] == 20
+    again = visionzoo.train("fashion_mnist", resume=run.path, **kw)  # finished: nothing to do
+    assert again.path == run.path and again.results == run.results
+    assert "has finished; nothing to resume" in capsys.readouterr().out

@@ -34,7 +34,7 @@ def test_layers_hold() -> None:
 @pytest.mark.parametrize("module, upward", [
     ("data/sources/idx.py", "from visionzoo.data.loading import build"),  # sources -> loading
     ("data/augment/mix.py", "from visionzoo.data.loading import samplers"),  # augment -> loading
-    ("models/small_cnn.py", "from visionzoo.engine import supervised"),  # models -> engine
+    ("models/small_cnn.py", "from visionzoo.engine import run"),  # models -> engine
     ("config.py", "from visionzoo import checkpoint"),  # config -> a layer above it
 ])
 def test_an_upward_import_fails(tmp_path: Path, module: str, upward: str) -> None:

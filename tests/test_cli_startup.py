@@ -19,6 +19,7 @@ COMMANDS = [
     ["train", "fashion_mnist", "--epochs", "-1"],
     ["train", "fashion_mnist", "--devices", "0"],
     ["train", "fashion_mnist", "train.amp=fp8"],
+    ["train", "fashion_mnist", "task=dinoo"],
     ["bench", "fashion_mnist", "data.batch_size=abc"],
     ["recipes", "--show", "fashion_mnist", "data.nme=cifar10"],
     ["eval", "--weights", "w.pth", "--recipe", "fashion_mnist", "data.nme=x"],

@@ -92,9 +92,9 @@ def test_one_process_on_cuda1_selects_it_too(fake_cuda):
 
 
 def _setup_until_set_device(fake_cuda, monkeypatch, recipe: str, overrides: list[str]) -> None:
-    """Run fit / fit_dino as rank 1 of 2 on the fake machine up to the device selection."""
-    from visionzoo.engine.dino import fit_dino
-    from visionzoo.engine.supervised import fit
+    """Run a training run (engine/run.py fit, any task) as rank 1 of 2 on the fake machine up to
+    the device selection."""
+    from visionzoo.engine.run import fit
 
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -102,7 +102,7 @@ def _setup_until_set_device(fake_cuda, monkeypatch, recipe: str, overrides: list
     fake_cuda.stop_at_set_device = True
     cfg = load_config(recipe, ["train.device=auto", *overrides])
     with pytest.raises(Stop):
-        (fit_dino if cfg.task == "dino" else fit)(cfg)
+        fit(cfg)
 
 
 @pytest.mark.parametrize("recipe", ["fashion_mnist", "dino_fashion_mnist"])
@@ -139,7 +139,14 @@ def test_dino_student_and_teacher_get_syncbn_on_several_accelerator_ranks(backbo
     """On the meta device (an accelerator-like device without memory): with DDP both networks are
     converted, as the reference does; one process keeps plain BatchNorm."""
     from test_dino import TINY_OVERRIDES
-    from visionzoo.engine.dino import build_dino_training
+    from visionzoo.engine.tasks.base import RunEnv
+    from visionzoo.engine.tasks.dino import DinoTask
+
+    def build_dino_training(cfg, device: torch.device, amp: None, ddp: bool) -> DinoTask:
+        task = DinoTask(cfg, RunEnv(device, amp, ddp=ddp))
+        task.steps_per_epoch = 1
+        task.build()
+        return task
 
     cfg = load_config("dino_fashion_mnist", TINY_OVERRIDES)
     if backbone == "vit":

@@ -18,8 +18,8 @@ from visionzoo.config import load_config
 from visionzoo.data.augment.multicrop import MultiCropTransform
 from visionzoo.data.augment.multicrop_batched import BatchedMultiCrop, random_resized_boxes
 from visionzoo.data.loading.collate import collate_multicrop
-from visionzoo.engine.dino_schedules import clip_per_tensor, cosine_schedule, teacher_temp_schedule
 from visionzoo.engine.evaluation.knn import knn_classify
+from visionzoo.engine.tasks.dino import teacher_temp_schedule
 from visionzoo.models import create
 from visionzoo.models.dino import (
     DINOHead,
@@ -30,6 +30,7 @@ from visionzoo.models.dino import (
     dino_loss,
     update_teacher,
 )
+from visionzoo.optim import clip_per_tensor, cosine_schedule
 
 TINY_VIT = {"name": "vit_tiny_patch16_224", "library": "timm", "num_classes": 0, "in_chans": 1, "drop_rate": 0.0,
             "drop_path_rate": 0.0, "kwargs": {"img_size": 28, "patch_size": 7, "embed_dim": 24, "depth": 1,
@@ -273,12 +274,12 @@ def test_cli_train_knn_linear(idx_dir: Path, tmp_path: Path, capsys, resident: b
     from visionzoo.checkpoint import checkpoint_pairs, load_model
 
     state = torch.load(checkpoint_pairs(run)[0][1], weights_only=True)
-    assert {"student", "teacher", "dino_loss", "optimizer"} <= set(state)
+    assert {"student", "teacher", "dino_loss", "optimizer", "grad_step"} <= set(state["task"])
 
     backbone, meta = load_model(run)
     assert meta["task"] == "dino" and meta["model"]["num_classes"] == 0 and meta["model"]["drop_path_rate"] == 0
     assert len(meta["classes"]) == 10  # Fashion-MNIST's names; the labels were never used in training
-    for key, value in state["teacher"].items():
+    for key, value in state["task"]["teacher"].items():
         if key.startswith("backbone."):
             assert torch.equal(backbone.state_dict()[key[len("backbone."):]], value)
 
@@ -368,7 +369,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def test_mid_epoch_resume_is_exact(idx_dir: Path, tmp_path: Path, monkeypatch, capsys, how: str) -> None:
     """Killed mid-epoch (only the step-2 checkpoint left) or stopped by SIGTERM at step 1, then
     resumed: the teacher ends bit-identical to an uninterrupted run, with the same step count."""
-    import visionzoo.engine.dino as dino_engine
+    import visionzoo.engine.run as run_engine
     from visionzoo.checkpoint import checkpoint_pairs
 
     common = ["--data", str(idx_dir), *TINY_OVERRIDES, "model.drop_path_rate=0.1", "train.keep_checkpoints=10"]
@@ -392,7 +393,7 @@ def test_mid_epoch_resume_is_exact(idx_dir: Path, tmp_path: Path, monkeypatch, c
                 return None
 
         with monkeypatch.context() as m:
-            m.setattr(dino_engine, "StopSignal", StopAtOnce)
+            m.setattr(run_engine, "StopSignal", StopAtOnce)
             capsys.readouterr()
             assert main(["train", "dino_fashion_mnist", "--output", str(run), *common]) == 128 + 15
         assert ("stopped at step 1; checkpoint saved; continue with: visionzoo train dino_fashion_mnist --resume"
@@ -404,4 +405,4 @@ def test_mid_epoch_resume_is_exact(idx_dir: Path, tmp_path: Path, monkeypatch, c
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ref_state = torch.load(checkpoint_pairs(ref)[0][1], weights_only=True)
     run_state = torch.load(checkpoint_pairs(run)[0][1], weights_only=True)
-    assert torch.equal(ref_state["dino_loss"]["center"], run_state["dino_loss"]["center"])
+    assert torch.equal(ref_state["task"]["dino_loss"]["center"], run_state["task"]["dino_loss"]["center"])

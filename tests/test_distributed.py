@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import write_fmnist
 from visionzoo.cli import main
-from visionzoo.config import for_world_size, load_config
+from visionzoo.config import for_world_size, load_config, peak_lr
 from visionzoo.errors import UserError
 from visionzoo.run_folder import read_metrics
 
@@ -40,7 +40,25 @@ def test_global_batch_is_split_and_recorded():
 def test_per_device_batch_scales_lr_linearly():
     cfg = for_world_size(load_config("resnet50_cifar100", ["data.batch_size_per_device=32"]), 8)
     assert (cfg.data.batch_size, cfg.data.batch_size_per_device) == (256, 32)
-    assert cfg.optim.lr == pytest.approx(0.1 * 256 / 128)
+    assert cfg.optim.lr == 0.1 and cfg.optim.lr_batch == 128  # the recipe's LR and the batch it is for
+    assert peak_lr(cfg) == 0.1 * 256 / 128
+    again = for_world_size(cfg, 8)  # resolving a resolved config (a resumed run's) changes nothing
+    assert (again.data.batch_size, again.optim.lr_batch, peak_lr(again)) == (256, 128, peak_lr(cfg))
+
+
+@pytest.mark.parametrize("recipe, overrides, devices, want", [
+    ("resnet50_cifar100", [], 8, 0.1),  # the recipe's global batch: its LR
+    ("resnet50_cifar100", ["data.batch_size_per_device=32", "optim.lr_scaling=none"], 8, 0.1),
+    ("resnet50_cifar100", ["optim.lr_scaling=per256"], 1, 0.1 * 128 / 256),
+    ("dino_vits16_imagenet", [], 8, 5e-4 * 512 / 256),  # per 256 images, as main_dino.py
+    ("dino_vits16_imagenet", ["data.batch_size_per_device=64"], 2, 5e-4 * 128 / 256),
+    ("dino_fashion_mnist", [], 1, None),  # auto: per256 for task=dino
+])
+def test_one_lr_rule_for_every_task(recipe, overrides, devices, want):
+    cfg = for_world_size(load_config(recipe, overrides), devices)
+    if want is None:
+        want = cfg.optim.lr * cfg.data.batch_size / 256
+    assert peak_lr(cfg) == pytest.approx(want, rel=1e-15)
 
 
 # No augmentation and GroupNorm: a step on 2 devices is then the same computation as on one.

@@ -88,23 +88,22 @@ def test_missing_packages_are_named_with_a_way_to_bring_them(monkeypatch, capsys
 def test_bad_arguments_stop_before_any_work(argv, capsys, monkeypatch):
     import torch
 
-    import visionzoo.engine.supervised
+    import visionzoo.engine.run
 
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # main sets it: recorded, so undone afterwards
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
-    compile_, plot = torch.compile, visionzoo.engine.supervised.plot_curves
+    compile_, plot = torch.compile, visionzoo.engine.run.plot_curves
     assert _module().main(argv) == 2
     assert "gpu_check:" in capsys.readouterr().err
-    assert (torch.compile, visionzoo.engine.supervised.plot_curves) == (compile_, plot)  # no dry-run shortcut left
+    assert (torch.compile, visionzoo.engine.run.plot_curves) == (compile_, plot)  # no dry-run shortcut left
 
 
 def test_dry_run_shortcuts_are_undone():
     import torch
 
-    import visionzoo.engine.dino
-    import visionzoo.engine.supervised
+    import visionzoo.engine.run
 
-    before = torch.compile, visionzoo.engine.supervised.plot_curves, visionzoo.engine.dino.plot_curves
+    before = torch.compile, visionzoo.engine.run.plot_curves
     with _module().dry_run_shortcuts(True):
-        assert torch.compile is not before[0] and visionzoo.engine.supervised.plot_curves is not before[1]
-    assert (torch.compile, visionzoo.engine.supervised.plot_curves, visionzoo.engine.dino.plot_curves) == before
+        assert torch.compile is not before[0] and visionzoo.engine.run.plot_curves is not before[1]
+    assert (torch.compile, visionzoo.engine.run.plot_curves) == before

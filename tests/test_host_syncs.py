@@ -51,19 +51,20 @@ def test_the_counter_sees_what_stalls_a_gpu() -> None:
 
 
 def test_log_points_and_skip_nonfinite_are_the_only_reads(recipes: dict, fmnist_dir: Path, tmp_path: Path) -> None:
-    """Through the real loops: log points read the loss (supervised: one ``item`` each), and
-    ``train.skip_nonfinite > 0`` checks every step's loss (supervised and DINO: one read per step)."""
+    """Through the real loop (engine/loop.py, every task): a log point reads the loss and the
+    non-finite count in one read, and ``train.skip_nonfinite > 0`` checks every step's loss
+    (supervised and DINO: one read per step)."""
     from host_reads import _measure
 
     fm = ["--data", str(fmnist_dir), "--device", "cpu", "train.epochs=1", "train.max_steps_per_epoch=8",
           "data.batch_size=32"]
     logged = _measure("fashion_mnist", fm + ["train.log_every=2"], start=2, steps=4, output=tmp_path)
-    assert len(logged.events) == 2 and all("train_one_epoch" in where for _, where in logged.events), logged.events
+    assert len(logged.events) == 2 and all("_log_point" in where for _, where in logged.events), logged.events
     skipping = _measure("fashion_mnist", fm + ["train.log_every=0", "train.skip_nonfinite=1"], output=tmp_path)
     assert skipping.counts() == {"read": 3}, skipping.events  # 3 steps counted
     dino = _measure("dino_fashion_mnist", fm + ["train.log_every=0", "train.skip_nonfinite=1", "--perf", "--steps",
                                                 "6", "train.perf_warmup_steps=0"], output=tmp_path)
-    assert dino.counts() == {"read": 3} and all("dino.py" in where for _, where in dino.events), dino.events
+    assert dino.counts() == {"read": 3} and all("_skip_nonfinite" in where for _, where in dino.events), dino.events
 
 
 def test_copies_to_cuda_are_pinned_and_asynchronous(monkeypatch) -> None:

@@ -72,7 +72,7 @@ def test_tensorboard_has_the_metrics_jsonl_scalars(two_runs):
 
 def test_runs_lists_finished_and_failed(two_runs, fmnist_dir, monkeypatch, capsys):
     # A run that raised mid-training...
-    import visionzoo.engine.supervised as sup
+    import visionzoo.engine.tasks.classify as sup
 
     def broken(*a, **k):
         raise RuntimeError("disk on fire")

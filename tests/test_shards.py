@@ -189,7 +189,7 @@ from visionzoo import distributed
 from visionzoo.config import DataConfig
 from visionzoo.data.sources import folder
 from visionzoo.data.loading.build import build_datasets, build_loaders
-from visionzoo.engine.setup import set_loader_epoch
+from visionzoo.data.loading.build import set_loader_epoch
 
 info = distributed.from_env()
 distributed.init(info, torch.device("cpu"), 120)

@@ -119,27 +119,27 @@ def test_dino_training_checkpoint_network_by_key(tmp_path: Path, key: str) -> No
 
 
 def test_dino_training_checkpoint_initialises_student_and_teacher_with_the_head(tmp_path: Path) -> None:
-    from visionzoo.engine.dino import build_dino_training
+    from visionzoo.engine.tasks.dino import build_student_teacher
 
     teacher, _, head = _dino_full_checkpoint(tmp_path / "checkpoint.pth")
     cfg = load_config("dino_fashion_mnist", [f"model.weights={tmp_path / 'checkpoint.pth'}", "dino.out_dim=64",
                                              "dino.hidden_dim=32", "dino.bottleneck_dim=16"])
-    parts = build_dino_training(cfg, torch.device("cpu"), None)
+    student, dino_teacher, _ = build_student_teacher(cfg, torch.device("cpu"), ddp=False)
     x = _dino_images()
     with torch.no_grad():
         expected = head(teacher(x))  # the reference's teacher: backbone [CLS] -> DINOHead
-        for net in (parts.student, parts.teacher):
+        for net in (student, dino_teacher):
             torch.testing.assert_close(net.eval()(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_dino_head_of_another_shape_is_one_line(tmp_path: Path) -> None:
-    from visionzoo.engine.dino import build_dino_training
+    from visionzoo.engine.tasks.dino import build_student_teacher
 
     _dino_full_checkpoint(tmp_path / "checkpoint.pth")
     cfg = load_config("dino_fashion_mnist", [f"model.weights={tmp_path / 'checkpoint.pth'}", "dino.out_dim=128",
                                              "dino.hidden_dim=32", "dino.bottleneck_dim=16"])
     with pytest.raises(UserError, match=r"DINO head .* 2 of another shape \(last_layer"):
-        build_dino_training(cfg, torch.device("cpu"), None)
+        build_student_teacher(cfg, torch.device("cpu"), ddp=False)
 
 
 # ----------------------------------------------------------------------------- timm, torchvision, mmcls

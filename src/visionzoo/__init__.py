@@ -4,7 +4,7 @@ The Python API (visionzoo/api.py) is reached from here without importing torch u
 ``visionzoo.recipes()``, ``visionzoo.load_recipe(name, **overrides)``, ``visionzoo.train(...)``,
 ``visionzoo.load(run)``, ``visionzoo.predict(model_or_run, images)``."""
 
-from visionzoo.version import __version__
+from visionzoo.version import __version__ as __version__
 
 _API = ("load_recipe", "train", "load", "predict", "Run", "Loaded")
 

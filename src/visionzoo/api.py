@@ -93,25 +93,23 @@ class Run:
 
 
 def fit_config(cfg, perf: bool = False, resume_dir: Path | None = None) -> dict:
-    """Train a resolved config in this process (one device, or one rank under torchrun):
-    the supervised loop or DINO's. Returns results.json's dict."""
+    """Train a resolved config in this process (one device, or one rank under torchrun) through
+    the run lifecycle (engine/run.py) with its task. Returns results.json's dict."""
+    from visionzoo.engine.run import fit
     from visionzoo.html_report.build import report_at_end  # the cheap page, when a full run ends
-
-    if cfg.task == "dino":
-        from visionzoo.engine.dino import fit_dino
-
-        return fit_dino(cfg, perf=perf, resume_dir=resume_dir, on_finished=report_at_end)
-    from visionzoo.engine.supervised import fit
 
     return fit(cfg, perf=perf, resume_dir=resume_dir, on_finished=report_at_end)
 
 
 def train(recipe_or_cfg: Any, *overrides: str, data: str | None = None, devices: int = 1, output: str | None = None,
-          perf: bool = False, **kw: Any) -> Run:
+          perf: bool = False, resume: str | Path | None = None, **kw: Any) -> Run:
     """Train a recipe (name, YAML path or ``load_recipe``'s config) with overrides, as
     ``visionzoo train``; ``data`` is the data folder (or "synthetic"), ``devices`` > 1 launches
-    that many worker processes. Returns the finished ``Run``."""
+    that many worker processes; ``resume`` ("auto" or a run folder) continues a run exactly as
+    ``visionzoo train --resume`` does (a finished run is returned as it is). Returns the ``Run``."""
     from visionzoo.config import RecipeConfig, from_dict, load_config, to_dict
+    from visionzoo.engine.resume import plan_resume
+    from visionzoo.engine.tasks import check_task
 
     extra = overrides_from(overrides, kw)
     if data:
@@ -122,18 +120,21 @@ def train(recipe_or_cfg: Any, *overrides: str, data: str | None = None, devices:
         cfg = from_dict(to_dict(recipe_or_cfg), extra)
     else:
         cfg = load_config(str(recipe_or_cfg), extra)
-    if cfg.output:
-        from visionzoo.engine.resume import check_new_run_dir
-
-        check_new_run_dir(cfg.output)
+    check_task(cfg.task)
+    plan = plan_resume(cfg, str(resume) if resume is not None else None, output or cfg.output, extra)
+    if plan.note:
+        print(f"visionzoo: {plan.note}", flush=True)
+    if plan.finished is not None:
+        return Run(plan.finished_dir, plan.finished)
     if devices > 1:
-        return _train_launched(cfg, devices, perf)
-    results = fit_config(cfg, perf=perf)
+        return _train_launched(plan.cfg, devices, perf, plan.resume_dir)
+    results = fit_config(plan.cfg, perf=perf, resume_dir=plan.resume_dir)
     return Run(Path(results["run_dir"]), results)
 
 
-def _train_launched(cfg, devices: int, perf: bool) -> Run:
-    """``devices`` local workers through the CLI's launcher, on the resolved config."""
+def _train_launched(cfg, devices: int, perf: bool, resume_dir: Path | None = None) -> Run:
+    """``devices`` local workers through the CLI's launcher, on the resolved config (or
+    continuing ``resume_dir``)."""
     import tempfile
     from datetime import datetime
 
@@ -142,11 +143,12 @@ def _train_launched(cfg, devices: int, perf: bool) -> Run:
     from visionzoo.data.loading.build import check_data_path
 
     check_data_path(cfg.data)
-    out = Path(cfg.output or Path("runs") / f"{cfg.recipe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    out = Path(resume_dir or cfg.output or Path("runs") / f"{cfg.recipe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     with tempfile.TemporaryDirectory() as tmp:  # the workers read the resolved config from here
         recipe = Path(tmp) / f"{cfg.recipe}.yaml"
         recipe.write_text(to_yaml(cfg))
-        argv = ["train", str(recipe), "--devices", str(devices), "--output", str(out)] + (["--perf"] if perf else [])
+        argv = ["train", str(recipe), "--devices", str(devices)] + (["--perf"] if perf else [])
+        argv += ["--resume", str(out)] if resume_dir is not None else ["--output", str(out)]
         code = distributed.launch_local(devices, argv)  # what visionzoo train --devices N runs
     if code != 0:
         raise UserError(f"training on {devices} devices failed (exit code {code}); see the messages above")

@@ -106,39 +106,28 @@ def cmd_train(args: argparse.Namespace) -> None:
         overrides.append(f"output={args.output}")
     # Config mistakes stop here, before any launch and before torch is imported (seconds).
     cfg = load_config(args.recipe, overrides)
+    from visionzoo.engine.tasks import check_task
+
+    check_task(cfg.task)
     from visionzoo import distributed
     from visionzoo.api import fit_config
     from visionzoo.data.loading.build import check_data_path
-    from visionzoo.engine.resume import check_new_run_dir, check_resumable, find_auto_resume, finished_results
+    from visionzoo.engine.resume import plan_resume
 
-    resume_dir = None
-    # A finished run is left as it is: job scripts (cluster requeues) pass --resume every time.
-    target = args.output if args.resume == "auto" else args.resume
-    done = finished_results(target) if target else None
-    if done is not None:
+    plan = plan_resume(cfg, args.resume, args.output, overrides)  # what visionzoo.train(resume=...) does too
+    if plan.finished is not None:
         if distributed.from_env().is_main:
             from visionzoo.run_folder import format_table
 
-            print(f"visionzoo: {target} has finished; nothing to resume\n{format_table([done])}")
+            print(f"visionzoo: {plan.note}\n{format_table([plan.finished])}")
         return
-    if args.resume == "auto":
-        resume_dir = find_auto_resume(cfg.recipe, args.output)
-        if not distributed.in_launched_worker():
-            where = args.output or "runs/"
-            print(f"visionzoo: --resume auto: continuing {resume_dir}, the newest unfinished {cfg.recipe} run in {where}"
-                  if resume_dir is not None else
-                  f"visionzoo: no unfinished {cfg.recipe} run in {where} to resume; starting a new one")
-    elif args.resume:
-        resume_dir = check_resumable(args.resume)
-    elif args.output:
-        check_new_run_dir(args.output)
-    if resume_dir is not None:  # the run's own resolved config, with this command's overrides on top
-        cfg = load_config(str(resume_dir / "config.yaml"), overrides)
+    if plan.note and not distributed.in_launched_worker():
+        print(f"visionzoo: {plan.note}")
     if args.devices > 1 and not distributed.in_launched_worker():
-        check_data_path(cfg.data)
+        check_data_path(plan.cfg.data)
         raise SystemExit(distributed.launch_local(args.devices, args.argv))
     try:
-        fit_config(cfg, perf=args.perf, resume_dir=resume_dir)  # what visionzoo.train runs too
+        fit_config(plan.cfg, perf=args.perf, resume_dir=plan.resume_dir)  # what visionzoo.train runs too
     except Stopped as err:  # the command that continues the run, as this one was typed
         devices = f" --devices {args.devices}" if args.devices > 1 else ""
         err.resume_command = f"visionzoo train {args.recipe} --resume {err.run_dir}{devices}"

@@ -168,7 +168,13 @@ class OptimConfig:
     """Optimizer and gradient clipping."""
 
     name: str = "sgd"  # sgd | adamw
-    lr: float = 0.1  # peak learning rate for the global batch data.batch_size
+    lr: float = 0.1  # peak learning rate, for the global batch optim.lr_scaling says (peak_lr)
+    # How optim.lr follows the run's global batch (one rule for every task, config.peak_lr):
+    # linear: lr is for the global batch optim.lr_batch and scales with the run's (it only differs
+    # with data.batch_size_per_device); per256: lr is per 256 images, lr x global batch / 256
+    # (DINO's rule); none: lr as written, whatever the batch; auto: per256 for task=dino, else linear.
+    lr_scaling: str = "auto"
+    lr_batch: int = 0  # linear: the global batch optim.lr is for; 0: the recipe's data.batch_size
     momentum: float = 0.9
     nesterov: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
@@ -177,13 +183,16 @@ class OptimConfig:
     # No weight decay on parameters whose own name (the part after the last dot) contains one of
     # these strings, e.g. [gain, bias] as DeepMind's NFNets.
     wd_exclude: list[str] = field(default_factory=list)
-    clip_mode: str = "none"  # none | norm | value | agc (adaptive gradient clipping, NFNet)
-    clip_value: float = 0.0  # max norm (norm), max value (value), or clip factor (agc)
+    # none | norm (global) | value | agc (adaptive gradient clipping, NFNet) | per_tensor (each
+    # tensor's norm on its own, DINO's; task=dino clips so with dino.clip_grad)
+    clip_mode: str = "none"
+    clip_value: float = 0.0  # max norm (norm, per_tensor), max value (value), or clip factor (agc)
     agc_exclude: list[str] = field(default_factory=list)  # parameter-name prefixes AGC skips
 
     def __post_init__(self) -> None:
         _check(self.name, ("sgd", "adamw"), "optim.name")
-        _check(self.clip_mode, ("none", "norm", "value", "agc"), "optim.clip_mode")
+        _check(self.clip_mode, ("none", "norm", "value", "agc", "per_tensor"), "optim.clip_mode")
+        _check(self.lr_scaling, ("auto", "linear", "per256", "none"), "optim.lr_scaling")
 
 
 @dataclass
@@ -339,7 +348,7 @@ class RecipeConfig:
     """A whole recipe: everything a run needs, saved as config.yaml in the run folder."""
 
     recipe: str = ""
-    task: str = "supervised"  # supervised | dino (self-supervised: see DinoConfig)
+    task: str = "supervised"  # supervised | dino (self-supervised: see DinoConfig) | a registered task
     description: str = ""
     seed_target: str = ""  # what the seed document reports, for the recipes table
     source: str = ""  # the reference implementation the hyper-parameters follow
@@ -353,7 +362,8 @@ class RecipeConfig:
     output: Optional[str] = None  # run folder; None: runs/<recipe>-<timestamp>
 
     def __post_init__(self) -> None:
-        _check(self.task, ("supervised", "dino"), "task")
+        # task: checked against the registry (engine/tasks TASKS, where a new task registers) by
+        # the CLI and the API before torch loads, and by the run itself.
         for key, spec in RANGES.items():
             section, name = key.split(".")
             check_range(getattr(getattr(self, section), name), spec, key)
@@ -449,21 +459,34 @@ def for_world_size(cfg: RecipeConfig, world_size: int) -> RecipeConfig:
     """The config as it runs on ``world_size`` devices, with both batch numbers filled in.
 
     By default the recipe's global batch is kept and split over the devices. With
-    ``data.batch_size_per_device`` set, the per-device batch is kept instead, the global batch
-    grows with the device count, and ``optim.lr`` follows the linear scaling rule
-    (lr x new global batch / recipe global batch)."""
+    ``data.batch_size_per_device`` set, the per-device batch is kept instead and the global batch
+    grows with the device count; the LR follows by optim.lr_scaling (``peak_lr``), for which
+    ``optim.lr_batch`` records the recipe's global batch. Applying it twice changes nothing."""
     cfg = copy.deepcopy(cfg)
-    d, accum = cfg.data, cfg.train.accum_steps
+    d, o, accum = cfg.data, cfg.optim, cfg.train.accum_steps
+    if o.lr_batch <= 0:
+        o.lr_batch = d.batch_size  # the global batch optim.lr was written for
     if d.batch_size_per_device > 0:
-        new_global = d.batch_size_per_device * world_size * accum
-        cfg.optim.lr = cfg.optim.lr * new_global / d.batch_size
-        d.batch_size = new_global
+        d.batch_size = d.batch_size_per_device * world_size * accum
     else:
         if d.batch_size % (world_size * accum):
             raise UserError(f"data.batch_size={d.batch_size} (global) does not split into {world_size} "
                             f"device(s) x {accum} accumulation step(s); set data.batch_size_per_device instead")
         d.batch_size_per_device = d.batch_size // (world_size * accum)
     return cfg
+
+
+def peak_lr(cfg: RecipeConfig) -> float:
+    """The LR the schedule of a run resolved by ``for_world_size`` peaks at: optim.lr scaled to
+    the run's global batch by optim.lr_scaling (linear: x global / lr_batch; per256: x global /
+    256; none: as written). Every task's schedule starts from it."""
+    o, batch = cfg.optim, cfg.data.batch_size
+    rule = o.lr_scaling if o.lr_scaling != "auto" else ("per256" if cfg.task == "dino" else "linear")
+    if rule == "per256":
+        return o.lr * batch / 256
+    if rule == "linear" and o.lr_batch > 0 and batch != o.lr_batch:
+        return o.lr * batch / o.lr_batch
+    return o.lr
 
 
 def absolute_data_path(path: Optional[str]) -> Optional[str]:

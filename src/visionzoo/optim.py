@@ -1,7 +1,8 @@
 """Optimizers, gradient clipping and per-step schedules.
 
 Schedules are precomputed as one value per optimizer step (DINO's style) and indexed by the
-global step, so resuming mid-epoch and logging the LR are both trivial."""
+global step, so resuming mid-epoch and logging the LR are both trivial. Gradient clipping is a
+mode: the global norm, a value, timm's adaptive clipping (NFNet) or DINO's norm per tensor."""
 
 from __future__ import annotations
 
@@ -53,13 +54,40 @@ def clip_parameters(model: nn.Module, o) -> list[torch.Tensor]:
 
 
 def clip_gradients(params: Iterable[torch.Tensor], mode: str, value: float) -> None:
-    """Clip in place: ``norm`` (global L2 norm), ``value`` or ``agc`` (timm's adaptive clipping,
-    unit-wise ratio of gradient norm to parameter norm, eps 1e-3)."""
+    """Clip in place: ``norm`` (global L2 norm), ``value``, ``agc`` (timm's adaptive clipping,
+    unit-wise ratio of gradient norm to parameter norm, eps 1e-3) or ``per_tensor`` (DINO)."""
     if mode == "none":
+        return
+    if mode == "per_tensor":
+        clip_per_tensor(list(params), value)
         return
     from timm.utils import dispatch_clip_grad
 
     dispatch_clip_grad(params, value, mode=mode)
+
+
+@torch.no_grad()
+def clip_per_tensor(params: list[torch.Tensor], max_norm: float) -> None:
+    """Scale each gradient whose own L2 norm exceeds ``max_norm`` down to it (DINO's
+    utils.clip_gradients: tensor by tensor, unlike torch's global-norm clipping)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    # All on the device, a few foreach kernels: the reference reads every norm on the host.
+    norms = torch.stack(torch._foreach_norm(grads))
+    coefs = (max_norm / (norms.float() + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, list(coefs.unbind()))
+
+
+def cosine_schedule(start: float, end: float, total_steps: int, warmup_steps: int = 0,
+                    warmup_start: float = 0.0) -> np.ndarray:
+    """DINO's cosine_scheduler: linear warm-up from ``warmup_start`` to ``start`` (linspace: at
+    ``start`` on its last step), then ``end + (start - end) * (1 + cos(pi * i / n)) / 2`` for
+    i = 0..n-1 (n = remaining steps)."""
+    warm = np.linspace(warmup_start, start, warmup_steps) if warmup_steps > 0 else np.array([])
+    i = np.arange(total_steps - warmup_steps)
+    main = end + 0.5 * (start - end) * (1 + np.cos(np.pi * i / max(len(i), 1)))
+    return np.concatenate([warm, main])[:total_steps]
 
 
 def lr_schedule(s, base_lr: float, epochs: int, steps_per_epoch: int) -> np.ndarray:

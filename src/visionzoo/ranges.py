@@ -18,7 +18,7 @@ RANGES: dict[str, str] = {
     "data.io_retries": ">=0",
     "model.drop_rate": "0..1", "model.drop_path_rate": "0..1", "model.bn_group": ">=0",
     "optim.lr": ">=0", "optim.momentum": "0..1", "optim.betas": "0..1", "optim.weight_decay": ">=0",
-    "optim.clip_value": ">=0",
+    "optim.clip_value": ">=0", "optim.lr_batch": ">=0",
     "schedule.warmup_epochs": ">=0", "schedule.warmup_lr": ">=0", "schedule.min_lr": ">=0",
     "schedule.milestones": ">=0", "schedule.gamma": ">0",
     "train.epochs": ">=0", "train.init_scale": ">0", "train.label_smoothing": "0..1", "train.mixup": ">=0",

@@ -4,8 +4,8 @@ the data path keeps.
 For each precision (and, opt-in, torch.compile) setting, one fresh model is timed twice:
 
 - model-only: a synthetic batch already on the device, stepped over and over: forward,
-  loss, backward and optimizer step through the training loop itself (``train_one_epoch``
-  with the recipe's model, optimizer, GradStep, autocast, channels_last, loss, mixup, EMA);
+  loss, backward and optimizer step through the training loop itself (engine/loop.py with the
+  recipe's task: its model, optimizer, GradStep, autocast, channels_last, loss, mixup, EMA);
 - end-to-end: the same loop fed by the recipe's real loader and augmentations, from the
   data folder or from a decode-free synthetic source.
 
@@ -13,9 +13,10 @@ Both run ``train.perf_warmup_steps`` untimed steps, then ``train.perf_steps`` ti
 with the device synchronised before each clock reading, exactly as ``train --perf`` times them.
 Their ratio says how much of the hardware's speed survives the data path.
 
-DINO recipes (task=dino) time DINO's own step (``engine/dino.py DinoTraining.step``: teacher on
-the global crops, student on every crop) on synthetic multi-crop batches, then on the recipe's
-multi-crop loader; img/s counts original images (each gives 2 + local_crops_number crops)."""
+The same code times every task: DINO recipes (task=dino) time DINO's own step (engine/tasks/dino.py:
+teacher on the global crops, student on every crop) on synthetic multi-crop batches, then on the
+recipe's multi-crop loader; img/s counts original images (each gives 2 + local_crops_number
+crops). Device and process group are set up as a training run sets them (engine/run.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,22 +32,18 @@ import torch
 from torch.utils.data import Dataset
 
 from visionzoo import distributed
-from visionzoo.config import RecipeConfig, for_world_size, to_dict
+from visionzoo.config import RecipeConfig, to_dict
 from visionzoo.data.augment.presets import eval_transform, train_transform
-from visionzoo.data.loading.build import Splits, build_datasets, build_loaders, cpu_fallbacks, loader_kind
+from visionzoo.data.loading.build import (Splits, build_datasets, cpu_fallbacks, loader_kind,
+                                          set_loader_epoch)
 from visionzoo.data.sources.tensor_dataset import TensorImageDataset
-from visionzoo.engine.setup import build_training, set_loader_epoch, wrap_model
-from visionzoo.engine.supervised import Loop, timed_steps, train_one_epoch
+from visionzoo.engine.loop import LoopSettings, Position, RunHooks, Timer, timed_steps, train_epoch
+from visionzoo.engine.run import start_env
+from visionzoo.engine.tasks import make_task
+from visionzoo.engine.tasks.base import RunEnv, Task
 from visionzoo.errors import UserError
 from visionzoo.run_folder import format_table, new_run_dir
-from visionzoo.runtime import (
-    configure_determinism,
-    precision_name,
-    resolve_amp,
-    resolve_device,
-    seed_everything,
-    synchronize,
-)
+from visionzoo.runtime import precision_name, resolve_amp, seed_everything, synchronize
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Stored image size (height, width) of the decode-free synthetic source: the data set's own for
@@ -157,39 +154,46 @@ def bench_settings(cfg: RecipeConfig, device: torch.device, precisions: str | No
     return [Setting(p, c) for p in names for c in ((False, True) if cfg.train.compile else (False,))]
 
 
-def _timed(loop: Loop, loader, warmup: int, steps: int) -> dict:
+def _timed(task: Task, pos: Position, s: LoopSettings, loader, warmup: int, steps: int) -> dict:
     """``warmup`` untimed then ``steps`` timed optimizer steps of ``loader``, as ``train --perf``."""
-    start = loop.global_step
-    images, seconds = timed_steps(loop, loader, start + warmup + steps, start + warmup)
-    return {"images": images, "seconds": seconds, "steps": loop.global_step - start - warmup,
-            "img_s": images / seconds if seconds > 0 else None}
+    task.train_loader, pos.timer, start = loader, Timer(), pos.global_step
+    timed_steps(task, pos, s, RunHooks(), start + warmup + steps, start + warmup, set_loader_epoch)
+    images, seconds = pos.timer.total()
+    return {"images": images, "seconds": seconds, "steps": pos.global_step - start - warmup,
+            "img_s": images / seconds if seconds > 0 else None, "final_loss": pos.last_loss}
 
 
-def bench_setting(cfg: RecipeConfig, setting: Setting, device: torch.device, num_classes: int,
-                  train_loader, steps_per_epoch: int, template: torch.Tensor) -> dict:
-    """Build the recipe's model, optimizer and step for ``setting`` as ``fit`` does, then time
-    the first step (it includes compilation), model-only steps and end-to-end steps."""
-    info = distributed.from_env()
-    seed_everything(cfg.train.seed + info.rank)
-    amp_dtype = PRECISIONS[setting.precision]
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    net, _, optimizer, lrs, stepper, criterion, mixup, ema = build_training(
-        cfg, num_classes, device, amp_dtype, memory_format, steps_per_epoch, info.enabled)
-    model = wrap_model(net, device, info.enabled, setting.compile)
-    loop = Loop(model, net, optimizer, stepper, lrs, criterion, device, amp_dtype, memory_format,
-                cfg.train.accum_steps, mixup, ema, log=None, progress="off")
-
-    accum, warmup, steps = cfg.train.accum_steps, cfg.train.perf_warmup_steps, cfg.train.perf_steps
-    # Random values shaped, typed and laid out (strides) like the loader's batches on the device.
+def _synthetic_batch(template, device: torch.device, memory_format: torch.memory_format, num_classes: int) -> tuple:
+    """Random values shaped, typed and laid out (strides) like the loader's batches on the device."""
+    if isinstance(template, list):  # multi-crop: a list of crops
+        return [torch.randn_like(c.to(device)) for c in template], torch.zeros(len(template[0]), dtype=torch.long)
     images = torch.randn_like(template.to(device, memory_format=memory_format))
-    targets = torch.randint(0, num_classes, (len(images),), device=device)
+    return images, torch.randint(0, num_classes, (len(images),), device=device)
 
-    synchronize(device)
+
+def bench_setting(cfg: RecipeConfig, setting: Setting, env: RunEnv, classes: list[str], train_loader,
+                  steps_per_epoch: int, template) -> dict:
+    """Build the recipe's task for ``setting`` as a training run does, then time its first step
+    (it includes compilation), model-only steps and end-to-end steps."""
+    seed_everything(cfg.train.seed + env.rank)
+    task = make_task(replace(cfg, train=replace(cfg.train, compile=setting.compile)),
+                     replace(env, amp_dtype=PRECISIONS[setting.precision]))
+    task.classes, task.train_loader, task.steps_per_epoch = classes, train_loader, steps_per_epoch
+    task.build()
+    task.wrap(resumed=False)
+    s = LoopSettings(accum_steps=cfg.train.accum_steps, log_every=0, progress="off", show=False)
+    accum, warmup, steps = cfg.train.accum_steps, cfg.train.perf_warmup_steps, cfg.train.perf_steps
+    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    inputs, targets = _synthetic_batch(template, env.device, fmt, max(len(classes), 1))
+
+    pos = Position()
+    synchronize(env.device)
     t0 = time.perf_counter()
-    train_one_epoch(loop, RepeatBatch(images, targets, accum), max_steps=1)  # synchronises at its end
+    task.train_loader = RepeatBatch(inputs, targets, accum)
+    train_epoch(task, pos, s, RunHooks(), max_steps=1)  # synchronises at its end
     first_step_s = time.perf_counter() - t0
-    model_only = _timed(loop, RepeatBatch(images, targets, (warmup + steps) * accum), warmup, steps)
-    end_to_end = _timed(loop, train_loader, warmup, steps)
+    model_only = _timed(task, pos, s, RepeatBatch(inputs, targets, (warmup + steps) * accum), warmup, steps)
+    end_to_end = _timed(task, pos, s, train_loader, warmup, steps)
     ratio = (end_to_end["img_s"] / model_only["img_s"]) if model_only["img_s"] and end_to_end["img_s"] else None
     return {
         "setting": setting.name, "precision": setting.precision, "compile": setting.compile,
@@ -197,69 +201,8 @@ def bench_setting(cfg: RecipeConfig, setting: Setting, device: torch.device, num
         "first_step_s": first_step_s,  # includes compilation when compile is on
         "compile_s": first_step_s if setting.compile else None,
         "model_only": model_only, "end_to_end": end_to_end,
-        "bad_images": loop.bad.count, "skipped_steps": stepper.skipped,
-        "final_loss": loop.last_loss,
-    }
-
-
-def _cycle(loader, device: torch.device):
-    """Multi-crop batches of ``loader`` on ``device``, epoch after epoch (all-bad batches skipped)."""
-    epoch = 0
-    while True:
-        set_loader_epoch(loader, epoch, 0)
-        for crops, _, _ in loader:
-            if crops:
-                yield [c.to(device, non_blocking=True) for c in crops]
-        epoch += 1
-
-
-def _dino_timed(training, batches, warmup: int, steps: int, device: torch.device, hp: tuple) -> dict:
-    """``warmup`` untimed then ``steps`` timed DINO steps of ``batches``, images over all ranks."""
-    images, t0, loss = 0, time.perf_counter(), None
-    for i in range(warmup + steps):
-        if i == warmup:
-            synchronize(device)
-            t0 = time.perf_counter()
-        crops = next(batches)
-        loss = training.step(crops, *hp, freeze_last_layer=False)
-        if i >= warmup:
-            images += crops[0].shape[0] * distributed.world_size()
-    synchronize(device)
-    seconds = time.perf_counter() - t0
-    return {"images": images, "seconds": seconds, "steps": steps, "img_s": images / seconds if seconds > 0 else None,
-            "final_loss": training.mean_loss(loss)}  # the step leaves its loss on the device
-
-
-def bench_dino_setting(cfg: RecipeConfig, setting: Setting, device: torch.device, train_loader,
-                       template: list[torch.Tensor]) -> dict:
-    """DINO's ``bench_setting``: student and teacher built as ``fit_dino`` builds them, one
-    training step (teacher on the global crops, student on all, loss, clipping, optimizer, EMA,
-    centre) timed first, then model-only on synthetic crops and end-to-end from the loader.
-    Hyper-parameters stay at their step-0 values; the last layer is never frozen."""
-    from visionzoo.engine.dino import build_dino_training
-
-    info = distributed.from_env()
-    seed_everything(cfg.train.seed + info.rank)
-    training = build_dino_training(cfg, device, PRECISIONS[setting.precision], ddp=info.enabled)
-    training.wrap(device, info.enabled, setting.compile)
-    dc = cfg.dino
-    hp = (cfg.optim.lr * cfg.data.batch_size / 256, cfg.optim.weight_decay, dc.momentum_teacher, dc.teacher_temp)
-    crops = [torch.randn_like(c.to(device)) for c in template]
-    warmup, steps = cfg.train.perf_warmup_steps, cfg.train.perf_steps
-    synchronize(device)
-    t0 = time.perf_counter()
-    training.step(crops, *hp, freeze_last_layer=False)
-    synchronize(device)
-    first_step_s = time.perf_counter() - t0
-    model_only = _dino_timed(training, iter(lambda: crops, None), warmup, steps, device, hp)
-    end_to_end = _dino_timed(training, _cycle(train_loader, device), warmup, steps, device, hp)
-    ratio = (end_to_end["img_s"] / model_only["img_s"]) if model_only["img_s"] and end_to_end["img_s"] else None
-    return {
-        "setting": setting.name, "precision": setting.precision, "compile": setting.compile,
-        "model_only_img_s": model_only["img_s"], "end_to_end_img_s": end_to_end["img_s"], "ratio": ratio,
-        "first_step_s": first_step_s, "compile_s": first_step_s if setting.compile else None,
-        "model_only": model_only, "end_to_end": end_to_end, "bad_images": None,
-        "skipped_steps": 0, "final_loss": end_to_end["final_loss"],
+        "bad_images": pos.bad.count, "skipped_steps": task.step.skipped,
+        "final_loss": pos.last_loss,
     }
 
 
@@ -299,75 +242,57 @@ def run_bench(cfg: RecipeConfig, synthetic: bool = False, precisions: str | None
         raise UserError("bench needs --steps (train.perf_steps) >= 1 and train.perf_warmup_steps >= 0")
     if cfg.train.amp == "fp64":
         raise UserError("bench times fp32, bf16 and fp16 (--precision); train.amp=fp64 is for numerical checks")
-    info = distributed.from_env()
-    cfg = for_world_size(cfg, info.world_size)
-    configure_determinism(cfg.train.deterministic, cfg.train.cudnn_benchmark)  # before CUDA initialises
-    device = resolve_device(cfg.train.device, info.local_rank)
-    if cfg.model.sync_bn and info.enabled and device.type == "cpu":
-        raise UserError("model.sync_bn=true needs an accelerator (PyTorch's SyncBatchNorm has no CPU kernel)")
-    settings = bench_settings(cfg, device, precisions)
-    distributed.init(info, device, cfg.train.dist_timeout)  # makes `device` current first
+    cfg, env = start_env(cfg, amp_dtype=None)  # each setting brings its own precision
+    settings = bench_settings(cfg, env.device, precisions)
     d = cfg.data
-    dino = cfg.task == "dino"
     if synthetic:
         if d.decode == "device":
             raise UserError("--data synthetic feeds decoded images; data.decode=device needs JPEG files (--data PATH)")
-        splits = synthetic_source(d, max(d.synthetic_samples, 2 * d.batch_size_per_device * info.world_size), cfg.train.seed)
+        splits = synthetic_source(d, max(d.synthetic_samples, 2 * d.batch_size_per_device * env.world_size),
+                                  cfg.train.seed)
         source = "synthetic (decode-free)"
     else:
         splits = build_datasets(d, train=True)
         source = "synthetic (device-resident, no augmentation)" if d.name == "synthetic" else str(d.path or d.name)
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    if dino:
-        from visionzoo.engine.dino import dino_loader
-
-        train_loader = dino_loader(cfg, splits.train, device, info.rank, info.world_size)
-    else:
-        train_loader, _ = build_loaders(splits, d, d.batch_size_per_device, device, cfg.train.seed, info.rank,
-                                        info.world_size, memory_format)
-    steps_per_epoch = len(train_loader) // cfg.train.accum_steps
-    if steps_per_epoch < 1:
-        raise UserError(f"the training split ({len(splits.train)} images) is smaller than one global "
-                        f"batch ({d.batch_size}); lower data.batch_size")
+    data = make_task(cfg, env)  # the task's own loaders, as a training run builds them
+    data.setup_data(splits)
+    train_loader = data.train_loader
     set_loader_epoch(train_loader, 0, 0)
     template = next(iter(train_loader))[0]  # one batch: the model-only input's shape and layout
     if len(template) == 0:
         raise UserError("the first training batch held no readable image")
     loader_name = loader_kind(train_loader)
-    if info.is_main:
-        print(f"visionzoo: bench {cfg.recipe} | {cfg.model.library} {cfg.model.name} | {info.world_size} × {device} | "
+    if env.is_main:
+        print(f"visionzoo: bench {cfg.recipe} | {cfg.model.library} {cfg.model.name} | {env.world_size} × {env.device} | "
               f"batch {d.batch_size} ({d.batch_size_per_device} per device) | data {source}, {loader_name} | "
               f"{cfg.train.perf_warmup_steps} warm-up + {cfg.train.perf_steps} timed steps | "
               f"{', '.join(s.name for s in settings)}", flush=True)
 
     rows = []
     for setting in settings:
-        if dino:
-            row = bench_dino_setting(cfg, setting, device, train_loader, template)
-        else:
-            row = bench_setting(cfg, setting, device, len(splits.classes), train_loader, steps_per_epoch, template)
+        row = bench_setting(cfg, setting, env, data.classes, train_loader, data.steps_per_epoch, template)
         rows.append(row)
-        if info.is_main:
+        if env.is_main:
             extra = f", compile {row['compile_s']:.1f} s" if setting.compile else ""
             print(f"  {setting.name}: model-only {row['model_only_img_s']:.1f} img/s, end-to-end "
                   f"{row['end_to_end_img_s']:.1f} img/s{extra}", flush=True)
     result = {
-        "recipe": cfg.recipe, "model": f"{cfg.model.library} {cfg.model.name}", "devices": info.world_size,
+        "recipe": cfg.recipe, "model": f"{cfg.model.library} {cfg.model.name}", "devices": env.world_size,
         "batch_size": d.batch_size, "batch_size_per_device": d.batch_size_per_device,
-        "input_shape": [list(c.shape) for c in template] if dino else list(template.shape),
-        "task": cfg.task, "cpu_fallbacks": cpu_fallbacks(train_loader, device),
+        "input_shape": [list(c.shape) for c in template] if isinstance(template, list) else list(template.shape),
+        "task": cfg.task, "cpu_fallbacks": cpu_fallbacks(train_loader, env.device),
         "channels_last": cfg.model.channels_last, "data": source, "loader": loader_name,
         "warmup_steps": cfg.train.perf_warmup_steps, "steps": cfg.train.perf_steps,
         "settings": [r["setting"] for r in rows], "results": rows,
-        "machine": _machine(device), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": to_dict(cfg),
+        "machine": _machine(env.device), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": to_dict(cfg),
     }
-    if info.is_main:
+    if env.is_main:
         path = _output_file(cfg, output)
         path.write_text(json.dumps(result, indent=2) + "\n")
         table = format_table([{"setting": r["setting"], "model-only img/s": r["model_only_img_s"],
                                "end-to-end img/s": r["end_to_end_img_s"], "ratio": r["ratio"],
                                "first step s": r["first_step_s"]} for r in rows], COLUMNS)
-        print(f"\n{table}\n\nimg/s for all {info.world_size} device(s); ratio = end-to-end / model-only; "
+        print(f"\n{table}\n\nimg/s for all {env.world_size} device(s); ratio = end-to-end / model-only; "
               f"written to {path}", flush=True)
         result["path"] = str(path)
     distributed.shutdown()

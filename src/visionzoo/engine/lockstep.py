@@ -5,16 +5,24 @@ number of batches; a batch made only of placeholders (or of unreadable files) is
 that rank alone. Skipping it there would pair different steps across ranks in DDP's gradient
 all-reduce (mixed-up gradients) and leave a later collective without a partner (a hang until
 ``train.dist_timeout``). Such a rank instead runs a zero-weight step: a forward and backward on a
-small placeholder input whose loss is multiplied by zero, so it joins the all-reduce with zero
-gradients and its optimizer, schedule and step counter advance with the others. The placeholder
-forward runs with the network in eval mode, so BatchNorm's running statistics do not see it
-(its batch counter still advances, as on the ranks with images).
+placeholder input whose loss is multiplied by zero, so it joins the all-reduce with zero
+gradients and its optimizer, schedule and step counter advance with the others.
+
+The placeholder forward must leave the network's state as the other ranks leave theirs and join
+every collective they join:
+
+- plain BatchNorm (and dropout) would learn from, or draw for, the zeros in training mode, so the
+  network runs in eval mode on two placeholder rows; its batch counters are advanced by hand;
+- SyncBatchNorm communicates in training mode only (an all-gather of statistics, an all-reduce
+  in backward): a network holding one runs in training mode on a placeholder of zero rows, which
+  SyncBatchNorm counts as no images (its statistics come from the other ranks alone, and its
+  running statistics move exactly as theirs).
 
 With one process nothing has to be matched: an empty batch is skipped, as before."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,17 +37,31 @@ def must_step_empty() -> bool:
     return distributed.world_size() > 1
 
 
+def has_sync_bn(net: nn.Module) -> bool:
+    """Whether ``net`` communicates in its training-mode forward (SyncBatchNorm)."""
+    return any(isinstance(m, nn.SyncBatchNorm) for m in net.modules())
+
+
 def placeholder(shape: Sequence[int], device: torch.device,
-                memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-    """Zeros of ``PLACEHOLDER_ROWS`` samples of ``shape`` (C, H, W)."""
-    x = torch.zeros((PLACEHOLDER_ROWS, *shape), device=device)
+                memory_format: torch.memory_format = torch.contiguous_format, rows: int = PLACEHOLDER_ROWS,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Zeros of ``rows`` samples of ``shape`` (C, H, W)."""
+    x = torch.zeros((rows, *shape), device=device, dtype=dtype)
     return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
 
 
-def zero_weight_loss(model: nn.Module, net: nn.Module, inputs) -> torch.Tensor:
-    """A loss of exactly zero that still runs ``model``'s forward and backward on ``inputs``
-    (a placeholder): DDP's hooks fire and every parameter gets a zero gradient. ``net`` (the
-    bare module) is in eval mode meanwhile, so no running statistic or dropout draw is touched."""
+def placeholder_rows(net: nn.Module) -> int:
+    """Rows of the placeholder input for ``net`` (see the module docstring)."""
+    return 0 if has_sync_bn(net) else PLACEHOLDER_ROWS
+
+
+def placeholder_forward(model: nn.Module, net: nn.Module, inputs: Any) -> Any:
+    """``model(inputs)`` (``net``: the bare module inside it) on a placeholder, leaving every
+    running statistic and random stream as the other ranks leave theirs: eval mode with the
+    BatchNorm batch counters advanced, or, for a network with SyncBatchNorm (inputs of zero rows),
+    training mode, so that its collectives pair with the other ranks'."""
+    if has_sync_bn(net):
+        return model(inputs)
     was_training = net.training
     net.eval()
     try:
@@ -50,5 +72,12 @@ def zero_weight_loss(model: nn.Module, net: nn.Module, inputs) -> torch.Tensor:
         for m in net.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.num_batches_tracked is not None:
                 m.num_batches_tracked.add_(1)
+    return out
+
+
+def zero_weight_loss(model: nn.Module, net: nn.Module, inputs: Any) -> torch.Tensor:
+    """A loss of exactly zero that still runs ``model``'s forward and backward on ``inputs``
+    (a placeholder): DDP's hooks fire and every parameter gets a zero gradient."""
+    out = placeholder_forward(model, net, inputs)
     outs = out if isinstance(out, (tuple, list)) else (out,)
     return sum(o.float().sum() for o in outs) * 0.0

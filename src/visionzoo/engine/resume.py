@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,49 @@ def check_resumable(run_dir: Path) -> Path:
     if not checkpoint_pairs(run_dir):
         raise UserError(f"--resume {run_dir}: the run has no checkpoint to continue from")
     return run_dir
+
+
+@dataclass
+class ResumePlan:
+    """What ``--resume`` / ``resume=`` means for a training command: the config to run and the
+    run folder to continue (None: a new run), or the results of a run that has finished
+    (nothing to do), and what to tell the user."""
+
+    cfg: Any
+    resume_dir: Path | None = None
+    finished: dict | None = None
+    finished_dir: Path | None = None
+    note: str | None = None
+
+
+def plan_resume(cfg: Any, resume: str | Path | None, output: str | None,
+                overrides: list[str] | None = None) -> ResumePlan:
+    """Decide how a training command with ``resume`` (None, "auto" or a run folder) and
+    ``output`` starts, for the CLI and the Python API alike.
+
+    A finished run is left as it is (job scripts and cluster requeues pass --resume every time);
+    ``auto`` continues ``output`` when it holds an unfinished run, else the newest unfinished run
+    of the recipe under runs/; a run folder must hold a config and checkpoints; without resume,
+    ``output`` must not hold a run. A resumed run runs its own config.yaml with ``overrides`` on
+    top."""
+    from visionzoo.config import load_config
+
+    target = output if resume == "auto" else resume
+    done = finished_results(target) if target else None
+    if done is not None:
+        return ResumePlan(cfg, finished=done, finished_dir=Path(target).expanduser(),
+                          note=f"{target} has finished; nothing to resume")
+    resume_dir, note = None, None
+    if resume == "auto":
+        resume_dir = find_auto_resume(cfg.recipe, output)
+        where = output or "runs/"
+        note = (f"--resume auto: continuing {resume_dir}, the newest unfinished {cfg.recipe} run in {where}"
+                if resume_dir is not None else
+                f"no unfinished {cfg.recipe} run in {where} to resume; starting a new one")
+    elif resume:
+        resume_dir = check_resumable(Path(resume))
+    elif output:
+        check_new_run_dir(output)
+    if resume_dir is not None:  # the run's own resolved config, with this command's overrides on top
+        cfg = load_config(str(resume_dir / "config.yaml"), list(overrides or []))
+    return ResumePlan(cfg, resume_dir, note=note)

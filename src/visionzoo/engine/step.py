@@ -1,13 +1,19 @@
-"""One optimizer step with mixed precision: scale → backward → unscale → clip → step → update.
+"""One optimizer step with mixed precision, for every task: scale → backward → unscale → clip →
+``before_step`` hook → step → update.
 
 Both loss-scaling styles of the seeds (apex O1/O2 with a dynamic scale, or a static scale such
 as DenseNet's 1024) map onto ``torch.amp.GradScaler``: a static scale is the dynamic scaler
-reset to the same value after every step. Steps whose gradients are not finite are skipped by
-the scaler and counted — on the device: the fused optimizers of CUDA (optim.py) skip such a step
-without the host reading the flag, so counting must not read it either; ``skipped`` reads the
-count (log points, checkpoints, results)."""
+reset to the same value after every step. Clipping is a mode (optim.py ``clip_gradients``:
+global norm, value, AGC, or DINO's per-tensor norm). A task adds what its reference does between
+clipping and the step through ``before_step`` (DINO: the prototypes' gradients dropped while the
+last layer is frozen). Steps whose gradients are not finite are skipped by the scaler and counted
+— on the device: the fused optimizers of CUDA (optim.py) skip such a step without the host
+reading the flag, so counting must not read it either; ``skipped`` reads the count (log points,
+checkpoints, results)."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -17,18 +23,23 @@ from visionzoo.optim import clip_gradients
 class GradStep:
     """Applies a loss to the optimizer; one instance per run."""
 
-    def __init__(
-        self, optimizer: torch.optim.Optimizer, device: torch.device, amp_dtype: torch.dtype | None,
-        loss_scale: str, init_scale: float, clip_mode: str, clip_value: float, clip_params: list,
-    ):
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, amp_dtype: torch.dtype | None,
+                 loss_scale: str, init_scale: float, clip_mode: str, clip_value: float, clip_params: list,
+                 before_step: Callable[[], None] | None = None):
         self.optimizer = optimizer
         self.clip_mode, self.clip_value, self.clip_params = clip_mode, clip_value, clip_params
+        self.before_step = before_step
         fp16 = amp_dtype == torch.float16
         self.static_scale = float(loss_scale) if fp16 and loss_scale != "dynamic" else None
         scale = self.static_scale or init_scale
         self.scaler = torch.amp.GradScaler(device.type, init_scale=scale, enabled=fp16)
         self._skipped_before = 0  # steps dropped before this session (from a checkpoint)
         self._skipped: torch.Tensor | None = None  # steps dropped since, counted on the device
+
+    @property
+    def skips_nonfinite(self) -> bool:
+        """Whether the loss scaler itself skips steps with non-finite gradients (fp16)."""
+        return self.scaler.is_enabled()
 
     def __call__(self, loss: torch.Tensor, update: bool = True) -> None:
         """Backward ``loss``; when ``update``, also clip and step (gradient accumulation
@@ -39,6 +50,8 @@ class GradStep:
         if self.clip_mode != "none":
             self.scaler.unscale_(self.optimizer)
             clip_gradients(self.clip_params, self.clip_mode, self.clip_value)
+        if self.before_step is not None:
+            self.before_step()
         self.scaler.step(self.optimizer)
         if self.scaler.is_enabled():
             found_inf = self.scaler._found_inf_per_device(self.optimizer)  # noqa: SLF001
@@ -57,4 +70,4 @@ class GradStep:
 
     def load_state_dict(self, state: dict) -> None:
         self.scaler.load_state_dict(state["scaler"])
-        self._skipped_before, self._skipped = state["skipped"], None
+        self._skipped_before, self._skipped = state.get("skipped", 0), None

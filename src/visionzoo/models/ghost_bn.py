@@ -10,7 +10,7 @@ what the reference's ranks compute:
 
 - outputs: group i is normalised by the same BatchNorm kernel, on the same [group, C, ...] slice,
   as reference rank i normalises its batch (the loaders put rank i's images in group i:
-  ``reference_ranks`` below, data/samplers.py train_indices);
+  engine/tasks/classify.py ``reference_ranks``, data/loading/samplers.py train_indices);
 - gradients: the reference averages the ranks' gradients (DDP); here the loss over the whole
   batch has the same gradient, up to floating-point summation order;
 - running statistics: only the first group updates them, as only rank 0's are kept by the
@@ -22,8 +22,6 @@ Bit-identical to the reference instead: micro-batches of one group each (train.a
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -110,23 +108,3 @@ def bn_group_size(bn_group: int, micro_batch: int, world_size: int, sync_bn: boo
     if sync_bn and world_size > 1:
         return micro_batch * world_size
     return min(bn_group, micro_batch) if bn_group > 0 else micro_batch
-
-
-def bn_group_of(cfg: Any, net: nn.Module, world_size: int) -> int | None:
-    """What a run's results say: the images each BatchNorm statistic of ``net`` is taken over in
-    training under the resolved config ``cfg`` on ``world_size`` devices; None without BatchNorm."""
-    if not has_batchnorm(net):
-        return None
-    return bn_group_size(cfg.model.bn_group, cfg.data.batch_size_per_device, world_size, cfg.model.sync_bn)
-
-
-def reference_ranks(cfg: Any, world_size: int) -> tuple[int, int]:
-    """(k, bn_group) when each of ``world_size`` devices stands for k > 1 of the reference's ranks
-    (a step's images per device hold k BatchNorm groups): the training order the loaders then
-    follow (data/samplers.py train_indices), so that group (or micro-batch) i holds the images
-    reference rank i holds. (1, 0): the plain order."""
-    group, sync = cfg.model.bn_group, cfg.model.sync_bn and world_size > 1
-    per_step = cfg.data.batch_size_per_device * cfg.train.accum_steps
-    if group <= 0 or sync or per_step <= group or per_step % group:
-        return 1, 0
-    return per_step // group, group

@@ -238,6 +238,14 @@ def build_loaders(
     return train, make(splits.val, False)
 
 
+def set_loader_epoch(loader, epoch: int, skip_batches: int) -> None:
+    """Select an epoch's sample order in any kind of loader, skipping the batches already trained on."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch, skip_batches)
+    else:
+        loader.sampler.set_epoch(epoch, skip_batches * loader.batch_size)
+
+
 def loader_kind(loader) -> str:
     """How a training loader produces batches, as results and bench name it."""
     if isinstance(loader, DeviceDecodeLoader):

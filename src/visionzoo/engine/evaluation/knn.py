@@ -11,7 +11,6 @@ blocks, concatenated), SGD momentum 0.9 without weight decay, cosine per epoch."
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from dataclasses import replace
 from typing import Callable
@@ -24,7 +23,6 @@ from torch.utils.data import Dataset, IterableDataset, Subset
 
 from visionzoo.data.augment.presets import eval_transform, train_transform
 from visionzoo.data.loading.build import build_datasets, build_loader
-from visionzoo.engine.evaluation.topk import topk_correct
 from visionzoo.errors import UserError
 from visionzoo.progress import Progress
 
