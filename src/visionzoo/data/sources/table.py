@@ -51,7 +51,7 @@ class DataSource:
     name: str
     reader: Function  # (d, train) -> Splits; train is None unless ``train``; transforms left unset
     check: Function | None = "visionzoo.data.sources.splits:check_folder"  # (d) -> None, before workers start
-    splits: tuple[str, ...] = ("train", "val")
+    splits: tuple[str, ...] = ("train", "val")  # the splits it has (training reads "train", the rest "val")
     map_style: bool = True  # items by index (len, ds[i]): int8 calibration and the report's neighbour images
     in_memory: bool = False  # whole splits as TensorImageDatasets: the device-resident loader can hold them
     # Items are image files (JPEG, PNG ...): data.decode=device can read their bytes, and a folder
