@@ -40,8 +40,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from visionzoo.commands.bench import NUM_CLASSES, RepeatBatch, _cpu_name
+from visionzoo.commands.bench import RepeatBatch, _cpu_name
 from visionzoo.config import load_config
+from visionzoo.data.sources.table import data_source
 from visionzoo.engine.loop import LoopSettings, Position, RunHooks, train_epoch
 from visionzoo.engine.tasks.base import RunEnv
 from visionzoo.engine.tasks.classify import ClassifyTask
@@ -182,7 +183,7 @@ def bench_recipe(recipe: str, batch: int, steps: int, repeats: int, compiled: bo
     measured in the same rounds."""
     cfg = load_config(recipe, [f"data.batch_size={batch}", "train.device=cpu"])
     d = cfg.data
-    nc = NUM_CLASSES.get(d.name, d.num_classes)
+    nc = data_source(d.name).num_classes or d.num_classes
     g = torch.Generator().manual_seed(0)
     x_train = torch.randn(batch, d.in_chans, d.image_size, d.image_size, generator=g)
     y = torch.randint(0, nc, (batch,), generator=g)

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from visionzoo.cli import main as visionzoo
-from visionzoo.data.sources.idx import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, load_idx_split
+from visionzoo.data.sources.idx import FASHION_MNIST_CLASSES, load_idx_split
+from visionzoo.data.sources.table import SOURCES
 from visionzoo.commands.quantize import CALIBRATION_METHODS, DEFAULT_CALIBRATION
 
 
@@ -86,7 +87,7 @@ def measure(recipe: str, data: str, out: Path, epochs: int, calibration_images: 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", default="fashion_mnist", choices=["fashion_mnist", "resnet50_cifar100"])
-    p.add_argument("--fmnist", default=DEFAULT_FASHION_MNIST_DIR, help="Fashion-MNIST IDX folder")
+    p.add_argument("--fmnist", default=SOURCES["fashion_mnist"].default_path, help="Fashion-MNIST IDX folder")
     p.add_argument("--train", type=int, default=5000, help="CIFAR-format training images (resnet50_cifar100)")
     p.add_argument("--test", type=int, default=2000, help="CIFAR-format test images (resnet50_cifar100)")
     p.add_argument("--epochs", type=int, default=3)

@@ -16,15 +16,12 @@ from PIL import Image
 from visionzoo.data.loading.collate import collate_skip_bad
 from visionzoo.data.sources.cifar import load_cifar
 from visionzoo.data.sources.folder import ImageFolderDataset, find_classes
-from visionzoo.data.sources.idx import (
-    DEFAULT_FASHION_MNIST_DIR,
-    FASHION_MNIST_CLASSES,
-    MNIST_CLASSES,
-    load_idx_split,
-    read_idx,
-)
+from visionzoo.data.sources.idx import FASHION_MNIST_CLASSES, MNIST_CLASSES, load_idx_split, read_idx
+from visionzoo.data.sources.table import SOURCES
 from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 from visionzoo.errors import UserError
+
+DEFAULT_FASHION_MNIST_DIR = SOURCES["fashion_mnist"].default_path
 
 # ---------------------------------------------------------------- IDX
 

@@ -29,6 +29,7 @@ import pytest
 
 from visionzoo import cli
 from visionzoo.config import RECIPES_PACKAGE, load_config, recipe_names, resolve
+from visionzoo.data.sources.table import data_source
 from visionzoo.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,9 +183,10 @@ def _resolve_once(recipe: str | None, overrides: tuple[str, ...]) -> str:
     """The error of one resolution, or ''; cached: many documented commands repeat (OmegaConf is slow)."""
     try:
         if recipe and not (recipe.endswith((".yaml", ".yml")) and not Path(recipe).is_file()):
-            load_config(recipe, list(overrides))
+            cfg = load_config(recipe, list(overrides))
         else:
-            resolve({}, "docs", list(overrides))
+            cfg = resolve({}, "docs", list(overrides))
+        data_source(cfg.data.name)  # as the CLI checks it (cli._config)
     except UserError as e:
         return str(e)
     return ""
@@ -256,6 +258,7 @@ def test_a_wrong_flag_recipe_or_key_fails_the_check():
         "abbreviated flag": ["train", "fashion_mnist", "--epoch", "3"],
         "recipe": ["train", "fashion_mnst", "--epochs", "3"],
         "key": ["train", "fashion_mnist", "optim.learning_rate=0.2"],
+        "data source": ["train", "fashion_mnist", "data.name=fashon_mnist"],
         "key after a flag": ["train", "fashion_mnist", "--data", "synthetic", "train.epoch=2"],
         "type": ["train", "fashion_mnist", "train.epochs=many"],
         "alias value": ["train", "fashion_mnist", "--amp", "fp8"],

@@ -68,10 +68,9 @@ def _add_weights_flags(p: argparse.ArgumentParser) -> None:
 def _overrides(args: argparse.Namespace) -> list[str]:
     """Config overrides from the aliases, --data and the positional key=value list (last wins)."""
     from visionzoo.config import AMP_ALIASES, FLAG_ALIASES
+    from visionzoo.data.sources.table import data_override
 
-    out = []
-    if args.data:
-        out += ["data.name=synthetic"] if args.data == "synthetic" else [f"data.path={args.data}"]
+    out = [data_override(args.data)] if args.data else []
     for flag, key in FLAG_ALIASES.items():
         value = getattr(args, flag, None)
         if value is not None:
@@ -81,12 +80,22 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return out + list(args.overrides)
 
 
+def _config(recipe: str, overrides: list[str]):
+    """``load_config`` plus the data.name check of the data source table (above config), both before torch."""
+    from visionzoo.config import load_config
+    from visionzoo.data.sources.table import data_source
+
+    cfg = load_config(recipe, overrides)
+    data_source(cfg.data.name)
+    return cfg
+
+
 def cmd_recipes(args: argparse.Namespace) -> None:
     from visionzoo.config import load_config, recipe_names, to_yaml
     from visionzoo.run_folder import format_table
 
     if args.show:
-        print(to_yaml(load_config(args.show, _overrides(args))), end="")
+        print(to_yaml(_config(args.show, _overrides(args))), end="")
         return
     rows = []
     for name in recipe_names():
@@ -97,15 +106,13 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from visionzoo.config import load_config
-
     overrides = _overrides(args)
     if args.steps is not None:
         overrides.append(f"train.perf_steps={args.steps}")
     if args.output:
         overrides.append(f"output={args.output}")
     # Config mistakes stop here, before any launch and before torch is imported (seconds).
-    cfg = load_config(args.recipe, overrides)
+    cfg = _config(args.recipe, overrides)
     from visionzoo.engine.tasks import check_task
 
     check_task(cfg.task)
@@ -135,17 +142,17 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from visionzoo.config import load_config
+    from visionzoo.data.sources.table import generated_source
 
-    synthetic = args.data == "synthetic"
-    if synthetic:  # bench's own source: decode-free images through the recipe's loader
+    synthetic = generated_source(args.data) is not None
+    if synthetic:  # --data synthetic: bench's own source, decode-free images through the recipe's loader
         args.data = None
     overrides = _overrides(args)
     if args.steps is not None:
         overrides.append(f"train.perf_steps={args.steps}")
     if args.compile:
         overrides.append("train.compile=true")
-    cfg = load_config(args.recipe, overrides)  # before torch is imported
+    cfg = _config(args.recipe, overrides)  # before torch is imported
     from visionzoo import distributed
     from visionzoo.commands.bench import run_bench
     from visionzoo.data.loading.build import check_data_path
@@ -173,12 +180,10 @@ def _check_early(checkpoint: str | None, overrides: list[str], weights: str | No
     """The config mistakes a command that reads weights can be told about before torch is
     imported: overrides checked against --recipe or the run folder's config.yaml. (The command
     resolves its config again from the checkpoint's own copy.)"""
-    from visionzoo.config import load_config
-
     if weights and recipe:
-        load_config(recipe, overrides)
+        _config(recipe, overrides)
     elif checkpoint and (Path(checkpoint).expanduser() / "config.yaml").is_file():
-        load_config(str(Path(checkpoint).expanduser() / "config.yaml"), overrides)
+        _config(str(Path(checkpoint).expanduser() / "config.yaml"), overrides)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -403,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_data_parser(sub, fmt) -> None:
     """``visionzoo data pack|verify|scan``: convert, check and inspect data sets."""
+    from visionzoo.data.sources.table import names  # --format: the packed sources; --source: map-style ones
+
     p = sub.add_parser("data", help="pack data into shards, verify shards, scan an image folder", formatter_class=fmt,
                        epilog="examples:\n  visionzoo data pack /data/imagenet /data/in1k-wds --format webdataset --workers 8\n"
                               "  visionzoo data pack /data/imagenet /data/in1k-256 --resize 256 --shard-size 1GB\n"
@@ -413,7 +420,7 @@ def _add_data_parser(sub, fmt) -> None:
                         formatter_class=fmt)
     q.add_argument("src", help="ImageFolder root (train/ and val/), CIFAR folder or IDX folder")
     q.add_argument("out", help="output folder (new or empty)")
-    q.add_argument("--format", default="webdataset", choices=("webdataset", "hfds"),
+    q.add_argument("--format", default=names(packed=True)[0], choices=names(packed=True),
                    help="webdataset: OUT/train-NNNNNN.tar; hfds: the Hub's parquet layout (default: webdataset)")
     q.add_argument("--shard-size", default="512MB", help="largest shard, e.g. 512MB, 1GB (default 512MB)")
     q.add_argument("--shard-samples", type=int, default=0, help="also at most this many images per shard (0: no limit)")
@@ -425,7 +432,7 @@ def _add_data_parser(sub, fmt) -> None:
     q.add_argument("--no-check", action="store_true",
                    help="copy files without decoding them (default: decode each once; undecodable ones are "
                         "left out and listed in manifest.json)")
-    q.add_argument("--source", default="auto", choices=("auto", "imagefolder", "cifar10", "cifar100", "fashion_mnist", "mnist"),
+    q.add_argument("--source", default="auto", choices=("auto", *names(map_style=True, generated=False)),
                    help="what SRC holds (default: guessed)")
     q = dsub.add_parser("verify", help="re-check shards against their manifest.json (size, sha256)", formatter_class=fmt)
     q.add_argument("out", help="a folder written by visionzoo data pack")

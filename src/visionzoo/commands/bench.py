@@ -36,6 +36,7 @@ from visionzoo.config import RecipeConfig, to_dict
 from visionzoo.data.augment.presets import eval_transform, train_transform
 from visionzoo.data.loading.build import (Splits, build_datasets, cpu_fallbacks, loader_kind,
                                           set_loader_epoch)
+from visionzoo.data.sources.table import data_source
 from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 from visionzoo.engine.loop import LoopSettings, Position, RunHooks, Timer, timed_steps, train_epoch
 from visionzoo.engine.run import start_env
@@ -46,11 +47,9 @@ from visionzoo.run_folder import format_table, new_run_dir
 from visionzoo.runtime import precision_name, resolve_amp, seed_everything, synchronize
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Stored image size (height, width) of the decode-free synthetic source: the data set's own for
-# in-memory data sets, ImageNet's typical 500x375 photo for ImageFolder recipes.
-SOURCE_SIZE = {"cifar10": (32, 32), "cifar100": (32, 32), "mnist": (28, 28), "fashion_mnist": (28, 28)}
+# Stored image size (height, width) of the decode-free synthetic source for sources of image
+# files: ImageNet's typical 500x375 photo. In-memory sources keep their own (data/sources/table.py).
 IMAGEFOLDER_SOURCE = (375, 500)
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
 COLUMNS = ("setting", "model-only img/s", "end-to-end img/s", "ratio", "first step s")
 
 
@@ -103,13 +102,15 @@ def synthetic_source(d, n: int, seed: int = 0) -> Splits:
     """Random images shaped like the recipe's stored data (no files, no decode), wrapped so that
     ``build_loaders`` picks the loader the real data would get: the device-resident loader with
     its batch augmentation for CIFAR/MNIST-style recipes, DataLoader workers running the
-    per-image train transform (RandomResizedCrop, RandAugment, ...) for ImageFolder recipes."""
+    per-image train transform (RandomResizedCrop, RandAugment, ...) for ImageFolder recipes.
+    Sizes and class counts are the data source's where it fixes them (data/sources/table.py)."""
     g = np.random.default_rng(seed)
-    num_classes = NUM_CLASSES.get(d.name, d.num_classes)
+    source = data_source(d.name)
+    num_classes = source.num_classes or d.num_classes
     classes = [str(i) for i in range(num_classes)]
     labels = g.integers(0, num_classes, n)
-    if d.name in SOURCE_SIZE:
-        h, w = SOURCE_SIZE[d.name]
+    if source.in_memory:
+        h, w = source.stored_size or (d.image_size, d.image_size)
         images = g.integers(0, 256, (n, h, w, d.in_chans), dtype=np.uint8)
         val = images[: max(n // 8, 1)]
         return Splits(TensorImageDataset(images, labels, classes, train_transform(d)),
@@ -253,7 +254,8 @@ def run_bench(cfg: RecipeConfig, synthetic: bool = False, precisions: str | None
         source = "synthetic (decode-free)"
     else:
         splits = build_datasets(d, train=True)
-        source = "synthetic (device-resident, no augmentation)" if d.name == "synthetic" else str(d.path or d.name)
+        generated = data_source(d.name).generated
+        source = f"{d.name} (device-resident, no augmentation)" if generated else str(d.path or d.name)
     data = make_task(cfg, env)  # the task's own loaders, as a training run builds them
     data.setup_data(splits)
     train_loader = data.train_loader

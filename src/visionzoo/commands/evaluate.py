@@ -19,6 +19,7 @@ def evaluate_checkpoint(checkpoint: str | None, overrides: list[str], weights: s
     folder) gets them and is evaluated on that data, whose classes it must have."""
     from visionzoo.checkpoint import command_config, load_model
     from visionzoo.data.loading.build import build_datasets, build_loaders
+    from visionzoo.data.sources.table import data_source
     from visionzoo.errors import UserError
     from visionzoo.models.weights import model_from_weights
     from visionzoo.runtime import precision_name, resolve_amp, resolve_device, select_device, weights_dtype
@@ -33,7 +34,7 @@ def evaluate_checkpoint(checkpoint: str | None, overrides: list[str], weights: s
         model, _ = model_from_weights(cfg.model, weights, len(splits.classes), cfg.data.in_chans)
     else:
         model, meta = load_model(checkpoint)
-        if cfg.data.name != "synthetic" and splits.classes != meta["classes"]:
+        if not data_source(cfg.data.name).generated and splits.classes != meta["classes"]:
             raise UserError(f"the data's {len(splits.classes)} classes are not the {len(meta['classes'])} "
                             f"classes the checkpoint was trained on")
     channels_last = cfg.model.channels_last

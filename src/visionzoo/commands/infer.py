@@ -117,12 +117,11 @@ def infer_split(model: str, data: str | None = None, batch_size: int | None = No
     """Accuracy and speed of an ONNX model over the validation split of its recipe's data set
     (``data`` overrides the folder, as ``eval --data`` does); prints them and writes JSON."""
     from visionzoo.data.loading.build import build_datasets, build_loaders
+    from visionzoo.data.sources.table import data_override, data_source
     from visionzoo.engine.evaluation.topk import topk_correct
 
     session, meta = load_exported(model)
-    overrides = []
-    if data:
-        overrides.append("data.name=synthetic" if data == "synthetic" else f"data.path={data}")
+    overrides = [data_override(data)] if data else []
     if workers is not None:
         overrides.append(f"data.workers={workers}")
     d = _data_config(meta, overrides)
@@ -130,7 +129,8 @@ def infer_split(model: str, data: str | None = None, batch_size: int | None = No
     if batch < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch}")
     splits = build_datasets(d, train=False)
-    if d.name != "synthetic" and splits.classes != meta["classes"]:
+    generated = data_source(d.name).generated
+    if not generated and splits.classes != meta["classes"]:
         raise UserError(f"the data's {len(splits.classes)} classes are not the {len(meta['classes'])} "
                         f"classes the model was trained on")
     # The loader eval uses (same reader, same preprocessing), on the CPU: ONNX Runtime takes numpy.
@@ -171,7 +171,7 @@ def infer_split(model: str, data: str | None = None, batch_size: int | None = No
     import onnxruntime
 
     result = {
-        "model": str(model), "data": d.path if d.name != "synthetic" else "synthetic", "dataset": d.name,
+        "model": str(model), "data": d.name if generated else d.path, "dataset": d.name,
         "acc1": 100.0 * correct1 / count, "acc5": 100.0 * correct5 / count, "samples": count, "bad_images": bad,
         "images_per_s": count / wall,  # end to end: reading, preprocessing and the model
         "ms_per_image": 1000.0 * run_s / count,  # mean time in ONNX Runtime per image

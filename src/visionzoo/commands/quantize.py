@@ -169,14 +169,17 @@ def calibration_sets(d, n: int, data: str | None = None, seed: int = 0) -> tuple
     time, so the first N would be one class)."""
     from dataclasses import replace
 
-    from visionzoo.data.loading.build import build_datasets
     from visionzoo.data.augment.presets import eval_transform
+    from visionzoo.data.loading.build import build_datasets, with_packed_format
+    from visionzoo.data.sources.table import data_source
 
     if n < 1:
         raise UserError(f"--calibration-images must be >= 1, got {n}")
     if data:
         d = replace(d, path=data)
-    if d.name in ("webdataset", "hfds", "synthetic"):
+    d = with_packed_format(d)
+    source = data_source(d.name)
+    if not source.map_style or source.generated:  # shard streams; random images calibrate nothing
         raise UserError(f"int8 calibration reads training images by index: data.name={d.name} has no such "
                         "split; pass --data with an ImageFolder, CIFAR or (Fashion-)MNIST folder")
     try:

@@ -34,10 +34,11 @@ import numpy as np
 from PIL import Image
 
 from visionzoo.data.sources.manifest import checked_splits
+from visionzoo.data.sources.table import data_source, names
 from visionzoo.errors import UserError, first_line
 from visionzoo.runtime import default_signals
 
-FORMATS = ("webdataset", "hfds")
+FORMATS = tuple(names(packed=True))  # the packed sources of the table (data/sources/table.py)
 KEEP_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30}
@@ -66,14 +67,14 @@ class Source:
     splits: dict[str, tuple[list[Any], list[int]]] = field(default_factory=dict)
 
 
-def _imagefolder_source(root: Path) -> Source:
-    from visionzoo.data.loading.build import VAL_DIR_NAMES
-    from visionzoo.data.sources.folder import ImageFolderDataset, find_classes
+def _imagefolder_source(root: Path, kind: str) -> Source:
+    """An ImageFolder's files, copied as they are (a missing val/ is no error here: train/ is packed alone)."""
+    from visionzoo.data.sources.folder import VAL_DIR_NAMES, ImageFolderDataset, find_classes
 
     train_dir = root / "train"
     val_dir = next((root / n for n in VAL_DIR_NAMES if (root / n).is_dir()), None)
     classes = find_classes(train_dir if train_dir.is_dir() else val_dir)
-    src = Source("imagefolder", root, classes)
+    src = Source(kind, root, classes)
     for name, folder in (("train", train_dir), ("val", val_dir)):
         if folder is not None and folder.is_dir():
             ds = ImageFolderDataset(folder, classes)
@@ -82,45 +83,43 @@ def _imagefolder_source(root: Path) -> Source:
 
 
 def _array_source(root: Path, kind: str) -> Source:
-    if kind in ("cifar10", "cifar100"):
-        from visionzoo.data.sources.cifar import load_cifar
+    """An in-memory source (CIFAR, IDX, ...) read by its reader, its images as HWC arrays (H×W for grey)."""
+    from visionzoo.config import DataConfig
 
-        nc = 10 if kind == "cifar10" else 100
-        splits = {n: load_cifar(root, n == "train", nc) for n in ("train", "val")}
-        classes = splits["train"][2]
-        items = {n: (list(im), [int(x) for x in lab]) for n, (im, lab, _) in splits.items()}
-    else:
-        from visionzoo.data.sources.idx import FASHION_MNIST_CLASSES, MNIST_CLASSES, load_idx_split
-
-        classes = list(FASHION_MNIST_CLASSES if kind == "fashion_mnist" else MNIST_CLASSES)
-        items = {}
-        for n in ("train", "val"):
-            im, lab = load_idx_split(root, n == "train")
-            items[n] = (list(im), [int(x) for x in lab])
-    return Source(kind, root, list(classes), items)
+    splits = data_source(kind).read(DataConfig(name=kind, path=str(root)), train=True)
+    items = {}
+    for name, ds in (("train", splits.train), ("val", splits.val)):
+        images = np.ascontiguousarray(ds.images.permute(0, 2, 3, 1).numpy())  # TensorImageDataset: NCHW
+        items[name] = (list(images[..., 0] if images.shape[-1] == 1 else images), list(ds.targets))
+    return Source(kind, root, list(splits.classes), items)
 
 
 def find_source(src: str, kind: str = "auto") -> Source:
-    """An ImageFolder (SRC/train + SRC/val), CIFAR or IDX source; ``kind`` overrides the guess."""
+    """An ImageFolder (SRC/train + SRC/val) or in-memory (CIFAR, IDX) source; ``kind`` (a data
+    source that can be read by index) overrides the guess."""
     root = Path(src).expanduser()
     if not root.is_dir():
         raise UserError(f"source folder not found: {root}")
     if kind == "auto":
-        names = {p.name for p in root.iterdir()}
-        if "train" in names and (root / "train").is_dir():
-            kind = "imagefolder"
-        elif any(n.startswith("cifar-100") for n in names) or {"train", "meta"} <= names:
-            kind = "cifar100"
-        elif any(n.startswith("cifar-10") for n in names) or "data_batch_1" in names:
-            kind = "cifar10"
-        elif any(n.startswith("train-images") for n in names):
-            kind = "fashion_mnist" if "fashion" in str(root).lower() else "mnist"
-        else:
-            raise UserError(f"{root}: not an ImageFolder (train/ and val/ class folders), CIFAR or IDX folder; "
-                            f"name the kind with --source")
-    if kind == "imagefolder":
-        return _imagefolder_source(root)
-    return _array_source(root, kind)
+        kind = _guess_kind(root)
+    elif kind not in names(map_style=True, generated=False):
+        raise UserError(f"--source {kind!r} is not one of auto, {', '.join(names(map_style=True, generated=False))}")
+    return _array_source(root, kind) if data_source(kind).in_memory else _imagefolder_source(root, kind)
+
+
+def _guess_kind(root: Path) -> str:
+    """The data source a folder looks like, from its file names."""
+    names_here = {p.name for p in root.iterdir()}
+    if "train" in names_here and (root / "train").is_dir():
+        return "imagefolder"
+    if any(n.startswith("cifar-100") for n in names_here) or {"train", "meta"} <= names_here:
+        return "cifar100"
+    if any(n.startswith("cifar-10") for n in names_here) or "data_batch_1" in names_here:
+        return "cifar10"
+    if any(n.startswith("train-images") for n in names_here):
+        return "fashion_mnist" if "fashion" in str(root).lower() else "mnist"
+    raise UserError(f"{root}: not an ImageFolder (train/ and val/ class folders), CIFAR or IDX folder; "
+                    f"name the kind with --source")
 
 
 def encode(job: tuple[Any, int | None, int, bool]) -> tuple[str | None, bytes | str]:

@@ -62,9 +62,10 @@ def predict_run(weights: Path, cfg, meta: dict, max_images: int, progress: str =
     if meta.get("task", cfg.task) == "dino":
         return _predict_dino(model, cfg, meta, device, amp_dtype, max_images, progress)
     from visionzoo.data.loading.build import build_datasets, build_loaders
+    from visionzoo.data.sources.table import data_source
 
     splits = build_datasets(cfg.data, train=False)
-    if cfg.data.name != "synthetic" and splits.classes != meta["classes"]:
+    if not data_source(cfg.data.name).generated and splits.classes != meta["classes"]:
         raise UserError(f"the data's {len(splits.classes)} classes are not the {len(meta['classes'])} "
                         f"classes the checkpoint was trained on")
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format

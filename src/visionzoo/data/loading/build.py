@@ -1,13 +1,14 @@
-"""From a DataConfig to datasets and loaders: which reader, which split, which transforms."""
+"""From a DataConfig to datasets and loaders: which reader (the data source table,
+data/sources/table.py), which split, which transforms, which loader."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -19,100 +20,25 @@ from visionzoo.data.loading.device_decode import DeviceDecodeLoader
 from visionzoo.data.loading.in_memory import InMemoryLoader
 from visionzoo.data.loading.samplers import SeededDataset, ShardSampler
 from visionzoo.data.loading.stream_loader import StreamLoader
-from visionzoo.data.sources.cifar import load_cifar
-from visionzoo.data.sources.folder import ImageFolderDataset, find_classes
-from visionzoo.data.sources.idx import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, MNIST_CLASSES, load_idx_split
 from visionzoo.data.sources.shards import ShardStream
+from visionzoo.data.sources.splits import Splits
+from visionzoo.data.sources.table import data_source, names
 from visionzoo.data.sources.tensor_dataset import TensorImageDataset
-from visionzoo.errors import UserError
 
-VAL_DIR_NAMES = ("val", "validation", "test")
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig
 
-
-@dataclass
-class Splits:
-    """The datasets of a run; ``classes`` comes from the data, not from the recipe."""
-
-    train: Dataset | None
-    val: Dataset
-    classes: list[str]
-
-
-def _existing_dir(path: str | None, what: str) -> Path:
-    if not path:
-        raise UserError(f"{what} needs a data folder: pass --data PATH")
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"data path does not exist: {p}")
-    if not p.is_dir():
-        raise UserError(f"data path is not a folder: {p}")
-    return p
-
-
-def _imagefolder(d, train: bool) -> Splits:
-    root = _existing_dir(d.path, "an ImageFolder data set")
-    val_dir = next((root / n for n in VAL_DIR_NAMES if (root / n).is_dir()), None)
-    if val_dir is None:
-        raise UserError(f"{root} has no val/ folder (expected {root}/train/<class>/... and {root}/val/<class>/...)")
-    train_dir = root / "train"
-    if train and not train_dir.is_dir():
-        raise UserError(f"{root} has no train/ folder (expected {root}/train/<class>/...)")
-    # Labels are the training split's class folders, so val indices always mean the same class.
-    classes = find_classes(train_dir if train_dir.is_dir() else val_dir)
-    train_ds = ImageFolderDataset(train_dir, classes, train_transform(d), d.scan_cache) if train else None
-    val_ds = ImageFolderDataset(val_dir, classes, eval_transform(d), d.scan_cache)
-    return Splits(train_ds, val_ds, classes)
-
-
-def _in_memory(d, train: bool) -> Splits:
-    if d.name in ("cifar10", "cifar100"):
-        nc = 10 if d.name == "cifar10" else 100
-        if d.path is None:
-            raise UserError(f"{d.name} needs --data: the folder holding cifar-{nc}-python* (or its parent)")
-        _existing_dir(d.path, d.name)
-        load = lambda is_train: load_cifar(d.path, is_train, nc)  # noqa: E731
-    else:
-        path = d.path or (DEFAULT_FASHION_MNIST_DIR if d.name == "fashion_mnist" else None)
-        if path is None:
-            raise UserError("mnist needs --data: the folder holding the IDX files")
-        _existing_dir(path, d.name)
-        names = FASHION_MNIST_CLASSES if d.name == "fashion_mnist" else MNIST_CLASSES
-
-        def load(is_train: bool):
-            images, labels = load_idx_split(path, is_train)
-            return images, labels, list(names)
-
-    val_images, val_labels, classes = load(False)
-    val_ds = TensorImageDataset(val_images, val_labels, classes, eval_transform(d))
-    train_ds = None
-    if train:
-        images, labels, _ = load(True)
-        train_ds = TensorImageDataset(images, labels, classes, train_transform(d))
-    return Splits(train_ds, val_ds, classes)
-
-
-def _synthetic(d, train: bool) -> Splits:
-    """Random uint8 images at the recipe's crop sizes, with random labels: a throughput source
-    that costs no decoding (the device-resident loader only normalises them)."""
-    g = np.random.default_rng(0)
-    classes = [str(i) for i in range(d.num_classes)]
-
-    def split(n: int, size: int) -> TensorImageDataset:
-        images = g.integers(0, 256, (n, size, size, d.in_chans), dtype=np.uint8)
-        return TensorImageDataset(images, g.integers(0, d.num_classes, n), classes)
-
-    train_ds = split(d.synthetic_samples, d.image_size) if train else None
-    return Splits(train_ds, split(max(d.synthetic_samples // 4, 1), d.test_size), classes)
-
-
-def with_packed_format(d):
+def with_packed_format(d: DataConfig) -> DataConfig:
     """``d`` with data.name set to the format of a folder written by ``visionzoo data pack`` (its
-    manifest.json names it) when data.name is another file format, and to webdataset for a URL
-    given as an ImageFolder: eval, knn, linear and infer --data then read whatever --data holds."""
-    if d.name not in ("imagefolder", "webdataset", "hfds") or not d.path:
+    manifest.json names it) when data.name is another encoded format, and to the remote packed
+    format (webdataset) for a URL given as an unpacked one (ImageFolder): eval, knn, linear and
+    infer --data then read whatever --data holds. Sources are as data/sources/table.py says."""
+    source = data_source(d.name)
+    if not source.encoded or not d.path:
         return d
     if "://" in d.path:
-        return replace(d, name="webdataset") if d.name == "imagefolder" else d
+        remote = names(packed=True, remote=True)
+        return replace(d, name=remote[0]) if not source.packed and remote else d
     root = Path(d.path).expanduser()
     if (root / "manifest.json").is_file() and not (root / "train").is_dir():
         import json
@@ -121,45 +47,30 @@ def with_packed_format(d):
             fmt = json.loads((root / "manifest.json").read_text()).get("format")
         except ValueError:
             return d
-        if fmt in ("webdataset", "hfds"):
+        if fmt in names(packed=True):
             return replace(d, name=fmt)
     return d
 
 
-def _streamed(d, train: bool) -> Splits:
-    """Tar shards (sources/webdataset.py) or a Hugging Face data set (sources/hfds.py), streamed."""
-    if d.name == "webdataset":
-        from visionzoo.data.sources.webdataset import webdataset_splits as splits
-    else:
-        from visionzoo.data.sources.hfds import hfds_splits as splits
-    train_ds, val_ds, classes = splits(d, train)
-    if train_ds is not None:
-        train_ds.transform = train_transform(d)
-    val_ds.transform = eval_transform(d)
-    return Splits(train_ds, val_ds, classes)
-
-
-def check_data_path(d) -> None:
-    """Fail early (before workers are launched) on a data path that does not exist."""
+def check_data_path(d: DataConfig) -> None:
+    """Fail early (before workers are launched) on an unknown data.name or a data path that does
+    not exist."""
     d = with_packed_format(d)
-    if d.name == "webdataset":
-        from visionzoo.data.sources.webdataset import check_path
-
-        check_path(d)
-    elif d.name != "synthetic" and d.path and not (d.name == "hfds" and (d.train or d.val)):
-        _existing_dir(d.path, d.name)
+    data_source(d.name).check_path(d)
 
 
-def build_datasets(d, train: bool = True) -> Splits:
-    """The train (when ``train``) and validation datasets a DataConfig describes."""
+def build_datasets(d: DataConfig, train: bool = True) -> Splits:
+    """The train (when ``train``) and validation datasets a DataConfig describes, read by its data
+    source (data/sources/table.py) and given the recipe's transforms (a generated source's
+    images get none: the device-resident loader only normalises them)."""
     d = with_packed_format(d)
-    if d.name == "synthetic":
-        return _synthetic(d, train)
-    if d.name == "imagefolder":
-        return _imagefolder(d, train)
-    if d.name in ("webdataset", "hfds"):
-        return _streamed(d, train)
-    return _in_memory(d, train)
+    source = data_source(d.name)
+    splits = source.read(d, train)
+    if not source.generated:
+        if splits.train is not None:
+            splits.train.transform = train_transform(d)
+        splits.val.transform = eval_transform(d)
+    return splits
 
 
 def build_loader(
@@ -218,7 +129,7 @@ def build_loaders(
     that a --perf run on it measures the model; everything else goes through DataLoader.
     With ``d.decode == "device"`` ImageFolder training batches are decoded on ``device``
     (data/loading/device_decode.py). ``rank_groups``: the training order of samplers.train_indices."""
-    synthetic = d.name == "synthetic"
+    synthetic = data_source(d.name).generated
     resident = synthetic or (d.device_resident and isinstance(splits.val, TensorImageDataset)
                              and d.augment in ("cifar", "none"))
     if resident:

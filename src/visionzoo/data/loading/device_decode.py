@@ -36,6 +36,7 @@ from visionzoo.data.loading.samplers import ShardSampler, sample_seed
 from visionzoo.data.loading.stream_loader import StreamLoader
 from visionzoo.data.sources.encoded import FileBytes, pil_decode
 from visionzoo.data.sources.shards import ShardStream
+from visionzoo.data.sources.table import data_source
 from visionzoo.errors import UserError
 from visionzoo.transfer import to_device
 
@@ -45,7 +46,7 @@ _TV_DEPRECATION = "The image decoding and encoding capabilities of TorchVision a
 
 def check_device_decode(d, multicrop: bool = False) -> None:
     """The recipe settings data.decode=device cannot honour, as one-line user errors."""
-    if d.name not in ("imagefolder", "webdataset", "hfds"):
+    if not data_source(d.name).encoded:
         raise UserError(f"data.decode=device reads image files or shards; data.name={d.name} needs data.decode=cpu")
     if d.augment != "imagenet" and not multicrop:
         raise UserError(f"data.decode=device implements augment=imagenet only; "

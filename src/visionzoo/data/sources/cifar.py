@@ -11,13 +11,18 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from visionzoo.data.sources.splits import Splits, existing_dir
+from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 from visionzoo.errors import UserError, first_line
 
-__all__ = ["load_cifar"]
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig
+
+__all__ = ["cifar10_splits", "cifar100_splits", "load_cifar"]
 
 _ROW_BYTES = 3 * 32 * 32
 
@@ -199,3 +204,25 @@ def load_cifar(root: str | Path, train: bool,
     # [N, 3072] -> [N, 3, 32, 32] (planes) -> [N, 32, 32, 3] (HWC, like PIL/numpy images).
     images = np.ascontiguousarray(rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     return images, labels, list(names)
+
+
+def _splits(d: DataConfig, train: bool, num_classes: int) -> Splits:
+    if d.path is None:
+        raise UserError(f"{d.name} needs --data: the folder holding cifar-{num_classes}-python* (or its parent)")
+    existing_dir(d.path, d.name)
+    val_images, val_labels, classes = load_cifar(d.path, False, num_classes)
+    train_ds = None
+    if train:
+        images, labels, _ = load_cifar(d.path, True, num_classes)
+        train_ds = TensorImageDataset(images, labels, classes)
+    return Splits(train_ds, TensorImageDataset(val_images, val_labels, classes), classes)
+
+
+def cifar10_splits(d: DataConfig, train: bool) -> Splits:
+    """The reader of data.name=cifar10: the python pickles (train: data_batch_1..5, val: test_batch)."""
+    return _splits(d, train, 10)
+
+
+def cifar100_splits(d: DataConfig, train: bool) -> Splits:
+    """The reader of data.name=cifar100: the python pickles (train, val: test)."""
+    return _splits(d, train, 100)

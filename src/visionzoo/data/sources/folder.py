@@ -14,16 +14,23 @@ import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from visionzoo.data.sources.scan_cache import scan_classes
+from visionzoo.data.sources.splits import Splits, existing_dir
 from visionzoo.errors import UserError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "Unreadable", "find_classes", "load_image", "with_bad_names"]
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig
+
+__all__ = ["IMAGE_EXTENSIONS", "VAL_DIR_NAMES", "ImageFolderDataset", "Unreadable", "find_classes",
+           "imagefolder_splits", "load_image", "with_bad_names"]
+
+VAL_DIR_NAMES = ("val", "validation", "test")  # the validation folder of an ImageFolder root, first found
 
 # ImageFile.LOAD_TRUNCATED_IMAGES is deliberately left at Pillow's default
 # (False): a truncated file must raise in __getitem__ and be counted as bad,
@@ -224,6 +231,22 @@ class ImageFolderDataset(Dataset):
         """A batch's items (DataLoader calls this when it exists), with the paths of the
         undecodable ones attached, so collate_skip_bad can name them."""
         return with_bad_names([self[i] for i in indices], [self.sample_name(i) for i in indices])
+
+
+def imagefolder_splits(d: DataConfig, train: bool) -> Splits:
+    """The reader of data.name=imagefolder: ``data.path``/train/<class>/... and
+    ``data.path``/val/<class>/... (or validation/, test/)."""
+    root = existing_dir(d.path, "an ImageFolder data set")
+    val_dir = next((root / n for n in VAL_DIR_NAMES if (root / n).is_dir()), None)
+    if val_dir is None:
+        raise UserError(f"{root} has no val/ folder (expected {root}/train/<class>/... and {root}/val/<class>/...)")
+    train_dir = root / "train"
+    if train and not train_dir.is_dir():
+        raise UserError(f"{root} has no train/ folder (expected {root}/train/<class>/...)")
+    # Labels are the training split's class folders, so val indices always mean the same class.
+    classes = find_classes(train_dir if train_dir.is_dir() else val_dir)
+    train_ds = ImageFolderDataset(train_dir, classes, scan_cache=d.scan_cache) if train else None
+    return Splits(train_ds, ImageFolderDataset(val_dir, classes, scan_cache=d.scan_cache), classes)
 
 
 class _Items(list):

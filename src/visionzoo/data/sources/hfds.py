@@ -20,10 +20,14 @@ from __future__ import annotations
 import glob
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from visionzoo.data.sources.shards import Shard, ShardStream
+from visionzoo.data.sources.splits import Splits, check_folder
 from visionzoo.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig
 
 IMAGE, LABEL = "image", "label"
 VAL_SPLITS = ("validation", "val", "test")
@@ -248,9 +252,9 @@ def _load(src: tuple[str, list[str]]) -> tuple[list[Shard], list[str] | None]:
     return shards, names
 
 
-def hfds_splits(d, train: bool):
-    """(train ShardStream or None, val ShardStream, classes) for a DataConfig; the loading layer
-    sets the streams' transforms."""
+def hfds_splits(d: DataConfig, train: bool) -> Splits:
+    """The reader of data.name=hfds: train (when ``train``) and val ShardStreams and the class
+    names; the loading layer sets the streams' transforms."""
     from visionzoo.data.sources.webdataset import class_names_beside
 
     _need_libs()
@@ -272,4 +276,11 @@ def hfds_splits(d, train: bool):
     kw = dict(classes=classes, shuffle_buffer=d.shuffle_buffer, retries=0)
     train_ds = ShardStream(train_shards, reader(train_src), **kw) if train_src else None
     val_ds = ShardStream(val_shards, reader(val_src), **kw)
-    return train_ds, val_ds, list(classes)
+    return Splits(train_ds, val_ds, list(classes))
+
+
+def check_path(d: DataConfig) -> None:
+    """Fail early on a ``data.path`` that is not a folder (data.train / data.val patterns are
+    checked when they are read)."""
+    if not (d.train or d.val):
+        check_folder(d)

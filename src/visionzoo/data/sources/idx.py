@@ -12,22 +12,25 @@ import math
 import struct
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from visionzoo.data.sources.splits import Splits, existing_dir
+from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 from visionzoo.errors import UserError
 
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig
+
 __all__ = [
-    "DEFAULT_FASHION_MNIST_DIR",
     "FASHION_MNIST_CLASSES",
     "MNIST_CLASSES",
+    "fashion_mnist_splits",
     "load_idx_split",
+    "mnist_splits",
     "read_idx",
 ]
-
-# Where Debian's dataset-fashion-mnist package installs the four .gz files
-# (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-...).
-DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 FASHION_MNIST_CLASSES: list[str] = [
     "T-shirt/top",
@@ -195,3 +198,22 @@ def load_idx_split(root: str | Path, train: bool) -> tuple[np.ndarray, np.ndarra
             f"{len(labels)} labels"
         )
     return images, labels.astype(np.int64)
+
+
+def _splits(d: DataConfig, train: bool, classes: list[str]) -> Splits:
+    if d.path is None:
+        raise UserError(f"{d.name} needs --data: the folder holding the IDX files")
+    existing_dir(d.path, d.name)
+    val_ds = TensorImageDataset(*load_idx_split(d.path, False), classes)
+    train_ds = TensorImageDataset(*load_idx_split(d.path, True), classes) if train else None
+    return Splits(train_ds, val_ds, list(classes))
+
+
+def fashion_mnist_splits(d: DataConfig, train: bool) -> Splits:
+    """The reader of data.name=fashion_mnist: the four IDX files (train-*, t10k-*), gzipped or not."""
+    return _splits(d, train, FASHION_MNIST_CLASSES)
+
+
+def mnist_splits(d: DataConfig, train: bool) -> Splits:
+    """The reader of data.name=mnist: the four IDX files (train-*, t10k-*), gzipped or not."""
+    return _splits(d, train, MNIST_CLASSES)

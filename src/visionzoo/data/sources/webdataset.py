@@ -23,10 +23,14 @@ import json
 import os
 import posixpath
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, TYPE_CHECKING, Iterator
 
 from visionzoo.data.sources.shards import Shard, ShardStream, shard_error, warn
+from visionzoo.data.sources.splits import Splits
 from visionzoo.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXTS = ("cls", "json")
@@ -350,9 +354,9 @@ def _need_libs() -> None:
         raise _missing_extra("data.name=webdataset", "shards") from None
 
 
-def webdataset_splits(d, train: bool):
-    """(train ShardStream or None, val ShardStream, classes) for a DataConfig; the loading layer
-    sets the streams' transforms."""
+def webdataset_splits(d: DataConfig, train: bool) -> Splits:
+    """The reader of data.name=webdataset: train (when ``train``) and val ShardStreams and the
+    class names; the loading layer sets the streams' transforms."""
     _need_libs()
     train_spec, val_spec = split_specs(d, train)
     val_names = shard_names(val_spec)
@@ -371,10 +375,10 @@ def webdataset_splits(d, train: bool):
     kw = dict(reader=reader, classes=classes, shuffle_buffer=d.shuffle_buffer, retries=d.io_retries)
     train_ds = ShardStream(train_shards, **kw) if train else None
     val_ds = ShardStream(val_shards, **kw)
-    return train_ds, val_ds, classes
+    return Splits(train_ds, val_ds, classes)
 
 
-def check_path(d) -> None:
+def check_path(d: DataConfig) -> None:
     """Fail early (before workers are launched) on local shard patterns that match nothing."""
     _need_libs()
     train_spec, val_spec = split_specs(d, True)
