@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from visionzoo.config import load_config
-from visionzoo.data.augment.batched import MultiCropAugment, SupervisedAugment
+from visionzoo.data.augment import registry
+from visionzoo.data.augment.batched import MultiCropAugment
 from visionzoo.data.augment.mix import PerSampleMixup
 from visionzoo.data.augment.multicrop import MultiCropTransform
 from visionzoo.data.augment.presets import train_transform
@@ -57,7 +58,7 @@ def main() -> None:
     rows.append(("NFNet RRC 192 + flip + RandAugment", "per image (timm, Pillow)",
                  _rate(lambda: [per_image(pil[i % 8]) for i in range(args.per_image)], args.per_image,
                        torch.device("cpu"), args.repeats)))
-    batched = SupervisedAugment(nfnet.data, device)
+    batched = registry.batched(nfnet.data, registry.DEVICE_DECODE, device)
     rows.append(("NFNet RRC 192 + flip + RandAugment", f"batched ({args.device})",
                  _rate(lambda: batched(batch_images, g), args.batch, device, args.repeats)))
 

@@ -27,7 +27,9 @@ from torchvision.transforms import functional as TF1
 
 from visionzoo.config import load_config
 from visionzoo.data.augment import multicrop
-from visionzoo.data.augment import presets as transforms
+from visionzoo.data.augment import per_image, presets
+from visionzoo.data.augment.normalize import Normalize
+from visionzoo.data.augment.per_image import timm_randaugment
 from visionzoo.data.loading.collate import stack_images
 from visionzoo.data.loading.samplers import seed_sample_rngs
 from visionzoo.data.sources.folder import to_rgb
@@ -79,8 +81,7 @@ def old_views(recipe, cfg) -> list[tuple[str, Callable]]:
                                                         antialias=True)),
                  ("flip", v2.RandomHorizontalFlip(d.hflip))]
         if d.randaugment:
-            steps.append(("RandAugment", transforms.timm_randaugment(d.randaugment, d.image_size, d.mean,
-                                                                     d.interpolation)))
+            steps.append(("RandAugment", timm_randaugment(d.randaugment, d.image_size, d.mean, d.interpolation)))
         return steps + [normalise]
     dc = cfg.dino
     b, c, s, h = dc.color_jitter
@@ -140,8 +141,8 @@ def run_new(recipe: str, cfg, files: list[str]) -> list[Any]:
             patch(TF1, fn, "colour jitter")
         patch(mod, "blur_uint8", "blur")
     else:
-        transform = transforms.train_transform(d)
-        mod = transforms
+        transform = presets.train_transform(d)
+        mod = per_image
         if transform.randaugment is not None:
             transform.randaugment = timed("RandAugment", transform.randaugment)
     patch(mod, "random_resized_crop", "draw crop (before decode)")
@@ -194,7 +195,7 @@ def run_peer(recipe: str, cfg, files: list[str]) -> list[Any]:
 
 def collate_and_normalise(old: bool, items: list, cfg) -> None:
     d = cfg.data
-    norm = transforms.Normalize(tuple(d.mean), tuple(d.std))
+    norm = Normalize(tuple(d.mean), tuple(d.std))
     for start in range(0, len(items), 64):
         chunk = items[start:start + 64]
         positions = [[c[i] for c in chunk] for i in range(len(chunk[0]))] if isinstance(chunk[0], list) else [chunk]

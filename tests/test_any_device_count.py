@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from visionzoo.config import for_world_size, from_dict, load_config
-from visionzoo.data.augment.presets import Normalize
+from visionzoo.data.augment.normalize import Normalize
 from visionzoo.data.loading.collate import stack_images
 from visionzoo.data.loading.device_batches import DeviceBatches
 from visionzoo.data.loading.in_memory import InMemoryLoader

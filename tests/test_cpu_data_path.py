@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,10 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode, v2
 
 from visionzoo.config import load_config
-from visionzoo.data.augment import presets as transforms
+from visionzoo.data.augment import per_image, presets
 from visionzoo.data.augment.multicrop import MultiCropTransform, blur_uint8
-from visionzoo.data.augment.presets import Normalize, random_resized_crop, timm_randaugment
+from visionzoo.data.augment.normalize import Normalize
+from visionzoo.data.augment.per_image import random_resized_crop, timm_randaugment
 from visionzoo.data.loading.build import build_datasets, build_loader, build_loaders, multicrop_loader
 from visionzoo.data.loading.collate import stack_images
 from visionzoo.data.loading.device_batches import DeviceBatches
@@ -233,7 +235,7 @@ def _prepared(transform, path: Path, seed: int):
 
 def test_draft_draws_the_same_crop_and_shrinks_the_decode_by_the_crop(large_jpeg) -> None:
     d = load_config("alexnet_imagenet", ["data.image_size=64"]).data
-    on, off = transforms.CropFlipAugment(d, True), transforms.CropFlipAugment(d, False)
+    on, off = presets.train_transform(replace(d, draft=True)), presets.train_transform(replace(d, draft=False))
     for seed in range(6):
         (box, scale), size, out = _prepared(on, large_jpeg, seed)
         (box_full, one), full_size, want = _prepared(off, large_jpeg, seed)
@@ -247,7 +249,7 @@ def test_draft_draws_the_same_crop_and_shrinks_the_decode_by_the_crop(large_jpeg
 
 def test_draft_leaves_small_and_non_jpeg_images_alone(tree) -> None:
     d = load_config("alexnet_imagenet", ["data.image_size=48"]).data
-    t = transforms.CropFlipAugment(d, True)
+    t = presets.train_transform(replace(d, draft=True))
     for name in ("train/a/png.png", "train/a/0.jpg"):
         (_, scale), size, _ = _prepared(t, tree / name, 0)
         assert scale == 1 and size == Image.open(tree / name).size
@@ -256,12 +258,12 @@ def test_draft_leaves_small_and_non_jpeg_images_alone(tree) -> None:
 def test_eval_draft_decodes_towards_the_resize_target(large_jpeg) -> None:
     d = load_config("alexnet_imagenet", ["data.test_resize=128", "data.test_size=112"]).data
     with Image.open(large_jpeg) as img:
-        t = transforms.ResizeCenterCrop(d, True)
+        t = per_image.ResizeCenterCrop(d, True)
         target = t.prepare(img)
         img.load()
         assert target == (170, 128) and img.size == (300, 225)  # 900 / 128 >= 4: decoded at 1/4
         out = t(to_rgb(img), target)
-    want = transforms.ResizeCenterCrop(d, False)(_old_decode(str(large_jpeg)))
+    want = per_image.ResizeCenterCrop(d, False)(_old_decode(str(large_jpeg)))
     assert out.shape == want.shape == (3, 112, 112) and (out.float() - want.float()).abs().mean() < 3
 
 
@@ -272,7 +274,7 @@ def test_eval_decodes_in_full_unless_eval_draft(large_jpeg) -> None:
         d = load_config("alexnet_imagenet", ["data.test_resize=128", "data.test_size=112", *overrides]).data
         assert d.draft
         with Image.open(large_jpeg) as img:
-            transforms.eval_transform(d).prepare(img)
+            presets.eval_transform(d).prepare(img)
             img.load()
             assert img.size == want_size
 

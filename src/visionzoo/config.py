@@ -21,6 +21,9 @@ from visionzoo.errors import UserError
 from visionzoo.ranges import RANGES, check_range
 
 AMP_MODES = ("auto", "none", "bf16", "fp16", "fp64")
+# data.augment's presets: the augmentation-only rows of data/augment/registry.py (a lower layer
+# cannot import it; tests/test_augment_registry.py checks the two agree), checked before torch loads.
+AUGMENTS = ("imagenet", "cifar", "none")
 
 
 def _check(value: Any, allowed: tuple, key: str) -> None:
@@ -63,8 +66,9 @@ class DataConfig:
     # there (no workers); ImageFolder always uses the DataLoader.
     device_resident: bool = True
     # ImageFolder training data: cpu decodes and augments in the loader workers (Pillow);
-    # device has workers read file bytes only and decodes (nvJPEG on CUDA), crops, flips and
-    # normalises each batch on the training device (augment=imagenet, no randaugment).
+    # device has workers read file bytes only and decodes (nvJPEG on CUDA), crops, flips,
+    # RandAugments and normalises each batch on the training device (augment=imagenet, or DINO's
+    # views: the presets each path runs are in docs/data-path.md).
     decode: str = "cpu"
     # data.decode=cpu: decode a training JPEG at 1/2, 1/4 or 1/8 of its size (Pillow's draft
     # mode) when the random crop shrinks it at least that much; false: always in full.
@@ -74,7 +78,7 @@ class DataConfig:
     eval_draft: bool = False
     in_chans: int = 3
     # Train-time augmentation.
-    augment: str = "imagenet"  # imagenet: RandomResizedCrop; cifar: pad + RandomCrop; none
+    augment: str = "imagenet"  # imagenet: RandomResizedCrop; cifar: pad + RandomCrop; none: as stored
     image_size: int = 224  # train crop size, pixels
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop
     crop_padding: int = 4  # pixels of zero padding before RandomCrop (augment=cifar)
@@ -104,7 +108,7 @@ class DataConfig:
     scan_cache: bool = True  # imagefolder: cache the file list (data/sources/scan_cache.py)
 
     def __post_init__(self) -> None:
-        _check(self.augment, ("imagenet", "cifar", "none"), "data.augment")
+        _check(self.augment, AUGMENTS, "data.augment")
         _check(self.interpolation, ("bilinear", "bicubic", "nearest"), "data.interpolation")
         _check(self.decode, ("cpu", "device"), "data.decode")
         _check(self.normalize, ("unit", "pixel", "mmcv"), "data.normalize")

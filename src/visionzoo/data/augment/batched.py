@@ -1,27 +1,63 @@
 """Supervised training augmentation of a whole batch at once, with tensor ops on the training
-device: random crop + flip of in-memory splits (CIFAR, MNIST; loading/in_memory.py) and
-RandomResizedCrop + flip (+ RandAugment) of images decoded on the device
-(loading/device_decode.py); DINO's multi-crop views of decoded images (augment/multicrop_batched.py).
+device: the crops and flips of the presets (data/augment/registry.py) for in-memory splits
+(CIFAR, MNIST; loading/in_memory.py) and images decoded on the device (loading/device_decode.py),
+followed by RandAugment and the normalisation (``BatchAugment``); DINO's multi-crop views of
+decoded images (augment/multicrop_batched.py).
 
 Random numbers come from a CPU generator, so a run draws the same crops on any device; they
-travel to the device in one asynchronous copy (visionzoo/transfer.py)."""
+travel to the device in one asynchronous copy (visionzoo/transfer.py). Each crop is a draw
+function and an apply function (``crop_flip_draws`` / ``crop_flip``, ``resized_crop_draws`` /
+``resized_crops``): the seam where the per-image path's draws are replayed."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from visionzoo.data.augment import multicrop_batched
-from visionzoo.data.augment.batched_randaugment import BatchedRandAugment
 from visionzoo.data.augment.multicrop_batched import BatchedMultiCrop, pad_batch
-from visionzoo.data.augment.presets import Normalize, central_box
+from visionzoo.data.augment.normalize import Normalize
+from visionzoo.data.augment.per_image import central_box
 from visionzoo.errors import UserError
 from visionzoo.transfer import send
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
 _TRIES = 10  # crop draws before the central-crop fallback, as torchvision's get_params
+
+
+def crop_flip_draws(
+    b: int, height: int, width: int, size: int, padding: int, hflip: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The draws of ``random_crop_flip`` for b images of height x width: the crops' top and left
+    in the padded images (uniform over every valid position) and the flips, CPU tensors [b]."""
+    oy = torch.randint(0, height + 2 * padding - size + 1, (b,), generator=generator)
+    ox = torch.randint(0, width + 2 * padding - size + 1, (b,), generator=generator)
+    flip = torch.rand(b, generator=generator) < hflip if hflip > 0 else torch.zeros(b, dtype=torch.bool)
+    return oy, ox, flip
+
+
+def crop_flip(x: torch.Tensor, size: int, padding: int, oy: torch.Tensor, ox: torch.Tensor,
+              flip: torch.Tensor) -> torch.Tensor:
+    """The ``size`` crops at (``oy``, ``ox``) of a [B, C, H, W] batch (any dtype) zero-padded by
+    ``padding``, mirrored where ``flip``: one gather, no arithmetic on the pixels."""
+    b = x.shape[0]
+    if padding > 0:
+        x = F.pad(x, (padding, padding, padding, padding))
+    dev = x.device
+    any_flip = bool(flip.any())  # a CPU tensor: no device sync
+    oy, ox, flip = send([oy, ox, flip], dev, torch.int64)
+    ar = torch.arange(size, device=dev)
+    rows = (oy[:, None] + ar)[:, :, None]  # [B, S, 1]
+    cols = (ox[:, None] + ar)[:, None, :]  # [B, 1, S]
+    if any_flip:
+        # A flipped crop reads its columns right to left.
+        cols = torch.where(flip.bool()[:, None, None], cols.flip(-1), cols)
+    batch_idx = torch.arange(b, device=dev)[:, None, None]
+    out = x[batch_idx, :, rows, cols]  # [B, S, S, C]
+    return out.permute(0, 3, 1, 2)
 
 
 def random_crop_flip(
@@ -30,23 +66,7 @@ def random_crop_flip(
     """Per-sample random crop of ``size`` after zero padding, and random horizontal flip, of a
     [B, C, H, W] batch (any dtype). Offsets are uniform over every valid position."""
     b, _, h, w = x.shape
-    if padding > 0:
-        x = F.pad(x, (padding, padding, padding, padding))
-    ph, pw = h + 2 * padding, w + 2 * padding
-    dev = x.device
-    oy = torch.randint(0, ph - size + 1, (b,), generator=generator)
-    ox = torch.randint(0, pw - size + 1, (b,), generator=generator)
-    flip = torch.rand(b, generator=generator) < hflip if hflip > 0 else torch.zeros(b, dtype=torch.bool)
-    oy, ox, flip = send([oy, ox, flip], dev, torch.int64)
-    ar = torch.arange(size, device=dev)
-    rows = (oy[:, None] + ar)[:, :, None]  # [B, S, 1]
-    cols = (ox[:, None] + ar)[:, None, :]  # [B, 1, S]
-    if hflip > 0:
-        # A flipped crop reads its columns right to left.
-        cols = torch.where(flip.bool()[:, None, None], cols.flip(-1), cols)
-    batch_idx = torch.arange(b, device=dev)[:, None, None]
-    out = x[batch_idx, :, rows, cols]  # [B, S, S, C]
-    return out.permute(0, 3, 1, 2)
+    return crop_flip(x, size, padding, *crop_flip_draws(b, h, w, size, padding, hflip, generator))
 
 
 def crop_params(height: int, width: int, scale, ratio, u: list[list[float]]) -> tuple[int, int, int, int]:
@@ -101,29 +121,47 @@ def resize_weights(n_in: torch.Tensor, out: int, cap: int, mode: str, flip: torc
     return w / torch.where(total == 0, torch.ones_like(total), total)
 
 
+def resized_crop_draws(
+    sizes: list[tuple[int, int]], scale, ratio, hflip: float, generator: torch.Generator
+) -> tuple[list[tuple[int, int, int, int]], torch.Tensor]:
+    """The draws of ``random_resized_crop`` for images of (height, width) ``sizes``, from the CPU
+    ``generator``: ``_TRIES`` x 4 uniforms per image, then one flip uniform per image. Returns the
+    crop boxes (top, left, height, width) and the flips (a CPU bool tensor)."""
+    b = len(sizes)
+    u = torch.rand(b, _TRIES, 4, generator=generator, dtype=torch.float64).tolist()
+    flip = torch.rand(b, generator=generator) < hflip if hflip > 0 else torch.zeros(b, dtype=torch.bool)
+    return [crop_params(h, w, scale, ratio, draws) for (h, w), draws in zip(sizes, u, strict=True)], flip
+
+
 def random_resized_crop(
     images: list[torch.Tensor], size: int, scale, ratio, hflip: float, generator: torch.Generator,
     interpolation: str = "bilinear",
 ) -> torch.Tensor:
     """RandomResizedCrop(size, scale, ratio, antialias) + RandomHorizontalFlip(hflip) of uint8
-    CHW images (any sizes, one device) into a float32 [B, C, size, size] batch in 0-255 units.
+    CHW images (any sizes, one device; a list or a [B, C, H, W] batch) into a float32
+    [B, C, size, size] batch in 0-255 units: ``resized_crops`` of the ``resized_crop_draws``."""
+    boxes, flip = resized_crop_draws([(int(i.shape[-2]), int(i.shape[-1])) for i in images], scale, ratio, hflip,
+                                     generator)
+    return resized_crops(images, boxes, flip, size, interpolation)
 
-    The draws come from the CPU ``generator`` (the same crops on any device): ``_TRIES`` x 4
-    uniforms per image, then one flip uniform per image; the crop boxes are computed on the host.
-    The batch is then resized at once (or, with an outsized photo in it, in groups of similar
-    crop sizes, ``crop_groups``: memory stays bounded by the crops' and the output's pixels):
-    each image's crop is copied into one uint8 batch
-    (one copy per image: nvJPEG returns separate tensors), and resized by two batched matrix
-    products with the weights of torch's antialiased bilinear/bicubic (or nearest) resize, the
-    flip folded into the horizontal weights; float32 copies of at most ``multicrop_batched.CHUNK_BYTES``.
-    Equal to ``F.interpolate(crop, antialias=True)`` per image up to float32 rounding (1e-3 of a
-    grey level in the tests); torchvision's uint8 resize rounds to integers (within 1 level)."""
+
+def resized_crops(images: list[torch.Tensor], boxes: list[tuple[int, int, int, int]], flip: torch.Tensor,
+                  size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """The crops ``boxes`` (top, left, height, width) of uint8 CHW ``images`` resized to size x size,
+    mirrored where ``flip`` (CPU bool [B]): float32 [B, C, size, size] in 0-255 units.
+
+    The batch is resized at once (or, with an outsized photo in it, in groups of similar crop
+    sizes, ``crop_groups``: memory stays bounded by the crops' and the output's pixels): each
+    image's crop is copied into one uint8 batch (one copy per image: nvJPEG returns separate
+    tensors), and resized by two batched matrix products with the weights of torch's
+    antialiased bilinear/bicubic (or nearest) resize, the flip folded into the horizontal
+    weights; float32 copies of at most ``multicrop_batched.CHUNK_BYTES``. Equal to
+    ``F.interpolate(crop, antialias=True)`` per image up to float32 rounding (1e-3 of a grey
+    level in the tests); the per-image path's uint8 resizes round to integers (data/augment/registry.py
+    says how far apart the two are)."""
     if interpolation not in ("bilinear", "bicubic", "nearest"):
         raise UserError(f"data.interpolation={interpolation} is not bilinear, bicubic or nearest")
     b, c, device = len(images), images[0].shape[0], images[0].device
-    u = torch.rand(b, _TRIES, 4, generator=generator, dtype=torch.float64).tolist()
-    flip = torch.rand(b, generator=generator) < hflip if hflip > 0 else torch.zeros(b, dtype=torch.bool)
-    boxes = [crop_params(img.shape[-2], img.shape[-1], scale, ratio, draws) for img, draws in zip(images, u)]
     hs, ws, flips = send([torch.tensor([bx[2] for bx in boxes]), torch.tensor([bx[3] for bx in boxes]), flip], device)
     groups = crop_groups(boxes, size)
     if len(groups) == 1:
@@ -175,41 +213,110 @@ def _resize_crops(images, boxes, group, hs, ws, flips, size: int, interpolation:
     return torch.cat([wy[i:i + per, None] @ crops[i:i + per].float() @ wx[i:i + per, None] for i in range(0, n, per)])
 
 
-class SupervisedAugment:
-    """Decoded images (uint8 CHW, many sizes, on the device) → the normalised training batch:
-    RandomResizedCrop + flip, then RandAugment when the recipe has one."""
+class BatchResizedCropFlip:
+    """data.augment=imagenet a batch at a time: RandomResizedCrop + flip with the config's size,
+    scale, flip probability and interpolation (``resized_crop_draws``, ``resized_crops``); uint8
+    CHW images of any sizes (a list, or a [B, C, H, W] batch) in, float32 out."""
 
-    def __init__(self, d, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format):
-        self.size, self.scale, self.hflip, self.interpolation = d.image_size, tuple(d.crop_scale), d.hflip, d.interpolation
-        self.normalize = Normalize.of(d)  # in the reference's order (data.normalize)
-        self._stats = self.normalize.on(device)
+    def __init__(self, d: Any):
+        self.size, self.scale, self.hflip = d.image_size, tuple(d.crop_scale), d.hflip
+        self.interpolation = d.interpolation
+
+    def draw(self, images: list[torch.Tensor] | torch.Tensor, generator: torch.Generator) -> tuple:
+        """(crop boxes, flips) of the images, from the CPU ``generator``."""
+        sizes = [(int(i.shape[-2]), int(i.shape[-1])) for i in images]
+        return resized_crop_draws(sizes, self.scale, RATIO, self.hflip, generator)
+
+    def apply(self, images: list[torch.Tensor] | torch.Tensor, draws: tuple) -> torch.Tensor:
+        """The crops and flips ``draws`` describe."""
+        boxes, flip = draws
+        return resized_crops(images, boxes, flip, self.size, self.interpolation)
+
+
+class BatchPadCropFlip:
+    """data.augment=cifar a batch at a time: zero padding, a uniformly placed crop and a flip per
+    image (``crop_flip_draws``, ``crop_flip``) of a [B, C, H, W] batch, in its dtype."""
+
+    def __init__(self, d: Any):
+        self.size, self.padding, self.hflip = d.image_size, d.crop_padding, d.hflip
+
+    def draw(self, x: torch.Tensor, generator: torch.Generator) -> tuple:
+        """(tops, lefts, flips) of the batch, from the CPU ``generator``."""
+        b, _, h, w = x.shape
+        return crop_flip_draws(b, h, w, self.size, self.padding, self.hflip, generator)
+
+    def apply(self, x: torch.Tensor, draws: tuple) -> torch.Tensor:
+        """The crops and flips ``draws`` describe."""
+        return crop_flip(x, self.size, self.padding, *draws)
+
+
+class BatchStored:
+    """data.augment=none a batch at a time: the images as stored."""
+
+    def __init__(self, d: Any):
+        pass
+
+    def draw(self, x: torch.Tensor, generator: torch.Generator) -> None:
+        """Nothing to draw."""
+        return None
+
+    def apply(self, x: torch.Tensor, draws: None) -> torch.Tensor:
+        """The batch itself."""
+        return x
+
+
+class BatchAugment:
+    """Images on the device (a uint8 [B, C, H, W] batch, or decoded images of many sizes) → the
+    normalised training batch: the preset's crop and flip (``crop``; None: the images as they are,
+    stacked), then RandAugment when the recipe has one, then the normalisation (data.normalize)
+    and the memory format. Every draw comes from the CPU ``generator``, the crop's first
+    (``draw``); ``apply`` takes them (the seam where the per-image path's draws are replayed)."""
+
+    def __init__(self, crop: Any | None, randaugment: Any | None, normalize: Normalize,
+                 device: torch.device, memory_format: torch.memory_format = torch.contiguous_format):
+        self.crop, self.randaugment, self.normalize = crop, randaugment, normalize
+        self._stats = normalize.on(device)
         self.memory_format = memory_format
-        self.randaugment = BatchedRandAugment(d.randaugment, d.image_size, d.mean, d.interpolation) if d.randaugment else None
 
-    def __call__(self, images: list[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        if not images:
+    def __call__(self, images: list[torch.Tensor] | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if len(images) == 0:
             return torch.empty(0)
-        x = random_resized_crop(images, self.size, self.scale, RATIO, self.hflip, generator, self.interpolation)
+        return self.apply(images, self.draw(images, generator))
+
+    def draw(self, images: list[torch.Tensor] | torch.Tensor, generator: torch.Generator) -> tuple:
+        """(the crop's draws, RandAugment's) for ``images``, in that order from ``generator``."""
+        crop = self.crop.draw(images, generator) if self.crop is not None else None
+        ra = self.randaugment.sample_params(len(images), generator) if self.randaugment is not None else None
+        return crop, ra
+
+    def apply(self, images: list[torch.Tensor] | torch.Tensor, draws: tuple) -> torch.Tensor:
+        """The normalised batch ``draws`` (from ``draw``) describe."""
+        crop, ra = draws
+        x = self.crop.apply(images, crop) if self.crop is not None else images
+        x = x.float()
         if self.randaugment is not None:
-            x = self.randaugment(x, generator)
+            x = self.randaugment.apply(x, ra)
         return self.normalize(x, self._stats).contiguous(memory_format=self.memory_format)
 
 
 class MultiCropAugment:
     """Decoded images (uint8 CHW, many sizes, on the device) → DINO's list of crop batches."""
 
-    def __init__(self, d, dino):
+    def __init__(self, d: Any, dino: Any):
         self.multicrop = BatchedMultiCrop(d, dino)
         self.size = d.image_size
 
     def __call__(self, images: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
         if not images:
             return []
+        sizes = (torch.tensor([int(i.shape[-2]) for i in images]), torch.tensor([int(i.shape[-1]) for i in images]))
+        return self.apply(images, self.multicrop.draw(len(images), images[0].shape[0], sizes, generator))
+
+    def apply(self, images: list[torch.Tensor], draws: list[dict]) -> list[torch.Tensor]:
+        """The crops ``draws`` (``BatchedMultiCrop.draw``) describe: the seam where another path's
+        draws are replayed."""
         groups = crop_groups([(0, 0, int(i.shape[-2]), int(i.shape[-1])) for i in images], self.size)
         if len(groups) == 1:
-            x, heights, widths = pad_batch(images)
-            return self.multicrop(x, generator, (heights, widths))
+            return self.multicrop.apply(pad_batch(images)[0], draws)
         # An outsized photo is padded on its own, not every image of the batch to its size.
-        sizes = (torch.tensor([int(i.shape[-2]) for i in images]), torch.tensor([int(i.shape[-1]) for i in images]))
-        padded = [(group, pad_batch([images[k] for k in group])[0]) for group in groups]
-        return self.multicrop(padded, generator, sizes)
+        return self.multicrop.apply([(group, pad_batch([images[k] for k in group])[0]) for group in groups], draws)

@@ -22,11 +22,12 @@ same augmentation on any device and nothing waits on the GPU. Known differences 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from visionzoo.data.augment.presets import timm_randaugment  # the CPU path's exact timm set-up
+from visionzoo.data.augment.per_image import timm_randaugment  # the CPU path's exact timm set-up
 from visionzoo.errors import UserError
 from visionzoo.transfer import send
 
@@ -260,6 +261,11 @@ class BatchedRandAugment:
             if self.num_layers > int((self.choice_weights > 0).sum()):
                 raise UserError(f"RandAugment config {config_str!r} draws {self.num_layers} distinct ops "
                                 f"from {int((self.choice_weights > 0).sum())}")
+
+    @classmethod
+    def of(cls, d: Any) -> BatchedRandAugment:
+        """The RandAugment data.randaugment configures, as per_image.randaugment_of configures timm's."""
+        return cls(d.randaugment, d.image_size, d.mean, d.interpolation)
 
     def sample_params(self, batch_size: int, generator: torch.Generator) -> RandAugmentParams:
         """Every random draw of one batch, from the CPU ``generator``, in a fixed order."""

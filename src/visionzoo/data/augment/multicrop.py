@@ -13,30 +13,38 @@ in the same order, but all of an image's draws before it is decoded (they depend
 only), so a JPEG is decoded at 1/2-1/8 of its size when every crop shrinks at least that much
 (data.draft); it applies them with Pillow and torchvision's PIL kernels, and blurs with a
 separable kernel (torchvision's 2-D one, factored: at most 1 grey level apart, on a few pixels
-in 10^5). uint8 CHW tensors (CIFAR, MNIST-style IDX files) go through the v2 ops unchanged.
-Solarization thresholds at 128 in 0-255 units. In-memory data sets and JPEGs decoded on the
-device have a batched version (``BatchedMultiCrop``, below)."""
+in 10^5). uint8 CHW tensors (CIFAR, MNIST-style IDX files) go through the kernels the v2
+transforms call on tensors, with the same draws. ``draw`` and ``apply`` split the draws from
+the pixels (the seam where the batched path's draws are replayed). Solarization thresholds at
+128 in 0-255 units. In-memory data sets and JPEGs decoded on the device have a batched version
+(``BatchedMultiCrop``, data/augment/multicrop_batched.py)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms import functional as TF1
+from torchvision.transforms.v2 import functional as TF
 
-from visionzoo.data.augment.presets import (
+from visionzoo.data.augment.normalize import Normalize
+from visionzoo.data.augment.per_image import (
     PIL_RESAMPLE,
     Box,
-    Normalize,
     draft,
+    height_width,
     pil_to_uint8,
     random_resized_crop,
     resized_crop,
 )
+
+# ColorJitter's ops in its numbering (brightness, contrast, saturation, hue), on tensors.
+_JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 
 
 def _kernel_size(sigma: list[float], size: int) -> int:
@@ -94,8 +102,7 @@ class MultiCropTransform:
     """image → list of uint8 crops ``[global_1, global_2, local_1, ..., local_n]`` (``normalize``:
     the data's mean/std, applied to the batch on the device)."""
 
-    def __init__(self, d, dino):
-        interp = InterpolationMode(d.interpolation)
+    def __init__(self, d: Any, dino: Any):
         b, c, s, h = dino.color_jitter
         gsize, lsize = d.image_size, dino.local_crop_size
         p1, p2, pl = dino.blur_p
@@ -107,25 +114,8 @@ class MultiCropTransform:
                        _Spec(gsize, tuple(dino.global_crops_scale), p2, True)]
                       + [_Spec(lsize, tuple(dino.local_crops_scale), pl, False)] * dino.local_crops_number)
         self.resample, self.draft = PIL_RESAMPLE[d.interpolation], d.draft
+        self.interp = InterpolationMode(d.interpolation)
         self.normalize = Normalize.of(d)
-
-        # uint8 tensors: the torchvision v2 ops, as composed for every image before.
-        def jitter() -> list:
-            # Flip, then colour: jitter with prob color_jitter_p, greyscale with prob grayscale_p
-            # (both are no-ops on single-channel images, where only brightness/contrast act).
-            return [v2.RandomHorizontalFlip(d.hflip), v2.RandomApply([cj], p=dino.color_jitter_p),
-                    v2.RandomGrayscale(dino.grayscale_p)]
-
-        def crop(size: int, scale: list[float]) -> v2.Transform:
-            return v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=interp, antialias=True)
-
-        self.tensor_views = (
-            [v2.Compose([crop(gsize, dino.global_crops_scale), *jitter(), _blur(dino.blur_sigma, gsize, p1)]),
-             v2.Compose([crop(gsize, dino.global_crops_scale), *jitter(), _blur(dino.blur_sigma, gsize, p2),
-                         v2.RandomSolarize(128, p=dino.solarize_p)])]
-            + [v2.Compose([crop(lsize, dino.local_crops_scale), *jitter(), _blur(dino.blur_sigma, lsize, pl)])]
-            * dino.local_crops_number)
-        self.local_crops_number = dino.local_crops_number
 
     def _draw(self, height: int, width: int, spec: _Spec) -> _View:
         # The order and kind of draws of the v2 pipeline: crop, flip, RandomApply(ColorJitter) with
@@ -143,12 +133,40 @@ class MultiCropTransform:
         solarize = bool(torch.rand(1) < self.solarize_p) if spec.solarize else False
         return _View(box, flip, jitter, grey, sigma, solarize)
 
+    def draw(self, height: int, width: int) -> list[_View]:
+        """Every view's draws for an image of height x width, from torch's global generator."""
+        return [self._draw(height, width, spec) for spec in self.specs]
+
     def prepare(self, img: Image.Image) -> tuple[list[_View], int]:
         """All draws of an opened image, from its full size; decode it at 1/2-1/8 when every
         crop shrinks at least that much."""
-        views = [self._draw(img.height, img.width, spec) for spec in self.specs]
-        shrink = min(min(v.box[2], v.box[3]) / spec.size for v, spec in zip(views, self.specs))
+        views = self.draw(img.height, img.width)
+        shrink = min(min(v.box[2], v.box[3]) / spec.size for v, spec in zip(views, self.specs, strict=True))
         return views, (draft(img, shrink) if self.draft else 1)
+
+    def apply(self, image: Image.Image | torch.Tensor, views: list[_View], scale: int = 1) -> list[torch.Tensor]:
+        """The uint8 crops ``views`` describe (PIL: decoded at 1/``scale``): the seam where another
+        path's draws are replayed."""
+        crop = self._crop_tensor if isinstance(image, torch.Tensor) else self._crop
+        return [crop(image, v, spec, scale) for v, spec in zip(views, self.specs, strict=True)]
+
+    def _crop_tensor(self, x: torch.Tensor, view: _View, spec: _Spec, scale: int = 1) -> torch.Tensor:
+        # The kernels the v2 transforms call on a uint8 tensor, in their order.
+        top, left, h, w = view.box
+        x = TF.resized_crop(x, top, left, h, w, [spec.size, spec.size], self.interp, antialias=True)
+        if view.flip:
+            x = TF.horizontal_flip(x)
+        if view.jitter is not None:
+            order, factors = view.jitter
+            for op in order:
+                if factors[op] is not None:
+                    x = _JITTER[op](x, factors[op])
+        if view.grey:
+            x = TF.rgb_to_grayscale(x, num_output_channels=x.shape[-3])
+        if view.sigma is not None:
+            k = _kernel_size(list(self.sigma), spec.size)
+            x = TF.gaussian_blur(x, [k, k], [view.sigma, view.sigma])
+        return TF.solarize(x, 128) if view.solarize else x
 
     def _crop(self, img: Image.Image, view: _View, spec: _Spec, scale: int) -> torch.Tensor:
         out = resized_crop(img, view.box, spec.size, self.resample, scale)
@@ -174,9 +192,8 @@ class MultiCropTransform:
             x = torch.where(x >= 128, 255 - x, x)
         return x
 
-    def __call__(self, image, prepared: tuple[list[_View], int] | None = None) -> list[torch.Tensor]:
-        if isinstance(image, torch.Tensor):
-            return [view(image).as_subclass(torch.Tensor) for view in self.tensor_views]
-        views, scale = prepared if prepared is not None else (
-            [self._draw(image.height, image.width, spec) for spec in self.specs], 1)
-        return [self._crop(image, v, spec, scale) for v, spec in zip(views, self.specs)]
+    def __call__(self, image: Image.Image | torch.Tensor,
+                 prepared: tuple[list[_View], int] | None = None) -> list[torch.Tensor]:
+        if prepared is None:  # a tensor, or an image decoded elsewhere: draw its crops now
+            prepared = self.draw(*height_width(image)), 1
+        return self.apply(image, *prepared)

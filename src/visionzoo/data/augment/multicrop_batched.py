@@ -201,22 +201,37 @@ class BatchedMultiCrop:
             y = torch.where(p["solarize"].bool().view(b, 1, 1, 1) & (y >= 128), 255 - y, y)
         return (y - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
+    def specs(self) -> list[tuple[int, list[float], float, float]]:
+        """(size, scale, blur probability, solarize probability) of each crop position."""
+        d, dino = self.d, self.dino
+        p1, p2, pl = dino.blur_p
+        specs = [(d.image_size, dino.global_crops_scale, p1, 0.0),
+                 (d.image_size, dino.global_crops_scale, p2, dino.solarize_p)]
+        return specs + [(dino.local_crop_size, dino.local_crops_scale, pl, 0.0)] * dino.local_crops_number
+
+    def draw(self, b: int, c: int, sizes, g: torch.Generator) -> list[dict]:
+        """Every random draw of ``b`` images of ``c`` channels and (heights, widths) ``sizes``
+        (numbers, or [b] tensors), crop position after crop position, from the CPU generator."""
+        return [self._draw(b, c, sizes, scale, blur, sol, g) for _, scale, blur, sol in self.specs()]
+
     def __call__(self, images: torch.Tensor | list, g: torch.Generator,
                  sizes: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """``images``: one batch, or a list of ``(image indices, padded batch of those images)``
         groups (an outsized photo padded on its own, device_decode.crop_groups); ``sizes``
         then holds every image's height and width in index order."""
-        d, dino = self.d, self.dino
+        groups = images if isinstance(images, list) else [(None, images)]
+        c, h, w = groups[0][1].shape[1:]
+        b = sum(x.shape[0] for _, x in groups)
+        return self.apply(images, self.draw(b, c, sizes if sizes is not None else (h, w), g))
+
+    def apply(self, images: torch.Tensor | list, draws: list[dict]) -> list[torch.Tensor]:
+        """The crops ``draws`` (from ``draw``) describe, of ``images`` as ``__call__`` takes them: the
+        seam where another path's draws are replayed."""
         groups = images if isinstance(images, list) else [(None, images)]
         b = sum(x.shape[0] for _, x in groups)
-        c, h, w = groups[0][1].shape[1:]
+        c = groups[0][1].shape[1]
         device = groups[0][1].device
-        sizes = sizes if sizes is not None else (h, w)
-        p1, p2, pl = dino.blur_p
-        specs = [(d.image_size, dino.global_crops_scale, p1, 0.0),
-                 (d.image_size, dino.global_crops_scale, p2, dino.solarize_p)]
-        specs += [(dino.local_crop_size, dino.local_crops_scale, pl, 0.0)] * dino.local_crops_number
-        draws = [self._draw(b, c, sizes, scale, blur, sol, g) for _, scale, blur, sol in specs]
+        specs = self.specs()
 
         # Images per float32 chunk, and the roi_align boxes of every (chunk, crop size): image
         # indices relative to the chunk, crops of one size after each other.

@@ -13,11 +13,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from visionzoo import distributed
+from visionzoo.data.augment import registry
 from visionzoo.data.augment.presets import eval_transform, train_transform
 from visionzoo.data.loading.collate import collate_multicrop, collate_skip_bad
 from visionzoo.data.loading.device_batches import DeviceBatches, find_normalize
 from visionzoo.data.loading.device_decode import DeviceDecodeLoader
-from visionzoo.data.loading.in_memory import InMemoryLoader
+from visionzoo.data.loading.in_memory import InMemoryLoader, InMemoryMultiCropLoader
 from visionzoo.data.loading.samplers import SeededDataset, ShardSampler
 from visionzoo.data.loading.stream_loader import StreamLoader
 from visionzoo.data.sources.shards import ShardStream
@@ -116,6 +117,35 @@ def multicrop_loader(ds: Dataset, batch_size: int, workers: int, seed: int, rank
                         collate_fn=collate_multicrop)
 
 
+def training_path(d, ds: Dataset) -> str:
+    """The path of data/augment/registry.py that augments the training split ``ds``: device decode
+    with data.decode=device; in memory for a split held in memory with data.device_resident (and
+    synthetic data); per image otherwise."""
+    if d.decode == "device":
+        return registry.DEVICE_DECODE
+    if data_source(d.name).generated or (d.device_resident and isinstance(ds, TensorImageDataset)):
+        return registry.IN_MEMORY
+    return registry.PER_IMAGE
+
+
+def multicrop_train_loader(ds: Dataset, d, dino, batch_size: int, device: torch.device, seed: int,
+                           rank: int = 0, world_size: int = 1):
+    """DINO's training loader: batches ``(crops, labels, n_bad)`` of ``ds`` (labels carried, never
+    used), the views made on ``training_path(d, ds)`` by the table's multi-crop implementation
+    there; call ``set_epoch(epoch, skip_batches)`` every epoch."""
+    path = training_path(d, ds)
+    if path == registry.IN_MEMORY:
+        return InMemoryMultiCropLoader(ds, batch_size, device, d, dino, seed, rank, world_size)
+    views = registry.multicrop(d, dino, path)
+    if path == registry.DEVICE_DECODE:
+        return DeviceDecodeLoader(ds, batch_size, d.workers, device, d, seed, rank, world_size, augment=views)
+    if not hasattr(ds, "transform"):
+        raise UserError(f"data.name={d.name} gives no per-image transform to apply multi-crop to")
+    ds.transform = views
+    return multicrop_loader(ds, batch_size, d.workers, seed, rank, world_size, pin_memory=device.type == "cuda",
+                            device=device)
+
+
 def build_loaders(
     splits: Splits, d, batch_size: int, device: torch.device, seed: int, rank: int = 0,
     world_size: int = 1, memory_format: torch.memory_format = torch.contiguous_format,
@@ -124,23 +154,23 @@ def build_loaders(
     """Train and val loaders for ``splits`` (train is None when ``splits.train`` is), both
     yielding ``(images, targets, n_bad)`` with ``batch_size`` images per device.
 
-    In-memory splits use the device-resident loader when ``d.device_resident`` and the
-    augmentation is one it implements (crop/flip, then RandAugment); synthetic data always does, unaugmented, so
-    that a --perf run on it measures the model; everything else goes through DataLoader.
-    With ``d.decode == "device"`` ImageFolder training batches are decoded on ``device``
-    (data/loading/device_decode.py). ``rank_groups``: the training order of samplers.train_indices."""
+    In-memory splits use the device-resident loader when ``d.device_resident`` (it augments with
+    the in-memory column of data/augment/registry.py; validation batches only when the eval
+    preprocessing keeps the stored size, data.test_resize 0); synthetic data always does,
+    unaugmented, so that a --perf run on it measures the model; everything else goes through
+    DataLoader. With ``d.decode == "device"`` ImageFolder training batches are decoded on
+    ``device`` (data/loading/device_decode.py). ``rank_groups``: the training order of
+    samplers.train_indices."""
     synthetic = data_source(d.name).generated
-    resident = synthetic or (d.device_resident and isinstance(splits.val, TensorImageDataset)
-                             and d.augment in ("cifar", "none"))
-    if resident:
-        def make(ds, train):
+    in_memory = synthetic or (d.device_resident and isinstance(splits.val, TensorImageDataset))
+
+    def make(ds, train):
+        if in_memory and (train or synthetic or d.test_resize <= 0):
             return InMemoryLoader(ds, batch_size, train, device, d, seed, rank, world_size, memory_format,
                                   augment=not synthetic, rank_groups=rank_groups)
-    else:
-        def make(ds, train):
-            return build_loader(ds, batch_size, d.workers, train, seed, rank, world_size,
-                                pin_memory=device.type == "cuda", device=device, memory_format=memory_format,
-                                rank_groups=rank_groups)
+        return build_loader(ds, batch_size, d.workers, train, seed, rank, world_size,
+                            pin_memory=device.type == "cuda", device=device, memory_format=memory_format,
+                            rank_groups=rank_groups)
     if splits.train is not None and d.decode == "device":  # training only; validation stays on the CPU path
         train = DeviceDecodeLoader(splits.train, batch_size, d.workers, device, d, seed, rank, world_size,
                                    memory_format, rank_groups=rank_groups)

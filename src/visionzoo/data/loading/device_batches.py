@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from visionzoo.data.augment.presets import Normalize
+from visionzoo.data.augment.normalize import Normalize
 from visionzoo.data.loading.samplers import SeededDataset
 from visionzoo.transfer import to_device
 

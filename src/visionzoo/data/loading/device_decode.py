@@ -31,7 +31,8 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from visionzoo.data.augment.batched import MultiCropAugment, SupervisedAugment
+from visionzoo.data.augment import registry
+from visionzoo.data.augment.batched import MultiCropAugment
 from visionzoo.data.loading.samplers import ShardSampler, sample_seed
 from visionzoo.data.loading.stream_loader import StreamLoader
 from visionzoo.data.sources.encoded import FileBytes, pil_decode
@@ -48,9 +49,7 @@ def check_device_decode(d, multicrop: bool = False) -> None:
     """The recipe settings data.decode=device cannot honour, as one-line user errors."""
     if not data_source(d.name).encoded:
         raise UserError(f"data.decode=device reads image files or shards; data.name={d.name} needs data.decode=cpu")
-    if d.augment != "imagenet" and not multicrop:
-        raise UserError(f"data.decode=device implements augment=imagenet only; "
-                        f"augment={d.augment} needs data.decode=cpu")
+    registry.check(d, registry.DEVICE_DECODE, views=multicrop)
     if d.in_chans != 3:
         raise UserError(f"data.decode=device decodes RGB images; data.in_chans={d.in_chans} needs data.decode=cpu")
 
@@ -135,7 +134,8 @@ class DeviceDecodeLoader:
         check_device_decode(d, multicrop=isinstance(augment, MultiCropAugment))
         self.dataset, self.batch_size, self.device = dataset, batch_size, torch.device(device)
         self.seed, self.rank, self.world_size, self.epoch, self.skip_batches = seed, rank, world_size, 0, 0
-        self.augment = augment if augment is not None else SupervisedAugment(d, self.device, memory_format)
+        self.augment = augment if augment is not None else registry.batched(d, registry.DEVICE_DECODE, self.device,
+                                                                             memory_format)
         self.cpu_fallbacks = 0
         self.num_workers = max(0, min(workers, os.cpu_count() or 1))
         if isinstance(dataset, ShardStream):  # tar / parquet shards: the stream's own loader, bytes only

@@ -3,9 +3,9 @@ training device, and each batch is cropped, flipped, RandAugmented (when the rec
 normalised there with tensor ops.
 
 No worker processes and no per-image Python: on a GPU the split is uploaded once; on a CPU
-it is still ~3x faster than per-image transforms. The augmentation is the same as the
-per-image path (``transforms.train_transform`` with augment=cifar): zero padding by
-``crop_padding``, a uniformly placed crop, a horizontal flip with probability ``hflip``."""
+it is still ~3x faster than per-image transforms. The augmentation is the in-memory column of
+the table of presets (data/augment/registry.py), which says how close each preset comes to the
+per-image path (``presets.train_transform``) given the same draws."""
 
 from __future__ import annotations
 
@@ -13,10 +13,7 @@ import math
 
 import torch
 
-from visionzoo.data.augment.batched import random_crop_flip
-from visionzoo.data.augment.batched_randaugment import BatchedRandAugment
-from visionzoo.data.augment.multicrop_batched import BatchedMultiCrop
-from visionzoo.data.augment.presets import Normalize
+from visionzoo.data.augment import registry
 from visionzoo.data.loading.samplers import eval_indices, sample_seed, train_count, train_indices
 from visionzoo.transfer import to_device
 
@@ -38,14 +35,11 @@ class InMemoryLoader:
         self.labels = dataset.labels.to(device)
         self.batch_size, self.train, self.device = batch_size, train, device
         self.seed, self.rank, self.world_size, self.epoch, self.skip_batches = seed, rank, world_size, 0, 0
-        self.augment = d.augment if augment else "off"
-        self.size, self.padding, self.hflip = d.image_size, d.crop_padding, d.hflip
-        self.normalize = Normalize.of(d)  # in the reference's order (data.normalize)
-        self._stats = self.normalize.on(device)
-        self.memory_format = memory_format
+        # Training batches: the preset (and RandAugment) of the config; evaluation and synthetic
+        # data: the normalisation (data.normalize) alone.
+        self.augment = (registry.batched(d, registry.IN_MEMORY, device, memory_format) if train and augment
+                        else registry.only_normalize(d, device, memory_format))
         self.rank_groups = rank_groups  # the training order of samplers.train_indices
-        self.randaugment = (BatchedRandAugment(d.randaugment, d.image_size, d.mean, d.interpolation)
-                            if train and augment and d.randaugment else None)
         n = len(self.labels)
         self.per_rank = train_count(n, world_size, rank_groups)
         self.indices = None if train else eval_indices(n, rank, world_size).to(device)
@@ -71,16 +65,7 @@ class InMemoryLoader:
             # Augmentation is seeded per (epoch, rank, batch): reproducible, and resumable mid-epoch.
             g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, i * self.world_size + self.rank))
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = self.images[idx]
-            if self.train and self.augment == "cifar":
-                x = random_crop_flip(x, self.size, self.padding, self.hflip, g)
-            elif self.train and self.augment == "none" and self.hflip > 0:
-                x = random_crop_flip(x, x.shape[-1], 0, self.hflip, g)
-            x = x.float()
-            if self.randaugment is not None:
-                x = self.randaugment(x, g)
-            x = self.normalize(x, self._stats).contiguous(memory_format=self.memory_format)
-            yield x, self.labels[idx], 0
+            yield self.augment(self.images[idx], g), self.labels[idx], 0
 
 
 class InMemoryMultiCropLoader:
@@ -93,7 +78,7 @@ class InMemoryMultiCropLoader:
         self.images, self.labels = dataset.images.to(device), dataset.labels.to(device)
         self.batch_size, self.device, self.seed, self.rank, self.world_size = batch_size, device, seed, rank, world_size
         self.epoch, self.skip_batches = 0, 0
-        self.augment = BatchedMultiCrop(d, dino)
+        self.augment = registry.multicrop(d, dino, registry.IN_MEMORY)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Select the epoch's order; ``skip_batches`` resumes after that many batches."""

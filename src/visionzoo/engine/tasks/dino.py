@@ -23,12 +23,7 @@ import torch.nn as nn
 
 from visionzoo import distributed
 from visionzoo.config import RecipeConfig, peak_lr, to_dict
-from visionzoo.data.augment.batched import MultiCropAugment
-from visionzoo.data.augment.multicrop import MultiCropTransform
-from visionzoo.data.loading.build import build_datasets, multicrop_loader
-from visionzoo.data.loading.device_decode import DeviceDecodeLoader
-from visionzoo.data.loading.in_memory import InMemoryMultiCropLoader
-from visionzoo.data.sources.tensor_dataset import TensorImageDataset
+from visionzoo.data.loading.build import build_datasets, multicrop_train_loader
 from visionzoo.engine import lockstep
 from visionzoo.engine.evaluation.knn import knn_eval
 from visionzoo.engine.step import GradStep
@@ -50,20 +45,11 @@ def teacher_temp_schedule(warmup_temp: float, temp: float, warmup_epochs: int, e
 
 
 def dino_loader(cfg: RecipeConfig, ds: Any, device: torch.device, rank: int, world_size: int) -> Any:
-    """Multi-crop batches of the training images ``ds`` (labels carried, never used), augmented a
-    batch at a time on the device for in-memory data (data.device_resident) and for ImageFolder
-    JPEGs decoded there (data.decode=device), per image in DataLoader workers otherwise."""
-    d, dc, batch, seed = cfg.data, cfg.dino, cfg.data.batch_size_per_device, cfg.train.seed
-    if d.device_resident and isinstance(ds, TensorImageDataset):
-        return InMemoryMultiCropLoader(ds, batch, device, d, dc, seed, rank, world_size)
-    if d.decode == "device":
-        return DeviceDecodeLoader(ds, batch, d.workers, device, d, seed, rank, world_size,
-                                  augment=MultiCropAugment(d, dc))
-    if not hasattr(ds, "transform"):
-        raise UserError(f"data.name={d.name} gives no per-image transform to apply multi-crop to")
-    ds.transform = MultiCropTransform(d, dc)
-    return multicrop_loader(ds, batch, d.workers, seed, rank, world_size, pin_memory=device.type == "cuda",
-                            device=device)
+    """Multi-crop batches of the training images ``ds`` (labels carried, never used), the views made
+    on the data's path (data/augment/registry.py: per image in DataLoader workers, a batch at a
+    time on the device for in-memory data and for JPEGs decoded there)."""
+    return multicrop_train_loader(ds, cfg.data, cfg.dino, cfg.data.batch_size_per_device, device, cfg.train.seed,
+                                  rank, world_size)
 
 
 def _feature_dim(backbone: nn.Module, in_chans: int, size: int) -> int:

@@ -1,0 +1,67 @@
+"""The normalisation every path ends with: a uint8 or float batch (or one image) to the float32
+a model takes, with the data's mean and std in 0-255 units, in the float32 operations of the
+recipe's reference. The per-image path applies it to each uint8 batch on the training device
+(data/loading/device_batches.py); the batched paths at the end of their augmentation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Normalize:
+    """A uint8 or float image batch [B, C, H, W] (or one [C, H, W] image) normalised as float32,
+    mean/std in 0-255 units, in the float32 operations of the recipe's reference (``order``,
+    data.normalize): ``unit``: x/255, then (x - mean/255) / (std/255), as torchvision's
+    ToTensor + Normalize (mean/255 and std/255 rounded once to float32: 0.485, ... for ImageNet);
+    ``pixel``: (x - mean) / std, as timm's PrefetchLoader; ``mmcv``: (x - mean) * (1/std), as
+    mmcv.imnormalize. Every operand is a tensor on the batch's device (CUDA would turn a
+    division by a host scalar into a multiplication), so a batch on any device gets the values the
+    reference's per-image transform gives on the CPU, bit for bit."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    order: str = "unit"
+
+    @classmethod
+    def of(cls, d: Any) -> Normalize:
+        """The normalisation of a config's data section."""
+        return cls(tuple(d.mean), tuple(d.std), d.normalize)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scale, mean, std-or-1/std) as float32 tensors on ``device`` (one asynchronous copy)."""
+        from visionzoo.transfer import send
+
+        c = len(self.mean)
+        if self.order == "unit":  # the reference's constants: float32 of mean/255, std/255
+            stats = [[255.0] * c, [m / 255 for m in self.mean], [s / 255 for s in self.std]]
+        elif self.order == "mmcv":  # float32 mean; 1 / float64(float32 std), then float32
+            inv = (1 / torch.tensor(self.std, dtype=torch.float32).double()).tolist()
+            stats = [[1.0] * c, list(self.mean), inv]
+        else:
+            stats = [[1.0] * c, list(self.mean), list(self.std)]
+        scale, mean, std = send([torch.tensor(v, dtype=torch.float32) for v in stats], device)
+        return scale, mean, std
+
+    def __call__(self, x: torch.Tensor, stats: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """``stats``: ``on(x.device)``, when the caller keeps them for every batch."""
+        scale, mean, std = stats if stats is not None else self.on(x.device)
+        c = x.shape[-3]
+        if x.dim() == 4 and c > 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # [B, H, W, C] memory: broadcast along rows of W * C values, which vectorises (over
+            # the innermost C alone it runs ~4x slower on a CPU); same values.
+            b, _, h, w = x.shape
+            rows = x.permute(0, 2, 3, 1).reshape(-1, w * c).to(torch.float32, copy=True)
+            out = self._apply(rows, scale.repeat(w), mean.repeat(w), std.repeat(w))
+            return out.view(b, h, w, c).permute(0, 3, 1, 2)
+        view = (-1, 1, 1)
+        return self._apply(x.to(torch.float32, copy=True), scale.view(view), mean.view(view), std.view(view))
+
+    def _apply(self, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        if self.order == "unit":
+            x.div_(scale)
+        x.sub_(mean)
+        return x.mul_(std) if self.order == "mmcv" else x.div_(std)
