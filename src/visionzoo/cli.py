@@ -215,7 +215,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     export_checkpoint(checkpoint, args.format, args.opset, args.output, args.tolerance, overrides=overrides,
                       precision=args.precision, calibration_images=args.calibration_images,
-                      calibration=args.calibration, data=args.calibration_data, int8_target=args.int8_target, **kw)
+                      calibration=args.calibration, data=args.calibration_data, int8_target=args.int8_target,
+                      full_checkpoint=args.full_checkpoint, **kw)
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
@@ -337,16 +338,21 @@ def build_parser() -> argparse.ArgumentParser:
         _add_weights_flags(p)
         p.set_defaults(func=func)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX (or TorchScript / .pt2), checked against PyTorch",
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (or TorchScript / .pt2, or the layouts of "
+                       "timm/HF, torchvision, DINO, mmcls), checked against PyTorch",
                        formatter_class=fmt,
                        epilog="examples:\n  visionzoo export runs/fashion_mnist-20261123-101500      # -> <run>/model.onnx + model.json\n"
                               "  visionzoo export runs/<run>/best.safetensors --opset 18 --output exported/\n"
                               "  visionzoo export runs/<run> --format torchscript\n"
                               "  visionzoo export runs/<run> --precision int8     # + model.int8.onnx (static QDQ, calibrated)\n"
-                              "  visionzoo export --weights dm_nfnet_f0.pth --recipe nfnet_f0_imagenet --output nfnet/\n")
+                              "  visionzoo export --weights dm_nfnet_f0.pth --recipe nfnet_f0_imagenet --output nfnet/\n"
+                              "  visionzoo export runs/<run> --format hf       # -> <run>/model_hf/: timm folder + model card\n")
     p.add_argument("checkpoint", nargs="?", help="a run folder or a .safetensors file (optional with --weights)")
     _add_weights_flags(p)
-    p.add_argument("--format", default="onnx", choices=("onnx", "torchscript", "pt2"), help="default: onnx")
+    p.add_argument("--format", default="onnx", choices=("onnx", "torchscript", "pt2", "hf", "torchvision", "dino", "mmcls"),
+                   help="default: onnx; hf (timm folder + model card), torchvision, dino, mmcls: the weights in that layout")
+    p.add_argument("--full-checkpoint", action="store_true", help="dino: main_dino.py's training checkpoint too "
+                   "(student, teacher, optimizer), from the run's newest checkpoint")
     p.add_argument("--opset", type=int, help="ONNX opset (9-20, default 17)")
     p.add_argument("--output", help="output file or folder (default: next to the checkpoint, <name>.onnx)")
     p.add_argument("--tolerance", type=float,

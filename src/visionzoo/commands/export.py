@@ -7,7 +7,8 @@ stores the input shape, the eval preprocessing (resize, crop, interpolation, mea
 units, channels), the class names, the recipe with its resolved ``data`` section (so ``infer``
 rebuilds the same validation split), the source checkpoint (path + sha256) and the parity
 result. Export runs a random batch through PyTorch and through the exported file; a difference
-beyond the tolerance is an error and no file is kept."""
+beyond the tolerance is an error and no file is kept. ``--format hf|torchvision|dino|mmcls``
+writes the weights in another library's layout instead: export_layouts.py."""
 
 from __future__ import annotations
 
@@ -17,17 +18,19 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from visionzoo.checkpoint import atomic_write, load_model, resolve_weights, sha256_file
+from visionzoo.commands.export_layouts import Source, check_layout_flags, export_weights
 from visionzoo.errors import UserError, first_line
+from visionzoo.models.weights_out import LAYOUTS
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}  # graphs; the layouts: LAYOUTS
 DEFAULT_OPSET = 17  # ONNX Runtime >= 1.14 runs it; the TorchScript exporter's best-tested range
 # The TorchScript exporter writes opsets 9 (its base) to 20 (its maximum).
 ONNX_MIN_OPSET, ONNX_MAX_OPSET = 9, 20
@@ -258,11 +261,25 @@ def model_for_weights(checkpoint: str | None, weights: str, recipe: str | None,
     return model, {"config": to_dict(cfg), "model": args, "classes": classes, "task": cfg.task}
 
 
+def _source(checkpoint: str | None, weights: str | None, recipe: str | None, overrides: list[str] | None) -> Source:
+    """The model to export, its checkpoint-style metadata and the weights file it came from: the
+    checkpoint (run folder or .safetensors), or ``weights`` in the model of ``recipe`` / of the run."""
+    if weights:
+        model, meta = model_for_weights(checkpoint, weights, recipe, list(overrides or []))
+        return Source(model, meta, Path(weights).expanduser(), True)
+    if recipe or overrides:
+        raise UserError("--recipe and config overrides go with --weights; a checkpoint brings its own config")
+    path = resolve_weights(checkpoint)
+    model, meta = load_model(path)
+    return Source(model, meta, path, False)
+
+
 def export_checkpoint(
     checkpoint: str | None, fmt: str = "onnx", opset: int | None = None, output: str | None = None,
     tolerance: float | None = None, weights: str | None = None, recipe: str | None = None,
     overrides: list[str] | None = None, precision: str = "fp32", calibration_images: int | None = None,
     calibration: str | None = None, data: str | None = None, int8_target: str | None = None,
+    full_checkpoint: bool = False,
 ) -> dict:
     """``visionzoo export``: write the checkpoint (a run folder or a .safetensors file), or
     ``weights`` in the model of ``recipe`` / of the run folder, as ``fmt`` with its sidecar,
@@ -274,13 +291,24 @@ def export_checkpoint(
     training images (of ``data`` when given) with ``calibration`` (percentile | minmax | entropy;
     default quantize.DEFAULT_CALIBRATION), for the CPUs of ``int8_target`` (quantize.INT8_TARGETS;
     default: this machine's). An ``output`` named ``X.int8.onnx`` names the int8 file; its fp32
-    reference is then ``X.onnx``."""
-    from visionzoo.commands import quantize
-    from visionzoo.version import __version__
-    from visionzoo.config import absolute_data_path, from_dict, to_dict
+    reference is then ``X.onnx``.
 
-    if fmt not in FORMATS:
-        raise UserError(f"unknown export format '{fmt}' (have: {', '.join(FORMATS)})")
+    ``fmt`` hf, torchvision, dino or mmcls writes the weights in that library's layout instead
+    (export_weights; ``full_checkpoint``: DINO's training checkpoint too)."""
+    from visionzoo.commands import quantize
+    from visionzoo.config import absolute_data_path, from_dict, to_dict
+    from visionzoo.version import __version__
+
+    if fmt not in FORMATS and fmt not in LAYOUTS:
+        raise UserError(f"unknown export format '{fmt}' (have: {', '.join([*FORMATS, *LAYOUTS])})")
+    check_layout_flags(fmt, full_checkpoint, bool(weights), {
+        "--opset": opset, "--precision": precision != "fp32", "--calibration-images": calibration_images,
+        "--calibration": calibration, "--calibration-data": data, "--int8-target": int8_target})
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+    if fmt in LAYOUTS:  # the weights in a library's layout (export_layouts.py)
+        src = _source(checkpoint, weights, recipe, overrides)
+        return export_weights(src, fmt, input_size(from_dict(src.meta["config"]).data), output, tolerance,
+                              full_checkpoint)
     if precision not in quantize.PRECISIONS:
         raise UserError(f"unknown precision '{precision}' (have: {', '.join(quantize.PRECISIONS)})")
     if precision != "fp32" and fmt != "onnx":
@@ -292,19 +320,11 @@ def export_checkpoint(
         output = output.removesuffix(f".{precision}.onnx") + ".onnx"  # --output names the low-precision file
     low_options = quantize.bf16_session_options() if precision == "bf16" else {}
     opset = DEFAULT_OPSET if opset is None else opset
-    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
     if fmt == "onnx":
         _require_onnx()
         if not ONNX_MIN_OPSET <= opset <= ONNX_MAX_OPSET:
             raise UserError(f"--opset {opset} is outside what the exporter writes ({ONNX_MIN_OPSET}-{ONNX_MAX_OPSET})")
-    if weights:
-        model, meta = model_for_weights(checkpoint, weights, recipe, list(overrides or []))
-        weights = Path(weights).expanduser()
-    else:
-        if recipe or overrides:
-            raise UserError("--recipe and config overrides go with --weights; a checkpoint brings its own config")
-        weights = resolve_weights(checkpoint)
-        model, meta = load_model(weights)
+    model, meta, weights, _ = _source(checkpoint, weights, recipe, overrides)
     # A DINO run's weights are the teacher backbone: it exports as a feature extractor.
     features = meta.get("task", meta["config"].get("task", "supervised")) == "dino"
     if features and precision != "fp32":
