@@ -227,7 +227,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_infer(args: argparse.Namespace) -> None:
     from visionzoo.commands.infer import run_infer
 
-    run_infer(args.model, args.images, args.data, args.batch_size, args.workers, args.output)
+    run_infer(args.model, args.images, args.data, args.batch_size, args.workers, args.output, args.strict)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -378,13 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt,
                        epilog="examples:\n  visionzoo infer runs/<run>/model.onnx --data /usr/share/datasets/fashion-mnist\n"
                               "  visionzoo infer runs/<run>/model.onnx --data /data/imagenet --batch-size 64 --output acc.json\n"
-                              "  visionzoo infer runs/<run>/model.onnx shoe.png shirt.jpg\n")
+                              "  visionzoo infer runs/<run>/model.onnx shoe.png shirt.jpg\n"
+                              "  visionzoo infer runs/<run>/model.onnx photos/ --output predictions.json\n")
     p.add_argument("model", help="a .onnx file written by visionzoo export (its .json sidecar next to it)")
     p.add_argument("images", nargs="*", help="image files to classify (instead of --data)")
     p.add_argument("--data", help="data folder of the validation split (default: the recipe's), or 'synthetic'")
     p.add_argument("--batch-size", type=int, help="images per ONNX Runtime call (default: the recipe's, at most 256)")
     p.add_argument("--workers", type=int, help="data.workers: loader processes for image folders")
     p.add_argument("--output", help="JSON results file (default: <model>.infer.json next to the model)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first image that cannot be read (default: name it, skip it, count it)")
     p.set_defaults(func=cmd_infer)
     _add_data_parser(sub, fmt)
     p = sub.add_parser("report", help="write RUN/report/index.html: curves, results, per-class accuracy, confusion, "

@@ -30,6 +30,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
+from visionzoo.data.sources.folder import to_rgb
+
 _INTERP = {
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
@@ -224,13 +226,23 @@ def resize_size(width: int, height: int, short: int) -> tuple[int, int]:
     return int(short * width / height), short
 
 
+def eval_size(d) -> int:
+    """Side of the square images a model sees at evaluation: the centre crop (test_size) when
+    images are resized, else the stored size the recipe trains at (CIFAR, MNIST: image_size).
+    Synthetic validation images are generated at test_size."""
+    return d.test_size if (d.test_resize > 0 or d.name == "synthetic") else d.image_size
+
+
 class ResizeCenterCrop:
     """Evaluation: resize the short side to ``resize``, centre-crop ``size`` (as v2.Resize +
-    v2.CenterCrop); resize 0 keeps the stored size. A JPEG much larger than the resize target is
-    decoded at 1/2-1/8 of its size (``draft``) and resized from there."""
+    v2.CenterCrop). Resize 0 keeps the stored size; an image of another size (a photo given to a
+    28-px model, a folder of mixed sizes) is then brought to the model's by the same short-side
+    resize and centre crop, to ``eval_size``. A JPEG much larger than the resize target is decoded
+    at 1/2-1/8 of its size (``draft``) and resized from there."""
 
     def __init__(self, d, draft_decode: bool = True):
         self.resize, self.size = d.test_resize, d.test_size
+        self.stored = eval_size(d)  # resize 0: the size images must have
         self.interp, self.resample = _INTERP[d.interpolation], PIL_RESAMPLE[d.interpolation]
         self.draft = draft_decode
         self.normalize = Normalize.of(d)
@@ -245,15 +257,40 @@ class ResizeCenterCrop:
         return w, h
 
     def __call__(self, img: Image.Image | torch.Tensor, prepared: tuple[int, int] | None = None) -> torch.Tensor:
-        if self.resize <= 0:
-            return as_uint8(img)
+        resize, size = self.resize, self.size
+        if resize <= 0:
+            if tuple(img.shape[-2:] if isinstance(img, torch.Tensor) else img.size) == (self.stored, self.stored):
+                return as_uint8(img)
+            resize = size = self.stored
         if isinstance(img, torch.Tensor):
-            img = TF.resize(img, [self.resize], self.interp, antialias=True)
-            return TF.center_crop(img, [self.size])
-        w, h = prepared if prepared is not None else resize_size(img.width, img.height, self.resize)
+            img = TF.resize(img, [resize], self.interp, antialias=True)
+            return TF.center_crop(img, [size])
+        w, h = prepared if prepared is not None else resize_size(img.width, img.height, resize)
         if img.size != (w, h):
             img = img.resize((w, h), self.resample)
-        return pil_to_uint8(TF.center_crop(img, [self.size]))
+        return pil_to_uint8(TF.center_crop(img, [size]))
+
+
+class EvalInput:
+    """One decoded image outside a loader (``visionzoo infer`` on image files,
+    ``visionzoo.predict``) as the model's float [C, H, W] input: grey (L) for 1-channel models
+    (after ``to_rgb``, which scales 16-bit grey and composites alpha), else RGB, then the eval
+    transform and its normalisation: the preprocessing ``visionzoo eval``'s loaders apply."""
+
+    def __init__(self, d, in_chans: int):
+        self.transform, self.in_chans, self.size = eval_transform(d), in_chans, eval_size(d)
+
+    def __call__(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
+        """A PIL image (any mode) or a uint8 [C, H, W] tensor in, float [C, size, size] out."""
+        if isinstance(img, Image.Image):
+            img = to_rgb(img).convert("L") if self.in_chans == 1 else to_rgb(img)
+        return normalized(self.transform, img)
+
+    def resized(self, img: Image.Image | torch.Tensor) -> bool:
+        """Whether ``img`` is resized only because it is not at the stored size of a recipe that
+        evaluates at it (test_resize 0)."""
+        shape = tuple(img.shape[-2:]) if isinstance(img, torch.Tensor) else (img.height, img.width)
+        return self.transform.resize <= 0 and shape != (self.size, self.size)
 
 
 class V2Uint8:
