@@ -82,11 +82,11 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_recipes(args: argparse.Namespace) -> None:
-    from visionzoo.config import load_config, recipe_names, to_yaml
+    from visionzoo.config import load_config, recipe_names
     from visionzoo.run_folder import format_table
 
     if args.show:
-        print(to_yaml(load_config(args.show, _overrides(args))), end="")
+        print(_shown_recipe(load_config(args.show, _overrides(args))), end="")
         return
     rows = []
     for name in recipe_names():
@@ -94,6 +94,21 @@ def cmd_recipes(args: argparse.Namespace) -> None:
         rows.append({"recipe": name, "model": f"{c.model.library} {c.model.name}", "data": c.data.name,
                      "seed target": c.seed_target, "source": c.source})
     print(format_table(rows, ("recipe", "model", "data", "seed target", "source")))
+
+
+def _shown_recipe(cfg) -> str:
+    """``recipes --show``'s YAML, with data.num_classes as training will have it: counted from
+    the data where that needs no reading of images (class folders, a manifest), else said."""
+    from visionzoo.config import to_yaml
+    from visionzoo.data.sources.class_folders import count_classes
+
+    count, source = count_classes(cfg.data)
+    if cfg.data.name == "synthetic":
+        return to_yaml(cfg)
+    if count is None:
+        return to_yaml(cfg, {"data.num_classes": f"not used: {source}"})
+    cfg.data.num_classes = count
+    return to_yaml(cfg, {"data.num_classes": f"{source}: what training uses"})
 
 
 def cmd_train(args: argparse.Namespace) -> None:

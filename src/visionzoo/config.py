@@ -556,9 +556,20 @@ def absolute_data_path(path: Optional[str]) -> Optional[str]:
     return str(Path(path).expanduser().resolve())
 
 
-def to_yaml(cfg: RecipeConfig) -> str:
-    """The resolved config as YAML (what `recipes --show` prints and runs save)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+def to_yaml(cfg: RecipeConfig, comments: dict[str, str] | None = None) -> str:
+    """The resolved config as YAML (what `recipes --show` prints and runs save); ``comments``
+    ({"data.num_classes": "..."}) end the lines of those section keys as YAML comments."""
+    text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    if not comments:
+        return text
+    lines, section = text.splitlines(), ""
+    for i, line in enumerate(lines):
+        if line and not line.startswith(" "):
+            section = line.split(":", 1)[0]
+        elif line.startswith("  ") and not line.startswith("   ") and ":" in line:
+            note = comments.get(f"{section}.{line.strip().split(':', 1)[0]}")
+            lines[i] += f"  # {note}" if note else ""
+    return "\n".join(lines) + "\n"
 
 
 def to_dict(cfg: RecipeConfig) -> dict:

@@ -20,13 +20,12 @@ from visionzoo.data.loading.in_memory import InMemoryLoader
 from visionzoo.data.loading.samplers import SeededDataset, ShardSampler
 from visionzoo.data.loading.stream_loader import StreamLoader
 from visionzoo.data.sources.cifar import load_cifar
-from visionzoo.data.sources.folder import ImageFolderDataset, find_classes
+from visionzoo.data.sources.class_folders import class_dir_of, find_classes, val_dir_of
+from visionzoo.data.sources.folder import ImageFolderDataset
 from visionzoo.data.sources.idx import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, MNIST_CLASSES, load_idx_split
 from visionzoo.data.sources.shards import ShardStream
 from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 from visionzoo.errors import UserError
-
-VAL_DIR_NAMES = ("val", "validation", "test")
 
 
 @dataclass
@@ -51,14 +50,14 @@ def _existing_dir(path: str | None, what: str) -> Path:
 
 def _imagefolder(d, train: bool) -> Splits:
     root = _existing_dir(d.path, "an ImageFolder data set")
-    val_dir = next((root / n for n in VAL_DIR_NAMES if (root / n).is_dir()), None)
+    val_dir = val_dir_of(root)
     if val_dir is None:
         raise UserError(f"{root} has no val/ folder (expected {root}/train/<class>/... and {root}/val/<class>/...)")
     train_dir = root / "train"
     if train and not train_dir.is_dir():
         raise UserError(f"{root} has no train/ folder (expected {root}/train/<class>/...)")
     # Labels are the training split's class folders, so val indices always mean the same class.
-    classes = find_classes(train_dir if train_dir.is_dir() else val_dir)
+    classes = find_classes(class_dir_of(root))
     train_ds = ImageFolderDataset(train_dir, classes, train_transform(d), d.scan_cache) if train else None
     val_ds = ImageFolderDataset(val_dir, classes, eval_transform(d), d.scan_cache)
     return Splits(train_ds, val_ds, classes)

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from visionzoo.data.sources.class_folders import find_classes, is_hidden
 from visionzoo.data.sources.scan_cache import scan_classes
 from visionzoo.errors import UserError
 
@@ -51,25 +52,6 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
 _UNSIGNED_16_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
 
 
-def _hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def find_classes(root: str | Path) -> list[str]:
-    """Return the sorted names of the non-hidden sub-folders of ``root``."""
-    root = Path(root)
-    if not root.exists():
-        raise UserError(f"image folder not found: {root}")
-    if not root.is_dir():
-        raise UserError(f"image folder path is not a folder: {root}")
-    with os.scandir(root) as it:
-        # is_dir() follows symlinks, so a class folder may be a link.
-        classes = sorted(e.name for e in it if not _hidden(e.name) and e.is_dir())
-    if not classes:
-        raise UserError(f"image folder {root} has no class sub-folders (expected root/<class>/<images>)")
-    return classes
-
-
 def _scan_class_dir(class_dir: str, walked: list[str] | None = None) -> list[str]:
     """All image files below ``class_dir`` (links followed, each real folder once), sorted;
     the folders listed are appended to ``walked`` (the scan cache watches their mtimes)."""
@@ -85,9 +67,9 @@ def _scan_class_dir(class_dir: str, walked: list[str] | None = None) -> list[str
         visited.add(real)
         if walked is not None:
             walked.append(dirpath)
-        dirnames[:] = [d for d in dirnames if not _hidden(d)]
+        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
         for name in filenames:
-            if _hidden(name):  # .DS_Store, ._foo.jpg (macOS resource forks), editor temp files
+            if is_hidden(name):  # .DS_Store, ._foo.jpg (macOS resource forks), editor temp files
                 continue
             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 found.append(os.path.join(dirpath, name))
