@@ -91,9 +91,16 @@ def cmd_recipes(args: argparse.Namespace) -> None:
     rows = []
     for name in recipe_names():
         c = load_config(name)
-        rows.append({"recipe": name, "model": f"{c.model.library} {c.model.name}", "data": c.data.name,
+        rows.append({"recipe": name, "model": _model_name(c.model), "data": c.data.name,
                      "seed target": c.seed_target, "source": c.source})
     print(format_table(rows, ("recipe", "model", "data", "seed target", "source")))
+
+
+def _model_name(m) -> str:
+    """A recipe's network as the recipes table names it: library and name, plus the constructor
+    arguments that change it (a timm ViT resized to 28 px is not the 224 px one its name says)."""
+    shape = ", ".join(f"{k} {v}" for k, v in m.kwargs.items() if k != "dynamic_img_size")
+    return f"{m.library} {m.name}" + (f" with {shape}" if shape else "")
 
 
 def _shown_recipe(cfg) -> str:
