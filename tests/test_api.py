@@ -116,3 +116,53 @@ def test_train_resume_continues_as_the_cli_does(fmnist_dir, tmp_path, monkeypatc
     again = visionzoo.train("fashion_mnist", resume=run.path, **kw)  # finished: nothing to do
     assert again.path == run.path and again.results == run.results
     assert "has finished; nothing to resume" in capsys.readouterr().out
+
+
+def test_predict_infer_and_eval_preprocess_alike(tmp_path, capsys):
+    """A recipe that evaluates at the stored size (test_resize=0, 32 px): a 112x112 PNG reaches
+    the model through predict exactly as through infer (same input tensor, same top-1), images of
+    mixed sizes work in predict and in eval's loader (they used to raise 'stack expects ...')."""
+    pytest.importorskip("onnxruntime")
+    from visionzoo.checkpoint import save_weights
+    from visionzoo.commands.export import export_checkpoint
+    from visionzoo.commands.infer import predict_images, preprocess_image
+    from visionzoo.config import load_config, to_dict
+    from visionzoo.models import build_model
+
+    rng = np.random.default_rng(0)
+    classes, sizes = ["ant", "bee", "cat"], [(32, 32), (112, 112), (50, 70)]
+    for split in ("train", "val"):
+        for c in classes:
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for w, h in sizes:
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / c / f"{w}x{h}.png")
+    cfg = load_config("resnet50_cifar100", ["data.name=imagefolder", f"data.path={tmp_path / 'data'}",
+                                            "data.workers=0", "data.batch_size=4", "model.library=visionzoo",
+                                            "model.name=small_cnn", "model.kwargs.width=8", "train.device=cpu",
+                                            "train.amp=none"])
+    assert (cfg.data.test_resize, cfg.data.image_size) == (0, 32)
+    torch.manual_seed(0)
+    net, args = build_model(cfg.model, len(classes), 3)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_weights(run / "model.safetensors", net, {"config": to_dict(cfg), "model": args, "classes": classes,
+                                                   "epoch": 0, "acc1": None})
+    png = tmp_path / "data" / "val" / "bee" / "112x112.png"
+    loaded = visionzoo.load(run)
+    x = loaded.preprocess(str(png))
+    assert x.shape == (3, 32, 32)
+    export_checkpoint(str(run))
+    infer_x, note = preprocess_image(png, cfg.data, 3, 32)
+    assert note == "resized from 112x112" and torch.equal(x, torch.from_numpy(infer_x))
+    capsys.readouterr()
+    infer_top = predict_images(str(run / "model.onnx"), [str(png)])["images"][0]["top"][0]["class"]
+    assert visionzoo.predict(loaded, [str(png)], topk=1)[0][0]["class"] == infer_top
+
+    # Mixed sizes in one call: each as it would be alone; eval reads the same folder.
+    files = sorted((tmp_path / "data" / "val").rglob("*.png"))
+    together = visionzoo.predict(loaded, [str(f) for f in files], topk=1)
+    assert together == [visionzoo.predict(loaded, [str(f)], topk=1)[0] for f in files]
+    acc = 100 * np.mean([t[0]["class"] == f.parent.name for t, f in zip(together, files, strict=True)])
+    assert main(["eval", str(run)]) == 0
+    assert f"Acc@1 {acc:.2f}%" in capsys.readouterr().out

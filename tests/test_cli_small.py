@@ -65,3 +65,28 @@ def test_dino_knn_says_its_size_and_can_be_capped(fmnist_dir, tmp_path, capsys):
 def test_bench_refuses_fp64(capsys):
     assert main(["bench", "fashion_mnist", "--data", "synthetic", "train.amp=fp64", "--device", "cpu"]) == 2
     assert "train.amp=fp64 is for numerical checks" in capsys.readouterr().err
+
+
+def test_recipes_show_counts_the_classes_training_will_use(tmp_path, capsys):
+    """`recipes --show R --data DIR` prints the class count of DIR's class folders, not the
+    schema's 1000; where it cannot know without reading the data it says why."""
+    for split in ("train", "val"):
+        for c in ("ant", "bee", "cat", "dog", ".hidden"):
+            (tmp_path / "mine" / split / c).mkdir(parents=True)
+
+    def shown(*args: str) -> str:
+        assert main(["recipes", "--show", "alexnet_imagenet", *args]) == 0
+        return next(line for line in capsys.readouterr().out.splitlines() if "num_classes" in line)
+
+    train = tmp_path / "mine" / "train"
+    assert shown("--data", str(tmp_path / "mine")) == \
+        f"  num_classes: 4  # the class folders of {train}: what training uses"
+    assert shown() == ("  num_classes: 1000  # not used: training counts the classes in data.path "
+                       "(give --data DIR to count them here)")
+    assert shown("--data", str(tmp_path / "nope")) == \
+        f"  num_classes: 1000  # not used: the data folder {tmp_path / 'nope'} does not exist"
+    assert shown("--data", str(train / "ant")) == \
+        f"  num_classes: 1000  # not used: {train / 'ant'} has no train/ or val/ folder of class folders"
+    assert shown("--data", "synthetic", "data.num_classes=7") == "  num_classes: 7"
+    assert main(["recipes", "--show", "fashion_mnist"]) == 0
+    assert "  num_classes: 10  # the classes of fashion_mnist: what training uses\n" in capsys.readouterr().out

@@ -115,3 +115,38 @@ def test_numbers_out_of_range_are_refused(override, words):
     with pytest.raises(UserError) as err:
         load_config("fashion_mnist", [override])
     assert words in str(err.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("schedule.milestones=30,60", "override 'schedule.milestones=30,60': schedule.milestones takes a list of whole "
+                                  "numbers: write schedule.milestones=[30,60] (currently [])"),
+    ("data.hflip=yes", "override 'data.hflip=yes': data.hflip takes a number, not 'yes' (currently 0.5)"),
+    ("train.epochs=1.5", "override 'train.epochs=1.5': train.epochs takes a whole number, not '1.5' (currently 8)"),
+    ("model.pretrained=maybe", "override 'model.pretrained=maybe': model.pretrained takes true or false, not 'maybe' "
+                               "(currently false)"),
+    ("data.path=[1]", "override 'data.path=[1]': data.path takes a text value or null, not '[1]' (currently null)"),
+    ("lr=0.1", "override 'lr=0.1': unknown config key 'lr'; keys have a section: did you mean optim.lr=0.1 "
+               "(or the flag --lr 0.1)?"),
+    ("batch_size=64", "override 'batch_size=64': unknown config key 'batch_size'; keys have a section: did you mean "
+                      "data.batch_size=64 (or the flag --batch-size 64)?"),
+    ("name=x", "override 'name=x': unknown config key 'name'; keys have a section: did you mean data.name, model.name, "
+               "optim.name or schedule.name?"),
+    ("optim.lr=[1", "override 'optim.lr=[1': the value is not valid YAML (while parsing a flow sequence)"),
+])
+def test_wrong_types_and_bare_keys_are_told_in_the_projects_words(override, message):
+    with pytest.raises(UserError) as err:
+        load_config("fashion_mnist", [override])
+    assert str(err.value) == message
+
+
+def test_a_recipe_file_with_a_wrong_type_names_the_default(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("train:\n  epochs: many\n")
+    with pytest.raises(UserError) as err:
+        load_config(str(f))
+    assert str(err.value) == "recipe mine: train.epochs takes a whole number, not 'many' (default 90)"
+    f.write_text("schedule:\n  milestones: 30\n")
+    with pytest.raises(UserError) as err:
+        load_config(str(f))
+    assert str(err.value) == ("recipe mine: schedule.milestones takes a list of whole numbers: "
+                              "write schedule.milestones=[30] (default [])")

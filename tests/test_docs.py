@@ -358,3 +358,59 @@ def test_a_broken_link_fails_and_a_page_of_another_issue_is_only_named(tmp_path)
 def test_a_text_block_is_output_not_commands() -> None:
     page = "```text\nvisionzoo: training x | visionzoo small_cnn | 1 × cpu\n```\n```bash\nvisionzoo recipes\n```\n"
     assert [c.argv for c in commands_in(page, "page.md")] == [["recipes"]]
+
+
+YAML_BLOCK = re.compile(r"^```yaml\n(.*?)^```", re.DOTALL | re.MULTILINE)
+
+
+def doc_recipes(tmp_path: Path) -> dict[str, Path]:
+    """Every ```yaml block of README.md and docs/ (they are recipe files) written to
+    ``tmp_path/<recipe>.yaml``, by the name its ``recipe:`` key gives."""
+    out = {}
+    for f in doc_files():
+        for n, block in enumerate(YAML_BLOCK.findall(f.read_text())):
+            name = re.search(r"^recipe:\s*(\S+)", block, re.MULTILINE)
+            path = tmp_path / f"{name.group(1) if name else f'{f.stem}-{n}'}.yaml"
+            path.write_text(block)
+            out[path.stem] = path
+    return out
+
+
+def test_recipe_files_in_the_docs_resolve_with_the_recipe_schema(tmp_path):
+    """The recipe files docs/your-data.md shows are whole recipes the real schema accepts: from
+    scratch, fine-tuned from timm's weights (model.pretrained) and from a file (model.weights);
+    the page's commands that name them resolve against them, overrides included."""
+    recipes = doc_recipes(tmp_path)
+    configs = {name: load_config(str(path)) for name, path in recipes.items()}  # a UserError fails the test
+    mine = {n: c for n, c in configs.items() if n.startswith("my_flowers")}
+    assert set(mine) == {"my_flowers", "my_flowers_finetune", "my_flowers_tv"}
+    assert all(c.data.name == "imagefolder" for c in mine.values())
+    assert not mine["my_flowers"].model.pretrained and not mine["my_flowers"].model.weights
+    assert (mine["my_flowers_finetune"].model.library, mine["my_flowers_finetune"].model.pretrained) == ("timm", True)
+    assert mine["my_flowers_tv"].model.library == "torchvision" and mine["my_flowers_tv"].model.weights
+    page = ROOT / "docs" / "your-data.md"
+    named = [c for c in commands_in(page.read_text(), "docs/your-data.md")
+             if any(a.endswith(".yaml") for a in c.argv)]
+    assert len(named) >= 4
+    for c in named:
+        args = cli.parse_args(c.argv, _strict_parser())
+        recipe = args.show if args.command == "recipes" else args.recipe
+        load_config(str(recipes[Path(recipe).stem]), cli._overrides(args))
+
+
+def test_the_dino_demo_model_is_named_as_the_recipe_builds_it():
+    """README's recipes table and docs/dino.md name dino_fashion_mnist's network by what the
+    recipe builds (timm's name resized by model.kwargs), as `visionzoo recipes` prints it."""
+    m = load_config("dino_fashion_mnist").model
+    k = m.kwargs
+    words = [m.name, f"{k['depth']}-block ViT", f"{k['patch_size']} px patches", f"embed {k['embed_dim']}",
+             f"{k['num_heads']} heads", f"{k['img_size']} px"]
+    for page in (ROOT / "README.md", ROOT / "docs" / "dino.md"):
+        text = page.read_text()
+        assert [w for w in words if w not in text] == [], page.name
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cli.main(["recipes"])
+    row = next(line for line in out.getvalue().splitlines() if line.startswith("| dino_fashion_mnist |"))
+    assert f"timm {m.name} with img_size {k['img_size']}, patch_size {k['patch_size']}, embed_dim " \
+           f"{k['embed_dim']}, depth {k['depth']}, num_heads {k['num_heads']} |" in row

@@ -128,7 +128,9 @@ def test_train_export_infer_matches_eval(tmp_path: Path, fmnist_dir: Path, capsy
     printed = capsys.readouterr().out
     names = {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"}
     assert any(n in printed for n in names)
-    preds = json.loads((tmp_path / "pred.json").read_text())
+    written = json.loads((tmp_path / "pred.json").read_text())
+    assert (written["classified"], written["bad_images"], written["skipped"]) == (2, 0, [])
+    preds = written["images"]
     assert len(preds) == 2 and len(preds[0]["top"]) == 5
     assert abs(sum(p["prob"] for p in preds[0]["top"]) - 1.0) < 0.05
     assert "resized" in preds[1]["note"]
@@ -156,6 +158,10 @@ def test_imagefolder_infer_matches_eval(tmp_path: Path, capsys) -> None:
     result = json.loads((tmp_path / "acc.json").read_text())
     assert result["samples"] == 12 and result["bad_images"] == 1
     assert abs(result["acc1"] - eval_acc1) <= 0.1
+    capsys.readouterr()
+    assert main(["infer", str(run / "model.onnx"), "--strict"]) == 2  # --strict: the bad file ends it
+    broken = tmp_path / "data" / "val" / "dog" / "broken.jpg"
+    assert capsys.readouterr().err == f"visionzoo: error: cannot decode image {broken} (--strict)\n"
     assert main(["infer", str(run / "model.onnx"), str(tmp_path / "data" / "val" / "fox" / "1.png")]) == 0
     out = capsys.readouterr().out  # a random-init model: any class, but five of them, named
     assert sum(f"%  {c}" in out for c in classes) == 3
@@ -208,6 +214,13 @@ def test_not_an_onnx_file(tmp_path: Path, exported: Path, capsys) -> None:
     fake.write_text("this is not a model\n")
     (tmp_path / "model.json").write_text(sidecar_path(exported).read_text())
     _one_line_error(capsys, main(["infer", str(fake), "--data", "synthetic"]), "not an ONNX model")
+    # Without a sidecar next to it, a text file is still said to be no model (not a missing sidecar).
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    assert main(["infer", str(notes), "img.png"]) == 2
+    assert capsys.readouterr().err == (f"visionzoo: error: {notes} is not an ONNX model: visionzoo infer runs the "
+                                       f"model.onnx that visionzoo export writes (with its model.json sidecar beside "
+                                       f"it)\n")
 
 
 def test_missing_sidecar(tmp_path: Path, exported: Path, capsys) -> None:
@@ -232,7 +245,7 @@ def test_sidecar_that_does_not_match(tmp_path: Path, exported: Path, capsys) -> 
 def test_undecodable_and_missing_images(tmp_path: Path, exported: Path, capsys) -> None:
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    _one_line_error(capsys, main(["infer", str(exported), str(bad)]), "cannot decode image")
+    _one_line_error(capsys, main(["infer", str(exported), str(bad)]), "cannot decode image")  # nothing else to do
     _one_line_error(capsys, main(["infer", str(exported), str(tmp_path / "nope.png")]), "image not found")
     _one_line_error(capsys, main(["infer", str(tmp_path / "absent.onnx"), "--data", "x"]), "model not found")
     _one_line_error(capsys, main(["infer", str(exported), str(bad), "--data", "x"]), "not both")
@@ -268,3 +281,43 @@ def test_infer_takes_a_folder_of_images_and_says_what_it_does_without_input(tmp_
     assert f"no images and no --data given: measuring accuracy on the validation split of the data the model " \
            f"was trained on ({fmnist_dir.resolve()})" in out
     assert json.loads((tmp_path / "acc.json").read_text())["samples"] == 200
+
+
+def test_infer_skips_an_undecodable_image_names_and_counts_it(tmp_path: Path, exported: Path, capsys) -> None:
+    """A folder with one bad file among good ones: the others are classified, the bad one named on
+    stderr, counted in the summary line and the JSON; exit 0. --strict stops at it (exit 2)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray(pattern_images(np.array([i]), 28, 1, i)[0]).save(photos / f"{i}.png")
+    bad = photos / "1b_notanimage.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    out_json = tmp_path / "pred.json"
+    assert main(["infer", str(exported), str(photos), "--output", str(out_json)]) == 0
+    out, err = capsys.readouterr()
+    reason = "cannot identify image file " + repr(str(bad))
+    assert err == f"visionzoo: skipped: cannot decode image {bad}: {reason}\n"
+    assert out.splitlines()[-1] == (f"{exported}: 3 image(s) classified, 1 unreadable skipped ({bad}) "
+                                    f"| results {out_json}")
+    written = json.loads(out_json.read_text())
+    assert (written["classified"], written["bad_images"]) == (3, 1)
+    assert written["skipped"] == [{"image": str(bad), "error": f"cannot decode image {bad}: {reason}"}]
+    assert [r["image"] for r in written["images"]] == [str(photos / f"{i}.png") for i in range(3)]
+    assert main(["infer", str(exported), str(photos), "--strict"]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"visionzoo: error: cannot decode image {bad}: {reason}\n"
+    assert f"{photos / '0.png'}:" in out and f"{photos / '2.png'}:" not in out  # stopped at the bad file
+
+
+def test_eval_of_a_folder_that_is_not_a_run_folder(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "holiday_photos"
+    folder.mkdir()
+    assert main(["eval", str(folder)]) == 2
+    assert capsys.readouterr().err == (
+        f"visionzoo: error: {folder} is not a run folder: a run folder (written by visionzoo train) holds "
+        f"config.yaml, metrics.jsonl and model.safetensors; give one, a .safetensors checkpoint, or --weights FILE "
+        f"--recipe NAME\n")
+    (folder / "config.yaml").write_text("recipe: fashion_mnist\n")  # a run killed before its first checkpoint
+    assert main(["eval", str(folder)]) == 2
+    assert capsys.readouterr().err == (f"visionzoo: error: {folder} has no model.safetensors yet: the run writes it "
+                                       f"with its first checkpoint\n")

@@ -194,3 +194,148 @@ def test_report_of_a_missing_or_foreign_folder_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"visionzoo: error: run folder not found: {tmp_path / 'nope'}"
     assert main(["report", str(tmp_path)]) == 2
     assert "is not a visionzoo run folder" in capsys.readouterr().err
+
+
+def _fake_run(run: Path, classes: list[str], results: dict | None = None) -> Path:
+    """A run folder as training leaves it, without training: config.yaml, a model.safetensors
+    whose metadata names ``classes``, and results.json."""
+    from visionzoo.checkpoint import save_weights
+
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("recipe: x\n")
+    save_weights(run / "model.safetensors", torch.nn.Linear(2, len(classes)), {"classes": classes})
+    if results is not None:
+        (run / "results.json").write_text(json.dumps(results))
+    return run
+
+
+def _drawn(monkeypatch) -> dict:
+    """The report's figures as drawn (figures._save records each figure's texts before saving)."""
+    from matplotlib.text import Text
+
+    from visionzoo.html_report import figures
+
+    drawn, save = {}, figures._save
+
+    def recording(fig, path):
+        drawn[Path(path).name] = [(t.get_text(), t.get_parse_math(), t.get_fontsize())
+                                  for t in fig.findobj(Text) if t.get_text()]
+        return save(fig, path)
+
+    monkeypatch.setattr(figures, "_save", recording)
+    return drawn
+
+
+def test_results_are_shown_once_in_words(tmp_path):
+    """One key/value table, no seeds' row repeated above it; "1 epoch", "1 device", DINO's
+    fractional epochs as a number of epochs, and the top-5 column named for 4 classes."""
+    from visionzoo.html_report.build import write_report
+
+    results = {"recipe": "dino_x", "Acc@1": 25.0, "Acc@5": 100.0, "eval": "k-NN k=20", "FPS": 1069.1,
+               "FPS_per_device": 1069.1, "devices": 1, "epochs": 1.0, "precision": "fp32", "torch": "2.14.1",
+               "mode": "full", "batch_size": 32, "crops_per_image": 2, "steps": 2, "TrainingTime": 29.93,
+               "ActualLoss": 6.7426, "E2ETrainingTime": 2.04, "knn": {"20": {"top1": 25.0, "top5": 100.0}},
+               "bad_images": 0, "skipped_steps": 0}
+    run = _fake_run(tmp_path / "run", ["a", "b", "c", "d"], results)
+    page = write_report(run, full=False).read_text()
+    section = re.search(r'<section id="results">.*?</section>', page, re.S).group(0)
+    rows = re.findall(r"<tr><td>(.*?)</td><td[^>]*>(.*?)</td></tr>", section)
+    assert section.count("<table>") == 1
+    assert rows == [
+        ("Acc@1", "25.00% (k-NN k=20)"),
+        ("Acc@4 (top-4 of 4 classes)", "100.00%"),
+        ("20-NN top-1 / top-4", "25.00% / 100.00%"),
+        ("throughput", "1,069.1 images/s (2 crops each) on 1 device"),
+        ("trained", "1 epoch, 2 steps, batch 32"),
+        ("last training loss", "6.7426"),
+        ("time", "2.0 s end to end, 29.9 ms per optimizer step"),
+    ]
+    results.update({"devices": 2, "FPS_per_device": 534.55, "epochs": 1.5, "steps": 3})
+    (run / "results.json").write_text(json.dumps(results))
+    rows = dict(re.findall(r"<tr><td>(.*?)</td><td[^>]*>(.*?)</td></tr>", write_report(run, full=False).read_text()))
+    assert rows["throughput"] == "1,069.1 images/s (2 crops each) on 2 devices, 534.5 per device"
+    assert rows["trained"] == "1.5 epochs, 3 steps, batch 32"
+
+
+def test_curves_mark_each_restart_of_a_resumed_run(tmp_path):
+    """Each session after the first writes a resume record (MetricsLog opened on a file that has
+    records); the curves draw a dashed line there on every panel, named in the loss legend."""
+    from visionzoo.curves import curves_figure, curves_title, step_to_epoch
+    from visionzoo.run_folder import MetricsLog, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+
+    def session(steps: range, epochs: list[int], **kw) -> None:
+        log = MetricsLog(path, **kw)
+        for s in steps:
+            log.write(kind="step", epoch=(s - 1) // 4 + 1, step=s, loss=1.0 / s, lr=0.1)
+        for e in epochs:
+            log.write(kind="epoch", epoch=e, step=4 * e, train_loss=1.0 / e, acc1=10.0 * e, acc5=20.0 * e, img_s=9.0)
+        log.close()
+
+    session(range(1, 9), [1, 2])
+    session(range(9, 13), [3])  # resumed from the end of epoch 2: the file's last step
+    session(range(13, 17), [4], resumed_at=12)  # the engine says where
+    records = read_metrics(path)
+    assert [r for r in records if r["kind"] == "resume"] == [
+        {"kind": "resume", "step": 8, "time": records[10]["time"]},
+        {"kind": "resume", "step": 12, "time": records[16]["time"]}]
+    fig = curves_figure(records, curves_title("x", "bf16", 1), topk=4)
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    at = list(step_to_epoch([8, 12], epochs))
+    assert at == [2.0, 3.0]
+    loss, acc, lr, tput = fig.axes
+    dashed = lambda ax: [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"]  # noqa: E731
+    assert dashed(loss) == dashed(lr) == at and [x - 0.5 for x in dashed(tput)] == at
+    assert [t.get_text() for t in loss.get_legend().get_texts()][-2:] == ["restart 1: step 8", "restart 2: step 12"]
+    assert "val Acc@4" in [t.get_text() for t in acc.get_legend().get_texts()]
+    assert fig._suptitle.get_text() == "x (bf16, 1 device)"
+    assert curves_title("d", "fp32", 2, "dino") == "d (DINO, k-NN accuracy; fp32, 2 devices)"
+
+
+def test_confusion_numbers_grow_with_fewer_classes(tmp_path, monkeypatch):
+    from visionzoo.html_report import figures
+
+    drawn = _drawn(monkeypatch)
+    cm = np.array([[0.9, 0.1, 0, 0], [0.25, 0.75, 0, 0], [0, 0, 1, 0], [0, 0.5, 0, 0.5]])
+    figures.confusion_figure(cm, ["a", "b", "c", "d"], tmp_path / "four.png")
+    cells = [(t, size) for t, _, size in drawn["four.png"] if t.isdigit()]
+    assert sorted(t for t, _ in cells) == sorted(["90", "10", "25", "75", "100", "50", "50"])
+    assert {size for _, size in cells} == {12.0}
+    assert figures.cell_font_size(30, 14.0) == pytest.approx(8.96) and figures.cell_font_size(4, 5.0) == 12.0
+    n = figures.ANNOTATE_UP_TO + 1
+    figures.confusion_figure(np.eye(n), [f"c{i}" for i in range(n)], tmp_path / "many.png")
+    texts = [t for t, _, _ in drawn["many.png"]]
+    assert not [t for t in texts if t.isdigit()]  # no numbers in the 31 diagonal cells
+    assert not any(t.startswith("c") and t[1:].isdigit() for t in texts)  # nor class names on the axes
+
+
+def test_dollar_signs_in_class_names_are_text(tmp_path, monkeypatch):
+    """Class names with "$" (matplotlib's mathtext delimiter) go through the real report: every
+    figure is written and draws them as the literal text (they used to crash the page or turn
+    into math)."""
+    from visionzoo.html_report import compute
+    from visionzoo.html_report.build import write_report
+
+    classes = ["price $5", "$x^$", "plain", "a $b$ c"]
+    rng = np.random.default_rng(0)
+    n = 40
+    targets = rng.integers(0, 4, n)
+    preds = np.where(rng.random(n) < 0.5, targets, (targets + 1) % 4)
+    images = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    grid = {"images": images, "target": np.array([0, 1, 3]), "pred": np.array([1, 3, 0]),
+            "prob": np.float32([0.9, 0.8, 0.7])}
+    pred = Predictions(classes, "classifier", targets, np.stack([preds, (preds + 1) % 4], 1),
+                       np.tile(np.float32([0.7, 0.2]), (n, 1)), grids={"mistakes": grid})
+    monkeypatch.setattr(compute, "cached_predictions", lambda *a, **k: (pred, "test"))
+    drawn = _drawn(monkeypatch)
+    run = _fake_run(tmp_path / "run", classes)
+    page = write_report(run).read_text()
+    assert {"confusion.png", "per_class.png", "mistakes.png", "reliability.png"} <= set(drawn)
+    for name in ("confusion.png", "per_class.png"):
+        labels = {t: math for t, math, _ in drawn[name]}
+        assert {c: labels.get(c) for c in classes} == {c: False for c in classes}, name
+    titles = [t for t, _, _ in drawn["mistakes.png"]]
+    assert "true price $5\npred $x^$ 0.90" in titles
+    assert all((run / "report" / f).stat().st_size > 1000 for f in drawn)
+    assert "price $5" in page

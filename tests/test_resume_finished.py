@@ -63,7 +63,9 @@ def test_resume_after_the_last_checkpoint_writes_complete_results(finished, caps
     for key in ("Acc@1", "Acc@5", "steps", "epochs", "ActualLoss", "TrainAccuracy", "FPS", "devices"):
         assert resumed[key] == original[key], key
     assert resumed["E2ETrainingTime"] >= original["E2ETrainingTime"] * 0.5
-    assert read_metrics(run / "metrics.jsonl") == metrics  # no epoch trained or logged twice
+    after = read_metrics(run / "metrics.jsonl")
+    assert after[:-1] == metrics  # no epoch trained or logged twice; where the session began is marked
+    assert after[-1]["kind"] == "resume" and after[-1]["step"] == original["steps"]
     assert (run / "results.md").is_file() and (run / "curves.png").is_file()
 
 

@@ -98,7 +98,7 @@ def test_a_third_task_trains_stops_and_resumes_through_the_lifecycle(linear_head
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert main(["train", *ARGS, "--data", str(fmnist_dir), "--output", str(ref)]) == 0
     out = capsys.readouterr().out
-    assert f"visionzoo: training fashion_mnist | frozen conv + linear | 10 classes | 1 × cpu" in out
+    assert "visionzoo: training fashion_mnist | frozen conv + linear | 10 classes | 1 × cpu" in out
     results = json.loads((ref / "results.json").read_text())
     assert results["steps"] == 30 and results["epochs"] == 3 and results["Acc@1"] > 30  # 10 classes: chance is 10%
     records = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]

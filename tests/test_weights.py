@@ -305,7 +305,7 @@ def test_knn_linear_eval_export_with_weights_and_recipe(fmnist_dir: Path, tmp_pa
     assert "dino_backbone.pth: weighted k-NN" in out and "5-NN: Top1" in out
     assert main(["linear", "--weights", str(tmp_path / "dino_backbone.pth"), "--recipe", "dino_fashion_mnist",
                  *common, "--epochs", "1", "dino.linear_n_last_blocks=1"]) == 0
-    assert "linear probe (96 features, 1 epochs)" in capsys.readouterr().out
+    assert "linear probe (96 features, 1 epoch)" in capsys.readouterr().out
     _dino_full_checkpoint(tmp_path / "checkpoint.pth")
     assert main(["knn", "--weights", str(tmp_path / "checkpoint.pth"), "--checkpoint-key", "student",
                  "--recipe", "dino_fashion_mnist", *common, "dino.knn_k=[5]"]) == 0

@@ -164,36 +164,41 @@ class Loaded(NamedTuple):
 
 
 class Preprocess:
-    """The recipe's evaluation transform (resize, centre crop, normalise) as a callable: a PIL
+    """The recipe's evaluation preprocessing (resize, centre crop, normalise) as a callable: a PIL
     image, an image file path or a uint8 [C, H, W] / [H, W] tensor in, the model's float
-    [C, H, W] input out."""
+    [C, H, W] input out. It is ``visionzoo eval``'s and ``visionzoo infer``'s
+    (data/augment/presets.py EvalInput): an image of another size than a recipe that evaluates at
+    the stored size (test_resize 0) is resized to it as infer does."""
 
     def __init__(self, data_cfg, in_chans: int):
-        from visionzoo.data.augment.presets import eval_transform
+        from visionzoo.data.augment.presets import EvalInput
 
         self.data, self.in_chans = data_cfg, in_chans
-        self.transform = eval_transform(data_cfg)
+        self.input = EvalInput(data_cfg, in_chans)
 
     def __call__(self, image: Any):
         import torch
         from PIL import Image
 
-        from visionzoo.data.sources.folder import to_rgb
-        from visionzoo.data.augment.presets import normalized
+        from visionzoo.data.sources.folder import DECODE_ERRORS
 
         if isinstance(image, (str, Path)):
-            with Image.open(Path(image).expanduser()) as img:
-                img.load()
-                image = img.copy()
-        if isinstance(image, Image.Image):
-            image = to_rgb(image).convert("L") if self.in_chans == 1 else to_rgb(image)
-        elif isinstance(image, torch.Tensor):
+            path = Path(image).expanduser()
+            if not path.is_file():
+                raise UserError(f"image not found: {path}")
+            try:
+                with Image.open(path) as img:
+                    img.load()
+                    image = img.copy()
+            except DECODE_ERRORS as err:
+                raise UserError(f"cannot decode image {path}: {str(err).splitlines()[0]}") from None
+        if isinstance(image, torch.Tensor):
             if image.dtype != torch.uint8:
                 raise UserError(f"preprocess takes uint8 image tensors (0-255), got {image.dtype}")
             image = image.unsqueeze(0) if image.dim() == 2 else image
-        else:
+        elif not isinstance(image, Image.Image):
             raise UserError(f"preprocess takes a PIL image, a file path or a uint8 tensor, not {type(image).__name__}")
-        return normalized(self.transform, image)
+        return self.input(image)
 
     def __repr__(self) -> str:
         d = self.data

@@ -39,6 +39,12 @@ def save_state(path: Path, state: dict) -> None:
 def resolve_weights(path: str | Path) -> Path:
     """A checkpoint argument: a ``.safetensors`` file, or a run folder (its model.safetensors)."""
     p = Path(path).expanduser()
+    if p.is_dir() and not (p / WEIGHTS).is_file():
+        if (p / "config.yaml").is_file():  # a run that has not written its first checkpoint
+            raise UserError(f"{p} has no {WEIGHTS} yet: the run writes it with its first checkpoint")
+        raise UserError(f"{p} is not a run folder: a run folder (written by visionzoo train) holds config.yaml, "
+                        f"metrics.jsonl and {WEIGHTS}; give one, a .safetensors checkpoint, or --weights FILE "
+                        f"--recipe NAME")
     if p.is_dir():
         p = p / WEIGHTS
     if not p.is_file():

@@ -91,18 +91,40 @@ def _config(recipe: str, overrides: list[str]):
 
 
 def cmd_recipes(args: argparse.Namespace) -> None:
-    from visionzoo.config import load_config, recipe_names, to_yaml
+    from visionzoo.config import load_config, recipe_names
     from visionzoo.run_folder import format_table
 
     if args.show:
-        print(to_yaml(_config(args.show, _overrides(args))), end="")
+        print(_shown_recipe(_config(args.show, _overrides(args))), end="")
         return
     rows = []
     for name in recipe_names():
         c = load_config(name)
-        rows.append({"recipe": name, "model": f"{c.model.library} {c.model.name}", "data": c.data.name,
+        rows.append({"recipe": name, "model": _model_name(c.model), "data": c.data.name,
                      "seed target": c.seed_target, "source": c.source})
     print(format_table(rows, ("recipe", "model", "data", "seed target", "source")))
+
+
+def _model_name(m) -> str:
+    """A recipe's network as the recipes table names it: library and name, plus the constructor
+    arguments that change it (a timm ViT resized to 28 px is not the 224 px one its name says)."""
+    shape = ", ".join(f"{k} {v}" for k, v in m.kwargs.items() if k != "dynamic_img_size")
+    return f"{m.library} {m.name}" + (f" with {shape}" if shape else "")
+
+
+def _shown_recipe(cfg) -> str:
+    """``recipes --show``'s YAML, with data.num_classes as training will have it: counted from
+    the data where that needs no reading of images (class folders, a manifest), else said."""
+    from visionzoo.config import to_yaml
+    from visionzoo.data.sources.class_folders import count_classes
+
+    count, source = count_classes(cfg.data)
+    if cfg.data.name == "synthetic":
+        return to_yaml(cfg)
+    if count is None:
+        return to_yaml(cfg, {"data.num_classes": f"not used: {source}"})
+    cfg.data.num_classes = count
+    return to_yaml(cfg, {"data.num_classes": f"{source}: what training uses"})
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -222,7 +244,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_infer(args: argparse.Namespace) -> None:
     from visionzoo.commands.infer import run_infer
 
-    run_infer(args.model, args.images, args.data, args.batch_size, args.workers, args.output)
+    run_infer(args.model, args.images, args.data, args.batch_size, args.workers, args.output, args.strict)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -378,13 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt,
                        epilog="examples:\n  visionzoo infer runs/<run>/model.onnx --data /usr/share/datasets/fashion-mnist\n"
                               "  visionzoo infer runs/<run>/model.onnx --data /data/imagenet --batch-size 64 --output acc.json\n"
-                              "  visionzoo infer runs/<run>/model.onnx shoe.png shirt.jpg\n")
+                              "  visionzoo infer runs/<run>/model.onnx shoe.png shirt.jpg\n"
+                              "  visionzoo infer runs/<run>/model.onnx photos/ --output predictions.json\n")
     p.add_argument("model", help="a .onnx file written by visionzoo export (its .json sidecar next to it)")
     p.add_argument("images", nargs="*", help="image files to classify (instead of --data)")
     p.add_argument("--data", help="data folder of the validation split (default: the recipe's), or 'synthetic'")
     p.add_argument("--batch-size", type=int, help="images per ONNX Runtime call (default: the recipe's, at most 256)")
     p.add_argument("--workers", type=int, help="data.workers: loader processes for image folders")
     p.add_argument("--output", help="JSON results file (default: <model>.infer.json next to the model)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first image that cannot be read (default: name it, skip it, count it)")
     p.set_defaults(func=cmd_infer)
     _add_data_parser(sub, fmt)
     p = sub.add_parser("report", help="write RUN/report/index.html: curves, results, per-class accuracy, confusion, "

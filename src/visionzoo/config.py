@@ -8,13 +8,17 @@ Resolution order: dataclass defaults < recipe YAML < command-line overrides.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
+import re
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from visionzoo.errors import UserError
@@ -409,24 +413,102 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def _explain(err: OmegaConfBaseException, schema: DictConfig, where: str) -> UserError:
-    """Turn an OmegaConf error into one line that names the key and the closest valid one."""
-    key = getattr(err, "full_key", None) or ""
+def _field_type(key: str) -> Any:
+    """The annotation of a dotted schema key, e.g. ``list[int]`` for schedule.milestones; None for
+    a key that is not a schema field (one inside model.kwargs, or an unknown one)."""
+    node: Any = RecipeConfig
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node):
+            return None
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return None
+        node = hints[part]
+    return node
+
+
+# What each field type takes, in the words of an error message (alone, and as list items).
+_TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a text value"}
+_ITEM_WORDS = {bool: "true/false values", int: "whole numbers", float: "numbers", str: "names"}
+
+
+def _type_words(tp: Any) -> str:
+    """``tp`` as a user reads it: "a whole number", "a list of numbers", "a number or null"."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Union:  # Optional[X]
+        return f"{_type_words(args[0])} or null"
+    if typing.get_origin(tp) is list:
+        return f"a list of {_ITEM_WORDS.get(args[0], 'values') if args else 'values'}"
+    if typing.get_origin(tp) is dict:
+        return "a mapping such as {img_size: 32}"
+    return _TYPE_WORDS.get(tp, "another type of value")
+
+
+_MISSING = object()  # a key with no value to show
+
+
+def _show(value: Any) -> str:
+    """A config value as it is written in YAML and overrides (true, null, [30, 60])."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    try:
+        return yaml.safe_dump(value, default_flow_style=True, width=1000).removesuffix("\n...\n").strip()
+    except yaml.YAMLError:  # an OmegaConf value node (a recipe file's value of the wrong type)
+        return str(value)
+
+
+def _bad_type(key: str, given: str, current: Any, now: str) -> str:
+    """The message for a value of the wrong type: what ``key`` takes, how to write it, and its
+    value before (``now``: "currently" for an override, "default" in a recipe file)."""
+    tp = _field_type(key)
+    words = _type_words(tp) if tp is not None else "another type of value"
+    was = f" ({now} {_show(current)})" if current is not _MISSING else ""
+    if typing.get_origin(tp) is list and not given.lstrip().startswith("["):
+        return f"{key} takes {words}: write {key}=[{given}]{was}"
+    return f"{key} takes {words}, not {given!r}{was}"
+
+
+def _unknown_key(key: str, schema: DictConfig, value: str | None) -> str:
+    """The message for an unknown key, with the closest valid one; a key without its section
+    (``lr=0.1``) gets the full key and the command-line flag that sets it."""
+    keys = _all_keys(schema)
+    if "." not in key:
+        same = [k for k in keys if k.rsplit(".", 1)[-1] == key and "." in k]
+        if not same:
+            last = difflib.get_close_matches(key, [k.rsplit(".", 1)[-1] for k in keys if "." in k], n=1, cutoff=0.6)
+            same = [k for k in keys if last and k.endswith(f".{last[0]}")][:1]
+        if len(same) == 1:
+            rhs = f"={value}" if value is not None else ""
+            flag = {v: k for k, v in FLAG_ALIASES.items()}.get(same[0])
+            also = f" (or the flag --{flag.replace('_', '-')} {value})" if flag and value is not None else ""
+            return f"unknown config key '{key}'; keys have a section: did you mean {same[0]}{rhs}{also}?"
+        if same:
+            listed = f"{', '.join(same[:-1])} or {same[-1]}"
+            return f"unknown config key '{key}'; keys have a section: did you mean {listed}?"
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown config key '{key}'{hint}"
+
+
+def _explain(err: OmegaConfBaseException, base: DictConfig, where: str, given: str | None = None) -> UserError:
+    """Turn an OmegaConf error into one line in the project's words: the unknown key and the
+    closest valid one, or what a key takes, how to write it and its value before. ``base``: the
+    config the value was merged into; ``given``: the override's right-hand side as typed."""
+    key = re.sub(r"\[\d+\]$", "", getattr(err, "full_key", None) or "")  # schedule.milestones[0]: the list
     if isinstance(err, ConfigKeyError) or "not in struct" in str(err) or "Key '" in str(err):
-        close = difflib.get_close_matches(key, _all_keys(schema), n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        return UserError(f"{where}: unknown config key '{key}'{hint}")
-    if isinstance(err, ValidationError):
-        msg = str(err).splitlines()[0]
-        return UserError(f"{where}: bad value for '{key}': {msg}")
+        return UserError(f"{where}: {_unknown_key(key, base, given)}")
+    if isinstance(err, ValidationError) and key:
+        current = OmegaConf.select(base, key, default=_MISSING)
+        shown = given if given is not None else _show(getattr(err, "value", None))
+        return UserError(f"{where}: {_bad_type(key, shown, current, 'currently' if given is not None else 'default')}")
     return UserError(f"{where}: {str(err).splitlines()[0]}")
 
 
-def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
+def _merge(base: DictConfig, other: Any, where: str, given: str | None = None) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as err:
-        raise _explain(err, base, where) from None
+        raise _explain(err, base, where, given) from None
 
 
 def resolve(base: Any, name: str, overrides: list[str] | None = None) -> RecipeConfig:
@@ -438,9 +520,9 @@ def resolve(base: Any, name: str, overrides: list[str] | None = None) -> RecipeC
             raise UserError(f"override '{item}' is not of the form key=value (e.g. optim.lr=0.1)")
         try:
             dot = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as err:
-            raise UserError(f"override '{item}': {str(err).splitlines()[0]}") from None
-        cfg = _merge(cfg, dot, f"override '{item}'")
+        except (OmegaConfBaseException, yaml.YAMLError) as err:
+            raise UserError(f"override '{item}': the value is not valid YAML ({str(err).splitlines()[0]})") from None
+        cfg = _merge(cfg, dot, f"override '{item}'", item.split("=", 1)[1])
     if not cfg.recipe:
         cfg.recipe = name
     try:
@@ -501,9 +583,20 @@ def absolute_data_path(path: Optional[str]) -> Optional[str]:
     return str(Path(path).expanduser().resolve())
 
 
-def to_yaml(cfg: RecipeConfig) -> str:
-    """The resolved config as YAML (what `recipes --show` prints and runs save)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+def to_yaml(cfg: RecipeConfig, comments: dict[str, str] | None = None) -> str:
+    """The resolved config as YAML (what `recipes --show` prints and runs save); ``comments``
+    ({"data.num_classes": "..."}) end the lines of those section keys as YAML comments."""
+    text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    if not comments:
+        return text
+    lines, section = text.splitlines(), ""
+    for i, line in enumerate(lines):
+        if line and not line.startswith(" "):
+            section = line.split(":", 1)[0]
+        elif line.startswith("  ") and not line.startswith("   ") and ":" in line:
+            note = comments.get(f"{section}.{line.strip().split(':', 1)[0]}")
+            lines[i] += f"  # {note}" if note else ""
+    return "\n".join(lines) + "\n"
 
 
 def to_dict(cfg: RecipeConfig) -> dict:

@@ -34,14 +34,34 @@ def new_run_dir(recipe: str, output: str | None, root: str = "runs") -> Path:
     return path
 
 
+def last_step(path: Path) -> int:
+    """The largest optimizer step a metrics.jsonl records (0 for none; a line cut short by a
+    kill is passed over)."""
+    steps = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            continue
+        steps += [step] if isinstance(step, int) else []
+    return max(steps, default=0)
+
+
 class MetricsLog:
     """Appends one JSON object per line to metrics.jsonl; every record gets a wall-clock time.
+
+    Opened on a metrics.jsonl that already has records (a resumed run: engine/resume.py has cut
+    it back to the checkpoint), it first records where this session starts: ``{"kind": "resume",
+    "step": S}`` with S the checkpoint's step (``resumed_at``) or, when not given, the last step
+    the file records. curves.png marks each one.
 
     With ``tensorboard_dir`` the same numbers also go to TensorBoard, tagged ``<kind>/<key>``
     and stepped by optimizer step (step records) or epoch (epoch records)."""
 
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None, resumed_at: int | None = None):
         self.path = Path(path)
+        continues = self.path.is_file() and self.path.stat().st_size > 0
+        start = (resumed_at if resumed_at is not None else last_step(self.path)) if continues else None
         self._f = open(self.path, "a", buffering=1)
         self._tb = None
         self.trackers: list = []  # trackers.py: MLflow, W&B (rank 0), fed every record
@@ -53,6 +73,8 @@ class MetricsLog:
                       "(pip install tensorboard); writing metrics.jsonl only", flush=True)
             else:
                 self._tb = SummaryWriter(str(tensorboard_dir))
+        if start is not None:
+            self.write(kind="resume", step=start)
 
     def write(self, **record: Any) -> None:
         record.setdefault("time", round(time.time(), 3))

@@ -294,7 +294,8 @@ def run_bench(cfg: RecipeConfig, synthetic: bool = False, precisions: str | None
         table = format_table([{"setting": r["setting"], "model-only img/s": r["model_only_img_s"],
                                "end-to-end img/s": r["end_to_end_img_s"], "ratio": r["ratio"],
                                "first step s": r["first_step_s"]} for r in rows], COLUMNS)
-        print(f"\n{table}\n\nimg/s for all {env.world_size} device(s); ratio = end-to-end / model-only; "
+        where = "one device" if env.world_size == 1 else f"all {env.world_size} devices together"
+        print(f"\n{table}\n\nimg/s of {where}; ratio = end-to-end / model-only; "
               f"written to {path}", flush=True)
         result["path"] = str(path)
     distributed.shutdown()

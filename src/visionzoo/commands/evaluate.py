@@ -89,6 +89,7 @@ def linear_checkpoint(checkpoint: str | None, overrides: list[str], weights: str
     for p in model.parameters():
         p.requires_grad = False
     res = train_linear(model, cfg.data, cfg.dino, device, amp_dtype)
-    print(f"{weights or checkpoint}: linear probe ({res['features']} features, {cfg.dino.linear_epochs} epochs): "
+    epochs = f"{cfg.dino.linear_epochs} epoch{'' if cfg.dino.linear_epochs == 1 else 's'}"
+    print(f"{weights or checkpoint}: linear probe ({res['features']} features, {epochs}): "
           f"Acc@1 {res['acc1']:.2f}%  Acc@5 {res['acc5']:.2f}%  ({res['samples']} images)")
     return res

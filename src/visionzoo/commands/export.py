@@ -48,12 +48,10 @@ def sidecar_path(model_path: str | Path) -> Path:
 
 
 def input_size(d) -> int:
-    """Side of the square images the model sees at evaluation (see data.transforms.eval_transform):
-    the centre crop when images are resized, else the stored size (CIFAR, MNIST: image_size).
-    Generated (synthetic) validation images are made at test_size."""
-    from visionzoo.data.sources.table import data_source
+    """Side of the square images the model sees at evaluation (data/augment/presets.py eval_size)."""
+    from visionzoo.data.augment.presets import eval_size
 
-    return d.test_size if (d.test_resize > 0 or data_source(d.name).generated) else d.image_size
+    return eval_size(d)
 
 
 def _output_path(weights: Path, fmt: str, output: str | None) -> Path:

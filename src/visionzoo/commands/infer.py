@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,8 @@ import numpy as np
 import torch
 
 from visionzoo.checkpoint import atomic_write
-from visionzoo.errors import UserError, first_line
 from visionzoo.commands.export import sha256_file, sidecar_path
+from visionzoo.errors import UserError, first_line
 from visionzoo.progress import Progress
 
 TOPK = 5
@@ -36,10 +35,27 @@ def providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+def is_onnx_model(path: Path) -> bool:
+    """Whether ``path`` parses as an ONNX model with a graph (by the onnx package; without it,
+    by its .onnx suffix)."""
+    try:
+        import onnx
+    except ImportError:
+        return path.suffix == ".onnx"
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError and OSErrors: not a model we can read
+        return False
+    return model.ir_version > 0 and len(model.graph.node) > 0
+
+
 def read_sidecar(model_path: Path) -> dict:
     """The sidecar of an exported model, checked for the keys inference needs."""
     side = sidecar_path(model_path)
     if not side.is_file():
+        if not is_onnx_model(model_path):  # a missing sidecar is not the problem then
+            raise UserError(f"{model_path} is not an ONNX model: visionzoo infer runs the model.onnx that "
+                            f"visionzoo export writes (with its model.json sidecar beside it)")
         raise UserError(f"no sidecar {side.name} next to {model_path} (it holds the preprocessing and "
                         f"class names): export the checkpoint again with visionzoo export")
     try:
@@ -113,9 +129,10 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def infer_split(model: str, data: str | None = None, batch_size: int | None = None,
-                workers: int | None = None, output: str | None = None) -> dict:
+                workers: int | None = None, output: str | None = None, strict: bool = False) -> dict:
     """Accuracy and speed of an ONNX model over the validation split of its recipe's data set
-    (``data`` overrides the folder, as ``eval --data`` does); prints them and writes JSON."""
+    (``data`` overrides the folder, as ``eval --data`` does); prints them and writes JSON.
+    Unreadable images are skipped and counted; ``strict``: the first one stops it."""
     from visionzoo.data.loading.build import build_datasets, build_loaders
     from visionzoo.data.sources.table import data_override, data_source
     from visionzoo.engine.evaluation.topk import topk_correct
@@ -147,7 +164,7 @@ def infer_split(model: str, data: str | None = None, batch_size: int | None = No
     run_s = 0.0
     t0 = time.perf_counter()
     for images, targets, n_bad in Progress(loader, len(loader), "infer", leave=False):
-        bad += n_bad
+        bad += _counted(n_bad, strict)
         if images.numel() == 0:
             continue
         x = np.ascontiguousarray(images.numpy(), dtype=np.float32)
@@ -194,14 +211,24 @@ def infer_split(model: str, data: str | None = None, batch_size: int | None = No
     return result
 
 
+def _counted(n_bad: int, strict: bool) -> int:
+    """A batch's unreadable images, counted; with --strict the first one ends the command."""
+    if not (strict and n_bad):
+        return n_bad
+    names = getattr(n_bad, "names", ())  # data.sources.folder.Unreadable, where the reader knows them
+    raise BadImage(f"cannot decode image {names[0]} (--strict)" if names else
+                   f"{int(n_bad)} image(s) of the validation split cannot be decoded (--strict)")
+
+
 def preprocess_image(path: str | Path, d, in_chans: int, size: int) -> tuple[np.ndarray, str]:
-    """One image file as the model's [C, size, size] float32 input: the recipe's eval transform
-    (data.transforms.eval_transform) on the decoded image, grey (L) for 1-channel models, else
-    RGB. Returns the array and a note (non-empty when the image had to be resized)."""
+    """One image file as the model's [C, size, size] float32 input, preprocessed as
+    ``visionzoo eval`` and ``visionzoo.predict`` do (data/augment/presets.py EvalInput). Returns the
+    array and a note (non-empty when the image had to be resized to the model's size). A file
+    that cannot be decoded is a BadImage."""
     from PIL import Image
 
-    from visionzoo.data.augment.presets import eval_transform, normalized
-    from visionzoo.data.sources.folder import DECODE_ERRORS, to_rgb
+    from visionzoo.data.augment.presets import EvalInput
+    from visionzoo.data.sources.folder import DECODE_ERRORS
 
     p = Path(path).expanduser()
     if not p.is_file():
@@ -209,32 +236,45 @@ def preprocess_image(path: str | Path, d, in_chans: int, size: int) -> tuple[np.
     try:
         with Image.open(p) as img:
             img.load()  # decode now, so a truncated file fails here and not in the transform
-            # to_rgb first: it scales 16-bit grey and composites alpha, which convert("L") would not.
-            img = to_rgb(img).convert("L") if in_chans == 1 else to_rgb(img).copy()
+            img = img.copy()
     except DECODE_ERRORS as err:
-        raise UserError(f"cannot decode image {p}: {first_line(err)}") from None
-    x = normalized(eval_transform(d), img)
-    note = ""
-    if tuple(x.shape[-2:]) != (size, size) and d.test_resize == 0:
-        # The recipe evaluates images at their stored size (CIFAR, MNIST); another size is
-        # brought to the model's by the usual short-side resize and centre crop.
-        note = f"resized from {img.width}x{img.height}"
-        x = normalized(eval_transform(replace(d, test_resize=size, test_size=size)), img)
+        raise BadImage(f"cannot decode image {p}: {first_line(err)}") from None
+    preprocess = EvalInput(d, in_chans)
+    x = preprocess(img)
+    # The recipe evaluates images at their stored size (CIFAR, MNIST): another size is brought to
+    # the model's by the usual short-side resize and centre crop.
+    note = f"resized from {img.width}x{img.height}" if preprocess.resized(img) else ""
     if tuple(x.shape) != (in_chans, size, size):
         raise UserError(f"{p} preprocesses to {list(x.shape)}, the model takes {[in_chans, size, size]}")
     return x.numpy().astype(np.float32), note
 
 
-def predict_images(model: str, images: list[str], output: str | None = None, topk: int = TOPK) -> list[dict]:
-    """Top-``topk`` classes and probabilities of each image file; prints them, returns them
-    (and writes them as JSON to ``output`` when given)."""
+class BadImage(UserError):
+    """An image file that cannot be read: skipped by ``visionzoo infer`` (stops it with --strict)."""
+
+
+def predict_images(model: str, images: list[str], output: str | None = None, topk: int = TOPK,
+                   strict: bool = False) -> dict:
+    """Top-``topk`` classes and probabilities of each image file; prints them and a summary line,
+    returns them (and writes them as JSON to ``output`` when given). An unreadable file is named,
+    skipped and counted, as training skips one; ``strict``: it stops the command instead."""
     session, meta = load_exported(model)
+    missing = next((p for p in images if not Path(p).expanduser().is_file()), None)
+    if missing is not None:  # a mistyped name: said before any work, not skipped
+        raise UserError(f"image not found: {Path(missing).expanduser()}")
     d = _data_config(meta, [])
     _, chans, size, _ = meta["input"]["shape"]
     name, classes = session.get_inputs()[0].name, meta["classes"]
-    results = []
+    results, skipped = [], []
     for path in images:
-        x, note = preprocess_image(path, d, chans, size)
+        try:
+            x, note = preprocess_image(path, d, chans, size)
+        except BadImage as err:
+            if strict or len(images) == 1:  # one image: there is nothing else to do
+                raise
+            skipped.append({"image": str(path), "error": str(err)})
+            print(f"visionzoo: skipped: {err}", file=sys.stderr, flush=True)
+            continue
         t = time.perf_counter()
         logits = session.run(None, {name: x[None]})[0][0].astype(np.float64)
         ms = 1000.0 * (time.perf_counter() - t)
@@ -246,24 +286,38 @@ def predict_images(model: str, images: list[str], output: str | None = None, top
         print(f"{path}:" + (f" ({note})" if note else ""))
         for pr in preds:
             print(f"  {100 * pr['prob']:6.2f}%  {pr['class']}")
+    if skipped and not results:
+        raise UserError(f"none of the {len(skipped)} images can be decoded")
+    out = {"model": str(model), "classified": len(results), "bad_images": len(skipped), "images": results,
+           "skipped": skipped}
+    print(_summary(model, len(results), [s["image"] for s in skipped], output))
     if output:
-        _write_json(Path(output), results)
-    return results
+        _write_json(Path(output), out)
+    return out
+
+
+def _summary(model: str, classified: int, skipped: list[str], output: str | None) -> str:
+    """The line that ends ``visionzoo infer`` on image files: counts, the skipped files, the JSON."""
+    line = f"{model}: {classified} image(s) classified"
+    if skipped:
+        more = ", ..." if len(skipped) > 3 else ""
+        line += f", {len(skipped)} unreadable skipped ({', '.join(skipped[:3])}{more})"
+    return line + (f" | results {output}" if output else "")
 
 
 def run_infer(model: str, images: list[str], data: str | None = None, batch_size: int | None = None,
-              workers: int | None = None, output: str | None = None) -> Any:
+              workers: int | None = None, output: str | None = None, strict: bool = False) -> Any:
     """``visionzoo infer``: a validation split (``data``) or image files, not both."""
     if images and data:
         raise UserError("give either --data PATH (a validation split) or image files, not both")
     if images:
-        return predict_images(model, expand_images(images, model), output)
+        return predict_images(model, expand_images(images, model), output, strict=strict)
     if not data:  # the split the recipe trained on (data.path in the sidecar): say so
         meta = read_sidecar(Path(model).expanduser()) if Path(model).expanduser().is_file() else {}
         where = (meta.get("data") or {}).get("path") or "its default location"
         print(f"visionzoo: no images and no --data given: measuring accuracy on the validation split of the "
               f"data the model was trained on ({where}); pass image files or --data DIR for others", flush=True)
-    return infer_split(model, data, batch_size, workers, output)
+    return infer_split(model, data, batch_size, workers, output, strict)
 
 
 def expand_images(paths: list[str], model: str) -> list[str]:

@@ -68,12 +68,11 @@ class Source:
 
 
 def _imagefolder_source(root: Path, kind: str) -> Source:
-    """An ImageFolder's files, copied as they are (a missing val/ is no error here: train/ is packed alone)."""
-    from visionzoo.data.sources.folder import VAL_DIR_NAMES, ImageFolderDataset, find_classes
+    from visionzoo.data.sources.class_folders import class_dir_of, find_classes, val_dir_of
+    from visionzoo.data.sources.folder import ImageFolderDataset
 
-    train_dir = root / "train"
-    val_dir = next((root / n for n in VAL_DIR_NAMES if (root / n).is_dir()), None)
-    classes = find_classes(train_dir if train_dir.is_dir() else val_dir)
+    train_dir, val_dir = root / "train", val_dir_of(root)
+    classes = find_classes(class_dir_of(root))
     src = Source(kind, root, classes)
     for name, folder in (("train", train_dir), ("val", val_dir)):
         if folder is not None and folder.is_dir():

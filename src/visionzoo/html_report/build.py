@@ -17,17 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from visionzoo.errors import UserError
 from visionzoo.html_report import figures, metrics
 from visionzoo.html_report.page import Section, esc, image, key_values, paragraph, preformatted, render, table
-from visionzoo.errors import UserError
 
 REPORT_DIR = "report"
 DEFAULT_MAX_IMAGES = 24  # per grid
 TOP_CONFUSED = 20
 MAX_CLASS_ROWS = 100  # per-class table rows (worst first)
-RESULT_KEYS = ("recipe", "Acc@1", "Acc@5", "eval", "FPS", "FPS_per_device", "devices", "epochs", "steps", "batch_size",
-               "precision", "torch", "device", "mode", "ActualLoss", "E2ETrainingTime", "TrainingTime",
-               "bad_images", "skipped_steps", "loader")
 
 
 def _read_json(path: Path) -> dict | None:
@@ -59,8 +56,12 @@ def write_report(run: str | Path, overrides: list[str] | None = None, max_images
     for old in out.glob("*.png"):  # figures of an earlier report that this one may not draw
         old.unlink()
     results = _read_json(run_dir / "results.json") or {}
-    sections = [_curves(run_dir, out), _results(results), _recipe(run_dir), _environment(run_dir, results)]
-    onnx = _onnx(run_dir)
+    from visionzoo.curves import topk_of
+
+    topk = topk_of(run_dir)  # the k of "Acc@5": fewer than 5 classes make it top-N
+    sections = [_curves(run_dir, out, results, topk), _results(results, topk), _recipe(run_dir),
+                _environment(run_dir, results)]
+    onnx = _onnx(run_dir, topk)
     if onnx is not None:
         sections.append(onnx)
     if full:
@@ -81,31 +82,71 @@ def write_report(run: str | Path, overrides: list[str] | None = None, max_images
     return page
 
 
-def _curves(run_dir: Path, out: Path) -> Section:
+def _curves(run_dir: Path, out: Path, results: dict, topk: int) -> Section:
     s = Section("curves", "Training curves")
     curves = run_dir / "curves.png"
     metrics_file = run_dir / "metrics.jsonl"
     if metrics_file.is_file() and metrics_file.stat().st_size and (
             not curves.is_file() or curves.stat().st_mtime < metrics_file.stat().st_mtime):
-        from visionzoo.curves import plot_curves
+        from visionzoo.curves import curves_title, plot_curves
 
-        plot_curves(run_dir)
+        title = None
+        if results.get("precision") and results.get("devices"):
+            task = "dino" if str(results.get("eval", "")).startswith("k-NN") else "supervised"
+            title = curves_title(results.get("recipe") or run_dir.name, results["precision"], results["devices"], task)
+        plot_curves(run_dir, title, topk)
     if curves.is_file():
         shutil.copyfile(curves, out / "curves.png")
         return s.add(image("curves.png", "loss, accuracy, learning rate and throughput per epoch"))
     return s.add(paragraph("No curves: the run has no metrics.jsonl records yet (or was a --perf run)."))
 
 
-def _results(results: dict) -> Section:
+def count(n: float, unit: str) -> str:
+    """``1 epoch``, ``2 epochs``, ``1.5 epochs``, ``1 device``: a number with its unit, plural
+    unless it is exactly 1 (whole numbers without decimals)."""
+    shown = f"{n:,.0f}" if float(n).is_integer() else f"{n:,.2f}".rstrip("0")
+    return f"{shown} {unit}{'' if float(n) == 1 else 's'}"
+
+
+def acc_name(k: int) -> str:
+    """The "Acc@5" of a run with ``k`` = min(5, classes): ``Acc@5``, or ``Acc@4 (top-4 of 4
+    classes)``: with 4 classes every image's class is among the top 4."""
+    return "Acc@5" if k >= 5 else f"Acc@{k} (top-{k} of {k} classes)"
+
+
+def _results(results: dict, topk: int) -> Section:
+    """What the run achieved and how it trained, once, as sentences' parts (the seeds' table
+    row is results.md)."""
     s = Section("results", "Results")
     if not results:
         return s.add(paragraph("No results.json: the run has not finished."))
-    from visionzoo.run_folder import TABLE_COLUMNS
-
-    s.add(table(list(TABLE_COLUMNS), [[results.get(c) for c in TABLE_COLUMNS]]))  # the seeds' results row
-    rows = {k: results[k] for k in RESULT_KEYS if k in results}
-    if results.get("knn"):
-        rows.update({f"{k}-NN top-1 / top-5": f"{v['top1']:.2f} / {v['top5']:.2f}" for k, v in results["knn"].items()})
+    r, rows = results, {}
+    pct = lambda v: f"{v:.2f}%" if isinstance(v, (int, float)) else "-"  # noqa: E731
+    rows["Acc@1"] = pct(r.get("Acc@1")) + (f" ({r['eval']})" if r.get("eval") else "")
+    if r.get("Acc@5") is not None:
+        rows[acc_name(topk)] = pct(r["Acc@5"])
+    for k, v in (r.get("knn") or {}).items():
+        rows[f"{k}-NN top-1 / top-{topk}"] = f"{v['top1']:.2f}% / {v['top5']:.2f}%"
+    if r.get("FPS") is not None:
+        devices = r.get("devices") or 1
+        per = f", {r['FPS_per_device']:,.1f} per device" if devices > 1 and r.get("FPS_per_device") else ""
+        crops = f" ({r['crops_per_image']} crops each)" if r.get("crops_per_image") else ""
+        rows["throughput"] = f"{r['FPS']:,.1f} images/s{crops} on {count(devices, 'device')}{per}"
+    trained = [count(r["epochs"], "epoch") if r.get("epochs") is not None else None,
+               count(r["steps"], "step") if r.get("steps") is not None else None,
+               f"batch {r['batch_size']}" if r.get("batch_size") else None,
+               f"BatchNorm over {r['BN group']}" if r.get("BN group") else None]
+    rows["trained"] = ", ".join(t for t in trained if t) + (" (performance run)" if r.get("mode") == "perf" else "")
+    if r.get("ActualLoss") is not None:
+        rows["last training loss"] = f"{r['ActualLoss']:.4f}"
+    times = [f"{r['E2ETrainingTime']:,.1f} s end to end" if r.get("E2ETrainingTime") is not None else None,
+             f"{r['TrainingTime']:,.1f} ms per optimizer step" if r.get("TrainingTime") is not None else None]
+    if any(times):
+        rows["time"] = ", ".join(t for t in times if t)
+    if r.get("bad_images"):
+        rows["unreadable images skipped"] = r["bad_images"]
+    if r.get("skipped_steps"):
+        rows["steps skipped (non-finite loss)"] = r["skipped_steps"]
     return s.add(key_values(rows))
 
 
@@ -131,7 +172,7 @@ def _environment(run_dir: Path, results: dict) -> Section:
     return s.add("<h3>This report</h3>" + key_values(here))
 
 
-def _onnx(run_dir: Path) -> Section | None:
+def _onnx(run_dir: Path, topk: int) -> Section | None:
     """Parity and ONNX Runtime speed of the run's exports (sidecars of visionzoo export and the
     .infer.json files of visionzoo infer)."""
     rows, speed = [], []
@@ -151,7 +192,7 @@ def _onnx(run_dir: Path) -> Section | None:
         s.add("<h3>Parity with PyTorch</h3>" + table(["file", "format", "opset", "max |diff|", "limit", "checked with"], rows))
     if speed:
         s.add("<h3>ONNX Runtime on the validation split</h3>" + table(
-            ["model", "Acc@1", "Acc@5", "images", "images/s", "ms per image", "batch", "provider"], speed))
+            ["model", "Acc@1", f"Acc@{topk}", "images", "images/s", "ms per image", "batch", "provider"], speed))
     return s
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from visionzoo.curves import TEXT_ONLY
 
 DPI = 100
 GRID_COLUMNS = 8
@@ -19,6 +23,24 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _text_labels(draw: Callable[..., str]) -> Callable[..., str]:
+    """Draw a figure with every label as plain text: class names such as "price $5" or "$x^$"
+    are not matplotlib mathtext (which would fail to parse them, or render them as math)."""
+
+    @functools.wraps(draw)
+    def drawn(*args, **kwargs) -> str:
+        with _plt().rc_context(TEXT_ONLY):
+            return draw(*args, **kwargs)
+
+    return drawn
+
+
+def cell_font_size(n: int, side: float) -> float:
+    """Points for the numbers in an n x n matrix drawn ``side`` inches wide: about a third of a
+    cell's height (72 points per inch; the axes take ~80% of the figure), 6 to 12 points."""
+    return float(np.clip(0.8 * side / max(n, 1) * 72 / 3, 6.0, 12.0))
 
 
 def _save(fig, path: Path) -> str:
@@ -38,27 +60,32 @@ def _short(name: str, n: int = 14) -> str:
     return name if len(name) <= n else name[: n - 1] + "…"
 
 
+@_text_labels
 def confusion_figure(cm_norm: np.ndarray, classes: list[str], path: Path) -> str:
-    """Row-normalised confusion matrix; numbers in the cells up to ANNOTATE_UP_TO classes."""
+    """Row-normalised confusion matrix, in % of the true class; the numbers (and class names on
+    the axes) up to ANNOTATE_UP_TO classes, in a font that grows as the classes get fewer."""
     plt = _plt()
     n = len(classes)
     side = min(max(5.0, 0.45 * n + 2), 14.0)
     fig, ax = plt.subplots(figsize=(side + 1.2, side))
-    im = ax.imshow(cm_norm, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    im = ax.imshow(100 * cm_norm, cmap="Blues", vmin=0, vmax=100, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of the true class")
     if n <= ANNOTATE_UP_TO:
-        ax.set_xticks(range(n), [_short(c) for c in classes], rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(n), [_short(c) for c in classes], fontsize=8)
+        font = cell_font_size(n, side)
+        labels = min(max(font, 7.0), 10.0)
+        ax.set_xticks(range(n), [_short(c) for c in classes], rotation=60, ha="right", fontsize=labels)
+        ax.set_yticks(range(n), [_short(c) for c in classes], fontsize=labels)
         for i in range(n):
             for j in range(n):
-                v = cm_norm[i, j]
-                if v >= 0.005:
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7 if n <= 15 else 5,
-                            color="white" if v > 0.5 else "black")
-    ax.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix (rows sum to 1)")
+                v = 100 * cm_norm[i, j]
+                if v >= 0.5:
+                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=font,
+                            color="white" if v > 50 else "black")
+    ax.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix (% of each true class)")
     return _save(fig, path)
 
 
+@_text_labels
 def per_class_figure(acc: np.ndarray, classes: list[str], path: Path, show: int = 40) -> str:
     """Horizontal bars of per-class accuracy, worst first (at most ``show`` classes drawn)."""
     plt = _plt()
@@ -73,6 +100,7 @@ def per_class_figure(acc: np.ndarray, classes: list[str], path: Path, show: int 
     return _save(fig, path)
 
 
+@_text_labels
 def grid_figure(images: np.ndarray, target: np.ndarray, pred: np.ndarray, prob: np.ndarray, classes: list[str],
                 title: str, path: Path) -> str:
     """Thumbnails with true / predicted label and the predicted class's probability."""
@@ -94,6 +122,7 @@ def grid_figure(images: np.ndarray, target: np.ndarray, pred: np.ndarray, prob: 
     return _save(fig, path)
 
 
+@_text_labels
 def reliability_figure(cal: dict, path: Path) -> str:
     """Reliability diagram: accuracy per confidence bin against the diagonal, plus bin counts."""
     plt = _plt()
@@ -111,6 +140,7 @@ def reliability_figure(cal: dict, path: Path) -> str:
     return _save(fig, path)
 
 
+@_text_labels
 def attention_figure(images: np.ndarray, maps: np.ndarray, masks: np.ndarray, path: Path) -> str:
     """One row per image: the image, then each head's [CLS] attention with its 60%-mass outline."""
     plt = _plt()
@@ -132,6 +162,7 @@ def attention_figure(images: np.ndarray, maps: np.ndarray, masks: np.ndarray, pa
     return _save(fig, path)
 
 
+@_text_labels
 def neighbours_figure(queries: np.ndarray, query_labels: np.ndarray, neighbours: np.ndarray, sims: np.ndarray,
                       labels: np.ndarray, classes: list[str], path: Path) -> str:
     """One row per query: the validation image and its nearest training images (cosine)."""

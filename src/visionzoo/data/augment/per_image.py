@@ -236,13 +236,25 @@ def resize_size(width: int, height: int, short: int) -> tuple[int, int]:
     return int(short * width / height), short
 
 
+def eval_size(d: Any) -> int:
+    """Side of the square images a model sees at evaluation: the centre crop (test_size) when
+    images are resized, else the stored size the recipe trains at (CIFAR, MNIST: image_size).
+    Generated (synthetic) validation images are made at test_size."""
+    from visionzoo.data.sources.table import data_source
+
+    return d.test_size if (d.test_resize > 0 or data_source(d.name).generated) else d.image_size
+
+
 class ResizeCenterCrop:
     """Evaluation: resize the short side to ``resize``, centre-crop ``size`` (as v2.Resize +
-    v2.CenterCrop); resize 0 keeps the stored size. A JPEG much larger than the resize target is
-    decoded at 1/2-1/8 of its size (``draft``) and resized from there."""
+    v2.CenterCrop). Resize 0 keeps the stored size; an image of another size (a photo given to a
+    28-px model, a folder of mixed sizes) is then brought to the model's by the same short-side
+    resize and centre crop, to ``eval_size``. A JPEG much larger than the resize target is decoded
+    at 1/2-1/8 of its size (``draft``) and resized from there."""
 
     def __init__(self, d, draft_decode: bool = True):
         self.resize, self.size = d.test_resize, d.test_size
+        self.stored = eval_size(d)  # resize 0: the size images must have
         self.interp, self.resample = _INTERP[d.interpolation], PIL_RESAMPLE[d.interpolation]
         self.draft = draft_decode
         self.normalize = Normalize.of(d)
@@ -257,12 +269,15 @@ class ResizeCenterCrop:
         return w, h
 
     def __call__(self, img: Image.Image | torch.Tensor, prepared: tuple[int, int] | None = None) -> torch.Tensor:
-        if self.resize <= 0:
-            return as_uint8(img)
+        resize, size = self.resize, self.size
+        if resize <= 0:
+            if tuple(img.shape[-2:] if isinstance(img, torch.Tensor) else img.size) == (self.stored, self.stored):
+                return as_uint8(img)
+            resize = size = self.stored
         if isinstance(img, torch.Tensor):
-            img = TF.resize(img, [self.resize], self.interp, antialias=True)
-            return TF.center_crop(img, [self.size])
-        w, h = prepared if prepared is not None else resize_size(img.width, img.height, self.resize)
+            img = TF.resize(img, [resize], self.interp, antialias=True)
+            return TF.center_crop(img, [size])
+        w, h = prepared if prepared is not None else resize_size(img.width, img.height, resize)
         if img.size != (w, h):
             img = img.resize((w, h), self.resample)
-        return pil_to_uint8(TF.center_crop(img, [self.size]))
+        return pil_to_uint8(TF.center_crop(img, [size]))

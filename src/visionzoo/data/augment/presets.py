@@ -13,8 +13,13 @@ from typing import Any
 
 import torch
 
+from PIL import Image
+
 from visionzoo.data.augment import registry
-from visionzoo.data.augment.per_image import ResizeCenterCrop
+from visionzoo.data.augment.per_image import ResizeCenterCrop, eval_size
+from visionzoo.data.sources.folder import to_rgb
+
+__all__ = ["EvalInput", "eval_size", "eval_transform", "normalized", "train_transform"]
 
 
 def train_transform(d: Any) -> Callable:
@@ -35,3 +40,25 @@ def normalized(transform: Callable, img: Any) -> torch.Tensor:
     """One image through ``transform`` and its normalisation: the float [C, H, W] tensor a model
     takes (for callers outside a loader, e.g. predicting one file)."""
     return transform.normalize(transform(img))
+
+
+class EvalInput:
+    """One decoded image outside a loader (``visionzoo infer`` on image files,
+    ``visionzoo.predict``) as the model's float [C, H, W] input: grey (L) for 1-channel models
+    (after ``to_rgb``, which scales 16-bit grey and composites alpha), else RGB, then the eval
+    transform and its normalisation: the preprocessing ``visionzoo eval``'s loaders apply."""
+
+    def __init__(self, d: Any, in_chans: int):
+        self.transform, self.in_chans, self.size = eval_transform(d), in_chans, eval_size(d)
+
+    def __call__(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
+        """A PIL image (any mode) or a uint8 [C, H, W] tensor in, float [C, size, size] out."""
+        if isinstance(img, Image.Image):
+            img = to_rgb(img).convert("L") if self.in_chans == 1 else to_rgb(img)
+        return normalized(self.transform, img)
+
+    def resized(self, img: Image.Image | torch.Tensor) -> bool:
+        """Whether ``img`` is resized only because it is not at the stored size of a recipe that
+        evaluates at it (test_resize 0)."""
+        shape = tuple(img.shape[-2:]) if isinstance(img, torch.Tensor) else (img.height, img.width)
+        return self.transform.resize <= 0 and shape != (self.size, self.size)

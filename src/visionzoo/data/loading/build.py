@@ -25,6 +25,7 @@ from visionzoo.data.sources.shards import ShardStream
 from visionzoo.data.sources.splits import Splits
 from visionzoo.data.sources.table import data_source, names
 from visionzoo.data.sources.tensor_dataset import TensorImageDataset
+from visionzoo.errors import UserError
 
 if TYPE_CHECKING:
     from visionzoo.config import DataConfig

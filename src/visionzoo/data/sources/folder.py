@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from visionzoo.data.sources.class_folders import VAL_DIR_NAMES, class_dir_of, find_classes, is_hidden, val_dir_of
 from visionzoo.data.sources.scan_cache import scan_classes
 from visionzoo.data.sources.splits import Splits, existing_dir
 from visionzoo.errors import UserError
@@ -29,8 +30,6 @@ if TYPE_CHECKING:
 
 __all__ = ["IMAGE_EXTENSIONS", "VAL_DIR_NAMES", "ImageFolderDataset", "Unreadable", "find_classes",
            "imagefolder_splits", "load_image", "with_bad_names"]
-
-VAL_DIR_NAMES = ("val", "validation", "test")  # the validation folder of an ImageFolder root, first found
 
 # ImageFile.LOAD_TRUNCATED_IMAGES is deliberately left at Pillow's default
 # (False): a truncated file must raise in __getitem__ and be counted as bad,
@@ -58,25 +57,6 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
 _UNSIGNED_16_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
 
 
-def _hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def find_classes(root: str | Path) -> list[str]:
-    """Return the sorted names of the non-hidden sub-folders of ``root``."""
-    root = Path(root)
-    if not root.exists():
-        raise UserError(f"image folder not found: {root}")
-    if not root.is_dir():
-        raise UserError(f"image folder path is not a folder: {root}")
-    with os.scandir(root) as it:
-        # is_dir() follows symlinks, so a class folder may be a link.
-        classes = sorted(e.name for e in it if not _hidden(e.name) and e.is_dir())
-    if not classes:
-        raise UserError(f"image folder {root} has no class sub-folders (expected root/<class>/<images>)")
-    return classes
-
-
 def _scan_class_dir(class_dir: str, walked: list[str] | None = None) -> list[str]:
     """All image files below ``class_dir`` (links followed, each real folder once), sorted;
     the folders listed are appended to ``walked`` (the scan cache watches their mtimes)."""
@@ -92,9 +72,9 @@ def _scan_class_dir(class_dir: str, walked: list[str] | None = None) -> list[str
         visited.add(real)
         if walked is not None:
             walked.append(dirpath)
-        dirnames[:] = [d for d in dirnames if not _hidden(d)]
+        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
         for name in filenames:
-            if _hidden(name):  # .DS_Store, ._foo.jpg (macOS resource forks), editor temp files
+            if is_hidden(name):  # .DS_Store, ._foo.jpg (macOS resource forks), editor temp files
                 continue
             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 found.append(os.path.join(dirpath, name))
@@ -237,14 +217,14 @@ def imagefolder_splits(d: DataConfig, train: bool) -> Splits:
     """The reader of data.name=imagefolder: ``data.path``/train/<class>/... and
     ``data.path``/val/<class>/... (or validation/, test/)."""
     root = existing_dir(d.path, "an ImageFolder data set")
-    val_dir = next((root / n for n in VAL_DIR_NAMES if (root / n).is_dir()), None)
+    val_dir = val_dir_of(root)
     if val_dir is None:
         raise UserError(f"{root} has no val/ folder (expected {root}/train/<class>/... and {root}/val/<class>/...)")
     train_dir = root / "train"
     if train and not train_dir.is_dir():
         raise UserError(f"{root} has no train/ folder (expected {root}/train/<class>/...)")
     # Labels are the training split's class folders, so val indices always mean the same class.
-    classes = find_classes(train_dir if train_dir.is_dir() else val_dir)
+    classes = find_classes(class_dir_of(root))
     train_ds = ImageFolderDataset(train_dir, classes, scan_cache=d.scan_cache) if train else None
     return Splits(train_ds, ImageFolderDataset(val_dir, classes, scan_cache=d.scan_cache), classes)
 

@@ -25,6 +25,7 @@ import posixpath
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Iterator
 
+from visionzoo.data.sources.class_folders import MANIFEST
 from visionzoo.data.sources.shards import Shard, ShardStream, shard_error, warn
 from visionzoo.data.sources.splits import Splits
 from visionzoo.errors import UserError, first_line
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXTS = ("cls", "json")
-MANIFEST = "manifest.json"
 VAL_NAMES = ("val", "validation", "test")
 _READ_CHUNK = 1 << 20  # bytes per read from a URL: tarfile itself asks for 10 KiB at a time
 
