@@ -89,7 +89,8 @@ class DataConfig:
     # The order of the float32 operations, as the recipe's reference computes them (the results
     # differ in the last bit): unit: x/255, then (x - mean/255) / (std/255) (torchvision's
     # ToTensor + Normalize: pytorch/examples, torchvision references, DINO); pixel: (x - mean) / std
-    # on 0-255 (timm's PrefetchLoader); mmcv: (x - mean) * (1/std) on 0-255 (mmcv.imnormalize, mmcls).
+    # on 0-255 (timm's PrefetchLoader); mmcv: (x - mean) * (1/std) on 0-255 with float64 mean and
+    # 1/std, each result rounded once to float32 (mmcv.imnormalize under OpenCV 4, mmcls).
     normalize: str = "unit"
     synthetic_samples: int = 512  # images per split for data.name=synthetic
     # Shards (data.name=webdataset: tar files; hfds: Hugging Face parquet / save_to_disk), see
