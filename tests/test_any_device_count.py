@@ -223,6 +223,39 @@ def test_densenet_lr_is_cosine_annealing_stepped_per_epoch():
         sched.step()
 
 
+def test_an_epoch_warmup_is_torchvisions_linear_lr_stepped_per_epoch():
+    """torchvision references/classification train.py with --lr-warmup-method linear:
+    SequentialLR([LinearLR(start_factor=lr_warmup_decay, total_iters=lr_warmup_epochs),
+    CosineAnnealingLR(T_max=epochs - lr_warmup_epochs)], milestones=[lr_warmup_epochs]), stepped
+    once after each epoch. Before: the warm-up ramped every step (epoch 0 went from 0.001 to 0.229)."""
+    cfg = load_config("densenet201_imagenet", ["schedule.warmup_epochs=3", "schedule.warmup_lr=0.001",
+                                               "train.epochs=8"])
+    lr, epochs, warmup, spe = cfg.optim.lr, cfg.train.epochs, 3, 7
+    lrs = lr_schedule(cfg.schedule, lr, epochs, spe).reshape(epochs, spe)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.001 / lr, total_iters=warmup),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs - warmup, eta_min=cfg.schedule.min_lr),
+    ], milestones=[warmup])
+    want = []
+    for _ in range(epochs):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert np.all(lrs == lrs[:, :1])  # constant within each epoch, the warm-up's too
+    assert lrs[:, 0] == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert want[:4] == pytest.approx([0.001, 0.001 + (lr - 0.001) / 3, 0.001 + 2 * (lr - 0.001) / 3, lr])
+
+
+def test_an_epoch_warmup_of_part_of_an_epoch_is_refused():
+    from visionzoo.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        load_config("densenet201_imagenet", ["schedule.warmup_epochs=0.5"])
+    assert str(err.value) == ("schedule.warmup_epochs=0.5 with schedule.by=epoch: the LR changes once per epoch, "
+                              "so the warm-up needs a whole number of epochs")
+
+
 @pytest.mark.parametrize("recipe, by", [("alexnet_imagenet", "epoch"), ("densenet201_imagenet", "epoch"),
                                         ("resnet50_cifar100", "epoch"), ("nfnet_f0_imagenet", "step")])
 def test_lr_granularity_is_the_references(recipe, by):

@@ -202,6 +202,9 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         _check(self.name, ("cosine", "step", "constant"), "schedule.name")
         _check(self.by, ("step", "epoch"), "schedule.by")
+        if self.by == "epoch" and self.warmup_epochs != int(self.warmup_epochs):
+            raise UserError(f"schedule.warmup_epochs={self.warmup_epochs} with schedule.by=epoch: the LR changes "
+                            f"once per epoch, so the warm-up needs a whole number of epochs")
 
 
 @dataclass
