@@ -126,7 +126,7 @@ def test_mlflow_server_on_localhost(fmnist_dir, tmp_path):
     ("file:///runs/a@b", "file:///runs/a@b"),
 ])
 def test_credentials_in_urls_are_redacted(text, redacted):
-    from visionzoo.config import redact_credentials
+    from visionzoo.redaction import redact_credentials
 
     assert redact_credentials(text) == redacted
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,6 +19,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from visionzoo.errors import UserError
 from visionzoo.ranges import RANGES, check_range
+from visionzoo.redaction import without_credentials
 
 AMP_MODES = ("auto", "none", "bf16", "fp16", "fp64")
 DATASETS = ("imagefolder", "cifar10", "cifar100", "fashion_mnist", "mnist", "synthetic", "webdataset", "hfds")
@@ -330,9 +330,8 @@ class LogConfig:
     tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
     # Experiment trackers (optional extras; rank 0 only; one that cannot be reached is a warning):
     mlflow: bool = False  # MLflow: log.mlflow_uri, else MLFLOW_TRACKING_URI, else MLflow's local store
-    # e.g. http://host:5000, https://user:token@host or sqlite:///path/mlflow.db; set: MLflow is on.
-    # Credentials in it are used, never written (config.yaml keeps https://***@host).
-    mlflow_uri: Optional[str] = None
+    # e.g. http://host:5000, https://user:token@host (never written: https://***@host), sqlite:///path/mlflow.db
+    mlflow_uri: Optional[str] = None  # set: MLflow is on
     wandb: bool = False  # Weights & Biases (WANDB_MODE=offline writes RUN/wandb/ only; WANDB_PROJECT)
 
     def __post_init__(self) -> None:
@@ -481,43 +480,16 @@ def absolute_data_path(path: Optional[str]) -> Optional[str]:
     return str(Path(path).expanduser().resolve())
 
 
-# What stands for the user info (``user:password@``) of a URL wherever visionzoo writes one.
-REDACTED = "***"
-# scheme://, then the user info: everything up to the authority's last @ (a password may hold an
-# unescaped @; / ? # and whitespace end the authority).
-_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.\-]*://)[^/?#\s]+@")
-
-
-def redact_credentials(text: str) -> str:
-    """``text`` with the user info of every URL in it replaced by ``***``:
-    ``https://user:token@host:5000/x`` becomes ``https://***@host:5000/x``. Every writer of a
-    tracking URI (config.yaml, checkpoints, the report, the trackers' parameters and warnings)
-    goes through it."""
-    return _USERINFO.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
-
-
-def _written(cfg: RecipeConfig, secrets: bool) -> RecipeConfig:
-    """``cfg`` as it may be written: the tracking URI's credentials redacted unless ``secrets``."""
-    uri = cfg.log.mlflow_uri
-    if secrets or not uri or redact_credentials(uri) == uri:
-        return cfg
-    out = copy.copy(cfg)
-    out.log = copy.copy(cfg.log)
-    out.log.mlflow_uri = redact_credentials(uri)
-    return out
-
-
 def to_yaml(cfg: RecipeConfig, secrets: bool = False) -> str:
-    """The resolved config as YAML (what `recipes --show` prints and runs save), credentials in
-    the tracking URI redacted; ``secrets=True`` keeps them (a config handed to this process's
-    own workers, never written where it stays)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(_written(cfg, secrets)))
+    """The resolved config as YAML (what `recipes --show` prints and runs save), the tracking URI's
+    credentials redacted unless ``secrets`` (a config handed to this process's own workers)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg if secrets else without_credentials(cfg)))
 
 
 def to_dict(cfg: RecipeConfig, secrets: bool = False) -> dict:
     """The resolved config as plain Python containers (stored inside checkpoints, given to the
-    trackers), credentials in the tracking URI redacted unless ``secrets``."""
-    return OmegaConf.to_container(OmegaConf.structured(_written(cfg, secrets)))
+    trackers), the tracking URI's credentials redacted unless ``secrets``."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg if secrets else without_credentials(cfg)))
 
 
 def from_dict(d: dict, overrides: list[str] | None = None) -> RecipeConfig:

@@ -10,7 +10,7 @@ the run itself never fails or changes because of it.
 A tracking URI may carry credentials (``https://user:token@host``): MLflow gets the URI without
 them and the credentials as its MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, only while
 it is called; whatever visionzoo writes or prints shows ``https://***@host``
-(``config.redact_credentials``)."""
+(``redaction.redact_credentials``)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from visionzoo.config import REDACTED, redact_credentials
+from visionzoo.redaction import REDACTED, redact_credentials
 
 MLFLOW_EXPERIMENT = "visionzoo"  # MLFLOW_EXPERIMENT_NAME overrides it
 WANDB_PROJECT = "visionzoo"  # WANDB_PROJECT overrides it

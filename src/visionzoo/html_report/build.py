@@ -114,7 +114,7 @@ def _recipe(run_dir: Path) -> Section:
     cfg = run_dir / "config.yaml"
     if not cfg.is_file():
         return s.add(paragraph("No config.yaml in the run folder."))
-    from visionzoo.config import redact_credentials
+    from visionzoo.redaction import redact_credentials
 
     # (a run folder written before config.yaml was redacted may still hold a tracking password)
     return s.add(preformatted(redact_credentials(cfg.read_text())))
