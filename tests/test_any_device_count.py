@@ -227,6 +227,39 @@ def test_densenet_lr_is_cosine_annealing_stepped_per_epoch():
         sched.step()
 
 
+def test_an_epoch_warmup_is_torchvisions_linear_lr_stepped_per_epoch():
+    """torchvision references/classification train.py with --lr-warmup-method linear:
+    SequentialLR([LinearLR(start_factor=lr_warmup_decay, total_iters=lr_warmup_epochs),
+    CosineAnnealingLR(T_max=epochs - lr_warmup_epochs)], milestones=[lr_warmup_epochs]), stepped
+    once after each epoch. Before: the warm-up ramped every step (epoch 0 went from 0.001 to 0.229)."""
+    cfg = load_config("densenet201_imagenet", ["schedule.warmup_epochs=3", "schedule.warmup_lr=0.001",
+                                               "train.epochs=8"])
+    lr, epochs, warmup, spe = cfg.optim.lr, cfg.train.epochs, 3, 7
+    lrs = lr_schedule(cfg.schedule, lr, epochs, spe).reshape(epochs, spe)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.001 / lr, total_iters=warmup),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs - warmup, eta_min=cfg.schedule.min_lr),
+    ], milestones=[warmup])
+    want = []
+    for _ in range(epochs):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert np.all(lrs == lrs[:, :1])  # constant within each epoch, the warm-up's too
+    assert lrs[:, 0] == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert want[:4] == pytest.approx([0.001, 0.001 + (lr - 0.001) / 3, 0.001 + 2 * (lr - 0.001) / 3, lr])
+
+
+def test_an_epoch_warmup_of_part_of_an_epoch_is_refused():
+    from visionzoo.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        load_config("densenet201_imagenet", ["schedule.warmup_epochs=0.5"])
+    assert str(err.value) == ("schedule.warmup_epochs=0.5 with schedule.by=epoch: the LR changes once per epoch, "
+                              "so the warm-up needs a whole number of epochs")
+
+
 @pytest.mark.parametrize("recipe, by", [("alexnet_imagenet", "epoch"), ("densenet201_imagenet", "epoch"),
                                         ("resnet50_cifar100", "epoch"), ("nfnet_f0_imagenet", "step")])
 def test_lr_granularity_is_the_references(recipe, by):
@@ -282,20 +315,51 @@ def test_pixel_normalisation_is_timm_prefetch_loader():
     assert torch.equal(got, ref)
 
 
-def test_mmcv_normalisation_is_imnormalize_in_the_device_resident_loader():
-    """mmcls v0.24.0 Normalize: mean/std as float32 arrays; mmcv.imnormalize_: img float32,
-    ``cv2.subtract(img, float64(mean))``, ``cv2.multiply(img, 1 / float64(std))`` (OpenCV converts
-    the scalars to the image's float32)."""
+def imnormalize(img: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """mmcv v1.6 ``imnormalize`` as mmcls v0.24.0 Normalize calls it (mean, std: float32 arrays),
+    written out in NumPy: ``img = img.copy().astype(np.float32); mean = np.float64(mean.reshape(1,
+    -1)); stdinv = 1 / np.float64(std.reshape(1, -1)); cv2.subtract(img, mean, img);
+    cv2.multiply(img, stdinv, img)``. OpenCV 4 (mmcv 1.6's) takes a float64 1xC array as a
+    per-channel scalar and computes in the wider depth, float64, rounding each result once to the
+    float32 destination (checked against cv2 4.6.0 and 4.10.0: OpenCV 5 multiplies in float32)."""
+    img = img.copy().astype(np.float32)
+    mean = np.float64(mean.reshape(1, -1))
+    stdinv = 1 / np.float64(std.reshape(1, -1))
+    img[...] = img.astype(np.float64) - mean  # cv2.subtract(img, mean, img)
+    img[...] = img.astype(np.float64) * stdinv  # cv2.multiply(img, stdinv, img)
+    return img
+
+
+def test_mmcv_normalisation_is_imnormalize_for_every_value_on_every_path():
+    """Every 0-255 value in every channel, through each path that normalises (the device-resident
+    loader, DeviceBatches in both layouts, DINO's batched multi-crop), equals mmcv.imnormalize.
+    Before: 1/std was rounded to float32 and the product taken in float32, 1 ulp off on 63 of the
+    768 values with resnet50_cifar100's mean and std."""
+    from visionzoo.data.augment.multicrop_batched import BatchedMultiCrop
+
     cfg = load_config("resnet50_cifar100", ["data.augment=none", "data.hflip=0"])
-    rng = np.random.default_rng(0)
-    hwc = rng.integers(0, 256, (4, 6, 6, 3), dtype=np.uint8)
-    mean = np.float32(cfg.data.mean)
-    stdinv = np.float32(1 / np.float64(np.float32(cfg.data.std)))
-    ref = (hwc.astype(np.float32) - mean) * stdinv
+    hwc = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1).reshape(4, 8, 8, 3)
+    ref = torch.from_numpy(imnormalize(hwc, np.float32(cfg.data.mean), np.float32(cfg.data.std))).permute(0, 3, 1, 2)
     ds = TensorImageDataset(hwc, [0, 1, 2, 3], ["a", "b", "c", "d"])
-    loader = InMemoryLoader(ds, 4, False, CPU, cfg.data)
-    got = next(iter(loader))[0]
-    assert got.is_contiguous() and torch.equal(got, torch.from_numpy(ref).permute(0, 3, 1, 2))
+    got = next(iter(InMemoryLoader(ds, 4, False, CPU, cfg.data)))[0]
+    assert got.dtype == torch.float32 and got.is_contiguous() and torch.equal(got, ref)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        batch = torch.from_numpy(hwc).permute(0, 3, 1, 2)  # [B, H, W, C] memory, as the loader workers stack it
+        got = DeviceBatches([], CPU, Normalize.of(cfg.data), layout).images(batch)
+        assert got.dtype == torch.float32 and torch.equal(got, ref) and got.is_contiguous(memory_format=layout)
+    # DINO's batched multi-crop: the same draws with an identity normalisation give the crops' pixels.
+    dino = load_config("dino_vits16_imagenet", ["data.image_size=8", "dino.local_crop_size=4",
+                                                "dino.local_crops_number=1"])
+    images = torch.from_numpy(hwc).permute(0, 3, 1, 2).float()
+    mmcv = copy.deepcopy(dino.data)
+    mmcv.mean, mmcv.std, mmcv.normalize = cfg.data.mean, cfg.data.std, "mmcv"
+    plain = copy.deepcopy(dino.data)
+    plain.mean, plain.std, plain.normalize = [0.0] * 3, [1.0] * 3, "pixel"
+    crops = BatchedMultiCrop(mmcv, dino.dino)(images, torch.Generator().manual_seed(0))
+    pixels = BatchedMultiCrop(plain, dino.dino)(images, torch.Generator().manual_seed(0))
+    for crop, pix in zip(crops, pixels, strict=True):
+        want = imnormalize(pix.permute(0, 2, 3, 1).numpy(), np.float32(cfg.data.mean), np.float32(cfg.data.std))
+        assert torch.equal(crop, torch.from_numpy(want).permute(0, 3, 1, 2))
 
 
 # ----------------------------------------------------------------------------- which images form a group

@@ -142,6 +142,63 @@ def test_double_sigterm_under_the_launcher_keeps_the_checkpoint(tmp_path):
     assert weights.name == f"step-{step:09d}.safetensors" and len(state["ranks"]) == 2
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_the_devices_launcher_passes_its_signal_on(tmp_path, sig):
+    """A signal to the ``--devices 2`` launcher alone (Slurm's SIGUSR1 to an ``srun -n 1`` task,
+    kill -TERM, the terminal's Ctrl-C to its foreground group) reaches the workers: they
+    checkpoint and exit before the launcher, which exits 128 + signal. Before, SIGUSR1 killed the
+    launcher (exit -10) and its workers trained on to the end without it: no checkpoint at the
+    stop, no requeue, status "finished"."""
+    from conftest import write_fmnist
+
+    (tmp_path / "fm").mkdir()
+    data = write_fmnist(tmp_path / "fm", 3000, 100)  # 94 steps an epoch on 2 ranks of 16
+    bin_dir = fake_scontrol(tmp_path / "bin")
+    run = tmp_path / "fm2"
+    cmd = [sys.executable, "-m", "visionzoo", "train", "fashion_mnist", "--data", str(data), "--device", "cpu",
+           "--devices", "2", "--epochs", "2", "--output", str(run), "data.batch_size=16", "train.log_every=1",
+           "log.progress=off"]
+    env = _env(SLURM_JOB_ID="777", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for_steps(run, proc, 3)
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            workers = [int(c) for c in f.read().split()]
+        assert len(workers) == 2
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)  # as a terminal does; the workers have sessions of their own
+        else:
+            proc.send_signal(sig)
+        proc.wait(timeout=90)
+        orphans = [pid for pid in workers if _alive(pid)]
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert orphans == [] and proc.returncode == 128 + sig, err[-2000:]
+    step = int(err.split("stopped at step ")[1].split(";")[0])
+    requeued = " (Slurm job 777 requeued)" if sig == signal.SIGUSR1 else ""
+    assert err.strip() == (f"visionzoo: stopped at step {step}; checkpoint saved; continue with: "
+                           f"visionzoo train fashion_mnist --resume {run} --devices 2{requeued}")
+    assert (bin_dir / "scontrol.log").exists() == (sig == signal.SIGUSR1)
+    status = json.loads((run / "status.json").read_text())
+    assert status == {**status, "status": "interrupted", "step": step, "signal": sig.name} and "error" not in status
+    _, state, weights = load_latest(run)
+    assert weights.name == f"step-{step:09d}.safetensors" and len(state["ranks"]) == 2
+
+
 FAKE_SRUN = """#!/bin/bash
 # srun for one node: drops srun's own options, starts SLURM_NTASKS tasks with Slurm's variables.
 while [[ "$1" == --* ]]; do shift; done

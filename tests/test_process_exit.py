@@ -43,7 +43,7 @@ def test_launch_local_leaves_handlers_and_environment_as_they_were(monkeypatch, 
 
     monkeypatch.setattr(launcher, "elastic_launch", fake_elastic_launch)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)}
     assert distributed.launch_local(2, ["train", "fashion_mnist"]) == 0
     assert seen == {"omp": str(max(1, (os.cpu_count() or 1) // 2)), "nproc": 2,
                     "args": ("-m", "visionzoo", "train", "fashion_mnist")}

@@ -117,7 +117,7 @@ def train(recipe_or_cfg: Any, *overrides: str, data: str | None = None, devices:
     if output:
         extra.append(f"output={output}")
     if isinstance(recipe_or_cfg, RecipeConfig):
-        cfg = from_dict(to_dict(recipe_or_cfg), extra)
+        cfg = from_dict(to_dict(recipe_or_cfg, secrets=True), extra)  # credentials kept in this process
     else:
         cfg = load_config(str(recipe_or_cfg), extra)
     check_task(cfg.task)
@@ -146,7 +146,7 @@ def _train_launched(cfg, devices: int, perf: bool, resume_dir: Path | None = Non
     out = Path(resume_dir or cfg.output or Path("runs") / f"{cfg.recipe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     with tempfile.TemporaryDirectory() as tmp:  # the workers read the resolved config from here
         recipe = Path(tmp) / f"{cfg.recipe}.yaml"
-        recipe.write_text(to_yaml(cfg))
+        recipe.write_text(to_yaml(cfg, secrets=True))  # for this run's own workers only
         argv = ["train", str(recipe), "--devices", str(devices)] + (["--perf"] if perf else [])
         argv += ["--resume", str(out)] if resume_dir is not None else ["--output", str(out)]
         code = distributed.launch_local(devices, argv)  # what visionzoo train --devices N runs

@@ -23,6 +23,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from visionzoo.errors import UserError
 from visionzoo.ranges import RANGES, check_range
+from visionzoo.redaction import without_credentials
 
 AMP_MODES = ("auto", "none", "bf16", "fp16", "fp64")
 # data.augment's presets: the augmentation-only rows of data/augment/registry.py (a lower layer
@@ -98,7 +99,8 @@ class DataConfig:
     # The order of the float32 operations, as the recipe's reference computes them (the results
     # differ in the last bit): unit: x/255, then (x - mean/255) / (std/255) (torchvision's
     # ToTensor + Normalize: pytorch/examples, torchvision references, DINO); pixel: (x - mean) / std
-    # on 0-255 (timm's PrefetchLoader); mmcv: (x - mean) * (1/std) on 0-255 (mmcv.imnormalize, mmcls).
+    # on 0-255 (timm's PrefetchLoader); mmcv: (x - mean) * (1/std) on 0-255 with float64 mean and
+    # 1/std, each result rounded once to float32 (mmcv.imnormalize under OpenCV 4, mmcls).
     normalize: str = "unit"
     synthetic_samples: int = 512  # images per split for data.name=synthetic
     # Shards (data.name=webdataset: tar files; hfds: Hugging Face parquet / save_to_disk), see
@@ -218,6 +220,9 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         _check(self.name, ("cosine", "step", "constant"), "schedule.name")
         _check(self.by, ("step", "epoch"), "schedule.by")
+        if self.by == "epoch" and self.warmup_epochs != int(self.warmup_epochs):
+            raise UserError(f"schedule.warmup_epochs={self.warmup_epochs} with schedule.by=epoch: the LR changes "
+                            f"once per epoch, so the warm-up needs a whole number of epochs")
 
 
 @dataclass
@@ -342,7 +347,8 @@ class LogConfig:
     tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
     # Experiment trackers (optional extras; rank 0 only; one that cannot be reached is a warning):
     mlflow: bool = False  # MLflow: log.mlflow_uri, else MLFLOW_TRACKING_URI, else MLflow's local store
-    mlflow_uri: Optional[str] = None  # e.g. http://host:5000 or sqlite:///path/mlflow.db; set: MLflow is on
+    # e.g. http://host:5000, https://user:token@host (never written: https://***@host), sqlite:///path/mlflow.db
+    mlflow_uri: Optional[str] = None  # set: MLflow is on
     wandb: bool = False  # Weights & Biases (WANDB_MODE=offline writes RUN/wandb/ only; WANDB_PROJECT)
 
     def __post_init__(self) -> None:
@@ -583,10 +589,11 @@ def absolute_data_path(path: Optional[str]) -> Optional[str]:
     return str(Path(path).expanduser().resolve())
 
 
-def to_yaml(cfg: RecipeConfig, comments: dict[str, str] | None = None) -> str:
-    """The resolved config as YAML (what `recipes --show` prints and runs save); ``comments``
-    ({"data.num_classes": "..."}) end the lines of those section keys as YAML comments."""
-    text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+def to_yaml(cfg: RecipeConfig, comments: dict[str, str] | None = None, secrets: bool = False) -> str:
+    """The resolved config as YAML (what `recipes --show` prints and runs save), the tracking URI's
+    credentials redacted unless ``secrets`` (a config handed to this process's own workers);
+    ``comments`` ({"data.num_classes": "..."}) end the lines of those section keys as YAML comments."""
+    text = OmegaConf.to_yaml(OmegaConf.structured(cfg if secrets else without_credentials(cfg)))
     if not comments:
         return text
     lines, section = text.splitlines(), ""
@@ -599,9 +606,10 @@ def to_yaml(cfg: RecipeConfig, comments: dict[str, str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_dict(cfg: RecipeConfig) -> dict:
-    """The resolved config as plain Python containers (stored inside checkpoints)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
+def to_dict(cfg: RecipeConfig, secrets: bool = False) -> dict:
+    """The resolved config as plain Python containers (stored inside checkpoints, given to the
+    trackers), the tracking URI's credentials redacted unless ``secrets``."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg if secrets else without_credentials(cfg)))
 
 
 def from_dict(d: dict, overrides: list[str] | None = None) -> RecipeConfig:

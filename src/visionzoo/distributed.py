@@ -247,15 +247,27 @@ def launch_local(nproc: int, argv: list[str], monitor_interval: float = 0.5) -> 
 STOPPED_EXIT_CODES = {128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGUSR1}
 
 
-_LAUNCHER_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+# The signals torch's agent turns into SignalException (then stops the workers with the same
+# signal), and SIGUSR1, which it leaves alone before torch 2.9 and by default after.
+_LAUNCHER_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1")
+
+
+def _forward_sigusr1(signum: int, frame: object) -> None:
+    """The launcher's SIGUSR1 (Slurm's warning before the time limit), handled as torch's agent
+    handles SIGTERM: its default action would kill the launcher and orphan the workers, which
+    would train on with no checkpoint and no requeue."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    raise SignalException(f"Process {os.getpid()} got signal: SIGUSR1", sigval=signal.Signals(signum))
 
 
 @contextlib.contextmanager
 def _launcher_scope(env_defaults: dict[str, str]) -> Iterator[None]:
-    """Environment defaults for the workers while they run, and this process's signal handlers
-    as they were afterwards: torch's launcher installs handlers that turn SIGTERM into an
-    exception and never removes them, so a process that goes on after a launch (a notebook, the
-    tests) would have every later child it forks, and SIGTERMs, ignore the signal."""
+    """Environment defaults for the workers while they run, SIGUSR1 passed on to them, and this
+    process's signal handlers as they were afterwards: torch's launcher installs handlers that
+    turn SIGTERM into an exception and never removes them, so a process that goes on after a
+    launch (a notebook, the tests) would have every later child it forks, and SIGTERMs, ignore
+    the signal."""
     added = {k: v for k, v in env_defaults.items() if k not in os.environ}
     # The agent's warnings on a stop ("Received 15 death signal", "Sending process ... closing
     # signal") add nothing to the workers' own line; its errors still show.
@@ -271,6 +283,8 @@ def _launcher_scope(env_defaults: dict[str, str]) -> Iterator[None]:
     if threading.current_thread() is threading.main_thread():
         saved = {s: signal.getsignal(s) for s in (getattr(signal, n, None) for n in _LAUNCHER_SIGNALS) if s}
     os.environ.update(added)
+    if saved:  # the agent stops the workers with this signal: they checkpoint, requeue, exit 138
+        signal.signal(signal.SIGUSR1, _forward_sigusr1)
     try:
         yield
     finally:

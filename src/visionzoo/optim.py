@@ -93,7 +93,9 @@ def cosine_schedule(start: float, end: float, total_steps: int, warmup_steps: in
 def lr_schedule(s, base_lr: float, epochs: int, steps_per_epoch: int) -> np.ndarray:
     """LR for every optimizer step of the run: linear warm-up from ``warmup_lr``, then cosine to
     ``min_lr``, step decay at ``milestones``, or constant. ``by=epoch`` holds each value for a
-    whole epoch (as schedulers stepped once per epoch do)."""
+    whole epoch (as schedulers stepped once per epoch do), the warm-up's too: torchvision's
+    references/classification train.py steps LinearLR(start_factor=warmup_lr/lr,
+    total_iters=warmup_epochs), then the main scheduler (SequentialLR), once after each epoch."""
     total = epochs * steps_per_epoch
     steps = np.arange(total, dtype=np.float64)
     t = np.floor(steps / steps_per_epoch) * steps_per_epoch if s.by == "epoch" else steps
@@ -108,7 +110,6 @@ def lr_schedule(s, base_lr: float, epochs: int, steps_per_epoch: int) -> np.ndar
         lrs = base_lr * s.gamma ** drops * np.ones_like(steps)
     else:
         lrs = np.full_like(steps, base_lr)
-    if warm > 0:
-        ramp = s.warmup_lr + (base_lr - s.warmup_lr) * np.arange(warm) / warm
-        lrs[:warm] = ramp[: len(lrs[:warm])]
+    if warm > 0:  # t: the step, or with by=epoch the first step of its epoch (a whole number of epochs)
+        lrs[:warm] = s.warmup_lr + (base_lr - s.warmup_lr) * t[:warm] / warm
     return lrs

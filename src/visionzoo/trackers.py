@@ -5,16 +5,27 @@ by optimizer step, ``epoch/<key>`` by epoch, the names TensorBoard gets) and, wh
 ends, results and files (results.json, curves.png, config.yaml, the report folder, the weights).
 
 A tracker that is not installed or cannot be reached costs one warning and is then left out:
-the run itself never fails or changes because of it."""
+the run itself never fails or changes because of it.
+
+A tracking URI may carry credentials (``https://user:token@host``): MLflow gets the URI without
+them and the credentials as its MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, only while
+it is called; whatever visionzoo writes or prints shows ``https://***@host``
+(``redaction.redact_credentials``)."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from visionzoo.redaction import REDACTED, redact_credentials
 
 MLFLOW_EXPERIMENT = "visionzoo"  # MLFLOW_EXPERIMENT_NAME overrides it
 WANDB_PROJECT = "visionzoo"  # WANDB_PROJECT overrides it
@@ -53,8 +64,8 @@ class Tracker:
         from visionzoo.errors import first_line
 
         if self.active:
-            print(f"warning: {self.name}: {what} failed ({first_line(err)}); the run goes on without {self.name}",
-                  flush=True)
+            why = redact_credentials(first_line(err))
+            print(f"warning: {self.name}: {what} failed ({why}); the run goes on without {self.name}", flush=True)
         self.active = False
 
     def log(self, record: dict) -> None:
@@ -84,16 +95,65 @@ def _mlflow_name(key: str) -> str:
     return re.sub(r"[^\w\-./ ]", "_", key)
 
 
-def _check_reachable(uri: str) -> None:
+def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """``uri`` without its user info, and that user info as MLflow's credential variables
+    (percent-escapes decoded). A redacted one (``***@``, as config.yaml keeps it) gives none:
+    MLflow then takes MLFLOW_TRACKING_USERNAME / _PASSWORD from the environment, if set."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri, {}
+    userinfo, _, host = parts.netloc.rpartition("@")
+    clean = urlunsplit(parts._replace(netloc=host))
+    if userinfo == REDACTED:
+        return clean, {}
+    user, _, password = userinfo.partition(":")
+    return clean, {"MLFLOW_TRACKING_USERNAME": unquote(user), "MLFLOW_TRACKING_PASSWORD": unquote(password)}
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` set in os.environ while the block runs, the previous values back after."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _redacted_argv() -> Iterator[None]:
+    """sys.argv with credentials redacted while the block runs: W&B records the command line
+    (its run metadata, a job's source) when a run starts and ends, and a tracking URI given as
+    an override stands in it."""
+    import sys
+
+    before = sys.argv
+    sys.argv = [redact_credentials(a) for a in before]
+    try:
+        yield
+    finally:
+        sys.argv = before
+
+
+def _check_reachable(uri: str, creds: dict[str, str]) -> None:
     """For an HTTP tracking server, one GET of its /health page (MLflow's own client would
-    retry for minutes before giving up)."""
+    retry for minutes before giving up), with ``creds`` as basic authentication."""
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
     import urllib.request
 
+    request = urllib.request.Request(uri.rstrip("/") + "/health")
+    if creds:
+        pair = f"{creds['MLFLOW_TRACKING_USERNAME']}:{creds['MLFLOW_TRACKING_PASSWORD']}".encode()
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair).decode())
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACH_TIMEOUT_S):
+        with urllib.request.urlopen(request, timeout=REACH_TIMEOUT_S):
             pass
     except urllib.error.HTTPError:  # it answered (401, 404, ...): reachable; MLflow's client takes over
         pass
@@ -109,18 +169,29 @@ class MlflowTracker(Tracker):
 
         from visionzoo.config import to_dict
 
+        uri, self.creds = split_credentials(uri) if uri else (uri, {})
         if uri:
-            _check_reachable(uri)
+            _check_reachable(uri, self.creds)
         self.client = MlflowClient(tracking_uri=uri)  # None: MLFLOW_TRACKING_URI, else MLflow's local store
         self.uri = self.client.tracking_uri
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", MLFLOW_EXPERIMENT)
-        exp = self.client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
-        self.run_id = self.client.create_run(exp_id, run_name=Path(run_dir).name,
-                                             tags={"visionzoo.recipe": cfg.recipe, "visionzoo.run_dir": str(run_dir)}).info.run_id
-        params = [Param(k, str(v)[:6000]) for k, v in flatten(to_dict(cfg)).items()]
-        for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        with _environment(self.creds):
+            exp = self.client.get_experiment_by_name(name)
+            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
+            self.run_id = self.client.create_run(
+                exp_id, run_name=Path(run_dir).name,
+                tags={"visionzoo.recipe": cfg.recipe, "visionzoo.run_dir": str(run_dir)}).info.run_id
+            params = [Param(k, str(v)[:6000]) for k, v in flatten(to_dict(cfg)).items()]
+            for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
+                self.client.log_batch(self.run_id, params=params[i:i + 100])
+
+    def log(self, record: dict) -> None:
+        with _environment(self.creds):
+            super().log(record)
+
+    def finish(self, run_dir: Path, results: dict | None, status: str) -> None:
+        with _environment(self.creds):
+            super().finish(run_dir, results, status)
 
     def _log(self, record: dict) -> None:
         from mlflow.entities import Metric
@@ -156,9 +227,10 @@ class WandbTracker(Tracker):
         from visionzoo.config import to_dict
 
         # WANDB_MODE=offline (or disabled), WANDB_PROJECT, WANDB_ENTITY, WANDB_DIR: wandb reads them itself.
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), name=Path(run_dir).name,
-                              dir=os.environ.get("WANDB_DIR", str(run_dir)), config=flatten(to_dict(cfg)),
-                              settings=wandb.Settings(init_timeout=60, console="off"), reinit="create_new")
+        with _redacted_argv():
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), name=Path(run_dir).name,
+                                  dir=os.environ.get("WANDB_DIR", str(run_dir)), config=flatten(to_dict(cfg)),
+                                  settings=wandb.Settings(init_timeout=60, console="off"), reinit="create_new")
         self.last_step = 0
 
     def _log(self, record: dict) -> None:
@@ -172,6 +244,10 @@ class WandbTracker(Tracker):
             self.run.log(values, step=step)
         else:
             self.run.log(values)
+
+    def finish(self, run_dir: Path, results: dict | None, status: str) -> None:
+        with _redacted_argv():
+            super().finish(run_dir, results, status)
 
     def _finish(self, run_dir: Path, results: dict, status: str) -> None:
         import wandb
@@ -204,14 +280,17 @@ def open_trackers(cfg, run_dir: Path) -> list[Tracker]:
         wanted.append(("W&B", "wandb", lambda: WandbTracker(cfg, run_dir),
                        f"mode {os.environ.get('WANDB_MODE', 'online')}"))
     for name, package, make, where in wanted:
+        where = redact_credentials(where)
         try:
             trackers.append(make())
         except ImportError:
             print(f"warning: log.{package}=true but the {package} package is not installed "
                   f"(pip install 'visionzoo[{package}]'); the run goes on without {name}", flush=True)
         except Exception as err:  # noqa: BLE001 - unreachable servers raise many kinds
-            print(f"warning: {name} ({where}) cannot be reached: {first_line(err)}; the run goes on without it",
-                  flush=True)
+            hint = (" (the run folder keeps no credentials: give log.mlflow_uri with them again, or set "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)" if f"://{REDACTED}@" in where else "")
+            print(f"warning: {name} ({where}) cannot be reached: {redact_credentials(first_line(err))}{hint}; "
+                  f"the run goes on without it", flush=True)
         else:
             print(f"visionzoo: logging to {name} ({where})", flush=True)
     return trackers

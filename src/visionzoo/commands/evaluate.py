@@ -42,7 +42,8 @@ def evaluate_checkpoint(checkpoint: str | None, overrides: list[str], weights: s
     _, loader = build_loaders(splits, cfg.data, cfg.data.batch_size, device, 0, memory_format=memory_format)
     model = model.to(device, weights_dtype(cfg.train.amp), memory_format=memory_format)
     result = evaluate(model, loader, device, amp_dtype, channels_last, progress=cfg.log.progress)
-    print(f"{weights or checkpoint}: Acc@1 {result['acc1']:.2f}%  Acc@5 {result['acc5']:.2f}%  loss {result['loss']:.4f}  "
+    k = min(5, len(splits.classes))  # top-5 is top-k with fewer classes: named for what it is
+    print(f"{weights or checkpoint}: Acc@1 {result['acc1']:.2f}%  Acc@{k} {result['acc5']:.2f}%  loss {result['loss']:.4f}  "
           f"({result['samples']} images, {precision_name(amp_dtype or weights_dtype(cfg.train.amp))} on {device})"
           + (f", {result['bad_images']} unreadable skipped" if result["bad_images"] else ""))
     return result

@@ -200,7 +200,8 @@ def infer_split(model: str, data: str | None = None, batch_size: int | None = No
         result["fp32_ms_per_image"] = 1000.0 * ref_s / count  # the same batches, for the speed-up
     out = Path(output) if output else Path(model).with_name(Path(model).stem + ".infer.json")
     _write_json(out, result)
-    print(f"{model}: Acc@1 {result['acc1']:.2f}%  Acc@5 {result['acc5']:.2f}%  ({count} images"
+    k = min(5, len(meta["classes"]))  # top-5 is top-k with fewer classes: named for what it is
+    print(f"{model}: Acc@1 {result['acc1']:.2f}%  Acc@{k} {result['acc5']:.2f}%  ({count} images"
           + (f", {bad} unreadable skipped" if bad else "") + f") | {result['images_per_s']:.1f} images/s, "
           f"{result['ms_per_image']:.3f} ms per image in ONNX Runtime ({result['provider']}, batch {batch}), "
           f"{wall:.1f} s in all | results {out}")

@@ -81,7 +81,7 @@ def truncate_metrics(run_dir: Path, global_step: int, epochs_done: int) -> None:
             continue
         if r.get("kind") == "epoch" and r.get("epoch", 0) > epochs_done:
             continue
-        if r.get("kind") == "step" and r.get("step", 0) > global_step:
+        if r.get("kind") in ("step", "resume") and r.get("step", 0) > global_step:
             continue
         kept.append(line)
     path.write_text("".join(f"{line}\n" for line in kept))

@@ -17,7 +17,7 @@ import torch
 from visionzoo import distributed
 from visionzoo.checkpoint import BEST, load_latest, publish, save_checkpoint
 from visionzoo.config import RecipeConfig, for_world_size, to_yaml
-from visionzoo.curves import plot_curves
+from visionzoo.curves import curves_title, plot_curves
 from visionzoo.data.loading.build import cpu_fallbacks, failed_shards, loader_kind, set_loader_epoch
 from visionzoo.engine.bad_images import describe
 from visionzoo.engine.loop import LoopSettings, Position, RunHooks, check_finite, timed_steps, train_epoch
@@ -65,7 +65,8 @@ class RunFolder:
         if resume_dir is not None:
             truncate_metrics(self.path, pos.global_step, pos.epoch)
         (self.path / "config.yaml").write_text(to_yaml(cfg))
-        self.log = MetricsLog(self.path / "metrics.jsonl", self.path / "tensorboard" if cfg.log.tensorboard else None)
+        self.log = MetricsLog(self.path / "metrics.jsonl", self.path / "tensorboard" if cfg.log.tensorboard else None,
+                              resumed_at=pos.global_step if resume_dir is not None else None)
         if cfg.log.mlflow or cfg.log.mlflow_uri or cfg.log.wandb:
             from visionzoo.trackers import open_trackers
 
@@ -212,10 +213,8 @@ class Run(RunHooks):
         table = write_results(folder.path, results)
         mark_status(folder.path, "finished")
         if not perf and self.cfg.train.epochs > 0:
-            n = env.world_size
-            note = f"{task.curves_note()}; " if task.curves_note() else ""
-            plot_curves(folder.path, f"{self.cfg.recipe} ({note}{_precision(self.cfg, env)}, "
-                                     f"{n} device{'s' if n > 1 else ''})")
+            plot_curves(folder.path, curves_title(self.cfg.recipe, _precision(self.cfg, env), env.world_size,
+                                                  self.cfg.task))
             if on_finished is not None:
                 on_finished(folder.path)
         fps = results["FPS"]

@@ -153,7 +153,12 @@ def _results(results: dict, topk: int) -> Section:
 def _recipe(run_dir: Path) -> Section:
     s = Section("recipe", "Recipe (resolved)")
     cfg = run_dir / "config.yaml"
-    return s.add(preformatted(cfg.read_text()) if cfg.is_file() else paragraph("No config.yaml in the run folder."))
+    if not cfg.is_file():
+        return s.add(paragraph("No config.yaml in the run folder."))
+    from visionzoo.redaction import redact_credentials
+
+    # (a run folder written before config.yaml was redacted may still hold a tracking password)
+    return s.add(preformatted(redact_credentials(cfg.read_text())))
 
 
 def _environment(run_dir: Path, results: dict) -> Section:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from visionzoo.data.augment.normalize import Normalize
 from visionzoo.transfer import send
 
 
@@ -143,8 +144,8 @@ class BatchedMultiCrop:
 
     def __init__(self, d, dino):
         self.d, self.dino = d, dino
-        self.mean = torch.tensor(d.mean, dtype=torch.float32)
-        self.std = torch.tensor(d.std, dtype=torch.float32)
+        self.normalize = Normalize.of(d)  # in the reference's order (data.normalize), as every other path
+        self._stats: dict[torch.device, tuple] = {}  # its constants on each device, sent once
 
     def _draw(self, b: int, c: int, sizes, scale: list[float], blur_p: float, solarize_p: float,
               g: torch.Generator) -> dict:
@@ -177,7 +178,7 @@ class BatchedMultiCrop:
             out["solarize"] = torch.rand(b, generator=g) < solarize_p
         return out
 
-    def _colour(self, y: torch.Tensor, p: dict, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    def _colour(self, y: torch.Tensor, p: dict, size: int, stats: tuple) -> torch.Tensor:
         """Flip, jitter, greyscale, blur, solarize and normalise one crop batch with its draws ``p``
         (device tensors, except the host-side ``groups`` sizes and ``blur`` flag)."""
         b, c, dino = y.shape[0], y.shape[1], self.dino
@@ -199,7 +200,7 @@ class BatchedMultiCrop:
             y = gaussian_blur_batch(y, p["sigma"], k)
         if "solarize" in p:
             y = torch.where(p["solarize"].bool().view(b, 1, 1, 1) & (y >= 128), 255 - y, y)
-        return (y - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        return self.normalize(y, stats)
 
     def specs(self) -> list[tuple[int, list[float], float, float]]:
         """(size, scale, blur probability, solarize probability) of each crop position."""
@@ -244,7 +245,7 @@ class BatchedMultiCrop:
         by_size: dict[int, list[int]] = {}
         for j, (size, *_) in enumerate(specs):
             by_size.setdefault(size, []).append(j)
-        parts, layout = [self.mean, self.std], []
+        parts, layout = [], []
         for x, i0, i1, rows in chunks:
             index = torch.arange(i1 - i0, dtype=torch.float32)[:, None]
             sel = torch.tensor(rows)
@@ -260,7 +261,8 @@ class BatchedMultiCrop:
             parts += [p[n] for n in names if n in p] + [rows for _, _, rows in p.get("groups", []) if len(rows)]
         sent = iter(send(parts, device))  # float32: boxes, factors and indices are exact
 
-        mean, std = next(sent), next(sent)
+        if device not in self._stats:
+            self._stats[device] = self.normalize.on(device)
         pieces: list[list[torch.Tensor]] = [[] for _ in specs]
         for x, i0, i1, size, js in layout:
             rois = next(sent)
@@ -278,5 +280,5 @@ class BatchedMultiCrop:
             on_device["blur"] = bool((p["sigma"] > 0).any())  # a host tensor: no device sync
             y = torch.cat(piece) if len(piece) > 1 else piece[0]
             y = y[inverse] if inverse is not None else y
-            crops.append(self._colour(y, on_device, size, mean, std))
+            crops.append(self._colour(y, on_device, size, self._stats[device]))
         return crops

@@ -18,9 +18,11 @@ class Normalize:
     data.normalize): ``unit``: x/255, then (x - mean/255) / (std/255), as torchvision's
     ToTensor + Normalize (mean/255 and std/255 rounded once to float32: 0.485, ... for ImageNet);
     ``pixel``: (x - mean) / std, as timm's PrefetchLoader; ``mmcv``: (x - mean) * (1/std), as
-    mmcv.imnormalize. Every operand is a tensor on the batch's device (CUDA would turn a
-    division by a host scalar into a multiplication), so a batch on any device gets the values the
-    reference's per-image transform gives on the CPU, bit for bit."""
+    mmcv.imnormalize under OpenCV 4 (float64 mean and 1/std; OpenCV computes with float64
+    scalars in float64 and rounds each result once to the image's float32). Every operand is a
+    tensor on the batch's device (CUDA would turn a division by a host scalar into a
+    multiplication), so a batch on any device gets the values the reference's per-image transform
+    gives on the CPU, bit for bit."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -32,18 +34,21 @@ class Normalize:
         return cls(tuple(d.mean), tuple(d.std), d.normalize)
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(scale, mean, std-or-1/std) as float32 tensors on ``device`` (one asynchronous copy)."""
+        """(scale, mean, std-or-1/std) as tensors on ``device`` (one asynchronous copy): float32,
+        float64 for ``mmcv`` (the in-place operations on the float32 batch then compute in
+        float64 and round once, as OpenCV does)."""
         from visionzoo.transfer import send
 
-        c = len(self.mean)
+        c, dtype = len(self.mean), torch.float32
         if self.order == "unit":  # the reference's constants: float32 of mean/255, std/255
             stats = [[255.0] * c, [m / 255 for m in self.mean], [s / 255 for s in self.std]]
-        elif self.order == "mmcv":  # float32 mean; 1 / float64(float32 std), then float32
-            inv = (1 / torch.tensor(self.std, dtype=torch.float32).double()).tolist()
-            stats = [[1.0] * c, list(self.mean), inv]
+        elif self.order == "mmcv":  # mmcls keeps float32 arrays; imnormalize: float64(mean), 1 / float64(std)
+            mean32, std32 = (torch.tensor(v, dtype=torch.float32).double() for v in (self.mean, self.std))
+            stats = [[1.0] * c, mean32.tolist(), (1 / std32).tolist()]
+            dtype = torch.float64 if device.type != "mps" else torch.float32  # MPS has no float64
         else:
             stats = [[1.0] * c, list(self.mean), list(self.std)]
-        scale, mean, std = send([torch.tensor(v, dtype=torch.float32) for v in stats], device)
+        scale, mean, std = send([torch.tensor(v, dtype=torch.float64) for v in stats], device, dtype)
         return scale, mean, std
 
     def __call__(self, x: torch.Tensor, stats: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
@@ -61,6 +66,7 @@ class Normalize:
         return self._apply(x.to(torch.float32, copy=True), scale.view(view), mean.view(view), std.view(view))
 
     def _apply(self, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        # x is float32; with float64 operands (mmcv) an in-place op computes in float64, rounds once.
         if self.order == "unit":
             x.div_(scale)
         x.sub_(mean)

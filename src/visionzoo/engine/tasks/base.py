@@ -174,10 +174,6 @@ class Task:
         """Whether every rank holds the same weights (a collective)."""
         return True
 
-    def curves_note(self) -> str:
-        """What the curves' title adds after the recipe name (e.g. "DINO, k-NN accuracy")."""
-        return ""
-
     def loaders(self) -> list:
         """The loaders whose failed shards and CPU fall-backs the results report."""
         return [self.train_loader]

@@ -222,7 +222,8 @@ class ClassifyTask(Task):
         return Evaluation(res["acc1"], res["acc5"], {"val_loss": res["loss"]}, res["bad_images"], res["bad_names"])
 
     def describe_eval(self, record: dict) -> str:
-        return f"val loss {record['val_loss']:.4f} Acc@1 {record['acc1']:.2f}% Acc@5 {record['acc5']:.2f}%"
+        k = min(5, len(self.classes))  # top-5 is top-k with fewer classes: named for what it is
+        return f"val loss {record['val_loss']:.4f} Acc@1 {record['acc1']:.2f}% Acc@{k} {record['acc5']:.2f}%"
 
     def weights(self) -> Weights:
         return Weights(self.net, self.meta, self.ema.module if self.ema is not None else None)

@@ -255,6 +255,3 @@ class DinoTask(Task):
 
     def in_sync(self) -> bool:
         return distributed.params_in_sync(self.student) and distributed.params_in_sync(self.teacher)
-
-    def curves_note(self) -> str:
-        return "DINO, k-NN accuracy"
