@@ -68,7 +68,8 @@ def test_dino_names_unreadable_images(jpeg_tree, tmp_path, capsys):
                  "data.image_size=28", "data.test_size=28", "data.test_resize=28", "dino.knn_k=[5]",
                  "dino.knn_report_k=5"]) == 0
     results = json.loads((run / "results.json").read_text())
-    assert results["bad_images"] == 1 and results["bad_image_names"] == {"train": [str(data / "train" / "c0" / "fake.jpg")]}
+    assert results["bad_images"] == 1 and results["bad_images_per_split"] == {"train": 1, "val": 0}
+    assert results["bad_image_names"] == {"train": [str(data / "train" / "c0" / "fake.jpg")], "val": []}
     assert f"warning: 1 unreadable image(s) were skipped: train 1 ({data / 'train' / 'c0' / 'fake.jpg'})" in capsys.readouterr().out
 
 
