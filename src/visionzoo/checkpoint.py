@@ -121,6 +121,7 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 
 
 CHECKPOINTS = "checkpoints"
+NO_EMA = "model_no_ema.safetensors"  # with train.ema_decay: the trained weights; model.safetensors is the EMA
 
 
 def publish(src: Path, dst: Path) -> None:
@@ -142,18 +143,24 @@ def save_checkpoint(run_dir: Path, step: int, net: torch.nn.Module, meta: dict, 
     """Write the pair ``checkpoints/step-N.safetensors`` + ``step-N.pt`` (each atomically),
     point ``model.safetensors`` at the new weights, and delete all but the newest ``keep`` pairs.
 
+    With ``ema_net`` (train.ema_decay) the run is evaluated on the EMA weights, so
+    ``model.safetensors`` is the EMA (what results.json measured, and what eval, export, infer
+    and the report load) and ``model_no_ema.safetensors`` the trained weights without it; the
+    pair keeps both (``step-N.safetensors``: trained, ``step-N.ema.safetensors``) for resuming.
+
     A full disk or an unwritable folder is a UserError; older checkpoints are left intact."""
     folder = Path(run_dir) / CHECKPOINTS
     name = f"step-{step:09d}"
     try:
         folder.mkdir(exist_ok=True)
-        save_weights(folder / f"{name}.safetensors", net, meta)
-        if ema_net is not None:
-            save_weights(folder / f"{name}.ema.safetensors", ema_net, meta)
+        ema = ema_net is not None
+        save_weights(folder / f"{name}.safetensors", net, {**meta, "weights": "trained"} if ema else meta)
+        if ema:
+            save_weights(folder / f"{name}.ema.safetensors", ema_net, {**meta, "weights": "ema"})
         save_state(folder / f"{name}.pt", state)  # written last: a pair is complete once it exists
-        publish(folder / f"{name}.safetensors", Path(run_dir) / WEIGHTS)
-        if ema_net is not None:
-            publish(folder / f"{name}.ema.safetensors", Path(run_dir) / "model_ema.safetensors")
+        publish(folder / f"{name}.safetensors", Path(run_dir) / (NO_EMA if ema else WEIGHTS))
+        if ema:  # the measured model is the run's model
+            publish(folder / f"{name}.ema.safetensors", Path(run_dir) / WEIGHTS)
     except OSError as err:
         older = [p.name for p, _ in checkpoint_pairs(run_dir) if not p.name.startswith(name)]
         kept = f"the previous checkpoint {older[0]} is intact" if older else "no earlier checkpoint exists"
@@ -193,8 +200,8 @@ def load_latest(run_dir: Path) -> tuple[dict, dict, Path]:
     choice: list = [None]  # ("ok", weights file name) or ("error", message), from rank 0
     loaded = None
     if main:
-        remove_partial_writes(run_dir)
         try:
+            remove_partial_writes(run_dir)  # a read-only folder fails here: said to every rank below
             loaded, skipped = _choose(run_dir)
             choice = [("ok", loaded[2].name)]
             for name, why in skipped:
@@ -202,6 +209,9 @@ def load_latest(run_dir: Path) -> tuple[dict, dict, Path]:
                       f"and the metrics logged after it are dropped", flush=True)
         except UserError as err:
             choice = [("error", str(err))]
+        except OSError as err:
+            choice = [("error", f"cannot resume from {Path(run_dir) / CHECKPOINTS}: {err.strerror or err}"
+                                + (f" ({err.filename})" if err.filename else ""))]
     if several:
         dist.broadcast_object_list(choice, src=0)
     kind, value = choice[0]

@@ -17,13 +17,15 @@ import threading
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from visionzoo.errors import UserError
 from visionzoo.runtime import select_device
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,26 @@ def shutdown() -> None:
         # lets those threads finish first; its own work holds no tensors.
         dist.barrier()
         dist.destroy_process_group()
+
+
+def on_main_rank(fn: Callable[[], T], what: str) -> T | None:
+    """``fn()`` on rank 0 only (None elsewhere). A UserError or OSError it raises ends every rank
+    with the same one line (one broadcast), instead of leaving the others waiting in their next
+    collective until train.dist_timeout; ``what`` names the step in that line."""
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    out, error = None, [None]
+    if not several or dist.get_rank() == 0:
+        try:
+            out = fn()
+        except UserError as err:
+            error = [str(err)]
+        except OSError as err:
+            error = [f"{what}: {err.strerror or err}" + (f" ({err.filename})" if err.filename else "")]
+    if several:
+        dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise UserError(error[0])
+    return out
 
 
 def world_size() -> int:

@@ -107,6 +107,70 @@ def mark_status(run_dir: Path, status: str, **extra: Any) -> None:
     atomic_write(Path(run_dir) / "status.json", lambda tmp: Path(tmp).write_text(json.dumps(record) + "\n"))
 
 
+LOCK = ".lock"  # held (flock) by the process training the run, for as long as it trains
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid > 0
+    return True
+
+
+class RunLock:
+    """An exclusive lock on a run folder while a process trains it: a second job (a Slurm array
+    task, a restarted script) cannot train the same folder at once. The operating system drops
+    the lock when the process ends, however it ends, so a killed run never leaves a stale one.
+    Where ``fcntl`` is missing (Windows) only status.json tells."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path, self._fd = Path(run_dir) / LOCK, None
+
+    def acquire(self) -> bool:
+        """Take the lock; False if another process holds it."""
+        try:
+            import fcntl
+        except ImportError:
+            return True
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def live_owner(run_dir: Path) -> str | None:
+    """Who trains ``run_dir`` right now ("pid N on HOST"), or None: its lock is held by another
+    process, or status.json says running with a live pid on this machine (not this process)."""
+    try:
+        status = json.loads((Path(run_dir) / "status.json").read_text())
+    except (OSError, ValueError):
+        status = {}
+    who = f"pid {status.get('pid', '?')} on {status.get('host', '?')}"
+    if (Path(run_dir) / LOCK).exists():
+        lock = RunLock(run_dir)
+        if not lock.acquire():
+            return who
+        lock.release()
+    if status.get("status") == "running" and status.get("host") == socket.gethostname():
+        pid = int(status.get("pid", -1))
+        if pid != os.getpid() and pid_alive(pid):
+            return who
+    return None
+
+
 def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics.jsonl file."""
     with open(path) as f:

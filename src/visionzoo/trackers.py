@@ -5,7 +5,9 @@ by optimizer step, ``epoch/<key>`` by epoch, the names TensorBoard gets) and, wh
 ends, results and files (results.json, curves.png, config.yaml, the report folder, the weights).
 
 A tracker that is not installed or cannot be reached costs one warning and is then left out:
-the run itself never fails or changes because of it.
+the run itself never fails or changes because of it. The tracker's run id is kept in the run
+folder (trackers.json): a resumed run (a requeued job, ``--resume``) continues the same MLflow
+run and the same W&B run, one curve over every session, instead of opening a new one each time.
 
 A tracking URI may carry credentials (``https://user:token@host``): MLflow gets the URI without
 them and the credentials as its MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, only while
@@ -31,6 +33,26 @@ MLFLOW_EXPERIMENT = "visionzoo"  # MLFLOW_EXPERIMENT_NAME overrides it
 WANDB_PROJECT = "visionzoo"  # WANDB_PROJECT overrides it
 ARTIFACTS = ("results.json", "results.md", "config.yaml", "curves.png", "model.safetensors")
 REACH_TIMEOUT_S = 5.0
+IDS = "trackers.json"  # in the run folder: the trackers' run ids, so a resumed run continues them
+
+
+def saved_id(run_dir: Path, tracker: str) -> str | None:
+    """The run id ``tracker`` ("mlflow", "wandb") had in an earlier session of this run folder."""
+    try:
+        return json.loads((Path(run_dir) / IDS).read_text()).get(tracker)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def save_id(run_dir: Path, tracker: str, run_id: str) -> None:
+    """Keep ``tracker``'s run id in the run folder (trackers.json)."""
+    path = Path(run_dir) / IDS
+    try:
+        ids = json.loads(path.read_text())
+    except (OSError, ValueError):
+        ids = {}
+    ids[tracker] = run_id
+    path.write_text(json.dumps(ids, indent=2) + "\n")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -176,14 +198,30 @@ class MlflowTracker(Tracker):
         self.uri = self.client.tracking_uri
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", MLFLOW_EXPERIMENT)
         with _environment(self.creds):
-            exp = self.client.get_experiment_by_name(name)
-            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
-            self.run_id = self.client.create_run(
-                exp_id, run_name=Path(run_dir).name,
-                tags={"visionzoo.recipe": cfg.recipe, "visionzoo.run_dir": str(run_dir)}).info.run_id
-            params = [Param(k, str(v)[:6000]) for k, v in flatten(to_dict(cfg)).items()]
-            for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
-                self.client.log_batch(self.run_id, params=params[i:i + 100])
+            self.run_id, self.resumed = self._continued(run_dir), True
+            if self.run_id is None:  # a new run: parameters once (MLflow keeps them immutable)
+                exp = self.client.get_experiment_by_name(name)
+                exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
+                self.run_id, self.resumed = self.client.create_run(
+                    exp_id, run_name=Path(run_dir).name,
+                    tags={"visionzoo.recipe": cfg.recipe, "visionzoo.run_dir": str(run_dir)}).info.run_id, False
+                params = [Param(k, str(v)[:6000]) for k, v in flatten(to_dict(cfg)).items()]
+                for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
+                    self.client.log_batch(self.run_id, params=params[i:i + 100])
+            save_id(run_dir, "mlflow", self.run_id)
+
+    def _continued(self, run_dir: Path) -> str | None:
+        """The MLflow run an earlier session of ``run_dir`` opened, marked running again; None
+        when there was none or this tracking store does not have it."""
+        run_id = saved_id(run_dir, "mlflow")
+        if run_id is None:
+            return None
+        try:
+            self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - another store, or the run was deleted: a new one
+            return None
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
 
     def log(self, record: dict) -> None:
         with _environment(self.creds):
@@ -227,10 +265,15 @@ class WandbTracker(Tracker):
         from visionzoo.config import to_dict
 
         # WANDB_MODE=offline (or disabled), WANDB_PROJECT, WANDB_ENTITY, WANDB_DIR: wandb reads them itself.
+        # A resumed run continues the W&B run of its earlier sessions (resume="allow": W&B opens it
+        # again, or starts it under that id if it never reached the server).
+        run_id = saved_id(run_dir, "wandb")
         with _redacted_argv():
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), name=Path(run_dir).name,
                                   dir=os.environ.get("WANDB_DIR", str(run_dir)), config=flatten(to_dict(cfg)),
-                                  settings=wandb.Settings(init_timeout=60, console="off"), reinit="create_new")
+                                  settings=wandb.Settings(init_timeout=60, console="off"), reinit="create_new",
+                                  **({"id": run_id, "resume": "allow"} if run_id else {}))
+        save_id(run_dir, "wandb", self.run.id)
         self.last_step = 0
 
     def _log(self, record: dict) -> None:

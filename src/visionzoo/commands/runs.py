@@ -12,20 +12,10 @@ from typing import Any
 import yaml
 
 from visionzoo.errors import UserError
-from visionzoo.run_folder import format_table, read_metrics
+from visionzoo.run_folder import format_table, pid_alive, read_metrics
 
 DEFAULT_ROOT = "runs"  # where runs go without --output (report.new_run_dir)
 RUN_COLUMNS = ("run", "recipe", "status", "epochs", "best Acc@1", "FPS", "started")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run_status(run_dir: Path) -> str:
@@ -38,7 +28,7 @@ def run_status(run_dir: Path) -> str:
     except (OSError, ValueError):
         return "failed"
     if status.get("status") == "running" and status.get("host") == socket.gethostname():
-        return "running" if _pid_alive(int(status.get("pid", -1))) else "failed"
+        return "running" if pid_alive(int(status.get("pid", -1))) else "failed"
     return status.get("status", "failed")
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from visionzoo.errors import UserError
+from visionzoo.run_folder import live_owner
 
 RUN_FILES = ("config.yaml", "metrics.jsonl")
 # Why a checkpoint is resumed only by as many processes as wrote it (an elastic resize is refused):
@@ -108,13 +109,20 @@ def _last_written(run: Path) -> float:
     return run.stat().st_mtime
 
 
-def find_auto_resume(recipe: str, output: str | None, root: str = "runs") -> Path | None:
+def find_auto_resume(recipe: str, output: str | None, root: str = "runs",
+                     skipped: list[str] | None = None) -> Path | None:
     """``--resume auto``: ``output`` if it holds an unfinished run, else the unfinished run of
     this recipe under ``root`` (any folder name: the recipe is read from its config.yaml) that
-    wrote its status last; None when there is nothing to resume."""
+    wrote its status last; None when there is nothing to resume. A run another process is
+    training (run_folder.live_owner) is never chosen: it goes to ``skipped`` as "RUN (pid N on
+    HOST)"; an ``output`` being trained is a UserError (two jobs must not train one folder)."""
     from visionzoo.checkpoint import checkpoint_pairs
 
     if output:
+        owner = live_owner(Path(output))
+        if owner is not None:
+            raise UserError(f"--resume auto: {output} is being trained by another process ({owner}); "
+                            "two jobs cannot train one run folder: wait for it, or stop it first")
         candidates = [Path(output)]
     else:
         base = Path(root)
@@ -122,7 +130,11 @@ def find_auto_resume(recipe: str, output: str | None, root: str = "runs") -> Pat
         candidates = sorted((p for p in folders if _recipe_of(p) == recipe), key=_last_written, reverse=True)
     for run in candidates:
         if run.is_dir() and not (run / "results.json").exists() and checkpoint_pairs(run):
-            return run
+            owner = live_owner(run)
+            if owner is None:
+                return run
+            if skipped is not None:
+                skipped.append(f"{run} ({owner})")
     return None
 
 
@@ -144,6 +156,9 @@ def check_new_run_dir(output: str | Path) -> None:
         raise UserError(f"--output {out} holds a finished run; choose another folder (or delete it)")
     from visionzoo.checkpoint import checkpoint_pairs
 
+    owner = live_owner(out)
+    if owner is not None:
+        raise UserError(f"--output {out} is being trained by another process ({owner}); choose another folder")
     if checkpoint_pairs(out):
         raise UserError(f"--output {out} holds an unfinished run: continue it with --resume {out} "
                         "(or --resume auto), or choose another folder")
@@ -156,6 +171,10 @@ def check_resumable(run_dir: Path) -> Path:
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"--resume {run_dir}: not a run folder (no config.yaml)")
+    owner = live_owner(run_dir)
+    if owner is not None:
+        raise UserError(f"--resume {run_dir}: the run is being trained by another process ({owner}); two jobs "
+                        "cannot train one run folder: wait for it, or stop it first")
     if not checkpoint_pairs(run_dir):
         raise UserError(f"--resume {run_dir}: the run has no checkpoint to continue from")
     return run_dir
@@ -193,11 +212,14 @@ def plan_resume(cfg: Any, resume: str | Path | None, output: str | None,
                           note=f"{target} has finished; nothing to resume")
     resume_dir, note = None, None
     if resume == "auto":
-        resume_dir = find_auto_resume(cfg.recipe, output)
+        skipped: list[str] = []
+        resume_dir = find_auto_resume(cfg.recipe, output, skipped=skipped)
         where = output or "runs/"
         note = (f"--resume auto: continuing {resume_dir}, the newest unfinished {cfg.recipe} run in {where}"
                 if resume_dir is not None else
                 f"no unfinished {cfg.recipe} run in {where} to resume; starting a new one")
+        if skipped:
+            note += f" (skipped, still training: {', '.join(skipped)})"
     elif resume:
         resume_dir = check_resumable(Path(resume))
     elif output:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from visionzoo import distributed
-from visionzoo.checkpoint import BEST, load_latest, publish, save_checkpoint
+from visionzoo.checkpoint import BEST, WEIGHTS, load_latest, publish, save_checkpoint
 from visionzoo.config import RecipeConfig, for_world_size, to_yaml
 from visionzoo.curves import curves_title, plot_curves
 from visionzoo.data.loading.build import cpu_fallbacks, failed_shards, loader_kind, set_loader_epoch
@@ -26,7 +26,8 @@ from visionzoo.engine.stopping import StopVote, end_failed_run
 from visionzoo.engine.tasks import make_task
 from visionzoo.engine.tasks.base import Evaluation, RunEnv, Task
 from visionzoo.errors import UserError
-from visionzoo.run_folder import MetricsLog, mark_status, new_run_dir, report_fallbacks, write_results
+from visionzoo.run_folder import (MetricsLog, RunLock, live_owner, mark_status, new_run_dir, report_fallbacks,
+                                  write_results)
 from visionzoo.runtime import (
     StopSignal,
     configure_determinism,
@@ -62,6 +63,10 @@ class RunFolder:
 
     def __init__(self, cfg: RecipeConfig, resume_dir: Path | None, pos: Position) -> None:
         self.path = Path(resume_dir) if resume_dir is not None else new_run_dir(cfg.recipe, cfg.output)
+        self.lock = RunLock(self.path)
+        if not self.lock.acquire():  # checked before, but two jobs may have started at once
+            raise UserError(f"{self.path} is being trained by another process ({live_owner(self.path) or 'its lock is held'}); "
+                            "two jobs cannot train one run folder")
         if resume_dir is not None:
             truncate_metrics(self.path, pos.global_step, pos.epoch)
         (self.path / "config.yaml").write_text(to_yaml(cfg))
@@ -152,8 +157,8 @@ class Run(RunHooks):
         self.checkpoint(record.get("acc1"))
         if env.is_main:
             print(self._epoch_line(record, stats), flush=True)
-            if improved:
-                publish(self.folder.path / self._measured_file(), self.folder.path / BEST)
+            if improved:  # model.safetensors: the measured model (the EMA when there is one)
+                publish(self.folder.path / WEIGHTS, self.folder.path / BEST)
         return evaluated
 
     def _epoch_line(self, record: dict, stats: Any) -> str:
@@ -162,10 +167,6 @@ class Run(RunHooks):
                 + (f" acc {stats.acc1:.2f}%" if stats.acc1 is not None else "") + f" | {record['img_s']:.0f} img/s"
                 + devices)
         return line + (f" | {self.task.describe_eval(record)}" if "acc1" in record else "")
-
-    def _measured_file(self) -> str:
-        """The weights file the run's evaluation measured (model_ema.safetensors with an EMA)."""
-        return "model_ema.safetensors" if self.task.weights().ema is not None else "model.safetensors"
 
     def perf(self) -> None:
         """A performance run: warm-up steps, then timed steps; a checkpoint at the end."""
@@ -282,13 +283,26 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
     if resume_dir is not None:
         state, resumed = _resume(task, pos, resume_dir, env)
     task.wrap(resumed is not None)
-    folder = RunFolder(cfg, resume_dir, pos) if env.is_main else None
-    if env.is_main:
-        print(_header(cfg, env, task, perf, folder, resumed, pos), flush=True)
-    if state is not None:
-        set_rng_state(state["ranks"][env.rank]["rng"], env.device)  # last: the set-up drew from the RNGs
-    run = Run(cfg, env, task, pos, folder, t0)
-    last_eval = None
+    # Rank 0 writes the folder; a failure there (a read-only folder, a run another job holds)
+    # ends every rank at once instead of leaving them waiting in their first collective.
+    folder = distributed.on_main_rank(lambda: RunFolder(cfg, resume_dir, pos), "cannot write the run folder")
+    try:
+        if env.is_main:
+            print(_header(cfg, env, task, perf, folder, resumed, pos), flush=True)
+        if state is not None:
+            set_rng_state(state["ranks"][env.rank]["rng"], env.device)  # last: the set-up drew from the RNGs
+        results = _train(Run(cfg, env, task, pos, folder, t0), perf, on_finished)
+    finally:
+        if folder is not None:
+            folder.lock.release()
+    distributed.shutdown()
+    return results
+
+
+def _train(run: Run, perf: bool, on_finished: Callable[[Path], None] | None) -> dict:
+    """The run's epochs (or timed steps), then results and the finish; a stop or an error is
+    recorded in the run folder and raised (engine/stopping.py)."""
+    folder, last_eval = run.folder, None
     try:
         with StopSignal() as run.stop:
             if perf:
@@ -296,10 +310,9 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
             else:
                 last_eval = run.epochs()
     except BaseException as err:
-        end_failed_run(err, env.is_main, folder.path if folder else None, folder.log if folder else None,
-                       pos.global_step)
+        end_failed_run(err, run.env.is_main, folder.path if folder else None, folder.log if folder else None,
+                       run.pos.global_step)
     results = run.results(perf, last_eval)
-    if env.is_main:
+    if run.env.is_main:
         run.finish(results, perf, on_finished)
-    distributed.shutdown()
     return results

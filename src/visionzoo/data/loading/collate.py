@@ -28,7 +28,8 @@ def collate_skip_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
     bad, images and targets are empty tensors of shape [0]; skip such batches.
     """
     good = [item for item in batch if item is not None]
-    dropped = Unreadable(len(batch) - len(good), getattr(batch, "bad", ()))  # names from ImageFolder
+    positions = tuple(i for i, item in enumerate(batch) if item is None)
+    dropped = Unreadable(len(batch) - len(good), getattr(batch, "bad", ()), positions)  # names from ImageFolder
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.int64), dropped
     images = stack_images([img for img, _ in good])

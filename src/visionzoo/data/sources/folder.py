@@ -244,15 +244,18 @@ def with_bad_names(items: list, names: list[str]) -> list:
 
 class Unreadable(int):
     """How many images of a batch could not be decoded, with their names (paths, or shard and
-    key) where the reader knows them: an int wherever a count is expected."""
+    key) where the reader knows them, and their positions in the batch as the sampler made it
+    (grouped BatchNorm keeps the other images' groups aligned): an int wherever a count is expected."""
 
     names: tuple[str, ...] = ()
+    positions: tuple[int, ...] | None = None  # None: not known (the dropped images' places)
 
-    def __new__(cls, count: int, names: tuple[str, ...] = ()) -> "Unreadable":
+    def __new__(cls, count: int, names: tuple[str, ...] = (), positions: tuple[int, ...] | None = None) -> Unreadable:
         obj = super().__new__(cls, count)
         obj.names = tuple(names)
+        obj.positions = tuple(positions) if positions is not None else None
         return obj
 
     def __reduce__(self):  # loader workers send it to the main process pickled
-        return Unreadable, (int(self), self.names)
+        return Unreadable, (int(self), self.names, self.positions)
 

@@ -24,7 +24,8 @@ from visionzoo.engine.step import GradStep
 from visionzoo.engine.tasks.base import Batch, Evaluation, Task, Weights
 from visionzoo.errors import UserError
 from visionzoo.models import build_model
-from visionzoo.models.ghost_bn import bn_group_size, grouped_layers, has_batchnorm, update_stats, use_bn_groups
+from visionzoo.models.ghost_bn import (bn_group_size, group_sizes, grouped_layers, has_batchnorm, set_group_sizes,
+                                       update_stats, use_bn_groups)
 from visionzoo.optim import build_optimizer, clip_parameters, lr_schedule
 from visionzoo.runtime import weights_dtype
 
@@ -47,6 +48,19 @@ def bn_group_of(cfg: RecipeConfig, net: nn.Module, world_size: int) -> int | Non
     if not has_batchnorm(net):
         return None
     return bn_group_size(cfg.model.bn_group, cfg.data.batch_size_per_device, world_size, cfg.model.sync_bn)
+
+
+def check_bn_group(cfg: RecipeConfig, world_size: int) -> None:
+    """model.bn_group must divide the per-device micro-batch it splits (a smaller last group
+    would be normalised over other images than the reference's ranks see, and a last group of
+    one image cannot be normalised at all)."""
+    group, micro = cfg.model.bn_group, cfg.data.batch_size_per_device
+    if group <= 0 or (cfg.model.sync_bn and world_size > 1) or micro <= group or micro % group == 0:
+        return
+    raise UserError(f"model.bn_group={group} does not divide the batch per device and micro-step ({micro} = "
+                    f"data.batch_size {cfg.data.batch_size} / {world_size} device(s) / train.accum_steps "
+                    f"{cfg.train.accum_steps}): its last group would hold {micro % group} image(s); choose a "
+                    f"data.batch_size whose share per device is a multiple of {group}")
 
 
 def build_criterion(cfg: RecipeConfig, num_classes: int) -> tuple[nn.Module, Any]:
@@ -102,6 +116,7 @@ class ClassifyTask(Task):
         cfg, env = self.cfg, self.env
         if cfg.model.sync_bn and env.ddp and env.device.type == "cpu":
             raise UserError("model.sync_bn=true needs an accelerator (PyTorch's SyncBatchNorm has no CPU kernel)")
+        check_bn_group(cfg, env.world_size)
         splits = splits or build_datasets(cfg.data, train=True)
         self.classes = list(splits.classes)
         cfg.data.num_classes = len(self.classes)  # recorded as built (config.yaml, checkpoints, exports)
@@ -141,7 +156,8 @@ class ClassifyTask(Task):
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.net, decay=cfg.train.ema_decay)
-        self.grouped_bn = grouped_layers(self.net) if cfg.train.accum_steps > 1 else []
+        self.grouped = grouped_layers(self.net)  # model.bn_group's layers
+        self.grouped_bn = self.grouped if cfg.train.accum_steps > 1 else []  # micro-batches: stats from the first
         self.input_dtype = weights_dtype(cfg.train.amp)  # float64 with train.amp=fp64
         self.sample_shape = (cfg.data.in_chans, cfg.data.image_size, cfg.data.image_size)
         self.meta = {"config": to_dict(cfg), "model": self.model_args, "classes": self.classes}
@@ -164,15 +180,40 @@ class ClassifyTask(Task):
 
     def prepare(self, item: Any) -> Batch:
         images, targets, n_bad = item
-        if self.mixup is not None and len(images) % 2:
-            # Mixing pairs sample i with sample B-1-i: a batch that lost an unreadable image drops one more.
+        kept = len(images) if images.numel() else 0
+        # Mixing pairs sample i with sample B-1-i: a batch that lost an unreadable image drops one more.
+        trim = int(self.mixup is not None and kept % 2 == 1)
+        if trim:
             images, targets = images[:-1], targets[:-1]
-        n = len(images) if images.numel() else 0
+        if self.grouped:
+            self._align_groups(kept, n_bad, trim)
+        n = kept - trim
         if n:
             images = images.to(self.env.device, self.input_dtype, non_blocking=True, memory_format=self.memory_format)
             targets = targets.to(self.env.device, non_blocking=True)
             self.sample_shape = tuple(images.shape[1:])
         return Batch(n, n_bad, (images, targets))
+
+    def _align_groups(self, kept: int, n_bad: Any, trim: int) -> None:
+        """Group sizes for a batch that lost images: each BatchNorm group keeps the rest of its
+        reference rank's images (collate names the dropped positions), instead of every later
+        group shifting; None (``bn_group`` each) for a whole batch."""
+        group = self.cfg.model.bn_group
+        if not n_bad and not trim and kept % group != 1:
+            set_group_sizes(self.grouped, None)
+            return
+        positions = getattr(n_bad, "positions", None)
+        if positions is not None:
+            sizes = group_sizes(kept + len(positions), group, positions)
+        else:  # places not known (a shard stream): what is left, split from the start
+            sizes = group_sizes(kept, group)
+        if trim:  # mixup's extra drop comes off the end
+            sizes[-1] -= 1
+            if sizes[-1] == 0:
+                sizes.pop()
+            elif sizes[-1] == 1 and len(sizes) > 1:
+                sizes[-2] += sizes.pop()
+        set_group_sizes(self.grouped, sizes or None)
 
     def set_step(self, global_step: int, epoch: int) -> dict[str, float]:
         self._step_index = global_step
@@ -193,7 +234,9 @@ class ClassifyTask(Task):
             update_stats(self.grouped_bn, micro == 0)
         with self.env.autocast():
             logits = self.model(images)
-            loss = self.criterion(logits, targets)
+        # The loss of float32 logits, on every device: CUDA's autocast computes (log-)softmax in
+        # float32 by itself, the CPU's runs log_softmax in bf16 (the soft targets of mixup/cutmix).
+        loss = self.criterion(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets)  # fp64 stays
         return loss, (logits.detach().argmax(1) == hard_targets).sum()
 
     def placeholder_loss(self) -> torch.Tensor:
@@ -243,12 +286,16 @@ class ClassifyTask(Task):
     def header(self) -> tuple[str, str]:
         a = self.model_args
         group = bn_group_of(self.cfg, self.net, self.env.world_size)
+        grouped = f" ({len(self.grouped)} layers grouped)" if self.grouped and self.cfg.model.bn_group else ""
         return (f"{a['library']} {a['name']} | {self.n_train} train / {self.n_val} val images, "
                 f"{len(self.classes)} classes",
-                f"batch {self.cfg.data.batch_size}" + (f", BatchNorm over {group}" if group else ""))
+                f"batch {self.cfg.data.batch_size}" + (f", BatchNorm over {group}{grouped}" if group else ""))
 
     def results(self, last_eval: Evaluation | None) -> dict:
-        return {"BN group": bn_group_of(self.cfg, self.net, self.env.world_size)}  # images per BN statistic
+        return {"BN group": bn_group_of(self.cfg, self.net, self.env.world_size),  # images per BN statistic
+                "BN layers grouped": len(self.grouped),  # model.bn_group: the layers it applies to
+                # what Acc@1 measured, and model.safetensors holds: the EMA when there is one
+                "weights": f"ema (train.ema_decay={self.cfg.train.ema_decay})" if self.ema is not None else "trained"}
 
     def in_sync(self) -> bool:
         # DDP keeps replicas equal (BatchNorm statistics too where averaged); checked, with the EMA

@@ -98,6 +98,13 @@ class DinoTask(Task):
         cfg, env, d = self.cfg, self.env, self.cfg.data
         if cfg.train.accum_steps != 1:
             raise UserError("task=dino does not support train.accum_steps (centre and teacher move every step)")
+        t, m = cfg.train, cfg.model
+        unused = {"train.mixup": t.mixup, "train.cutmix": t.cutmix, "train.label_smoothing": t.label_smoothing,
+                  "train.ema_decay": t.ema_decay, "model.bn_group": m.bn_group}
+        unused = {k: v for k, v in unused.items() if v}
+        if unused:  # refused, not silently ignored
+            raise UserError(f"task=dino does not use {', '.join(f'{k}={v}' for k, v in unused.items())} (they are for "
+                            "supervised training; DINO's teacher is its own EMA): leave them at 0")
         splits = splits or build_datasets(d, train=True)
         self.train_loader = dino_loader(cfg, splits.train, env.device, env.rank, env.world_size)
         self.n_images, self.classes = len(splits.train), list(splits.classes)
