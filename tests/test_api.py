@@ -166,3 +166,19 @@ def test_predict_infer_and_eval_preprocess_alike(tmp_path, capsys):
     acc = 100 * np.mean([t[0]["class"] == f.parent.name for t, f in zip(together, files, strict=True)])
     assert main(["eval", str(run)]) == 0
     assert f"Acc@1 {acc:.2f}%" in capsys.readouterr().out
+
+
+def test_train_in_python_returns_the_table_instead_of_printing_it(fmnist_dir, tmp_path, capsys):
+    """In a notebook the CLI's end block (the table, "Final Performance ...") is noise: the Run
+    holds it (``run.table``, shown as Markdown when a cell ends with the run); ``summary=True``
+    prints it as the CLI does."""
+    kw = dict(data=str(fmnist_dir), epochs=1, device="cpu", amp="none", data__batch_size=64,
+              train__max_steps_per_epoch=2, log__progress="off")
+    run = visionzoo.train("fashion_mnist", output=str(tmp_path / "quiet"), **kw)
+    out = capsys.readouterr().out
+    assert "Final Performance" not in out and "| recipe |" not in out and "epoch 1/1" in out
+    assert run.table.splitlines()[0] == "| recipe | Acc@1 | FPS | devices | BN group | epochs | precision | torch |"
+    assert f"| fashion_mnist | {run.results['Acc@1']:.2f} |" in run.table
+    assert run._repr_markdown_() == f"`{run.path}`\n\n{run.table}"
+    visionzoo.train("fashion_mnist", output=str(tmp_path / "loud"), summary=True, **kw)
+    assert "Final Performance images/sec" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import subprocess
 
 import pytest
@@ -30,7 +31,8 @@ def two_runs(fmnist_dir, tmp_path_factory):
 def test_plain_log_lines_when_not_a_terminal(fmnist_dir, tmp_path, capsys):
     assert main(["train", "fashion_mnist", "--data", str(fmnist_dir), "--output", str(tmp_path / "r"), *SHORT]) == 0
     out = capsys.readouterr().out
-    steps = re.findall(r"^epoch (\d) step (\d+)/(\d+) loss [\d.]+ lr [\d.e-]+( img/s [\d.]+)? \| ETA \d\d:\d\d$", out, re.M)
+    steps = re.findall(r"^epoch (\d) step (\d+)/(\d+) loss [\d.]+ lr [\d.e-]+( img/s [\d.]+)? \| [\d.e+]+ it/s "
+                       r"\| ETA \d\d:\d\d$", out, re.M)
     assert len(steps) == 1 + 2 * (10 // 2)  # 640/64 = 10 steps per epoch, logged every 2, and the first
     assert steps[0][:3] == ("1", "1", "10") and steps[1][:3] == ("1", "2", "10")
     assert "\r" not in out  # no progress-bar redraws in a log file
@@ -164,3 +166,32 @@ def test_curves_integer_epochs_log_loss_best_in_legend_and_per_step_lr():
     diverged = curves_figure(_metrics([2.3, 5.0, 2e10, float("nan"), float("inf")]), "diverged")
     assert diverged.axes[0].get_yscale() == "log"
     plt.close(diverged)
+
+
+def test_a_long_phase_says_where_it_is_in_lines_mode(monkeypatch, capsys):
+    """Without a terminal a long phase (a k-NN feature pass took 4 minutes silently) prints a line
+    at least every LINE_EVERY_S seconds: done/total, rate and ETA; with a bar it prints nothing."""
+    from visionzoo import progress
+
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)  # every item is "30 s later"
+    assert list(progress.Progress(range(3), 3, "features", "lines")) == [0, 1, 2]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and re.fullmatch(r"features step 2/3 \| [\d.e+]+ it/s \| ETA \d\d:\d\d", lines[1])
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 3600.0)
+    list(progress.Progress(range(3), 3, "features", "lines"))
+    assert capsys.readouterr().out == ""  # a short phase says nothing
+
+
+def test_a_notebook_gets_a_bar(monkeypatch):
+    """In a Jupyter kernel (IPython's ZMQ shell) log.progress=auto is a bar (tqdm.auto: a widget there)."""
+    import types
+
+    from visionzoo import progress
+
+    class ZMQInteractiveShell:
+        pass
+
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: ZMQInteractiveShell()))
+    assert progress.in_notebook() and progress.use_bar("auto") and not progress.use_bar("lines")
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: None))
+    assert not progress.in_notebook()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -135,8 +136,9 @@ def test_a_third_task_trains_stops_and_resumes_through_the_lifecycle(linear_head
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the resume was exact
     resumed = json.loads((run / "results.json").read_text())
     assert (resumed["steps"], resumed["Acc@1"], resumed["ActualLoss"]) == (30, results["Acc@1"], results["ActualLoss"])
-    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == \
-        [r["step"] for r in records]  # metrics.jsonl reads as if the run had never stopped
+    resumed_records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed_records if r["kind"] != "resume"] == [r["step"] for r in records]
+    assert [r for r in resumed_records if r["kind"] == "resume"] == [{"kind": "resume", "step": 7, "time": ANY}]
 
 
 def test_an_unknown_task_is_one_line(capsys) -> None:

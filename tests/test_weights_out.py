@@ -231,7 +231,7 @@ def test_torchvision_layout_loads_strictly_into_torchvision(tmp_path: Path, arch
 # ----------------------------------------------------------------------------- dino
 
 def test_dino_run_as_released_backbone_and_training_checkpoint(dino_run: Path, tmp_path: Path) -> None:
-    from visionzoo.engine.dino import build_dino_training
+    from visionzoo.engine.tasks.dino import build_student_teacher
 
     out = tmp_path / "dino_vit1_pretrain.pth"
     assert main(["export", str(dino_run), "--format", "dino", "--full-checkpoint", "--output", str(out)]) == 0
@@ -256,7 +256,7 @@ def test_dino_run_as_released_backbone_and_training_checkpoint(dino_run: Path, t
     teacher_keys = [f"backbone.{k}" for k in released_dino_vit_keys(1)] + [f"head.{k}" for k in RELEASED_DINO_HEAD_KEYS]
     assert list(ck["teacher"]) == teacher_keys  # main_dino.py: a teacher without BatchNorm is no DDP module
     assert list(ck["student"]) == [f"module.{k}" for k in teacher_keys]
-    state = load_state(checkpoint_pairs(dino_run)[0][1])
+    state = load_state(checkpoint_pairs(dino_run)[0][1])["task"]  # the DINO task's state (engine/tasks/dino.py)
     assert ck["epoch"] == 1 and torch.equal(ck["dino_loss"]["center"], state["dino_loss"]["center"])
     assert ck["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
     g, v = ck["teacher"]["head.last_layer.weight_g"], ck["teacher"]["head.last_layer.weight_v"]
@@ -268,10 +268,12 @@ def test_dino_run_as_released_backbone_and_training_checkpoint(dino_run: Path, t
                              if k.startswith("backbone.")})
         torch.testing.assert_close(_outputs(net, x), _outputs(ref, x), rtol=0, atol=0)
     # DINO training starts from it: student and teacher as the run's teacher, head included.
-    parts = build_dino_training(replace(cfg, model=replace(cfg.model, weights=str(full))), torch.device("cpu"), None)
-    fresh = build_dino_training(replace(cfg, model=replace(cfg.model, weights=None)), torch.device("cpu"), None)
-    fresh.teacher.load_state_dict(state["teacher"])
-    torch.testing.assert_close(_outputs(parts.student, x), _outputs(fresh.teacher, x), rtol=0, atol=0)
+    student, _, _ = build_student_teacher(replace(cfg, model=replace(cfg.model, weights=str(full))), torch.device("cpu"),
+                                          ddp=False)
+    _, teacher, _ = build_student_teacher(replace(cfg, model=replace(cfg.model, weights=None)), torch.device("cpu"),
+                                          ddp=False)
+    teacher.load_state_dict(state["teacher"])
+    torch.testing.assert_close(_outputs(student, x), _outputs(teacher, x), rtol=0, atol=0)
 
 
 def test_a_layout_that_cannot_hold_the_model_is_one_line_naming_those_that_can(timm_run: Path, capsys) -> None:

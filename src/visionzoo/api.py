@@ -82,6 +82,16 @@ class Run:
 
         return load_config(str(self.path / "config.yaml"))
 
+    @property
+    def table(self) -> str:
+        """The results row as a Markdown table (what ``visionzoo train`` prints at the end)."""
+        from visionzoo.run_folder import format_table
+
+        return format_table([self.results]) if self.results else f"{self.path}: no results yet"
+
+    def _repr_markdown_(self) -> str:  # a notebook cell that ends with the run shows its table
+        return f"`{self.path}`\n\n{self.table}"
+
     def report(self, max_images: int = 24, **overrides: Any) -> Path:
         """Write RUN/report/index.html (as ``visionzoo report RUN``); return its path."""
         from visionzoo.html_report.build import write_report
@@ -92,21 +102,24 @@ class Run:
         return str(self.path)
 
 
-def fit_config(cfg, perf: bool = False, resume_dir: Path | None = None) -> dict:
+def fit_config(cfg, perf: bool = False, resume_dir: Path | None = None, summary: bool = True) -> dict:
     """Train a resolved config in this process (one device, or one rank under torchrun) through
-    the run lifecycle (engine/run.py) with its task. Returns results.json's dict."""
+    the run lifecycle (engine/run.py) with its task; ``summary``: print the results table at the
+    end (the CLI does; ``train`` returns it). Returns results.json's dict."""
     from visionzoo.engine.run import fit
     from visionzoo.html_report.build import report_at_end  # the cheap page, when a full run ends
 
-    return fit(cfg, perf=perf, resume_dir=resume_dir, on_finished=report_at_end)
+    return fit(cfg, perf=perf, resume_dir=resume_dir, on_finished=report_at_end, summary=summary)
 
 
 def train(recipe_or_cfg: Any, *overrides: str, data: str | None = None, devices: int = 1, output: str | None = None,
-          perf: bool = False, resume: str | Path | None = None, **kw: Any) -> Run:
+          perf: bool = False, resume: str | Path | None = None, summary: bool = False, **kw: Any) -> Run:
     """Train a recipe (name, YAML path or ``load_recipe``'s config) with overrides, as
     ``visionzoo train``; ``data`` is the data folder (or "synthetic"), ``devices`` > 1 launches
     that many worker processes; ``resume`` ("auto" or a run folder) continues a run exactly as
-    ``visionzoo train --resume`` does (a finished run is returned as it is). Returns the ``Run``."""
+    ``visionzoo train --resume`` does (a finished run is returned as it is). Progress is a bar
+    in a notebook or on a terminal (log.progress); the results table is the returned ``Run``'s
+    (``run.table``, shown when a notebook cell ends with the run), printed only with ``summary``."""
     from visionzoo.config import RecipeConfig, from_dict, load_config, to_dict
     from visionzoo.engine.resume import plan_resume
     from visionzoo.engine.tasks import check_task
@@ -128,7 +141,7 @@ def train(recipe_or_cfg: Any, *overrides: str, data: str | None = None, devices:
         return Run(plan.finished_dir, plan.finished)
     if devices > 1:
         return _train_launched(plan.cfg, devices, perf, plan.resume_dir)
-    results = fit_config(plan.cfg, perf=perf, resume_dir=plan.resume_dir)
+    results = fit_config(plan.cfg, perf=perf, resume_dir=plan.resume_dir, summary=summary)
     return Run(Path(results["run_dir"]), results)
 
 

@@ -82,6 +82,8 @@ def _dino_state(src: Path, model: nn.Module) -> dict:
     for path in [src.with_suffix(".pt"), *(state for _, state in checkpoint_pairs(src.parent))]:
         if path.is_file():
             state = load_state(path)
+            # the task's entries (student, teacher, optimizer, ...) beside the run's (epoch, steps)
+            state = {**{k: v for k, v in state.items() if k != "task"}, **state.get("task", {})}
             teacher = state.get("teacher", {})
             if all(torch.equal(teacher.get(f"backbone.{k}", torch.empty(0)), v.cpu()) for k, v in mine.items()):
                 return state

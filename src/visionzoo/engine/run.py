@@ -90,6 +90,7 @@ class Run(RunHooks):
         self.settings = LoopSettings.of(cfg, env.is_main)
         self.stop: StopSignal | None = None
         self.voter = StopVote(env.device)
+        self.summary = True  # print the results table and the seeds' "Final ..." lines at the end
 
     # --- RunHooks ----------------------------------------------------------------------------
     def checkpoint(self, acc1: float | None = None) -> None:
@@ -220,9 +221,10 @@ class Run(RunHooks):
                 on_finished(folder.path)
         fps = results["FPS"]
         per_device = f" ({fps / env.world_size:.2f} per device)" if fps and env.ddp else ""
-        print(("\n" + table + "\n") + (f"Final Performance images/sec : {fps:.2f}{per_device}\n" if fps else "")
-              + (f"Final {task.accuracy_label} : {results['Acc@1']:.2f}\n" if results["Acc@1"] is not None else "")
-              + f"E2E Training Duration sec : {results['E2ETrainingTime']:.0f}", flush=True)
+        if self.summary:  # the CLI's end; the Python API returns the table instead (api.Run)
+            print(("\n" + table + "\n") + (f"Final Performance images/sec : {fps:.2f}{per_device}\n" if fps else "")
+                  + (f"Final {task.accuracy_label} : {results['Acc@1']:.2f}\n" if results["Acc@1"] is not None
+                     else "") + f"E2E Training Duration sec : {results['E2ETrainingTime']:.0f}", flush=True)
         if results["bad_images"]:
             parts = [describe(split, n, results["bad_image_names"][split])
                      for split, n in results["bad_images_per_split"].items() if n]
@@ -270,11 +272,12 @@ def _header(cfg: RecipeConfig, env: RunEnv, task: Task, perf: bool, folder: RunF
 
 
 def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
-        on_finished: Callable[[Path], None] | None = None) -> dict:
+        on_finished: Callable[[Path], None] | None = None, summary: bool = True) -> dict:
     """Train ``cfg`` with its task (or time it, with ``perf``) and write the run folder; with
     ``resume_dir``, continue that run from its newest usable checkpoint. ``on_finished(run_dir)``
     runs on rank 0 after a full run's results are written and before the trackers close (the CLI
-    and the API write the report page there). Returns results.json's dict."""
+    and the API write the report page there); ``summary``: print the results table and the
+    seeds' "Final ..." lines at the end. Returns results.json's dict."""
     t0 = time.perf_counter()
     cfg, env = start_env(cfg)
     task = make_task(cfg, env)
@@ -291,7 +294,9 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
             print(_header(cfg, env, task, perf, folder, resumed, pos), flush=True)
         if state is not None:
             set_rng_state(state["ranks"][env.rank]["rng"], env.device)  # last: the set-up drew from the RNGs
-        results = _train(Run(cfg, env, task, pos, folder, t0), perf, on_finished)
+        run = Run(cfg, env, task, pos, folder, t0)
+        run.summary = summary
+        results = _train(run, perf, on_finished)
     finally:
         if folder is not None:
             folder.lock.release()

@@ -188,8 +188,9 @@ def dino_training_layout(state: dict, args: dict) -> dict:
            "teacher": _dino_network(state["teacher"], "module." if bn else ""),
            "optimizer": state["optimizer"], "epoch": int(state["epoch"]), "args": args,
            "dino_loss": {k: v.cpu() for k, v in state["dino_loss"].items()}}
-    if state.get("scaler"):  # a disabled GradScaler's state is {}, which GradScaler.load_state_dict refuses
-        out["fp16_scaler"] = state["scaler"]
+    scaler = state.get("grad_step", {}).get("scaler") or state.get("scaler")  # engine/step.py GradStep's
+    if scaler:  # a disabled GradScaler's state is {}, which GradScaler.load_state_dict refuses
+        out["fp16_scaler"] = scaler
     return out
 
 
