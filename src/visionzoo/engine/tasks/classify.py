@@ -198,7 +198,7 @@ class ClassifyTask(Task):
         """Group sizes for a batch that lost images: each BatchNorm group keeps the rest of its
         reference rank's images (collate names the dropped positions), instead of every later
         group shifting; None (``bn_group`` each) for a whole batch."""
-        group = self.cfg.model.bn_group
+        group = self.grouped[0].group  # model.bn_group, or what a caller set with use_bn_groups
         if not n_bad and not trim and kept % group != 1:
             set_group_sizes(self.grouped, None)
             return
