@@ -90,6 +90,32 @@ def cpu_bf16_isa() -> str | None:
     return None
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a cgroup's or taskset's share)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+
+
+def cpu_threads(workers: int, local_ranks: int, environ: dict | None = None) -> tuple[int, str]:
+    """Intra-op threads for training on the CPU, and why: this rank's share of the cores
+    (cores / ranks on this machine) less the loader workers that keep cores busy decoding and
+    augmenting. PyTorch's default, one thread per core in every process, oversubscribes the cores
+    as soon as workers or a second rank run beside it (BENCHMARKS.md "CPU threads").
+    OMP_NUM_THREADS, when set, is the user's choice and is kept."""
+    environ = os.environ if environ is None else environ
+    if environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), f"OMP_NUM_THREADS={environ['OMP_NUM_THREADS']}"
+    cores = cpu_cores()
+    share = max(1, cores // max(local_ranks, 1))
+    threads = max(1, share - workers)
+    parts = [f"{cores} core{'s' if cores != 1 else ''}"]
+    if local_ranks > 1:
+        parts.append(f"/ {local_ranks} ranks")
+    if workers:
+        parts.append(f"- {workers} loader worker{'s' if workers != 1 else ''}")
+    return threads, " ".join(parts)
+
+
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for train.amp, or None for full fp32.
 

@@ -8,7 +8,10 @@ finish. A task never writes a file of the run folder; this module writes all of 
 
 from __future__ import annotations
 
+import os
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,7 +21,7 @@ from visionzoo import distributed
 from visionzoo.checkpoint import BEST, WEIGHTS, load_latest, publish, save_checkpoint
 from visionzoo.config import RecipeConfig, for_world_size, to_yaml
 from visionzoo.curves import curves_title, plot_curves
-from visionzoo.data.loading.build import cpu_fallbacks, failed_shards, loader_kind, set_loader_epoch
+from visionzoo.data.loading.build import cpu_fallbacks, failed_shards, loader_kind, loader_workers, set_loader_epoch
 from visionzoo.engine.bad_images import describe
 from visionzoo.engine.loop import LoopSettings, Position, RunHooks, check_finite, timed_steps, train_epoch
 from visionzoo.engine.resume import RESIZE_WHY, per_rank, rng_state, set_rng_state, truncate_metrics
@@ -31,6 +34,7 @@ from visionzoo.run_folder import (MetricsLog, RunLock, live_owner, mark_status, 
 from visionzoo.runtime import (
     StopSignal,
     configure_determinism,
+    cpu_threads,
     precision_label,
     precision_name,
     resolve_amp,
@@ -262,13 +266,32 @@ def _resume(task: Task, pos: Position, resume_dir: Path, env: RunEnv) -> tuple[d
 
 
 def _header(cfg: RecipeConfig, env: RunEnv, task: Task, perf: bool, folder: RunFolder, resumed: Path | None,
-            pos: Position) -> str:
+            pos: Position, threads: str | None) -> str:
     what, batch = task.header()
     verb = task.title.replace("training", "perf run") if perf else task.title
     where = (f"resuming {folder.path} at epoch {pos.epoch + 1}, step {pos.global_step} ({resumed.name})"
              if resumed is not None else f"run folder {folder.path}")
     return (f"visionzoo: {verb} {cfg.recipe} | {what} | {env.world_size} × {env.device} "
-            f"{precision_label(env.amp_dtype or weights_dtype(cfg.train.amp), env.device)} | {batch} | {where}")
+            f"{precision_label(env.amp_dtype or weights_dtype(cfg.train.amp), env.device)}"
+            + (f", {threads}" if threads else "") + f" | {batch} | {where}")
+
+
+def _local_ranks() -> int:
+    """The ranks of this job on this machine (torchrun's and visionzoo's launcher's LOCAL_WORLD_SIZE,
+    Slurm's tasks per node: "2" or "2(x3)")."""
+    value = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or "1"
+    digits = re.match(r"\d+", value)
+    return int(digits.group()) if digits else 1
+
+
+def set_cpu_threads(env: RunEnv, task: Task) -> str | None:
+    """On the CPU: as many intra-op threads as this rank's cores less its busy loader workers
+    (runtime.cpu_threads), said in the run header; None on an accelerator."""
+    if env.device.type != "cpu":
+        return None
+    n, why = cpu_threads(loader_workers(task.train_loader), _local_ranks())
+    torch.set_num_threads(n)
+    return f"{n} thread{'s' if n != 1 else ''} ({why})"
 
 
 def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
@@ -282,6 +305,27 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
     cfg, env = start_env(cfg)
     task = make_task(cfg, env)
     task.setup()
+    before = torch.get_num_threads()
+    try:
+        threads = set_cpu_threads(env, task)
+        return _fit(cfg, env, task, FitRequest(perf, resume_dir, on_finished, summary), t0, threads)
+    finally:
+        torch.set_num_threads(before)  # a Python caller's own setting, back after the run
+
+
+@dataclass(frozen=True)
+class FitRequest:
+    """What the caller of ``fit`` asked for."""
+
+    perf: bool = False
+    resume_dir: Path | None = None
+    on_finished: Callable[[Path], None] | None = None
+    summary: bool = True
+
+
+def _fit(cfg: RecipeConfig, env: RunEnv, task: Task, req: FitRequest, t0: float, threads: str | None) -> dict:
+    """``fit`` once the task is set up: resume, the run folder, the run, the finish."""
+    perf, resume_dir, on_finished = req.perf, req.resume_dir, req.on_finished
     pos, state, resumed = Position(), None, None
     if resume_dir is not None:
         state, resumed = _resume(task, pos, resume_dir, env)
@@ -291,11 +335,11 @@ def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
     folder = distributed.on_main_rank(lambda: RunFolder(cfg, resume_dir, pos), "cannot write the run folder")
     try:
         if env.is_main:
-            print(_header(cfg, env, task, perf, folder, resumed, pos), flush=True)
+            print(_header(cfg, env, task, perf, folder, resumed, pos, threads), flush=True)
         if state is not None:
             set_rng_state(state["ranks"][env.rank]["rng"], env.device)  # last: the set-up drew from the RNGs
         run = Run(cfg, env, task, pos, folder, t0)
-        run.summary = summary
+        run.summary = req.summary
         results = _train(run, perf, on_finished)
     finally:
         if folder is not None:

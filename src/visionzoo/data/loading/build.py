@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -186,6 +186,12 @@ def set_loader_epoch(loader, epoch: int, skip_batches: int) -> None:
         loader.set_epoch(epoch, skip_batches)
     else:
         loader.sampler.set_epoch(epoch, skip_batches * loader.batch_size)
+
+
+def loader_workers(loader: Any) -> int:
+    """The worker processes a training loader keeps busy (0: batches made in this process)."""
+    inner = loader.loader if isinstance(loader, DeviceBatches) else loader
+    return int(getattr(inner, "num_workers", 0) or 0)
 
 
 def loader_kind(loader) -> str:
