@@ -31,25 +31,25 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from visionzoo.commands.bench import RepeatBatch, _cpu_name
+from visionzoo.commands.export import _export_onnx, input_size
+from visionzoo.commands.quantize import quantize_int8
 from visionzoo.config import load_config
 from visionzoo.data.sources.table import data_source
 from visionzoo.engine.loop import LoopSettings, Position, RunHooks, train_epoch
 from visionzoo.engine.tasks.base import RunEnv
 from visionzoo.engine.tasks.classify import ClassifyTask
-from visionzoo.commands.export import _export_onnx, input_size
 from visionzoo.models import build_model
 from visionzoo.models.ghost_bn import use_bn_groups
-from visionzoo.commands.quantize import quantize_int8
 from visionzoo.runtime import cpu_bf16_isa, seed_everything
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}

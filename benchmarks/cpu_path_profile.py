@@ -16,18 +16,17 @@ import math
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms import functional as TF1
 
 from visionzoo.config import load_config
-from visionzoo.data.augment import multicrop
-from visionzoo.data.augment import per_image, presets
+from visionzoo.data.augment import multicrop, per_image, presets
 from visionzoo.data.augment.normalize import Normalize
 from visionzoo.data.augment.per_image import timm_randaugment
 from visionzoo.data.loading.collate import stack_images

@@ -124,6 +124,7 @@ def write_jpeg_tree(root: Path, size: tuple[int, int], per_class: int, val_per_c
     named .JPEG (skipped as bad). Returns the paths by kind."""
     sys.path.insert(0, str(HERE))
     import numpy as np
+
     from make_jpeg_tree import make_image
 
     g = np.random.default_rng(0)

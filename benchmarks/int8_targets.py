@@ -35,8 +35,8 @@ VARIANTS = {  # name -> (activations, weights, reduce_range)
 
 def prepare(run: Path, out: Path, data: str | None, calibration_images: int, method: str) -> None:
     """The fp32 ONNX model of ``run``, its int8 variants and the test split as arrays in ``out``."""
-    from visionzoo.commands import quantize
     from visionzoo.cli import main as visionzoo
+    from visionzoo.commands import quantize
     from visionzoo.config import from_dict
     from visionzoo.data.augment.presets import eval_transform
     from visionzoo.data.loading.build import build_datasets

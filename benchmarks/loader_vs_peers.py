@@ -35,8 +35,8 @@ import platform
 import random
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from PIL import Image, ImageFilter, ImageOps

@@ -50,9 +50,8 @@ def throughput(kind: str, path: str, batch: int, workers: int, warm: int, steps:
     and augmenting on one core, whatever else the machine runs."""
     from visionzoo.config import load_config
     from visionzoo.data.augment.presets import train_transform
-    from visionzoo.data.loading.build import build_datasets, build_loader
+    from visionzoo.data.loading.build import build_datasets, build_loader, set_loader_epoch
     from visionzoo.data.sources.folder import ImageFolderDataset
-    from visionzoo.data.loading.build import set_loader_epoch
 
     d = replace(load_config("alexnet_imagenet").data, workers=workers)
     if kind == "imagefolder":

@@ -423,8 +423,9 @@ def test_one_process_trains_what_two_ranks_train(tmp_path):
     import sys
     from pathlib import Path
 
-    from conftest import write_fmnist
     from safetensors.torch import load_file
+
+    from conftest import write_fmnist
 
     data = write_fmnist(tmp_path, 96, 20)
     common = ["--epochs", "1", "--device", "cpu", "--amp", "none", "--workers", "0", "data.batch_size=32", "data.augment=none",

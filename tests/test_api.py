@@ -83,8 +83,9 @@ def test_train_on_two_processes_returns_the_run(fmnist_dir, tmp_path):
 def test_train_resume_continues_as_the_cli_does(fmnist_dir, tmp_path, monkeypatch, capsys):
     """visionzoo.train(..., resume="auto" | RUN) goes through the CLI's resume logic (engine/resume.py
     plan_resume): a run stopped mid-way continues exactly; a finished one is returned as it is."""
-    import visionzoo.engine.run as run_engine
     from safetensors.torch import load_file
+
+    import visionzoo.engine.run as run_engine
 
     kw = dict(data=str(fmnist_dir), epochs=2, device="cpu", amp="none", data__batch_size=64,
               train__checkpoint_every_steps=3, log__progress="off")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from visionzoo.config import load_config, recipe_names, to_dict, from_dict, to_yaml
+from visionzoo.config import from_dict, load_config, recipe_names, to_dict, to_yaml
 from visionzoo.errors import UserError
 
 SUPERVISED = ["alexnet_imagenet", "densenet201_imagenet", "fashion_mnist", "nfnet_f0_imagenet", "resnet50_cifar100"]

@@ -21,12 +21,12 @@ from visionzoo.config import load_config
 from visionzoo.data.augment import per_image, presets
 from visionzoo.data.augment.multicrop import MultiCropTransform, blur_uint8
 from visionzoo.data.augment.normalize import Normalize
-from visionzoo.data.augment.per_image import random_resized_crop, timm_randaugment
+from visionzoo.data.augment.per_image import timm_randaugment
 from visionzoo.data.loading.build import build_datasets, build_loader, build_loaders, multicrop_loader
 from visionzoo.data.loading.collate import stack_images
 from visionzoo.data.loading.device_batches import DeviceBatches
 from visionzoo.data.loading.samplers import SeededDataset, sample_seed
-from visionzoo.data.sources.folder import ImageFolderDataset, to_rgb
+from visionzoo.data.sources.folder import to_rgb
 
 SEED, EPOCH = 3, 1
 SIZES = [(120, 90), (90, 120), (200, 150), (64, 64), (150, 100)]

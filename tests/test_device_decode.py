@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_FOLDER_RECIPE
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from conftest import TINY_FOLDER_RECIPE
 from visionzoo.cli import main
 from visionzoo.config import DataConfig
 from visionzoo.data.augment.batched import crop_params, random_resized_crop

@@ -15,12 +15,11 @@ from PIL import Image
 pytest.importorskip("onnxruntime")
 
 from conftest import pattern_images  # noqa: E402
-
 from visionzoo.checkpoint import save_weights  # noqa: E402
 from visionzoo.cli import main  # noqa: E402
+from visionzoo.commands.export import export_checkpoint, sidecar_path  # noqa: E402
 from visionzoo.config import load_config, to_dict  # noqa: E402
 from visionzoo.errors import UserError  # noqa: E402
-from visionzoo.commands.export import export_checkpoint, sidecar_path  # noqa: E402
 from visionzoo.models import build_model  # noqa: E402
 
 # (recipe, overrides): one tiny case per architecture family; test_resize > test_size so the

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import start_ranks
 
 import visionzoo.checkpoint as ckpt
+from conftest import start_ranks
 from visionzoo.checkpoint import checkpoint_pairs, load_latest, save_checkpoint
 from visionzoo.errors import UserError
-
 
 
 def _run_with_checkpoints(run: Path, steps=(10, 20, 30)) -> None:

@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import TINY_FOLDER_RECIPE
 from PIL import Image
 from torchvision.transforms import v2
 
+from conftest import TINY_FOLDER_RECIPE
 from visionzoo.cli import main
 from visionzoo.data.loading.stream_loader import StreamLoader
 from visionzoo.data.sources.hfds import ParquetReader

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_FOLDER_RECIPE, start_ranks, write_jpeg_tree
 
+from conftest import TINY_FOLDER_RECIPE, start_ranks, write_jpeg_tree
 from visionzoo.cli import main
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -59,7 +59,6 @@ def test_the_ema_starts_from_the_same_weights_on_every_rank(tmp_path, capsys):
     rank's EMA started from its own random init (seed + rank) and each rank evaluated its own:
     the 2-rank validation loss was not the loss of the saved EMA."""
     from conftest import write_fmnist
-
     from visionzoo.run_folder import read_metrics
 
     (tmp_path / "fm").mkdir()

@@ -16,8 +16,8 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from visionzoo.cli import main  # noqa: E402
-from visionzoo.commands.export import sha256_file  # noqa: E402
 from visionzoo.commands import quantize  # noqa: E402
+from visionzoo.commands.export import sha256_file  # noqa: E402
 from visionzoo.commands.quantize import INT8_TARGETS, calibration_sets, detect_int8_target, run_batches  # noqa: E402
 
 NO_VNNI = {"architecture": "x86_64", "avx2": True, "avx512_f": True, "avx512_bw": True}  # Skylake-X: AVX512, no VNNI
@@ -107,8 +107,8 @@ def _activation_scales(path: Path) -> dict[str, float]:
 
 def test_each_calibration_method_sets_its_own_ranges(trained_run: Path, fmnist_dir: Path, tmp_path: Path) -> None:
     # ONNX Runtime's entropy defaults alone (128 bins for 128 levels) give minmax's ranges exactly.
-    from visionzoo.config import from_dict
     from visionzoo.commands.quantize import quantize_int8
+    from visionzoo.config import from_dict
 
     fp32 = trained_run / "model.onnx"
     if not fp32.is_file():
@@ -177,8 +177,8 @@ def _conv_weights(path: Path) -> list[np.ndarray]:
 
 
 def test_x86_target_has_7_bit_weights_and_vnni_8_bit(trained_run: Path, fmnist_dir: Path, tmp_path: Path) -> None:
-    from visionzoo.config import from_dict
     from visionzoo.commands.quantize import quantize_int8
+    from visionzoo.config import from_dict
 
     fp32 = trained_run / "model.onnx"
     if not fp32.is_file():

@@ -21,7 +21,6 @@ from visionzoo.engine.evaluation.knn import knn_classify, probe_splits
 from visionzoo.models import build_model, create
 from visionzoo.optim import build_optimizer
 
-
 # ----------------------------------------------------------------------------- resnet50_cifar100 / mmcls v0.24.0
 
 def test_cifar_resnet_is_initialised_as_mmcls() -> None:

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from browser import inspect_page, require_chromium, screenshot
 
+from browser import inspect_page, require_chromium, screenshot
+from visionzoo.cli import main
 from visionzoo.html_report import metrics
 from visionzoo.html_report.attention import cls_attention, mass_mask
 from visionzoo.html_report.predictions import CACHE, Predictions
-from visionzoo.cli import main
 
 FAST = ["--epochs", "1", "--device", "cpu", "--amp", "none", "log.progress=off"]
 DINO_TINY = [

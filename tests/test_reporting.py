@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from visionzoo.cli import main
-from visionzoo.run_folder import format_table, read_metrics
 from visionzoo.commands.runs import compare, list_runs
+from visionzoo.run_folder import format_table, read_metrics
 
 SHORT = ["--epochs", "2", "--device", "cpu", "--amp", "none", "data.batch_size=64", "train.log_every=2"]
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_FOLDER_RECIPE
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import TINY_FOLDER_RECIPE
 from visionzoo.cli import main
 from visionzoo.config import DataConfig
 from visionzoo.data.augment.presets import eval_transform

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from conftest import TINY_FOLDER_RECIPE, write_jpeg_tree
 from PIL import Image
 from torchvision.transforms import v2
 
+from conftest import TINY_FOLDER_RECIPE, write_jpeg_tree
 from visionzoo.cli import main
 from visionzoo.data.loading.stream_loader import StreamLoader
 from visionzoo.data.sources.folder import ImageFolderDataset

@@ -22,7 +22,7 @@ from visionzoo.cli import main
 from visionzoo.config import ModelConfig, load_config
 from visionzoo.errors import UserError
 from visionzoo.models import build_model, create, model_args
-from visionzoo.models.weights import load_weights, model_from_weights, read_file
+from visionzoo.models.weights import model_from_weights, read_file
 
 # dino_fashion_mnist's ViT (28 px grey images, 7 px patches), as the DINO reference would build it.
 VIT_KW = {"img_size": 28, "patch_size": 7, "embed_dim": 96, "depth": 4, "num_heads": 3}

@@ -7,7 +7,7 @@ mode: the global norm, a value, timm's adaptive clipping (NFNet) or DINO's norm 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 
 def use_bar(mode: str) -> bool:

@@ -34,8 +34,7 @@ from torch.utils.data import Dataset
 from visionzoo import distributed
 from visionzoo.config import RecipeConfig, to_dict
 from visionzoo.data.augment.presets import eval_transform, train_transform
-from visionzoo.data.loading.build import (Splits, build_datasets, cpu_fallbacks, loader_kind,
-                                          set_loader_epoch)
+from visionzoo.data.loading.build import Splits, build_datasets, cpu_fallbacks, loader_kind, set_loader_epoch
 from visionzoo.data.sources.table import data_source
 from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 from visionzoo.engine.loop import LoopSettings, Position, RunHooks, Timer, timed_steps, train_epoch

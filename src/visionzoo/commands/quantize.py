@@ -231,8 +231,13 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray
     """Statically quantise the ONNX model ``fp32_path`` into ``out_path`` for the CPUs of
     ``target`` (default: this machine's): QDQ, per-channel weights, activations calibrated with
     ``method`` on ``calib``. Returns the sidecar's description of it."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method not in CALIBRATION_METHODS:

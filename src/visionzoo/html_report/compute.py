@@ -10,10 +10,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from visionzoo.html_report import attention
-from visionzoo.html_report.predictions import (ATTENTION_IMAGES, CACHE, NEIGHBOUR_QUERIES, NEIGHBOURS, Predictions,
-                                            classifier_scores, knn_scores, predict_split, thumbnail, unnormalise)
 from visionzoo.errors import UserError
+from visionzoo.html_report import attention
+from visionzoo.html_report.predictions import (
+    ATTENTION_IMAGES,
+    CACHE,
+    NEIGHBOUR_QUERIES,
+    NEIGHBOURS,
+    Predictions,
+    classifier_scores,
+    knn_scores,
+    predict_split,
+    thumbnail,
+    unnormalise,
+)
 
 
 def cache_key(weights: Path, cfg, max_images: int) -> str:

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-
 from PIL import Image
 
 from visionzoo.data.augment import registry

@@ -16,7 +16,8 @@ epoch draws exactly what the uninterrupted run drew."""
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch

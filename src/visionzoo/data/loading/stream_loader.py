@@ -28,7 +28,8 @@ from __future__ import annotations
 import os
 import random
 import weakref
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -173,7 +174,7 @@ class _Collate:
 class _EpochSetter:
     """``loader.sampler.set_epoch(epoch, skip_samples)`` for code written against ShardSampler."""
 
-    def __init__(self, loader: "StreamLoader"):
+    def __init__(self, loader: StreamLoader):
         # A weak reference: no cycle, so a dropped loader stops its workers at once instead of in
         # a later garbage collection, which may run in a forked worker of another loader.
         self.loader = weakref.ref(loader)

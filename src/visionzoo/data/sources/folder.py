@@ -248,7 +248,7 @@ class Unreadable(int):
 
     names: tuple[str, ...] = ()
 
-    def __new__(cls, count: int, names: tuple[str, ...] = ()) -> "Unreadable":
+    def __new__(cls, count: int, names: tuple[str, ...] = ()) -> Unreadable:
         obj = super().__new__(cls, count)
         obj.names = tuple(names)
         return obj

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import glob
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from visionzoo.data.sources.shards import Shard, ShardStream
 from visionzoo.data.sources.splits import Splits, check_folder

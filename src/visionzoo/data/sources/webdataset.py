@@ -22,8 +22,9 @@ import io
 import json
 import os
 import posixpath
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Iterator
+from typing import IO, TYPE_CHECKING
 
 from visionzoo.data.sources.class_folders import MANIFEST
 from visionzoo.data.sources.shards import Shard, ShardStream, shard_error, warn
