@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime")
 from conftest import pattern_images  # noqa: E402
 from visionzoo.checkpoint import save_weights  # noqa: E402
 from visionzoo.cli import main  # noqa: E402
-from visionzoo.commands.export import export_checkpoint, sidecar_path  # noqa: E402
+from visionzoo.commands.export import ExportOptions, export_checkpoint, sidecar_path  # noqa: E402
 from visionzoo.config import load_config, to_dict  # noqa: E402
 from visionzoo.errors import UserError  # noqa: E402
 from visionzoo.models import build_model  # noqa: E402
@@ -87,7 +87,7 @@ def test_parity_failure_is_a_user_error_and_writes_nothing(tmp_path: Path, capsy
     assert main(["export", str(run), "--tolerance", "-1"]) == 2
     assert "--tolerance -1.0 is out of range (must be > 0)" in capsys.readouterr().err
     with pytest.raises(UserError, match="does not match PyTorch"):
-        export_checkpoint(str(run), tolerance=-1.0)
+        export_checkpoint(str(run), options=ExportOptions(tolerance=-1.0))
     assert not (run / "model.onnx").exists() and not (run / "model.json").exists()
     assert not list(run.glob(".model.onnx.*"))  # the temporary file is gone too
     assert main(["export", str(run), "--opset", "99"]) == 2

@@ -233,12 +233,13 @@ def cmd_linear(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     args.overrides, args.data = [], None  # export takes no config flags beyond --checkpoint-key
     checkpoint, overrides, kw = _weights_args(args)
-    from visionzoo.commands.export import export_checkpoint
+    from visionzoo.commands.export import ExportOptions, export_checkpoint
 
-    export_checkpoint(checkpoint, args.format, args.opset, args.output, args.tolerance, overrides=overrides,
-                      precision=args.precision, calibration_images=args.calibration_images,
-                      calibration=args.calibration, data=args.calibration_data, int8_target=args.int8_target,
-                      full_checkpoint=args.full_checkpoint, **kw)
+    options = ExportOptions(
+        opset=args.opset, tolerance=args.tolerance, precision=args.precision,
+        calibration_images=args.calibration_images, calibration=args.calibration,
+        calibration_data=args.calibration_data, int8_target=args.int8_target, full_checkpoint=args.full_checkpoint)
+    export_checkpoint(checkpoint, args.format, args.output, overrides=overrides, options=options, **kw)
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
