@@ -21,6 +21,7 @@ from visionzoo.data.augment.normalize import Normalize
 from visionzoo.data.loading.collate import stack_images
 from visionzoo.data.loading.device_batches import DeviceBatches
 from visionzoo.data.loading.in_memory import InMemoryLoader
+from visionzoo.data.loading.samplers import SampleOrder
 from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 from visionzoo.engine.loop import LoopSettings, Position, RunHooks, train_epoch
 from visionzoo.engine.tasks.base import RunEnv
@@ -401,7 +402,7 @@ def test_device_resident_loader_follows_the_reference_ranks():
     cfg = load_config("resnet50_cifar100", ["data.augment=none", "data.hflip=0"])
     labels = np.arange(40)  # the label is the sample index
     ds = TensorImageDataset(np.zeros((40, 2, 2, 3), dtype=np.uint8), labels, [str(i) for i in labels])
-    loader = InMemoryLoader(ds, 2, True, CPU, cfg.data, seed=7, rank_groups=(4, 2))
+    loader = InMemoryLoader(ds, 2, True, CPU, cfg.data, SampleOrder(seed=7, rank_groups=(4, 2)))
     loader.set_epoch(1)
     batches = [y for _, y, _ in loader]
     assert len(batches) == len(loader) == 20

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from visionzoo.data.augment.batched import random_crop_flip
 from visionzoo.data.loading.in_memory import InMemoryLoader
+from visionzoo.data.loading.samplers import SampleOrder
 from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 
 
@@ -52,7 +53,7 @@ def _loader(n, batch, train, rank=0, world=1, epoch_seed=0):
     ds = TensorImageDataset(images, np.arange(n) % 7, [str(i) for i in range(7)])
     d = SimpleNamespace(augment="none", image_size=2, crop_padding=0, hflip=0.0, mean=[0.0], std=[1.0], normalize="pixel",
                         randaugment="", interpolation="bilinear")
-    return InMemoryLoader(ds, batch, train, torch.device("cpu"), d, epoch_seed, rank, world)
+    return InMemoryLoader(ds, batch, train, torch.device("cpu"), d, SampleOrder(epoch_seed, rank, world))
 
 
 def test_randaugment_follows_the_crop_on_the_device():

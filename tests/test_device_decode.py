@@ -22,6 +22,7 @@ from visionzoo.data.augment.batched import crop_params, random_resized_crop
 from visionzoo.data.loading import device_decode
 from visionzoo.data.loading.build import Splits, build_loaders
 from visionzoo.data.loading.device_decode import DeviceDecodeLoader, collate_bytes
+from visionzoo.data.loading.samplers import SampleOrder
 from visionzoo.data.sources.encoded import FileBytes, device_jpeg, pil_decode
 from visionzoo.data.sources.folder import ImageFolderDataset, find_classes
 from visionzoo.errors import UserError
@@ -156,8 +157,9 @@ def _epoch(loader, epoch: int, skip: int = 0) -> list:
 def test_same_seed_same_batches_and_resume(tree) -> None:
     root, _ = tree
     d = _cfg(crop_scale=[0.3, 1.0], hflip=0.5)
-    make = lambda workers=0, seed=0: DeviceDecodeLoader(_dataset(root), 3, workers, torch.device("cpu"),  # noqa: E731
-                                                        d, seed)
+    def make(workers: int = 0, seed: int = 0) -> DeviceDecodeLoader:
+        return DeviceDecodeLoader(_dataset(root), 3, workers, torch.device("cpu"), d, SampleOrder(seed))
+
     a, b = make(), make(workers=2)
     assert len(a) == 3  # 9 files, batch 3, last partial batch dropped
     e0, e0_again = _epoch(a, 0), _epoch(b, 0)
@@ -178,7 +180,7 @@ def test_ranks_split_the_epoch(tree) -> None:
     root, _ = tree
     seen = []
     for rank in range(2):
-        loader = DeviceDecodeLoader(_dataset(root), 4, 0, torch.device("cpu"), _cfg(), 0, rank, 2)
+        loader = DeviceDecodeLoader(_dataset(root), 4, 0, torch.device("cpu"), _cfg(), SampleOrder(0, rank, 2))
         assert len(loader) == 1
         seen.append(_epoch(loader, 0)[0])
     assert sum(len(y) + n for _, y, n in seen) == 8  # 9 files: 4 per rank, one left out

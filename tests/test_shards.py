@@ -25,6 +25,7 @@ from visionzoo.cli import main
 from visionzoo.config import DataConfig
 from visionzoo.data.augment.presets import eval_transform
 from visionzoo.data.loading.build import build_datasets
+from visionzoo.data.loading.samplers import SampleOrder
 from visionzoo.data.loading.stream_loader import StreamLoader
 from visionzoo.data.sources.folder import load_image
 from visionzoo.run_folder import read_metrics
@@ -144,7 +145,7 @@ def test_each_training_sample_once_per_epoch_and_skip_is_exact(wds_dir, world, w
     usable = 48 // (world * batch) * world * batch
 
     # One loader per rank for every pass: persistent workers must follow set_epoch.
-    loaders = [StreamLoader(splits.train.as_bytes(), batch, workers, True, seed=3, rank=r, world_size=world,
+    loaders = [StreamLoader(splits.train.as_bytes(), batch, workers, True, SampleOrder(seed=3, rank=r, world_size=world),
                             collate=list) for r in range(world)]
 
     def epoch(e: int, skip: int = 0) -> list[list[list[str]]]:
@@ -174,7 +175,7 @@ def test_validation_reads_every_sample_once(wds_dir, world, workers):
     ids = _decoded_ids(wds_dir, "val")
     seen = []
     for r in range(world):
-        loader = StreamLoader(splits.val, 4, workers, False, rank=r, world_size=world)
+        loader = StreamLoader(splits.val, 4, workers, False, SampleOrder(rank=r, world_size=world))
         batches = list(loader)
         assert len(batches) == len(loader)
         norm = splits.val.transform.normalize  # a bare StreamLoader hands over uint8 batches

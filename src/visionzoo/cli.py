@@ -260,10 +260,11 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_data(args: argparse.Namespace) -> None:
     if args.data_command == "pack":
-        from visionzoo.data.pack import pack
+        from visionzoo.data.pack import PackOptions, pack
 
-        pack(args.src, args.out, args.format, args.shard_size, args.shard_samples, args.resize, args.workers,
-             args.seed, args.quality, args.source, check=not args.no_check)
+        options = PackOptions(shard_size=args.shard_size, shard_samples=args.shard_samples, resize=args.resize,
+                              quality=args.quality, seed=args.seed, workers=args.workers, check=not args.no_check)
+        pack(args.src, args.out, args.format, args.source, options)
     elif args.data_command == "verify":
         from visionzoo.data.pack import verify
 

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from visionzoo.data.loading.collate import collate_skip_bad
-from visionzoo.data.loading.samplers import SeededDataset, eval_indices, sample_seed
+from visionzoo.data.loading.samplers import SampleOrder, SeededDataset, eval_indices, sample_seed
 from visionzoo.data.sources.shards import SampleWarnings, Shard, ShardStream, decode_sample, warn
 
 
@@ -189,8 +189,11 @@ class StreamLoader:
     batches only, the same number on every rank). Call ``set_epoch(epoch, skip_batches)`` before
     each epoch; ``bad_shards`` lists the shards that failed so far."""
 
-    def __init__(self, stream: ShardStream, batch_size: int, workers: int, train: bool, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, collate: Callable | None = None, pin_memory: bool = False):
+    def __init__(self, stream: ShardStream, batch_size: int, workers: int, train: bool,
+                 order: SampleOrder | None = None, collate: Callable | None = None, pin_memory: bool = False):
+        # A stream deals its shards by train_plan / eval_plan: order.rank_groups does not apply.
+        order = order or SampleOrder()
+        seed, rank, world_size = order.seed, order.rank, order.world_size
         self.stream, self.batch_size, self.train = stream, batch_size, train
         self.num_workers = max(0, min(workers, os.cpu_count() or 1))
         n_virtual = max(self.num_workers, 1)
