@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -441,7 +442,7 @@ _ITEM_WORDS = {bool: "true/false values", int: "whole numbers", float: "numbers"
 def _type_words(tp: Any) -> str:
     """``tp`` as a user reads it: "a whole number", "a list of numbers", "a number or null"."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) is typing.Union:  # Optional[X]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None (or Optional[X])
         return f"{_type_words(args[0])} or null"
     if typing.get_origin(tp) is list:
         return f"a list of {_ITEM_WORDS.get(args[0], 'values') if args else 'values'}"
