@@ -267,7 +267,7 @@ class TrainConfig:
             try:
                 float(self.loss_scale)
             except ValueError:
-                raise UserError(f"train.loss_scale must be 'dynamic' or a number, got {self.loss_scale!r}")
+                raise UserError(f"train.loss_scale must be 'dynamic' or a number, got {self.loss_scale!r}") from None
         if self.accum_steps < 1:
             raise UserError("train.accum_steps must be >= 1")
 
@@ -331,7 +331,8 @@ class DinoConfig:
             if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
                 raise UserError(f"dino.{key} must be [low, high] with 0 < low <= high, got {list(lo_hi)}")
         if len(self.color_jitter) != 4 or len(self.blur_p) != 3:
-            raise UserError("dino.color_jitter needs 4 values (b, c, s, h) and dino.blur_p 3 (global 1, global 2, local)")
+            raise UserError("dino.color_jitter needs 4 values (b, c, s, h) and dino.blur_p 3 "
+                            "(global 1, global 2, local)")
         if min(self.teacher_temp, self.warmup_teacher_temp, self.student_temp) <= 0:
             raise UserError("dino temperatures must be > 0")
         if self.local_crops_number < 0 or self.out_dim < 1 or self.head_layers < 1:

@@ -288,7 +288,7 @@ def _launcher_scope(env_defaults: dict[str, str]) -> Iterator[None]:
     try:
         yield
     finally:
-        for log, level in zip(elastic_logs, old_levels):
+        for log, level in zip(elastic_logs, old_levels, strict=True):
             log.setLevel(level)
         for k in added:
             os.environ.pop(k, None)

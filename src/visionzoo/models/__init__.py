@@ -77,7 +77,8 @@ def _create_timm(args: dict, kwargs: dict, pretrained: bool) -> nn.Module:
         from visionzoo.models.weights import say
 
         had = model.pretrained_cfg.get("num_classes")
-        note = f"; classifier re-initialised for {nc} classes (the weights have {had})" if nc and had and nc != had else ""
+        reinitialised = nc and had and nc != had
+        note = f"; classifier re-initialised for {nc} classes (the weights have {had})" if reinitialised else ""
         say(f"timm's pretrained weights loaded into {name}{note}")
     return model
 

@@ -12,6 +12,7 @@ function and an apply function (``crop_flip_draws`` / ``crop_flip``, ``resized_c
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -69,7 +70,8 @@ def random_crop_flip(
     return crop_flip(x, size, padding, *crop_flip_draws(b, h, w, size, padding, hflip, generator))
 
 
-def crop_params(height: int, width: int, scale, ratio, u: list[list[float]]) -> tuple[int, int, int, int]:
+def crop_params(height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
+                u: list[list[float]]) -> tuple[int, int, int, int]:
     """RandomResizedCrop.get_params (top, left, h, w) with its uniform draws taken from ``u``
     (``_TRIES`` rows of 4 numbers in [0, 1)) instead of the global RNG."""
     area = height * width
@@ -122,7 +124,8 @@ def resize_weights(n_in: torch.Tensor, out: int, cap: int, mode: str, flip: torc
 
 
 def resized_crop_draws(
-    sizes: list[tuple[int, int]], scale, ratio, hflip: float, generator: torch.Generator
+    sizes: list[tuple[int, int]], scale: Sequence[float], ratio: Sequence[float], hflip: float,
+    generator: torch.Generator,
 ) -> tuple[list[tuple[int, int, int, int]], torch.Tensor]:
     """The draws of ``random_resized_crop`` for images of (height, width) ``sizes``, from the CPU
     ``generator``: ``_TRIES`` x 4 uniforms per image, then one flip uniform per image. Returns the
@@ -134,8 +137,8 @@ def resized_crop_draws(
 
 
 def random_resized_crop(
-    images: list[torch.Tensor], size: int, scale, ratio, hflip: float, generator: torch.Generator,
-    interpolation: str = "bilinear",
+    images: list[torch.Tensor], size: int, scale: Sequence[float], ratio: Sequence[float], hflip: float,
+    generator: torch.Generator, interpolation: str = "bilinear",
 ) -> torch.Tensor:
     """RandomResizedCrop(size, scale, ratio, antialias) + RandomHorizontalFlip(hflip) of uint8
     CHW images (any sizes, one device; a list or a [B, C, H, W] batch) into a float32
@@ -198,7 +201,9 @@ def crop_groups(boxes: list[tuple[int, int, int, int]], size: int, slack: float 
     return [sorted(g) for g in groups]
 
 
-def _resize_crops(images, boxes, group, hs, ws, flips, size: int, interpolation: str) -> torch.Tensor:
+def _resize_crops(images: list[torch.Tensor] | torch.Tensor, boxes: list[tuple[int, int, int, int]],
+                  group: Sequence[int], hs: torch.Tensor, ws: torch.Tensor, flips: torch.Tensor, size: int,
+                  interpolation: str) -> torch.Tensor:
     """The crops ``boxes[k]`` of ``images[k]`` for k in ``group``, copied into one uint8 buffer
     of the group's largest crop and resized as a batch: float32 [len(group), C, size, size]."""
     c, device = images[group[0]].shape[0], images[group[0]].device

@@ -54,7 +54,7 @@ class RandAugmentParams:
     magnitude: torch.Tensor
     negate: torch.Tensor
 
-    def select(self, idx) -> RandAugmentParams:
+    def select(self, idx: int | slice | torch.Tensor) -> RandAugmentParams:
         """The draws of the samples ``idx`` (an index or slice over B)."""
         return RandAugmentParams(*(t[:, idx] for t in (self.op_index, self.apply, self.magnitude, self.negate)))
 

@@ -97,7 +97,8 @@ class ShardStream(IterableDataset):
                  shuffle_buffer: int = 0, retries: int = 0):
         self.shards, self.reader, self.classes, self.transform = list(shards), reader, list(classes), transform
         self.shuffle_buffer, self.retries = shuffle_buffer, retries
-        self.mode = "image"  # image: (tensor, label) items; bytes: data/loading/device_decode.py's (bytes, pixels, label)
+        # image: (tensor, label) items; bytes: data/loading/device_decode.py's (bytes, pixels, label)
+        self.mode = "image"
 
     def __len__(self) -> int:
         return sum(s.samples for s in self.shards)
