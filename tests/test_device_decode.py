@@ -167,9 +167,9 @@ def test_same_seed_same_batches_and_resume(tree) -> None:
     for (x, y, n), (x2, y2, n2) in zip(e0, e0_again, strict=True):  # workers do not change anything
         assert torch.equal(x, x2) and torch.equal(y, y2) and n == n2
     e1 = _epoch(a, 1)
-    assert any(x.shape != x1.shape or not torch.equal(x, x1) for (x, *_), (x1, *_) in zip(e0, e1))
+    assert any(x.shape != x1.shape or not torch.equal(x, x1) for (x, *_), (x1, *_) in zip(e0, e1, strict=True))
     other_seed = _epoch(make(seed=1), 0)
-    assert any(x.shape != x1.shape or not torch.equal(x, x1) for (x, *_), (x1, *_) in zip(e0, other_seed))
+    assert any(x.shape != x1.shape or not torch.equal(x, x1) for (x, *_), (x1, *_) in zip(e0, other_seed, strict=True))
     resumed = _epoch(a, 0, skip=1)  # mid-epoch resume draws what the uninterrupted epoch drew
     assert len(resumed) == 2
     for (x, y, n), (x2, y2, n2) in zip(e0[1:], resumed, strict=True):
@@ -270,7 +270,7 @@ def _per_image_reference(images, size, scale, ratio, hflip, g, mode):
     flip = (torch.rand(len(images), generator=g) < hflip).tolist()
     aa = {} if mode == "nearest" else {"antialias": True, "align_corners": False}
     out = []
-    for img, draws, f in zip(images, u, flip):
+    for img, draws, f in zip(images, u, flip, strict=True):
         top, left, h, w = crop_params(img.shape[-2], img.shape[-1], scale, ratio, draws)
         crop = F.interpolate(img[None, :, top:top + h, left:left + w].float(), size=(size, size), mode=mode, **aa)
         out.append(crop.flip(-1) if f else crop)

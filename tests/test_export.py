@@ -171,8 +171,10 @@ def test_dino_exports_its_backbone_as_features(tmp_path: Path, fmnist_dir: Path,
     infer refuses it with a pointer to knn/linear instead of printing meaningless classes."""
     run = tmp_path / "dino"
     assert main(["train", "dino_fashion_mnist", "--data", str(fmnist_dir), "--output", str(run), "train.epochs=0",
-                 "model.kwargs={img_size: 28, patch_size: 7, embed_dim: 24, depth: 1, num_heads: 3, dynamic_img_size: true}",
-                 "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.knn_k=[5]", "dino.knn_report_k=5"]) == 0
+                 "model.kwargs={img_size: 28, patch_size: 7, embed_dim: 24, depth: 1, num_heads: 3, "
+                 "dynamic_img_size: true}",
+                 "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.knn_k=[5]",
+                 "dino.knn_report_k=5"]) == 0
     capsys.readouterr()
     assert main(["export", str(run)]) == 0
     assert "DINO teacher backbone: [CLS] features of 24 dims" in capsys.readouterr().out

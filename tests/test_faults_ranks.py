@@ -160,7 +160,8 @@ def test_dino_ranks_step_together_past_a_broken_shard(broken_shards, tmp_path):
             "data.test_size=20", "--workers", "0", "--device", "cpu", "train.log_every=0"]
     argv = [sys.executable, "-m", "visionzoo", "train", "dino_fashion_mnist", "--data", str(broken_shards / "shards"),
             "data.name=webdataset", "--devices", "2", "data.batch_size=8", "--epochs", "1",
-            "--output", str(tmp_path / "dino"), "train.dist_timeout=20", "log.progress=off", "data.shuffle_buffer=1", *tiny]
+            "--output", str(tmp_path / "dino"), "train.dist_timeout=20", "log.progress=off", "data.shuffle_buffer=1",
+            *tiny]
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
