@@ -136,8 +136,9 @@ def main() -> None:
             for phase in rates:
                 for kind, path in kinds.items():
                     cpu = phase == "cpu"
-                    rate = throughput(kind.split("-")[0] if kind != "parquet" else kind, path, args.batch,
-                                      0 if cpu else args.workers, args.warm, args.steps // 3 if cpu else args.steps, cpu)
+                    fmt = kind.split("-")[0] if kind != "parquet" else kind
+                    steps = args.steps // 3 if cpu else args.steps
+                    rate = throughput(fmt, path, args.batch, 0 if cpu else args.workers, args.warm, steps, cpu)
                     rates[phase][kind].append(rate)
                     print(f"round {r + 1} {phase} {kind}: {rate:.1f} img/s" + (" per CPU-second" if cpu else ""),
                           flush=True)
