@@ -104,8 +104,8 @@ def fit_config(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = 
     return fit(cfg, perf=perf, resume_dir=resume_dir, on_finished=report_at_end)
 
 
-def train(recipe_or_cfg: Any, *overrides: str, data: str | None = None, devices: int = 1, output: str | None = None,
-          perf: bool = False, resume: str | Path | None = None, **kw: Any) -> Run:
+def train(recipe_or_cfg: str | Path | RecipeConfig, *overrides: str, data: str | None = None, devices: int = 1,
+          output: str | None = None, perf: bool = False, resume: str | Path | None = None, **kw: Any) -> Run:
     """Train a recipe (name, YAML path or ``load_recipe``'s config) with overrides, as
     ``visionzoo train``; ``data`` is the data folder (or "synthetic"), ``devices`` > 1 launches
     that many worker processes; ``resume`` ("auto" or a run folder) continues a run exactly as
@@ -209,7 +209,7 @@ class Preprocess:
                 f"mean={list(d.mean)}, std={list(d.std)}, in_chans={self.in_chans})")
 
 
-def load(run_or_weights: Any, recipe: Any = None) -> Loaded:
+def load(run_or_weights: str | Path | Run, recipe: str | Path | RecipeConfig | None = None) -> Loaded:
     """A trained network: ``run_or_weights`` is a run folder, a ``Run`` or a visionzoo
     .safetensors file; with ``recipe`` (name, YAML or config) it is released weights in any
     format ``visionzoo eval --weights`` reads, put into that recipe's model. Returns

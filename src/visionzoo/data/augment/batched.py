@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,9 @@ from visionzoo.data.augment.normalize import Normalize
 from visionzoo.data.augment.per_image import central_box
 from visionzoo.errors import UserError
 from visionzoo.transfer import send
+
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig, DinoConfig
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
 _TRIES = 10  # crop draws before the central-crop fallback, as torchvision's get_params
@@ -223,7 +226,7 @@ class BatchResizedCropFlip:
     scale, flip probability and interpolation (``resized_crop_draws``, ``resized_crops``); uint8
     CHW images of any sizes (a list, or a [B, C, H, W] batch) in, float32 out."""
 
-    def __init__(self, d: Any):
+    def __init__(self, d: DataConfig):
         self.size, self.scale, self.hflip = d.image_size, tuple(d.crop_scale), d.hflip
         self.interpolation = d.interpolation
 
@@ -242,7 +245,7 @@ class BatchPadCropFlip:
     """data.augment=cifar a batch at a time: zero padding, a uniformly placed crop and a flip per
     image (``crop_flip_draws``, ``crop_flip``) of a [B, C, H, W] batch, in its dtype."""
 
-    def __init__(self, d: Any):
+    def __init__(self, d: DataConfig):
         self.size, self.padding, self.hflip = d.image_size, d.crop_padding, d.hflip
 
     def draw(self, x: torch.Tensor, generator: torch.Generator) -> tuple:
@@ -258,7 +261,7 @@ class BatchPadCropFlip:
 class BatchStored:
     """data.augment=none a batch at a time: the images as stored."""
 
-    def __init__(self, d: Any):
+    def __init__(self, d: DataConfig):
         pass
 
     def draw(self, x: torch.Tensor, generator: torch.Generator) -> None:
@@ -307,7 +310,7 @@ class BatchAugment:
 class MultiCropAugment:
     """Decoded images (uint8 CHW, many sizes, on the device) → DINO's list of crop batches."""
 
-    def __init__(self, d: Any, dino: Any):
+    def __init__(self, d: DataConfig, dino: DinoConfig):
         self.multicrop = BatchedMultiCrop(d, dino)
         self.size = d.image_size
 
