@@ -34,8 +34,10 @@ data:
 demo: setup data
 	$(BIN)/visionzoo train fashion_mnist
 
-# lint-imports: the package's layers (pyproject.toml [tool.importlinter]); an import that points up fails.
+# ruff: style, complexity, argument counts, types (pyproject.toml [tool.ruff]); lint-imports: the
+# package's layers (pyproject.toml [tool.importlinter]); an import that points up fails.
 test: setup
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 

@@ -31,25 +31,25 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from visionzoo.commands.bench import RepeatBatch, _cpu_name
+from visionzoo.commands.export import _export_onnx, input_size
+from visionzoo.commands.quantize import quantize_int8
 from visionzoo.config import load_config
 from visionzoo.data.sources.table import data_source
 from visionzoo.engine.loop import LoopSettings, Position, RunHooks, train_epoch
 from visionzoo.engine.tasks.base import RunEnv
 from visionzoo.engine.tasks.classify import ClassifyTask
-from visionzoo.commands.export import _export_onnx, input_size
 from visionzoo.models import build_model
 from visionzoo.models.ghost_bn import use_bn_groups
-from visionzoo.commands.quantize import quantize_int8
 from visionzoo.runtime import cpu_bf16_isa, seed_everything
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -88,7 +88,8 @@ def matmul_peaks(n: int, threads: int) -> dict[str, Callable[[], None]]:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     opts = _ort_options(threads)
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    feed = {"a": np.random.randint(0, 255, (n, n), dtype=np.uint8), "b": np.random.randint(-127, 127, (n, n), dtype=np.int8)}
+    feed = {"a": np.random.randint(0, 255, (n, n), dtype=np.uint8),
+            "b": np.random.randint(-127, 127, (n, n), dtype=np.int8)}
     peaks["int8"] = lambda: sess.run(None, feed)
     graph32 = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm32",
                                 [helper.make_tensor_value_info(k, TensorProto.FLOAT, [n, n]) for k in "ab"],
@@ -212,7 +213,7 @@ def bench_recipe(recipe: str, batch: int, steps: int, repeats: int, compiled: bo
     rows.append(("infer", "ONNX Runtime int8 (QDQ)", "int8", ort_infer(int8_path, x_eval.numpy(), threads), flops))
 
     mm = matmul_peaks(matmul, threads)
-    for name, fn in mm.items():
+    for fn in mm.values():
         fn()
     for _, name, _, fn, _ in rows:  # warm-up (and compilation), untimed
         t = time.perf_counter()
@@ -264,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     results, all_peaks = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in a.recipes.split(","):
-            rows, peaks = bench_recipe(recipe, a.batch, a.steps, a.repeats, not a.no_compile, threads, a.matmul, Path(tmp))
+            rows, peaks = bench_recipe(recipe, a.batch, a.steps, a.repeats, not a.no_compile, threads, a.matmul,
+                                       Path(tmp))
             results, all_peaks[recipe] = results + rows, peaks
             key = "img_per_cpu_s"
             fp32 = {r["kind"]: r[key] for r in rows if r["row"] in ("visionzoo step fp32 eager", "PyTorch eager fp32")}
@@ -279,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {r['row']} | {r['img_s']:.1f} | {r[key]:.1f} | {r[key] / fp32[r['kind']]:.2f} | {vs_timm} | "
                       f"{100 * r['fraction_of_peak']:.1f}% ({r['peak']}) |", flush=True)
     if a.output:
-        Path(a.output).write_text(json.dumps({"peaks": all_peaks, "threads": threads, "rows": results}, indent=2) + "\n")
+        summary = {"peaks": all_peaks, "threads": threads, "rows": results}
+        Path(a.output).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 

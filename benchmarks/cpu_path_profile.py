@@ -6,8 +6,9 @@ benchmarks/loader_vs_peers.py (timm's transform, DINO's multi-crop), in one proc
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/cpu_path_profile.py /tmp/jpegs --images 64
 
-Rows are milliseconds per image, the least of ``--repeats`` passes run in alternating order; "collate" is the batch-of-64 stack divided by 64; "normalise"
-in the new path runs batched on the training device, and is shown here on the CPU."""
+Rows are milliseconds per image, the least of ``--repeats`` passes run in alternating order;
+"collate" is the batch-of-64 stack divided by 64; "normalise" in the new path runs batched on the
+training device, and is shown here on the CPU."""
 
 from __future__ import annotations
 
@@ -16,18 +17,17 @@ import math
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms import functional as TF1
 
 from visionzoo.config import load_config
-from visionzoo.data.augment import multicrop
-from visionzoo.data.augment import per_image, presets
+from visionzoo.data.augment import multicrop, per_image, presets
 from visionzoo.data.augment.normalize import Normalize
 from visionzoo.data.augment.per_image import timm_randaugment
 from visionzoo.data.loading.collate import stack_images
@@ -240,7 +240,8 @@ def main() -> None:
             cells = [f"{results[r][n]:.2f}" if n in results[r] else "–" for r in labels]
             print(f"| {n} | {' | '.join(cells)} |")
         worker = {r: sum(v for k, v in results[r].items() if not k.startswith("normalise")) for r in labels}
-        print(f"| **in the workers** | **{worker['before']:.2f}** | **{worker['now']:.2f}** | **{worker['peer']:.2f}** |")
+        print(f"| **in the workers** | **{worker['before']:.2f}** | **{worker['now']:.2f}** "
+              f"| **{worker['peer']:.2f}** |")
         print(f"| peer / now, per core | | | **{worker['peer'] / worker['now']:.2f}** |")
 
 

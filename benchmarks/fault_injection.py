@@ -116,7 +116,8 @@ def _launch_and_signal(run: Path, extra: list[str], env: dict, signal_workers: b
     argv = [sys.executable, "-m", "visionzoo", "train", "fashion_mnist", "--data", "synthetic", "--device", "cpu",
             "--epochs", "1", "--output", str(run), "data.synthetic_samples=4000", "data.batch_size=16",
             "train.log_every=1", "log.progress=off", "train.deterministic=true", *extra]
-    p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
     try:
         while _steps_logged(run) < 5:
             if p.poll() is not None:
@@ -163,7 +164,7 @@ def _finish(run: Path, extra: list[str]) -> dict | str:
 def fault_sigterm(work: Path) -> str:
     run = work / "fm2"
     code, err = _launch_and_signal(run, ["--devices", "2"], _env(), True, signal.SIGTERM)
-    lines = [l for l in err.strip().splitlines() if l.strip()]
+    lines = [line for line in err.strip().splitlines() if line.strip()]
     if code != 128 + signal.SIGTERM or len(lines) != 1 or "checkpoint saved" not in lines[0]:
         return _line(False, "sigterm", f"exit {code}, stderr: {err.strip()[-300:]}")
     step = int(lines[0].split("stopped at step ")[1].split(";")[0])
@@ -197,7 +198,8 @@ def fault_ckpt(work: Path) -> str:
 
     run = work / "ckpt"
     common = ["--data", "synthetic", "--device", "cpu", "data.synthetic_samples=640", "data.batch_size=16",
-              "train.deterministic=true", "log.progress=off", "train.checkpoint_every_steps=10", "train.keep_checkpoints=3"]
+              "train.deterministic=true", "log.progress=off", "train.checkpoint_every_steps=10",
+              "train.keep_checkpoints=3"]
     ref = _visionzoo("train", "fashion_mnist", "--epochs", "2", "--output", str(work / "ref"), *common)
     if ref.returncode:
         return _line(False, "ckpt", ref.stderr.strip()[-300:])
@@ -207,7 +209,7 @@ def fault_ckpt(work: Path) -> str:
     newest.write_bytes(newest.read_bytes()[:100])
     (run / "checkpoints" / ".step-000000099.pt.k1ll3d").write_bytes(b"partial")
     r = _visionzoo("train", "fashion_mnist", "--resume", str(run), *common)
-    said = next((l for l in r.stdout.splitlines() if l.startswith("warning: checkpoint")), "(nothing said)")
+    said = next((line for line in r.stdout.splitlines() if line.startswith("warning: checkpoint")), "(nothing said)")
     a, b = (json.loads((d / "results.json").read_text()) if (d / "results.json").exists() else {}
             for d in (work / "ref", run))
     ok = r.returncode == 0 and a.get("ActualLoss") == b.get("ActualLoss") and "unusable" in said and \
@@ -232,11 +234,13 @@ def fault_parquet(work: Path) -> str:
         pq.write_table(pa.table({"image": pa.array([{"bytes": str(secret), "path": None}] * 4, type=kind),
                                  "label": [0, 1, 0, 1]}), ds / f"{split}-00000-of-00001.parquet")
     (work / "tiny.yaml").write_text(TINY)
-    p = _visionzoo("train", str(work / "tiny.yaml"), "--data", str(ds.parent), "data.name=hfds", "--output", str(work / "pq"))
+    p = _visionzoo("train", str(work / "tiny.yaml"), "--data", str(ds.parent), "data.name=hfds",
+                   "--output", str(work / "pq"))
     refused = p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
     kind = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     shard = ds / "paths.parquet"
-    pq.write_table(pa.table({"image": pa.array([{"bytes": None, "path": str(secret)}], type=kind), "label": [0]}), shard)
+    image = pa.array([{"bytes": None, "path": str(secret)}], type=kind)
+    pq.write_table(pa.table({"image": image, "label": [0]}), shard)
     (row,) = list(ParquetReader().read(Shard(str(shard), 1), 0))
     shard.unlink()
     ok = refused and row[1] is None
@@ -309,8 +313,8 @@ def fault_knn(work: Path) -> str:
             p.kill()
         return _line(False, "knn", "hung for 60 s")
     ok = outs == ["4", "4"]
-    return _line(ok, "knn", f"rank 1 without a readable image: both ranks got the 4 features in {time.time() - t0:.0f} s; "
-                            "lost: nothing")
+    return _line(ok, "knn", f"rank 1 without a readable image: both ranks got the 4 features in "
+                            f"{time.time() - t0:.0f} s; lost: nothing")
 
 
 def fault_numpy1(work: Path) -> str:
@@ -353,10 +357,12 @@ def fault_cifar(work: Path) -> str:
     import pickle
 
     lines = []
-    for kind, data in (("bad builder argument", _CodecTrick()), ("object data", np.array([["x"] * 3072], dtype=object))):
+    for kind, data in (("bad builder argument", _CodecTrick()),
+                       ("object data", np.array([["x"] * 3072], dtype=object))):
         folder = work / kind.replace(" ", "_") / "cifar-10-batches-py"
         folder.mkdir(parents=True)
-        (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c%d" % i for i in range(10)]}, protocol=2))
+        meta = {b"label_names": [b"c%d" % i for i in range(10)]}
+        (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
         for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
             (folder / name).write_bytes(pickle.dumps({b"data": data, b"labels": [0]}, protocol=2))
         r = _visionzoo("train", "resnet50_cifar100", "--data", str(folder), "data.name=cifar10", "--device", "cpu",

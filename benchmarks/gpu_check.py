@@ -124,6 +124,7 @@ def write_jpeg_tree(root: Path, size: tuple[int, int], per_class: int, val_per_c
     named .JPEG (skipped as bad). Returns the paths by kind."""
     sys.path.insert(0, str(HERE))
     import numpy as np
+
     from make_jpeg_tree import make_image
 
     g = np.random.default_rng(0)
@@ -167,7 +168,8 @@ def write_cifar100(root: Path, n_train: int = 256, n_test: int = 100) -> Path:
         labels = np.arange(n) % 100
         rows = g.integers(0, 256, (n, 3072), dtype=np.uint8)  # R plane, G plane, B plane per row
         with open(folder / split, "wb") as f:
-            pickle.dump({b"data": rows, b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 5).tolist()}, f, protocol=2)
+            batch = {b"data": rows, b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 5).tolist()}
+            pickle.dump(batch, f, protocol=2)
     with open(folder / "meta", "wb") as f:
         pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)],
                      b"coarse_label_names": [f"s{i}".encode() for i in range(20)]}, f, protocol=2)
@@ -190,17 +192,19 @@ class Checker:
         log = self.logs / re.sub(r"[^\w.-]+", "_", f"{recipe}-{name}").strip("_")
         t0, cpu0 = time.perf_counter(), _cpu_seconds()
         data = None
-        with open(log.with_suffix(".log"), "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        log_file = log.with_suffix(".log")
+        with open(log_file, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             try:
                 status, detail, data = fn(*args, **kwargs)
             except Exception as err:  # noqa: BLE001 - every failure becomes a FAIL row
                 traceback.print_exc()
-                status, detail = "FAIL", f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+                last = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+                status, detail = "FAIL", f"{type(err).__name__}: {last}"
         if status == "FAIL":  # the package's own one-line error says most
-            errors = [l for l in log.with_suffix(".log").read_text().splitlines() if l.startswith("visionzoo: error:")]
+            errors = [line for line in log_file.read_text().splitlines() if line.startswith("visionzoo: error:")]
             detail = (f"{detail} | {errors[-1]}" if errors else detail)[:400]
         row = {"recipe": recipe, "check": name, "status": status, "seconds": round(time.perf_counter() - t0, 1),
-               "cpu_seconds": round(_cpu_seconds() - cpu0, 1), "detail": detail, "data": data, "log": str(log.with_suffix(".log"))}
+               "cpu_seconds": round(_cpu_seconds() - cpu0, 1), "detail": detail, "data": data, "log": str(log_file)}
         self.rows.append(row)
         print(f"  {status:4}  {recipe:22} {name:32} {row['seconds']:6.1f} s  {detail}", flush=True)
         gc.collect()
@@ -426,25 +430,28 @@ def decode_check(kinds: dict[str, list[Path]], device_name: str):
         except RuntimeError as err:  # the batched call: find which files it cannot take
             problems.append(f"batched decode failed ({str(err).splitlines()[0][:120]})")
             decoded = []
-            for (k, p), t in zip(files, tensors):
+            for (k, p), t in zip(files, tensors, strict=True):  # one tensor per file
                 try:
                     decoded.append(decode_jpeg(t, device=device_name, mode=ImageReadMode.RGB))
                 except RuntimeError:
                     problems.append(f"{p.name} ({k}) not decoded")
                     decoded.append(None)
     diffs: dict[str, list[float]] = {}
-    for (kind, p), t, img in zip(files, tensors, decoded):
+    for (kind, p), t, img in zip(files, tensors, decoded, strict=True):  # one decoded image (or None) per file
         ref = pil_decode(t.numpy().tobytes())
         if img is None:
             continue
         if ref is None or tuple(img.shape) != tuple(ref.shape):
-            problems.append(f"{p.name} ({kind}): shape {tuple(img.shape)} vs Pillow's {None if ref is None else tuple(ref.shape)}")
+            pillow = None if ref is None else tuple(ref.shape)
+            problems.append(f"{p.name} ({kind}): shape {tuple(img.shape)} vs Pillow's {pillow}")
             continue
         diffs.setdefault(kind, []).append(float((img.cpu().float() - ref.float()).abs().mean()))
     worst = {k: max(v) for k, v in diffs.items()}
-    problems += [f"{k}: mean abs diff {v:.2f} > {DECODE_MAX_MEAN_DIFF}" for k, v in worst.items() if v > DECODE_MAX_MEAN_DIFF]
+    problems += [f"{k}: mean abs diff {v:.2f} > {DECODE_MAX_MEAN_DIFF}"
+                 for k, v in worst.items() if v > DECODE_MAX_MEAN_DIFF]
     problems += [f"{k} files routed to the wrong decoder" for k in misrouted]
-    detail = (f"{len(files)} JPEGs, worst mean abs diff per kind: " + ", ".join(f"{k} {v:.2f}" for k, v in worst.items())
+    detail = (f"{len(files)} JPEGs, worst mean abs diff per kind: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in worst.items())
               + ("; " + "; ".join(problems[:6]) if problems else "; CMYK/PNG/corrupt files go to Pillow"))
     return ("FAIL" if problems else "PASS"), detail, {"mean_abs_diff": diffs, "limit": DECODE_MAX_MEAN_DIFF,
                                                       "problems": problems}
@@ -457,8 +464,8 @@ def deterministic_check(data: str, work: Path, overrides: list[str]):
         return "SKIP", "no CUDA: no cuBLAS to check", None
     env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    cmd = [sys.executable, "-m", "visionzoo", "train", "alexnet_imagenet", "--data", data, "--output", str(work / "det"),
-           *overrides, "train.epochs=1", "train.deterministic=true"]
+    cmd = [sys.executable, "-m", "visionzoo", "train", "alexnet_imagenet", "--data", data,
+           "--output", str(work / "det"), *overrides, "train.epochs=1", "train.deterministic=true"]
     print("$ " + " ".join(cmd), flush=True)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     print(done.stdout + done.stderr, flush=True)

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from visionzoo.cli import main as visionzoo
+from visionzoo.commands.quantize import CALIBRATION_METHODS, DEFAULT_CALIBRATION
 from visionzoo.data.sources.idx import FASHION_MNIST_CLASSES, load_idx_split
 from visionzoo.data.sources.table import SOURCES
-from visionzoo.commands.quantize import CALIBRATION_METHODS, DEFAULT_CALIBRATION
 
 
 def write_cifar100(fmnist: str, root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:

@@ -35,8 +35,8 @@ VARIANTS = {  # name -> (activations, weights, reduce_range)
 
 def prepare(run: Path, out: Path, data: str | None, calibration_images: int, method: str) -> None:
     """The fp32 ONNX model of ``run``, its int8 variants and the test split as arrays in ``out``."""
-    from visionzoo.commands import quantize
     from visionzoo.cli import main as visionzoo
+    from visionzoo.commands import quantize
     from visionzoo.config import from_dict
     from visionzoo.data.augment.presets import eval_transform
     from visionzoo.data.loading.build import build_datasets
@@ -59,7 +59,8 @@ def prepare(run: Path, out: Path, data: str | None, calibration_images: int, met
     val = build_datasets(d, train=True).val
     x = quantize.eval_images(val, range(len(val)), eval_transform(d))
     np.save(out / "test_x.npy", x)
-    np.save(out / "test_y.npy", np.asarray(val.targets if hasattr(val, "targets") else [val[i][1] for i in range(len(val))]))
+    targets = val.targets if hasattr(val, "targets") else [val[i][1] for i in range(len(val))]
+    np.save(out / "test_y.npy", np.asarray(targets))
     print(f"{out}: fp32.onnx, {', '.join(f'{n}.onnx' for n in VARIANTS)}; {len(x)} test images")
 
 
@@ -91,8 +92,8 @@ def measure(folder: Path, label: str, timings: bool) -> list[dict]:
         rows.append({"cpu": label, "model": name, "acc1": 100 * float((got.argmax(1) == y).mean()),
                      "agreement_test": float((got.argmax(1) == ref.argmax(1)).mean()),
                      "agreement_check": float((_logits(s, check)[0].argmax(1) == ref_check).mean()), "ms": ms})
-    print(f"| CPU | model | Acc@1 ({len(y)} test images) | vs fp32 | top-1 agreement (test) | export check ({len(check)})"
-          + (" | ms/image |" if timings else " |"))
+    print(f"| CPU | model | Acc@1 ({len(y)} test images) | vs fp32 | top-1 agreement (test) "
+          f"| export check ({len(check)})" + (" | ms/image |" if timings else " |"))
     print("|---|---|---:|---:|---:|---:|" + ("---:|" if timings else ""))
     for r in rows:
         print(f"| {label} | {r['model']} | {r['acc1']:.2f} | {r['acc1'] - rows[0]['acc1']:+.2f} | "

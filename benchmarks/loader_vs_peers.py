@@ -35,8 +35,9 @@ import platform
 import random
 import statistics
 import time
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from PIL import Image, ImageFilter, ImageOps
@@ -139,6 +140,21 @@ def dino_loader(root: Path, batch: int, workers: int) -> Iterable:
 
 # ----------------------------------------------------------------------------- timing
 
+def _pipelines(recipe: str, root: Path, b: int, w: int, args: argparse.Namespace) -> dict[str, Callable]:
+    """The loaders measured for ``recipe``: name -> a function of the round that builds one."""
+    pipelines: dict[str, Callable[[int], Iterable]] = {}
+    pipelines["visionzoo"] = lambda r: visionzoo_loader(recipe, root, b, w, r)
+    if args.no_draft:
+        pipelines["visionzoo, draft off"] = lambda r: visionzoo_loader(recipe, root, b, w, r, False)
+    if recipe == "dino":
+        pipelines["DINO main_dino.py augmentation"] = lambda r: dino_loader(root, b, w)
+    else:
+        pipelines["timm create_loader, no prefetcher"] = lambda r: timm_loader(recipe, root, b, w, False)
+        if args.timm_prefetcher:
+            pipelines["timm create_loader, prefetcher (uint8)"] = lambda r: timm_loader(recipe, root, b, w, True)
+    return pipelines
+
+
 def rate(make: Callable[[], Iterable], batch: int, warmup: int, batches: int) -> float:
     """Images per second over ``batches`` batches after ``warmup`` of a freshly built loader."""
     loader = make()
@@ -192,26 +208,15 @@ def main() -> None:
         for recipe in args.recipes.split(","):
             b, w = args.batch, args.workers
             n_timed = min(batches, args.dino_batches) if recipe == "dino" and args.dino_batches else batches
-            pipelines: dict[str, Callable] = {}
-            pipelines["visionzoo"] = lambda r, rec=recipe: visionzoo_loader(rec, root, b, w, r)
-            if args.no_draft:
-                pipelines["visionzoo, draft off"] = lambda r, rec=recipe: visionzoo_loader(rec, root, b, w, r, False)
-            if recipe == "dino":
-                pipelines["DINO main_dino.py augmentation"] = lambda r: dino_loader(root, b, w)
-            else:
-                pipelines["timm create_loader, no prefetcher"] = (
-                    lambda r, rec=recipe: timm_loader(rec, root, b, w, False))
-                if args.timm_prefetcher:
-                    pipelines["timm create_loader, prefetcher (uint8)"] = (
-                        lambda r, rec=recipe: timm_loader(rec, root, b, w, True))
+            pipelines = _pipelines(recipe, root, b, w, args)
             rates: dict[str, list[float]] = {k: [] for k in pipelines}
             for r in range(args.repeats):
                 order = list(pipelines) if r % 2 == 0 else list(reversed(pipelines))
                 for key in order:
-                    rates[key].append(rate(lambda: pipelines[key](r), b, args.warmup, n_timed))
+                    rates[key].append(rate(partial(pipelines[key], r), b, args.warmup, n_timed))
             vz = rates["visionzoo"]
             for key, values in rates.items():
-                ratios = [a / c for a, c in zip(vz, values)]
+                ratios = [a / c for a, c in zip(vz, values, strict=True)]  # one rate per round each
                 records.append({"tree": name, "recipe": recipe, "pipeline": key, "img_s": values, "vz_ratio": ratios,
                                 "batches": n_timed})
                 if key == "visionzoo":

@@ -44,7 +44,8 @@ def main() -> None:
             make_image(g, *args.size).save(path, quality=args.quality)
             total += path.stat().st_size
     n = args.train + args.val
-    print(f"wrote {n} JPEGs ({args.size[0]}x{args.size[1]}, {total / max(n, 1) / 1024:.0f} KB each on average) under {root}")
+    print(f"wrote {n} JPEGs ({args.size[0]}x{args.size[1]}, {total / max(n, 1) / 1024:.0f} KB each on average) "
+          f"under {root}")
 
 
 if __name__ == "__main__":

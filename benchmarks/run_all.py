@@ -55,12 +55,20 @@ def run(recipe: str, data: str, decode: str, out: Path, args: argparse.Namespace
     return result
 
 
+def _cell(column: str, value: object) -> str:
+    """One cell of summary.md: ratios to 2 decimals, other numbers to 1, missing values as "-"."""
+    if isinstance(value, float):
+        return f"{value:.2f}" if column == "ratio" else f"{value:.1f}"
+    return "-" if value is None else str(value)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jpegs", help="ImageFolder tree from make_jpeg_tree.py (without it: synthetic data only)")
     p.add_argument("--out", default="benchmarks/results/latest", help="folder for the JSON files and summary.md")
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), help="default: all seed recipes")
-    p.add_argument("--steps", type=int, help="timed steps per measurement (default: the recipe's train.perf_steps, 100)")
+    p.add_argument("--steps", type=int,
+                   help="timed steps per measurement (default: the recipe's train.perf_steps, 100)")
     p.add_argument("--precision", help="e.g. fp32,bf16 (default: visionzoo bench's)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (minutes per model)")
     p.add_argument("--devices", type=int, default=1, help="GPUs per run; batches scale with them")
@@ -88,8 +96,7 @@ def main() -> None:
             "ratio", "compile s")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        cells = [(f"{v:.2f}" if c == "ratio" else f"{v:.1f}") if isinstance(v, float) else ("-" if v is None else str(v))
-                 for c, v in ((c, row[c]) for c in cols)]
+        cells = [_cell(c, row[c]) for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     (out / "summary.md").write_text(table + "\n")

@@ -50,9 +50,8 @@ def throughput(kind: str, path: str, batch: int, workers: int, warm: int, steps:
     and augmenting on one core, whatever else the machine runs."""
     from visionzoo.config import load_config
     from visionzoo.data.augment.presets import train_transform
-    from visionzoo.data.loading.build import build_datasets, build_loader
+    from visionzoo.data.loading.build import build_datasets, build_loader, set_loader_epoch
     from visionzoo.data.sources.folder import ImageFolderDataset
-    from visionzoo.data.loading.build import set_loader_epoch
 
     d = replace(load_config("alexnet_imagenet").data, workers=workers)
     if kind == "imagefolder":
@@ -137,8 +136,9 @@ def main() -> None:
             for phase in rates:
                 for kind, path in kinds.items():
                     cpu = phase == "cpu"
-                    rate = throughput(kind.split("-")[0] if kind != "parquet" else kind, path, args.batch,
-                                      0 if cpu else args.workers, args.warm, args.steps // 3 if cpu else args.steps, cpu)
+                    fmt = kind.split("-")[0] if kind != "parquet" else kind
+                    steps = args.steps // 3 if cpu else args.steps
+                    rate = throughput(fmt, path, args.batch, 0 if cpu else args.workers, args.warm, steps, cpu)
                     rates[phase][kind].append(rate)
                     print(f"round {r + 1} {phase} {kind}: {rate:.1f} img/s" + (" per CPU-second" if cpu else ""),
                           flush=True)

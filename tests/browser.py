@@ -26,7 +26,8 @@ window.addEventListener('error', function (e) {
   window.__vzErrors.push('error: ' + (e.message || (e.target && (e.target.src || e.target.href)) || 'unknown'));
 }, true);
 (function () { var ce = console.error; console.error = function () {
-  window.__vzErrors.push('console.error: ' + Array.prototype.join.call(arguments, ' ')); ce.apply(console, arguments); }; })();
+  window.__vzErrors.push('console.error: ' + Array.prototype.join.call(arguments, ' '));
+  ce.apply(console, arguments); }; })();
 window.addEventListener('load', function () {
   var imgs = Array.prototype.map.call(document.images, function (i) {
     return {src: i.getAttribute('src'), naturalWidth: i.naturalWidth, complete: i.complete}; });

@@ -82,7 +82,8 @@ def cifar100_dir(tmp_path_factory) -> Path:
         hwc = pattern_images(labels, 32, 3, seed)
         rows = hwc.transpose(0, 3, 1, 2).reshape(n, 3072)  # R plane, G plane, B plane
         with open(root / split, "wb") as f:
-            pickle.dump({b"data": rows, b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 5).tolist()}, f, protocol=2)
+            batch = {b"data": rows, b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 5).tolist()}
+            pickle.dump(batch, f, protocol=2)
     with open(root / "meta", "wb") as f:
         pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)],
                      b"coarse_label_names": [f"s{i}".encode() for i in range(20)]}, f, protocol=2)
@@ -96,7 +97,7 @@ def imagefolder_dir(tmp_path_factory) -> Path:
     for split, n, seed in (("train", 8, 0), ("val", 3, 1)):
         labels = np.repeat(np.arange(4), n)
         imgs = pattern_images(labels, 80, 3, seed)[:, :60]
-        for i, (img, k) in enumerate(zip(imgs, labels)):
+        for i, (img, k) in enumerate(zip(imgs, labels, strict=True)):
             d = root / split / f"class_{k}"
             d.mkdir(parents=True, exist_ok=True)
             ext = "JPEG" if i % 2 else "png"
@@ -109,7 +110,7 @@ def write_jpeg_tree(root: Path, n_train: int = 48, n_val: int = 14, size: int = 
     so the classes need not divide it). Every image is distinct (pattern plus noise)."""
     for split, n, seed in (("train", n_train, 2), ("val", n_val, 3)):
         labels = np.arange(n) % 4
-        for i, (img, k) in enumerate(zip(pattern_images(labels, size, 3, seed), labels)):
+        for i, (img, k) in enumerate(zip(pattern_images(labels, size, 3, seed), labels, strict=True)):
             d = root / split / f"c{k}"
             d.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(d / f"{i:03d}.jpg", quality=90)

@@ -390,7 +390,8 @@ def cases(fmnist: Path, jpegs: Path, out: Path) -> dict:
         "model.kwargs={img_size: 28, patch_size: 7, embed_dim: 24, depth: 1, num_heads: 3, dynamic_img_size: true}",
         "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.knn_k=[2]", "dino.knn_report_k=2"]
     rgb_dino = ["data.image_size=32", "dino.local_crop_size=16", "dino.local_crops_number=2", "data.batch_size=4",
-                "model.kwargs={img_size: 32, patch_size: 8, embed_dim: 24, depth: 1, num_heads: 3, dynamic_img_size: true}",
+                "model.kwargs={img_size: 32, patch_size: 8, embed_dim: 24, depth: 1, num_heads: 3, "
+                "dynamic_img_size: true}",
                 "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.knn_k=[2]",
                 "dino.knn_report_k=2", "data.test_resize=36", "data.test_size=32", "dino.solarize_p=0.2"]
     measure = functools.partial(_measure, output=out, patch=fused_optimizers)

@@ -21,6 +21,7 @@ from visionzoo.data.augment.normalize import Normalize
 from visionzoo.data.loading.collate import stack_images
 from visionzoo.data.loading.device_batches import DeviceBatches
 from visionzoo.data.loading.in_memory import InMemoryLoader
+from visionzoo.data.loading.samplers import SampleOrder
 from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 from visionzoo.engine.loop import LoopSettings, Position, RunHooks, train_epoch
 from visionzoo.engine.tasks.base import RunEnv
@@ -47,7 +48,8 @@ def _net(dtype: torch.dtype) -> nn.Module:
 
 def _batch(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return torch.randn(RANKS * GROUP, 3, 8, 8, generator=g, dtype=dtype), torch.randint(0, 5, (RANKS * GROUP,), generator=g)
+    x = torch.randn(RANKS * GROUP, 3, 8, 8, generator=g, dtype=dtype)
+    return x, torch.randint(0, 5, (RANKS * GROUP,), generator=g)
 
 
 def _reference(net: nn.Module, x: torch.Tensor, y: torch.Tensor, ranks: int = RANKS) -> tuple[list, nn.Module]:
@@ -60,7 +62,7 @@ def _reference(net: nn.Module, x: torch.Tensor, y: torch.Tensor, ranks: int = RA
         sl = slice(r * group, (r + 1) * group)
         nn.functional.cross_entropy(replica(x[sl]), y[sl]).backward()
         mine = [p.grad / ranks for p in replica.parameters()]
-        grads = mine if grads is None else [a + b for a, b in zip(grads, mine)]
+        grads = mine if grads is None else [a + b for a, b in zip(grads, mine, strict=True)]
         rank0 = rank0 or replica
     return grads, rank0
 
@@ -81,11 +83,11 @@ def _one_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, accum: int) -> l
     task.attach(net, {})
     settings = LoopSettings(accum_steps=accum, progress="off", show=False)
     assert train_epoch(task, Position(), settings, RunHooks(), max_steps=1).steps == 1
-    return [b - p.detach() for b, p in zip(before, net.parameters())]
+    return [b - p.detach() for b, p in zip(before, net.parameters(), strict=True)]
 
 
 def _rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    num = sum(((u - v).double() ** 2).sum() for u, v in zip(a, b))
+    num = sum(((u - v).double() ** 2).sum() for u, v in zip(a, b, strict=True))
     return float(num.sqrt() / sum((v.double() ** 2).sum() for v in b).sqrt())
 
 
@@ -150,7 +152,7 @@ def test_micro_batches_give_the_n_rank_gradients_bit_for_bit(dtype):
     before = [p.detach().clone() for p in net.parameters()]
     _one_step(net, x, y, accum=RANKS)
     # SGD lr 1: p - g, rounded as the reference's optimizer rounds it.
-    assert all(torch.equal(p, b.add(g, alpha=-1.0)) for p, b, g in zip(net.parameters(), before, want))
+    assert all(torch.equal(p, b.add(g, alpha=-1.0)) for p, b, g in zip(net.parameters(), before, want, strict=True))
     ref_bn = _bn_state(rank0)
     assert all(torch.equal(v, ref_bn[k]) for k, v in _bn_state(net).items())
 
@@ -401,7 +403,7 @@ def test_device_resident_loader_follows_the_reference_ranks():
     cfg = load_config("resnet50_cifar100", ["data.augment=none", "data.hflip=0"])
     labels = np.arange(40)  # the label is the sample index
     ds = TensorImageDataset(np.zeros((40, 2, 2, 3), dtype=np.uint8), labels, [str(i) for i in labels])
-    loader = InMemoryLoader(ds, 2, True, CPU, cfg.data, seed=7, rank_groups=(4, 2))
+    loader = InMemoryLoader(ds, 2, True, CPU, cfg.data, SampleOrder(seed=7, rank_groups=(4, 2)))
     loader.set_epoch(1)
     batches = [y for _, y, _ in loader]
     assert len(batches) == len(loader) == 20
@@ -423,12 +425,14 @@ def test_one_process_trains_what_two_ranks_train(tmp_path):
     import sys
     from pathlib import Path
 
-    from conftest import write_fmnist
     from safetensors.torch import load_file
 
+    from conftest import write_fmnist
+
     data = write_fmnist(tmp_path, 96, 20)
-    common = ["--epochs", "1", "--device", "cpu", "--amp", "none", "--workers", "0", "data.batch_size=32", "data.augment=none",
-              "data.hflip=0", "model.channels_last=false", "model.bn_group=16", "model.bn_average=false",
+    common = ["--epochs", "1", "--device", "cpu", "--amp", "none", "--workers", "0", "data.batch_size=32",
+              "data.augment=none", "data.hflip=0", "model.channels_last=false", "model.bn_group=16",
+              "model.bn_average=false",
               "train.log_every=0", "train.checkpoint_every_steps=1", "train.max_steps_per_epoch=2"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
     runs = {}

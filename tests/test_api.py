@@ -29,7 +29,8 @@ def test_recipes_and_overrides():
     assert "fashion_mnist" in names and "dino_vits16_imagenet" in names
     cfg = visionzoo.load_recipe("fashion_mnist", "train.seed=3", optim={"lr": 0.5, "nesterov": False},
                                 data__batch_size=16, epochs=2, model__kwargs={"width": 8})
-    assert (cfg.optim.lr, cfg.optim.nesterov, cfg.data.batch_size, cfg.train.epochs, cfg.train.seed) == (0.5, False, 16, 2, 3)
+    got = (cfg.optim.lr, cfg.optim.nesterov, cfg.data.batch_size, cfg.train.epochs, cfg.train.seed)
+    assert got == (0.5, False, 16, 2, 3)
     assert cfg.model.kwargs == {"width": 8}
     with pytest.raises(UserError, match="optim.lr"):
         visionzoo.load_recipe("fashion_mnist", optim__lrr=0.1)
@@ -49,7 +50,7 @@ def test_train_load_predict_equals_eval(fmnist_dir, tmp_path, capsys):
     top = visionzoo.predict(run, [torch.from_numpy(im) for im in images], topk=3, batch_size=32)
     assert len(top) == len(labels) and len(top[0]) == 3
     assert top[0][0]["prob"] >= top[0][1]["prob"] >= top[0][2]["prob"]
-    acc = 100 * np.mean([t[0]["index"] == y for t, y in zip(top, labels)])
+    acc = 100 * np.mean([t[0]["index"] == y for t, y in zip(top, labels, strict=True)])
     capsys.readouterr()
     assert main(["eval", str(run.path), "--data", str(fmnist_dir), "--device", "cpu", "--amp", "none"]) == 0
     assert f"Acc@1 {acc:.2f}%" in capsys.readouterr().out
@@ -61,7 +62,8 @@ def test_train_load_predict_equals_eval(fmnist_dir, tmp_path, capsys):
     same = visionzoo.predict((model, preprocess, classes), [Image.fromarray(images[0]), str(path)], topk=1)
     assert same[0] == same[1] and same[0][0]["index"] == top[0][0]["index"]
     batch = torch.stack([preprocess(torch.from_numpy(images[1]))])
-    assert visionzoo.predict(visionzoo.load(run.path / "model.safetensors"), batch, topk=1)[0][0]["index"] == top[1][0]["index"]
+    loaded = visionzoo.load(run.path / "model.safetensors")
+    assert visionzoo.predict(loaded, batch, topk=1)[0][0]["index"] == top[1][0]["index"]
     assert run.report(max_images=2).is_file()
 
     # Released weights (a plain state dict) in a recipe's model: the same predictions.
@@ -83,8 +85,9 @@ def test_train_on_two_processes_returns_the_run(fmnist_dir, tmp_path):
 def test_train_resume_continues_as_the_cli_does(fmnist_dir, tmp_path, monkeypatch, capsys):
     """visionzoo.train(..., resume="auto" | RUN) goes through the CLI's resume logic (engine/resume.py
     plan_resume): a run stopped mid-way continues exactly; a finished one is returned as it is."""
-    import visionzoo.engine.run as run_engine
     from safetensors.torch import load_file
+
+    import visionzoo.engine.run as run_engine
 
     kw = dict(data=str(fmnist_dir), epochs=2, device="cpu", amp="none", data__batch_size=64,
               train__checkpoint_every_steps=3, log__progress="off")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -70,7 +69,8 @@ def test_dino_names_unreadable_images(jpeg_tree, tmp_path, capsys):
     results = json.loads((run / "results.json").read_text())
     assert results["bad_images"] == 1 and results["bad_images_per_split"] == {"train": 1, "val": 0}
     assert results["bad_image_names"] == {"train": [str(data / "train" / "c0" / "fake.jpg")], "val": []}
-    assert f"warning: 1 unreadable image(s) were skipped: train 1 ({data / 'train' / 'c0' / 'fake.jpg'})" in capsys.readouterr().out
+    fake = data / "train" / "c0" / "fake.jpg"
+    assert f"warning: 1 unreadable image(s) were skipped: train 1 ({fake})" in capsys.readouterr().out
 
 
 def test_undecodable_shard_samples_are_named(tmp_path, capsys):
@@ -87,4 +87,5 @@ def test_undecodable_shard_samples_are_named(tmp_path, capsys):
     assert main(["train", str(recipe), "--data", str(out), "data.name=webdataset", "--output", str(tmp_path / "run"),
                  "log.progress=off", "data.batch_size=3"]) == 0
     err = capsys.readouterr().err
-    assert f"sample {out / 'train-000000.tar'}:" in err and "the image cannot be decoded; skipped and counted" in err, err
+    assert f"sample {out / 'train-000000.tar'}:" in err, err
+    assert "the image cannot be decoded; skipped and counted" in err, err

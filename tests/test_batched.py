@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from visionzoo.data.augment.batched import random_crop_flip
 from visionzoo.data.loading.in_memory import InMemoryLoader
+from visionzoo.data.loading.samplers import SampleOrder
 from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 
 
@@ -50,9 +51,9 @@ def test_no_flip_and_no_padding_is_identity():
 def _loader(n, batch, train, rank=0, world=1, epoch_seed=0):
     images = np.repeat(np.arange(n, dtype=np.uint8), 4).reshape(n, 2, 2)  # every pixel = index
     ds = TensorImageDataset(images, np.arange(n) % 7, [str(i) for i in range(7)])
-    d = SimpleNamespace(augment="none", image_size=2, crop_padding=0, hflip=0.0, mean=[0.0], std=[1.0], normalize="pixel",
-                        randaugment="", interpolation="bilinear")
-    return InMemoryLoader(ds, batch, train, torch.device("cpu"), d, epoch_seed, rank, world)
+    d = SimpleNamespace(augment="none", image_size=2, crop_padding=0, hflip=0.0, mean=[0.0], std=[1.0],
+                        normalize="pixel", randaugment="", interpolation="bilinear")
+    return InMemoryLoader(ds, batch, train, torch.device("cpu"), d, SampleOrder(epoch_seed, rank, world))
 
 
 def test_randaugment_follows_the_crop_on_the_device():
@@ -60,8 +61,8 @@ def test_randaugment_follows_the_crop_on_the_device():
     # batched RandAugment, drawn per (epoch, batch) like the crops — the same batch twice.
     rng = np.random.default_rng(0)
     ds = TensorImageDataset(rng.integers(0, 256, (64, 12, 12, 3), dtype=np.uint8), np.arange(64) % 4, list("abcd"))
-    base = dict(augment="cifar", image_size=12, crop_padding=2, hflip=0.5, mean=[0.0] * 3, std=[1.0] * 3, normalize="pixel",
-                interpolation="bilinear")
+    base = dict(augment="cifar", image_size=12, crop_padding=2, hflip=0.5, mean=[0.0] * 3, std=[1.0] * 3,
+                normalize="pixel", interpolation="bilinear")
     plain = InMemoryLoader(ds, 32, True, torch.device("cpu"), SimpleNamespace(**base, randaugment=""))
     heavy = InMemoryLoader(ds, 32, True, torch.device("cpu"), SimpleNamespace(**base, randaugment="rand-m9-n2-mstd0"))
     (x0, y0, _), (x1, y1, _), (x2, _, _) = next(iter(plain)), next(iter(heavy)), next(iter(heavy))
@@ -77,7 +78,7 @@ def test_train_epoch_covers_each_sample_once_across_ranks():
         loader = _loader(n, 10, True, rank, world)
         loader.set_epoch(3)
         assert len(loader) == (n // world) // 10
-        for x, y, bad in loader:
+        for x, _, bad in loader:
             assert bad == 0 and x.dtype == torch.float32
             seen += x[:, 0, 0, 0].tolist()
     assert len(seen) == len(set(seen)) == world * 5 * 10  # no sample twice

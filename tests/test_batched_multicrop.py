@@ -59,8 +59,9 @@ def test_rgb_draw_frequencies_follow_the_recipe() -> None:
     # Saturated colour images: a crop is exactly grey only when greyscale was drawn (p=0.2), and the
     # second global crop is solarized with p=0.2 (pixels >= 128 flip: red 200 turns 55; the grey of
     # this red, 71.5, stays).
-    cfg = load_config("dino_vits16_imagenet", ["data.image_size=8", "dino.local_crop_size=4", "dino.local_crops_number=1",
-                                               "dino.color_jitter_p=0", "dino.blur_p=[0,0,0]"])
+    cfg = load_config("dino_vits16_imagenet", ["data.image_size=8", "dino.local_crop_size=4",
+                                               "dino.local_crops_number=1", "dino.color_jitter_p=0",
+                                               "dino.blur_p=[0,0,0]"])
     n = 4000
     x = torch.zeros(n, 3, 12, 12)
     x[:, 0], x[:, 1] = 200.0, 20.0  # red
@@ -127,11 +128,11 @@ def test_decoded_images_stay_uint8_until_cropped(monkeypatch) -> None:
                                               mode="replicate") for i in images])
     reference = augment(full, torch.Generator().manual_seed(1), (hs, ws))
     assert [c.shape for c in crops] == [(6, 3, 32, 32)] * 2 + [(6, 3, 16, 16)] * 3
-    for c, r in zip(crops, reference):
+    for c, r in zip(crops, reference, strict=True):
         torch.testing.assert_close(c, r, rtol=0, atol=1e-4)
     monkeypatch.setattr(multicrop, "CHUNK_BYTES", 3 * 36 * 32 * 4 * 2)  # two images per float chunk
     chunked = augment(x, torch.Generator().manual_seed(1), (hs, ws))
-    assert all(torch.equal(a, b) for a, b in zip(crops, chunked))
+    assert all(torch.equal(a, b) for a, b in zip(crops, chunked, strict=True))
 
 
 def _jpeg_tree(root: Path) -> None:

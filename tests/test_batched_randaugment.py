@@ -114,9 +114,11 @@ def test_level_to_arg_matches_timm(monkeypatch):
     for name in RAND_OPS + EXTRA_OPS:
         level_fn = auto_augment.LEVEL_TO_ARG[name]
         for negate in (False, True):
-            ours = level_to_arg(name, torch.tensor(grid, dtype=torch.float64), torch.tensor([negate] * len(grid)), hparams)
+            levels, negates = torch.tensor(grid, dtype=torch.float64), torch.tensor([negate] * len(grid))
+            ours = level_to_arg(name, levels, negates, hparams)
+            draw = 1.0 if negate else 0.0  # timm negates the level when random.random() > 0.5
             with monkeypatch.context() as m:
-                m.setattr(auto_augment.random, "random", lambda: 1.0 if negate else 0.0)
+                m.setattr(auto_augment.random, "random", lambda draw=draw: draw)
                 ref = [level_fn(g, hparams)[0] if level_fn else 0.0 for g in grid]
             if name == "Desaturate":  # timm turns the level into a Color factor inside the op
                 ref = [min(1.0, max(0.0, 1.0 - r)) for r in ref]

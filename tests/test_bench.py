@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from visionzoo.commands.bench import RepeatBatch, synthetic_source
 from visionzoo.cli import main
+from visionzoo.commands.bench import RepeatBatch, synthetic_source
 from visionzoo.config import load_config
 
 CPU = ["--device", "cpu", "--workers", "0"]

@@ -65,9 +65,11 @@ def test_int8_accuracy_writes_a_cifar100_folder_the_recipe_reads(fmnist_dir: Pat
 def test_int8_accuracy_reports_both_models_on_the_same_images(fmnist_dir: Path, tmp_path: Path, capsys) -> None:
     bench = _load("int8_accuracy")
     assert bench.main(["--recipe", "fashion_mnist", "--fmnist", str(fmnist_dir), "--epochs", "1",
-                       "--calibration-images", "32", "--out", str(tmp_path), "data.batch_size=32", "train.amp=none"]) == 0
+                       "--calibration-images", "32", "--out", str(tmp_path),
+                       "data.batch_size=32", "train.amp=none"]) == 0
     row = json.loads((tmp_path / "int8_accuracy.json").read_text())
     assert row["test_images"] == 200 and 0 <= row["int8_acc1"] <= 100 and row["calibration_images"] == 32
     assert row["loss_pt"] == pytest.approx(row["int8_acc1"] - row["fp32_acc1"])
     assert row["int8_ms_per_image"] > 0 and row["fp32_ms_per_image"] > 0 and row["agreement"] >= 0.9
-    assert f"| fashion_mnist | 1 | percentile, 32 images | 200 | {row['fp32_acc1']:.2f} | {row['int8_acc1']:.2f} |" in capsys.readouterr().out
+    line = f"| fashion_mnist | 1 | percentile, 32 images | 200 | {row['fp32_acc1']:.2f} | {row['int8_acc1']:.2f} |"
+    assert line in capsys.readouterr().out

@@ -21,12 +21,12 @@ from visionzoo.config import load_config
 from visionzoo.data.augment import per_image, presets
 from visionzoo.data.augment.multicrop import MultiCropTransform, blur_uint8
 from visionzoo.data.augment.normalize import Normalize
-from visionzoo.data.augment.per_image import random_resized_crop, timm_randaugment
+from visionzoo.data.augment.per_image import timm_randaugment
 from visionzoo.data.loading.build import build_datasets, build_loader, build_loaders, multicrop_loader
 from visionzoo.data.loading.collate import stack_images
 from visionzoo.data.loading.device_batches import DeviceBatches
 from visionzoo.data.loading.samplers import SeededDataset, sample_seed
-from visionzoo.data.sources.folder import ImageFolderDataset, to_rgb
+from visionzoo.data.sources.folder import to_rgb
 
 SEED, EPOCH = 3, 1
 SIZES = [(120, 90), (90, 120), (200, 150), (64, 64), (150, 100)]
@@ -143,7 +143,7 @@ def test_training_batches_equal_the_v2_pipeline(tree, recipe, overrides) -> None
     loader.set_epoch(EPOCH)
     order = _epoch_order(loader)
     old = old_train_transform(d)
-    reference = [_seeded(i, lambda: old(_old_decode(splits.train.samples[i][0]))) for i in order]
+    reference = [_seeded(i, lambda i=i: old(_old_decode(splits.train.samples[i][0]))) for i in order]
     got = torch.cat([images for images, _, _ in loader])
     assert got.dtype == torch.float32 and got.shape == (len(got), 3, d.image_size, d.image_size)
     assert torch.equal(got, torch.stack(reference[:len(got)]))
@@ -168,7 +168,7 @@ def test_multicrop_equals_the_v2_pipeline_up_to_the_separable_blur(tree) -> None
     loader.set_epoch(EPOCH)
     order = _epoch_order(loader)
     old = old_multicrop(d, dc)
-    reference = [_seeded(i, lambda: old(_old_decode(ds.samples[i][0]))) for i in order]
+    reference = [_seeded(i, lambda i=i: old(_old_decode(ds.samples[i][0]))) for i in order]
     differing = total = 0
     for b, (crops, _, _) in enumerate(loader):
         for pos, got in enumerate(crops):
@@ -284,7 +284,7 @@ def test_multicrop_draft_follows_the_smallest_shrink(large_jpeg) -> None:
     t = MultiCropTransform(cfg.data, cfg.dino)
     (views, scale), size, crops = _prepared(t, large_jpeg, 0)
     sizes = [64, 64] + [32] * cfg.dino.local_crops_number
-    shrink = min(min(v.box[2], v.box[3]) / s for v, s in zip(views, sizes))
+    shrink = min(min(v.box[2], v.box[3]) / s for v, s in zip(views, sizes, strict=True))
     assert scale == next((k for k in (8, 4, 2) if shrink >= k), 1) and scale > 1
     assert [tuple(c.shape) for c in crops] == [(3, s, s) for s in sizes] and all(c.dtype == torch.uint8 for c in crops)
 
@@ -324,7 +324,7 @@ def test_loaders_resume_mid_epoch(tree) -> None:
     full = [images for images, _, _ in loader]
     loader.set_epoch(EPOCH, skip_batches=2)
     rest = [images for images, _, _ in loader]
-    assert len(rest) == len(full) - 2 and all(torch.equal(a, b) for a, b in zip(rest, full[2:]))
+    assert len(rest) == len(full) - 2 and all(torch.equal(a, b) for a, b in zip(rest, full[2:], strict=True))
 
 
 def test_per_sample_seeding_leaves_accelerator_generators_alone(tree, monkeypatch) -> None:

@@ -378,7 +378,7 @@ def test_image_folder_decoding(messy_folder: Path) -> None:
     assert [img.getpixel((x, 0))[0] for x in range(4)] == [0, 128, 255, 1]
     img, _ = ds[idx["rgba.png"]]  # composited onto black: about half the colour
     assert img.mode == "RGB"
-    assert all(abs(a - e) <= 1 for a, e in zip(img.getpixel((0, 0)), (100, 50, 25)))
+    assert all(abs(a - e) <= 1 for a, e in zip(img.getpixel((0, 0)), (100, 50, 25), strict=True))
     img, _ = ds[idx["p.gif"]]
     assert img.mode == "RGB"
 

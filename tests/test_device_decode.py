@@ -11,17 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_FOLDER_RECIPE
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from conftest import TINY_FOLDER_RECIPE
 from visionzoo.cli import main
 from visionzoo.config import DataConfig
 from visionzoo.data.augment.batched import crop_params, random_resized_crop
 from visionzoo.data.loading import device_decode
 from visionzoo.data.loading.build import Splits, build_loaders
 from visionzoo.data.loading.device_decode import DeviceDecodeLoader, collate_bytes
+from visionzoo.data.loading.samplers import SampleOrder
 from visionzoo.data.sources.encoded import FileBytes, device_jpeg, pil_decode
 from visionzoo.data.sources.folder import ImageFolderDataset, find_classes
 from visionzoo.errors import UserError
@@ -156,8 +157,9 @@ def _epoch(loader, epoch: int, skip: int = 0) -> list:
 def test_same_seed_same_batches_and_resume(tree) -> None:
     root, _ = tree
     d = _cfg(crop_scale=[0.3, 1.0], hflip=0.5)
-    make = lambda workers=0, seed=0: DeviceDecodeLoader(_dataset(root), 3, workers, torch.device("cpu"),  # noqa: E731
-                                                        d, seed)
+    def make(workers: int = 0, seed: int = 0) -> DeviceDecodeLoader:
+        return DeviceDecodeLoader(_dataset(root), 3, workers, torch.device("cpu"), d, SampleOrder(seed))
+
     a, b = make(), make(workers=2)
     assert len(a) == 3  # 9 files, batch 3, last partial batch dropped
     e0, e0_again = _epoch(a, 0), _epoch(b, 0)
@@ -165,9 +167,9 @@ def test_same_seed_same_batches_and_resume(tree) -> None:
     for (x, y, n), (x2, y2, n2) in zip(e0, e0_again, strict=True):  # workers do not change anything
         assert torch.equal(x, x2) and torch.equal(y, y2) and n == n2
     e1 = _epoch(a, 1)
-    assert any(x.shape != x1.shape or not torch.equal(x, x1) for (x, *_), (x1, *_) in zip(e0, e1))
+    assert any(x.shape != x1.shape or not torch.equal(x, x1) for (x, *_), (x1, *_) in zip(e0, e1, strict=True))
     other_seed = _epoch(make(seed=1), 0)
-    assert any(x.shape != x1.shape or not torch.equal(x, x1) for (x, *_), (x1, *_) in zip(e0, other_seed))
+    assert any(x.shape != x1.shape or not torch.equal(x, x1) for (x, *_), (x1, *_) in zip(e0, other_seed, strict=True))
     resumed = _epoch(a, 0, skip=1)  # mid-epoch resume draws what the uninterrupted epoch drew
     assert len(resumed) == 2
     for (x, y, n), (x2, y2, n2) in zip(e0[1:], resumed, strict=True):
@@ -178,7 +180,7 @@ def test_ranks_split_the_epoch(tree) -> None:
     root, _ = tree
     seen = []
     for rank in range(2):
-        loader = DeviceDecodeLoader(_dataset(root), 4, 0, torch.device("cpu"), _cfg(), 0, rank, 2)
+        loader = DeviceDecodeLoader(_dataset(root), 4, 0, torch.device("cpu"), _cfg(), SampleOrder(0, rank, 2))
         assert len(loader) == 1
         seen.append(_epoch(loader, 0)[0])
     assert sum(len(y) + n for _, y, n in seen) == 8  # 9 files: 4 per rank, one left out
@@ -268,7 +270,7 @@ def _per_image_reference(images, size, scale, ratio, hflip, g, mode):
     flip = (torch.rand(len(images), generator=g) < hflip).tolist()
     aa = {} if mode == "nearest" else {"antialias": True, "align_corners": False}
     out = []
-    for img, draws, f in zip(images, u, flip):
+    for img, draws, f in zip(images, u, flip, strict=True):
         top, left, h, w = crop_params(img.shape[-2], img.shape[-1], scale, ratio, draws)
         crop = F.interpolate(img[None, :, top:top + h, left:left + w].float(), size=(size, size), mode=mode, **aa)
         out.append(crop.flip(-1) if f else crop)

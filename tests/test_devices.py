@@ -80,7 +80,8 @@ def test_an_index_beyond_the_visible_devices_is_a_user_error(fake_cuda):
 
 def test_rank_device_is_selected_before_the_process_group(fake_cuda):
     distributed.init(DistInfo(rank=9, world_size=16, local_rank=1), torch.device("cuda", 1))
-    assert [c[:-1] for c in fake_cuda.calls] == [("set_device", 1), ("init_process_group", "nccl", torch.device("cuda", 1))]
+    want = [("set_device", 1), ("init_process_group", "nccl", torch.device("cuda", 1))]
+    assert [c[:-1] for c in fake_cuda.calls] == want
 
 
 def test_one_process_on_cuda1_selects_it_too(fake_cuda):
@@ -152,11 +153,13 @@ def test_dino_student_and_teacher_get_syncbn_on_several_accelerator_ranks(backbo
     if backbone == "vit":
         cfg.dino.use_bn_in_head = True  # BatchNorm1d in the head
     else:
-        cfg.model.name, cfg.model.kwargs, cfg.model.vit_pos_embed = "resnet10t", {}, "timm"  # BatchNorm2d in the backbone
+        # BatchNorm2d in the backbone
+        cfg.model.name, cfg.model.kwargs, cfg.model.vit_pos_embed = "resnet10t", {}, "timm"
     meta = torch.device("meta")
     parts = build_dino_training(cfg, meta, None, ddp=True)
     assert _bn_types(parts.student) == _bn_types(parts.teacher) == {"SyncBatchNorm"}
-    assert parts.optimizer.param_groups[0]["params"][0] is next(p for p in parts.student.parameters() if p.requires_grad)
+    first_trained = next(p for p in parts.student.parameters() if p.requires_grad)
+    assert parts.optimizer.param_groups[0]["params"][0] is first_trained
     single = build_dino_training(cfg, meta, None, ddp=False)
     assert "SyncBatchNorm" not in _bn_types(single.student) | _bn_types(single.teacher)
     assert _bn_types(single.teacher)  # there was BatchNorm to convert

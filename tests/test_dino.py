@@ -116,7 +116,7 @@ def _tiny_pair():
 def test_teacher_gets_no_gradients_and_follows_the_ema_rule() -> None:
     student, teacher = _tiny_pair()
     assert all(not p.requires_grad for p in teacher.parameters())
-    for ps, pt in zip(student.parameters(), teacher.parameters()):
+    for ps, pt in zip(student.parameters(), teacher.parameters(), strict=True):
         assert torch.equal(ps, pt)  # the teacher starts as a copy of the student
     crops = [torch.randn(4, 1, 28, 28), torch.randn(4, 1, 28, 28), torch.randn(4, 1, 14, 14)]
     with torch.no_grad():
@@ -133,7 +133,7 @@ def test_teacher_gets_no_gradients_and_follows_the_ema_rule() -> None:
     before_t = [p.clone() for p in teacher.parameters()]
     before_s = [p.clone() for p in student.parameters()]
     update_teacher(student, teacher, 0.9)
-    for pt, t0, s0 in zip(teacher.parameters(), before_t, before_s):
+    for pt, t0, s0 in zip(teacher.parameters(), before_t, before_s, strict=True):
         torch.testing.assert_close(pt, 0.9 * t0 + 0.1 * s0, rtol=0, atol=1e-6)
 
 
@@ -376,7 +376,8 @@ def test_mid_epoch_resume_is_exact(idx_dir: Path, tmp_path: Path, monkeypatch, c
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert main(["train", "dino_fashion_mnist", "--output", str(ref), *common]) == 0
     if how == "checkpoint_every_steps":
-        assert main(["train", "dino_fashion_mnist", "--output", str(run), *common, "train.checkpoint_every_steps=2"]) == 0
+        argv = ["train", "dino_fashion_mnist", "--output", str(run), *common, "train.checkpoint_every_steps=2"]
+        assert main(argv) == 0
         for weights, state in checkpoint_pairs(run):  # as if killed just after step 2's checkpoint
             if weights.name != "step-000000002.safetensors":
                 weights.unlink()

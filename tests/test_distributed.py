@@ -77,7 +77,8 @@ def _run(tmp_path: Path, name: str, data: Path, extra: list[str]) -> tuple[dict,
     # One OpenMP thread in every process of both runs: a different thread count sums in a different
     # order, which is a difference of the machine, not of the distributed code under test.
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "visionzoo", *argv], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "visionzoo", *argv], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((run / "results.json").read_text())
     return results, [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "epoch"]
@@ -100,7 +101,7 @@ def test_two_processes_match_one(odd_fmnist, tmp_path, resident, capsys):
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-12, msg=k)
     # Every epoch's losses, to float64 round-off amplified over the run's steps.
     assert len(one_epochs) == len(two_epochs) == 2
-    for a, b in zip(one_epochs, two_epochs):
+    for a, b in zip(one_epochs, two_epochs, strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-9)
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-9)
     assert abs(two["Acc@1"] - one["Acc@1"]) <= 1.0

@@ -9,8 +9,9 @@ A command is found in fenced code blocks (also after ``python -m``, ``torchrun .
 ``srun``, ``$ `` prompts, ``VAR=value`` prefixes; ``\\`` continuations joined, ``#`` comments
 and ``;``/``&&``/``|`` separators honoured) and in inline code spans that start with
 ``visionzoo `` unless they only name a sub-command or are a synopsis (``[--flag]``, ``...``,
-``RECIPE``). A block fenced as ``text`` is program output, not commands. Placeholder paths (``runs/<run>``, ``RUN_DIR``, ``MODEL.onnx``) are fine: nothing
-is opened. A recipe or a config key is never a placeholder: it must exist."""
+``RECIPE``). A block fenced as ``text`` is program output, not commands. Placeholder paths
+(``runs/<run>``, ``RUN_DIR``, ``MODEL.onnx``) are fine: nothing is opened. A recipe or a config key
+is never a placeholder: it must exist."""
 
 from __future__ import annotations
 
@@ -342,7 +343,7 @@ def test_relative_links_point_at_files():
     if pending:
         msg = "links to pages other issues add, not there yet: " + ", ".join(pending)
         print(msg)
-        warnings.warn(msg)
+        warnings.warn(msg, stacklevel=1)  # about the docs, not about a caller
     assert not broken, "broken relative links:\n" + "\n".join(broken)
 
 

@@ -15,12 +15,11 @@ from PIL import Image
 pytest.importorskip("onnxruntime")
 
 from conftest import pattern_images  # noqa: E402
-
 from visionzoo.checkpoint import save_weights  # noqa: E402
 from visionzoo.cli import main  # noqa: E402
+from visionzoo.commands.export import ExportOptions, export_checkpoint, sidecar_path  # noqa: E402
 from visionzoo.config import load_config, to_dict  # noqa: E402
 from visionzoo.errors import UserError  # noqa: E402
-from visionzoo.commands.export import export_checkpoint, sidecar_path  # noqa: E402
 from visionzoo.models import build_model  # noqa: E402
 
 # (recipe, overrides): one tiny case per architecture family; test_resize > test_size so the
@@ -88,7 +87,7 @@ def test_parity_failure_is_a_user_error_and_writes_nothing(tmp_path: Path, capsy
     assert main(["export", str(run), "--tolerance", "-1"]) == 2
     assert "--tolerance -1.0 is out of range (must be > 0)" in capsys.readouterr().err
     with pytest.raises(UserError, match="does not match PyTorch"):
-        export_checkpoint(str(run), tolerance=-1.0)
+        export_checkpoint(str(run), options=ExportOptions(tolerance=-1.0))
     assert not (run / "model.onnx").exists() and not (run / "model.json").exists()
     assert not list(run.glob(".model.onnx.*"))  # the temporary file is gone too
     assert main(["export", str(run), "--opset", "99"]) == 2
@@ -172,8 +171,10 @@ def test_dino_exports_its_backbone_as_features(tmp_path: Path, fmnist_dir: Path,
     infer refuses it with a pointer to knn/linear instead of printing meaningless classes."""
     run = tmp_path / "dino"
     assert main(["train", "dino_fashion_mnist", "--data", str(fmnist_dir), "--output", str(run), "train.epochs=0",
-                 "model.kwargs={img_size: 28, patch_size: 7, embed_dim: 24, depth: 1, num_heads: 3, dynamic_img_size: true}",
-                 "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.knn_k=[5]", "dino.knn_report_k=5"]) == 0
+                 "model.kwargs={img_size: 28, patch_size: 7, embed_dim: 24, depth: 1, num_heads: 3, "
+                 "dynamic_img_size: true}",
+                 "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.knn_k=[5]",
+                 "dino.knn_report_k=5"]) == 0
     capsys.readouterr()
     assert main(["export", str(run)]) == 0
     assert "DINO teacher backbone: [CLS] features of 24 dims" in capsys.readouterr().out

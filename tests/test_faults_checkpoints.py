@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import start_ranks
 
 import visionzoo.checkpoint as ckpt
+from conftest import start_ranks
 from visionzoo.checkpoint import checkpoint_pairs, load_latest, save_checkpoint
 from visionzoo.errors import UserError
-
 
 
 def _run_with_checkpoints(run: Path, steps=(10, 20, 30)) -> None:
@@ -89,7 +88,7 @@ def test_rank_0_chooses_the_checkpoint_for_every_rank(tmp_path):
     procs = start_ranks(lambda rank: [sys.executable, str(script), str(run), str(tmp_path / f"r{rank}.json")],
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     outs = [p.communicate(timeout=120) for p in procs]
-    for p, (_, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]
     r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2))
     assert r0 == r1 == {"used": "step-000000020.safetensors", "step": 20}

@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import TINY_FOLDER_RECIPE
 from PIL import Image
 from torchvision.transforms import v2
 
+from conftest import TINY_FOLDER_RECIPE
 from visionzoo.cli import main
 from visionzoo.data.loading.stream_loader import StreamLoader
 from visionzoo.data.sources.hfds import ParquetReader
@@ -31,7 +31,8 @@ def _png(seed: int = 0) -> bytes:
 def _write(folder, image_column: pa.Array, labels: list[int]) -> None:
     (folder / "data").mkdir(parents=True, exist_ok=True)
     for split in ("train", "validation"):
-        pq.write_table(pa.table({"image": image_column, "label": labels}), folder / "data" / f"{split}-00000-of-00001.parquet")
+        shard = folder / "data" / f"{split}-00000-of-00001.parquet"
+        pq.write_table(pa.table({"image": image_column, "label": labels}), shard)
 
 
 def _train(tmp_path, data) -> tuple[int, dict | None]:

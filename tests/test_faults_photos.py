@@ -80,5 +80,5 @@ def test_dino_multicrop_pads_an_outsized_photo_on_its_own(monkeypatch):
     monkeypatch.setattr(dd, "crop_groups", lambda boxes, size: [list(range(len(boxes)))])
     whole = augment(images, torch.Generator().manual_seed(1))
     assert [c.shape for c in crops] == [c.shape for c in whole] == [(12, 3, 16, 16)] * 2 + [(12, 3, 8, 8)] * 2
-    for a, b in zip(crops, whole):
+    for a, b in zip(crops, whole, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_FOLDER_RECIPE, start_ranks, write_jpeg_tree
 
+from conftest import TINY_FOLDER_RECIPE, start_ranks, write_jpeg_tree
 from visionzoo.cli import main
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -59,7 +59,6 @@ def test_the_ema_starts_from_the_same_weights_on_every_rank(tmp_path, capsys):
     rank's EMA started from its own random init (seed + rank) and each rank evaluated its own:
     the 2-rank validation loss was not the loss of the saved EMA."""
     from conftest import write_fmnist
-
     from visionzoo.run_folder import read_metrics
 
     (tmp_path / "fm").mkdir()
@@ -161,7 +160,8 @@ def test_dino_ranks_step_together_past_a_broken_shard(broken_shards, tmp_path):
             "data.test_size=20", "--workers", "0", "--device", "cpu", "train.log_every=0"]
     argv = [sys.executable, "-m", "visionzoo", "train", "dino_fashion_mnist", "--data", str(broken_shards / "shards"),
             "data.name=webdataset", "--devices", "2", "data.batch_size=8", "--epochs", "1",
-            "--output", str(tmp_path / "dino"), "train.dist_timeout=20", "log.progress=off", "data.shuffle_buffer=1", *tiny]
+            "--output", str(tmp_path / "dino"), "train.dist_timeout=20", "log.progress=off", "data.shuffle_buffer=1",
+            *tiny]
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -79,7 +79,8 @@ def _wait_for_steps(run: Path, proc: subprocess.Popen, steps: int, timeout: floa
     deadline = time.time() + timeout
     while True:
         try:
-            if len([l for l in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in l]) >= steps:
+            lines = (run / "metrics.jsonl").read_text().splitlines()
+            if len([line for line in lines if '"kind": "step"' in line]) >= steps:
                 return
         except FileNotFoundError:
             pass

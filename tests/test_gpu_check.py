@@ -28,8 +28,8 @@ def _module():
 def test_dry_run_passes_every_check(tmp_path):
     out = tmp_path / "check.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--output", str(out), "--workdir", str(tmp_path / "w")],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    argv = [sys.executable, str(SCRIPT), "--dry-run", "--output", str(out), "--workdir", str(tmp_path / "w")]
+    proc = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["verdict"] == "PASS" and report["dry_run"] is True and report["device"] == "cpu"
@@ -61,12 +61,12 @@ def test_syncs_per_step_cancel_what_every_run_shares(monkeypatch):
     modes = []
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
 
-    def run(n: int) -> None:
+    def run(n: int) -> None:  # stacklevel 1: each warning's place is its own line
         for _ in range(n):
-            warnings.warn("called a synchronizing CUDA operation")  # the per-step place
-        warnings.warn("called a synchronizing CUDA operation")
-        warnings.warn("called a synchronizing CUDA operation")
-        warnings.warn("something else")
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=1)  # the per-step place
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+        warnings.warn("something else", stacklevel=1)
 
     rate, places = module._per_step(run, 3, "cuda:0", True)
     assert rate == 1.0
@@ -77,14 +77,16 @@ def test_syncs_per_step_cancel_what_every_run_shares(monkeypatch):
 def test_missing_packages_are_named_with_a_way_to_bring_them(monkeypatch, capsys):
     module = _module()
     real = importlib.util.find_spec
-    monkeypatch.setattr(module.importlib.util, "find_spec", lambda name, *a: None if name == "omegaconf" else real(name, *a))
+    monkeypatch.setattr(module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "omegaconf" else real(name, *a))
     assert module.main(["--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "missing Python package(s): omegaconf" in err and "src/visionzoo/config.py" in err
     assert "pip download omegaconf -d wheels" in err and "--no-index" in err
 
 
-@pytest.mark.parametrize("argv", [["--dry-run", "--device", "cuda"], ["--device", "cpu"], ["--dry-run", "--recipes", "lenet"]])
+@pytest.mark.parametrize("argv", [["--dry-run", "--device", "cuda"], ["--device", "cpu"],
+                                  ["--dry-run", "--recipes", "lenet"]])
 def test_bad_arguments_stop_before_any_work(argv, capsys, monkeypatch):
     import torch
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from host_reads import HostReads, cases, jpeg_tree, report
 
 CASES = list(cases(Path("."), Path("."), Path(".")))

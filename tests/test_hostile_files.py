@@ -98,7 +98,8 @@ def test_hostile_manifests_never_read_outside_the_folder(wds_dir, tmp_path, caps
 
 
 def test_a_cifar10_folder_given_to_a_cifar100_recipe_names_the_fix(tmp_path, capsys):
-    folder = _cifar_with(tmp_path, pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}, protocol=2))
+    cifar10_batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}
+    folder = _cifar_with(tmp_path, pickle.dumps(cifar10_batch, protocol=2))
     assert main(["train", "resnet50_cifar100", "--data", str(folder), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "no CIFAR-100 data under" in err and "set data.name=cifar10" in err and err.count("\n") == 1

@@ -27,7 +27,8 @@ def _modes(root: Path) -> dict[str, int]:
 def test_a_run_and_its_export_honour_the_umask(fmnist_dir, tmp_path, umask_022, capsys):
     run = tmp_path / "run"
     assert main(["train", "fashion_mnist", "--data", str(fmnist_dir), "--output", str(run), "--epochs", "1",
-                 "--device", "cpu", "--workers", "0", "train.max_steps_per_epoch=3", "train.checkpoint_every_steps=1"]) == 0
+                 "--device", "cpu", "--workers", "0", "train.max_steps_per_epoch=3",
+                 "train.checkpoint_every_steps=1"]) == 0
     assert main(["export", str(run)]) == 0
     modes = _modes(run)
     for name in ("results.json", "results.md", "status.json", "model.safetensors", "best.safetensors",

@@ -68,7 +68,8 @@ _real_encode = pack_module.encode
 def test_pack_workers_take_the_default_sigterm(jpeg_tree: Path, tmp_path: Path, monkeypatch, restore_sigterm) -> None:
     signal.signal(signal.SIGTERM, _no_op)  # as a training run or torch's launcher leaves it
     monkeypatch.setattr(pack_module, "encode", _encode_checking_signals)
-    manifest = pack_module.pack(str(jpeg_tree), str(tmp_path / "out"), workers=2, shard_samples=16)
+    manifest = pack_module.pack(str(jpeg_tree), str(tmp_path / "out"),
+                                options=pack_module.PackOptions(workers=2, shard_samples=16))
     assert sum(s["samples"] for s in manifest["splits"]["train"]["shards"]) == 48
     assert signal.getsignal(signal.SIGTERM) is _no_op  # the parent's own handler is its business
 

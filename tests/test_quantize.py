@@ -16,8 +16,8 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from visionzoo.cli import main  # noqa: E402
-from visionzoo.commands.export import sha256_file  # noqa: E402
 from visionzoo.commands import quantize  # noqa: E402
+from visionzoo.commands.export import sha256_file  # noqa: E402
 from visionzoo.commands.quantize import INT8_TARGETS, calibration_sets, detect_int8_target, run_batches  # noqa: E402
 
 NO_VNNI = {"architecture": "x86_64", "avx2": True, "avx512_f": True, "avx512_bw": True}  # Skylake-X: AVX512, no VNNI
@@ -37,7 +37,8 @@ def test_int8_export_agrees_with_fp32_and_records_its_calibration(trained_run: P
     out = capsys.readouterr().out
     here = detect_int8_target()  # the default target: this machine's CPU
     bits = 7 if here == "x86" else 8
-    assert f"int8 model (static QDQ, {bits}-bit weights for {here} CPUs, percentile calibration on 96 training images" in out
+    said = f"int8 model (static QDQ, {bits}-bit weights for {here} CPUs, percentile calibration on 96 training images"
+    assert said in out
     assert f"wrote the int8 model {run / 'model.int8.onnx'} and its fp32 reference {run / 'model.onnx'}" in out
     fp32, int8 = run / "model.onnx", run / "model.int8.onnx"
     side = json.loads((run / "model.int8.json").read_text())
@@ -107,13 +108,14 @@ def _activation_scales(path: Path) -> dict[str, float]:
 
 def test_each_calibration_method_sets_its_own_ranges(trained_run: Path, fmnist_dir: Path, tmp_path: Path) -> None:
     # ONNX Runtime's entropy defaults alone (128 bins for 128 levels) give minmax's ranges exactly.
-    from visionzoo.config import from_dict
     from visionzoo.commands.quantize import quantize_int8
+    from visionzoo.config import from_dict
 
     fp32 = trained_run / "model.onnx"
     if not fp32.is_file():
         assert main(["export", str(trained_run)]) == 0
-    d = from_dict({"recipe": "fashion_mnist", "data": json.loads((trained_run / "model.json").read_text())["data"]}).data
+    sidecar = json.loads((trained_run / "model.json").read_text())
+    d = from_dict({"recipe": "fashion_mnist", "data": sidecar["data"]}).data
     calib, _ = calibration_sets(d, 64, str(fmnist_dir))
     scales = {}
     for method in ("minmax", "entropy", "percentile"):
@@ -177,13 +179,14 @@ def _conv_weights(path: Path) -> list[np.ndarray]:
 
 
 def test_x86_target_has_7_bit_weights_and_vnni_8_bit(trained_run: Path, fmnist_dir: Path, tmp_path: Path) -> None:
-    from visionzoo.config import from_dict
     from visionzoo.commands.quantize import quantize_int8
+    from visionzoo.config import from_dict
 
     fp32 = trained_run / "model.onnx"
     if not fp32.is_file():
         assert main(["export", str(trained_run)]) == 0
-    d = from_dict({"recipe": "fashion_mnist", "data": json.loads((trained_run / "model.json").read_text())["data"]}).data
+    sidecar = json.loads((trained_run / "model.json").read_text())
+    d = from_dict({"recipe": "fashion_mnist", "data": sidecar["data"]}).data
     calib, _ = calibration_sets(d, 32, str(fmnist_dir))
     for name, limit in (("x86", 64), ("x86-vnni", 127)):
         info = quantize_int8(fp32, tmp_path / f"{name}.onnx", calib, "minmax", INT8_TARGETS[name])

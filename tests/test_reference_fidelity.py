@@ -21,7 +21,6 @@ from visionzoo.engine.evaluation.knn import knn_classify, probe_splits
 from visionzoo.models import build_model, create
 from visionzoo.optim import build_optimizer
 
-
 # ----------------------------------------------------------------------------- resnet50_cifar100 / mmcls v0.24.0
 
 def test_cifar_resnet_is_initialised_as_mmcls() -> None:
@@ -66,7 +65,7 @@ def test_nfnet_weight_decay_exempts_gains_and_biases_by_name() -> None:
     cfg = load_config("nfnet_f0_imagenet")
     model, _ = build_model(cfg.model, 1000, 3)
     leaf = {n: n.rsplit(".", 1)[-1] for n, _ in model.named_parameters()}
-    exempt = {n for n, l in leaf.items() if l in ("scale", "offset", "b") or "gain" in l or "bias" in l}
+    exempt = {n for n, last in leaf.items() if last in ("scale", "offset", "b") or "gain" in last or "bias" in last}
     name_of = {id(p): n for n, p in model.named_parameters()}
     decay, no_decay = build_optimizer(model, cfg.optim, "cpu").param_groups
     assert {name_of[id(p)] for p in no_decay["params"]} == exempt and no_decay["weight_decay"] == 0.0
@@ -186,7 +185,8 @@ def test_linear_probe_crops_as_eval_linear(imagefolder_dir: Path) -> None:
     train_ds, val_ds, _ = probe_splits(d)
     norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     ref_train = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
-    ref_val = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(), norm])
+    ref_val = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
+                         norm])
     for ds, ref in ((train_ds, ref_train), (val_ds, ref_val)):
         for i in range(0, len(ds), 5):
             with Image.open(ds.samples[i][0]) as img:

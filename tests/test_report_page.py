@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from browser import inspect_page, require_chromium, screenshot
 
+from browser import inspect_page, require_chromium, screenshot
+from visionzoo.cli import main
 from visionzoo.html_report import metrics
 from visionzoo.html_report.attention import cls_attention, mass_mask
 from visionzoo.html_report.predictions import CACHE, Predictions
-from visionzoo.cli import main
 
 FAST = ["--epochs", "1", "--device", "cpu", "--amp", "none", "log.progress=off"]
 DINO_TINY = [
@@ -145,7 +145,7 @@ def test_dino_attention_equals_the_last_block_computed_directly():
     assert torch.allclose(got.sum((-2, -1)) + a[:, :, 0, 0], torch.ones(b, 3))
     # The reference's threshold: the largest patches until they hold >= 60% of the map's mass.
     mask = mass_mask(got)
-    for m, keep in zip(got.flatten(0, 1), mask.flatten(0, 1)):
+    for m, keep in zip(got.flatten(0, 1), mask.flatten(0, 1), strict=True):
         flat, kept = m.flatten().numpy(), keep.flatten().numpy()
         share = np.sort(flat).cumsum() / flat.sum()  # ascending, as visualize_attention.py
         assert kept.sum() == np.sum(share > 1 - 0.6) and flat[kept].min() >= flat[~kept].max()
@@ -157,7 +157,8 @@ def test_dino_report_in_a_browser(fmnist_dir, browser, tmp_path, capsys):
                  *DINO_TINY]) == 0
     assert (run / "report" / "index.html").is_file()
     assert main(["report", str(run), "--max-images", "4"]) == 0
-    found = _check_page(browser, run / "report" / "index.html", tmp_path, {"confusion", "mistakes", "calibration", "dino"})
+    sections = {"confusion", "mistakes", "calibration", "dino"}
+    found = _check_page(browser, run / "report" / "index.html", tmp_path, sections)
     assert {"attention.png", "neighbours.png", "confusion.png"} <= {i["src"] for i in found["images"]}
     pred = Predictions.load(run / CACHE)
     assert pred.kind == "knn" and pred.attention["maps"].shape == (4, 3, 4, 4)

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from visionzoo.cli import main
-from visionzoo.run_folder import format_table, read_metrics
 from visionzoo.commands.runs import compare, list_runs
+from visionzoo.run_folder import format_table, read_metrics
 
 SHORT = ["--epochs", "2", "--device", "cpu", "--amp", "none", "data.batch_size=64", "train.log_every=2"]
 
@@ -31,8 +31,8 @@ def two_runs(fmnist_dir, tmp_path_factory):
 def test_plain_log_lines_when_not_a_terminal(fmnist_dir, tmp_path, capsys):
     assert main(["train", "fashion_mnist", "--data", str(fmnist_dir), "--output", str(tmp_path / "r"), *SHORT]) == 0
     out = capsys.readouterr().out
-    steps = re.findall(r"^epoch (\d) step (\d+)/(\d+) loss [\d.]+ lr [\d.e-]+( img/s [\d.]+)? \| [\d.e+]+ it/s "
-                       r"\| ETA \d\d:\d\d$", out, re.M)
+    line = r"^epoch (\d) step (\d+)/(\d+) loss [\d.]+ lr [\d.e-]+( img/s [\d.]+)? \| [\d.e+]+ it/s \| ETA \d\d:\d\d$"
+    steps = re.findall(line, out, re.M)
     assert len(steps) == 1 + 2 * (10 // 2)  # 640/64 = 10 steps per epoch, logged every 2, and the first
     assert steps[0][:3] == ("1", "1", "10") and steps[1][:3] == ("1", "2", "10")
     assert "\r" not in out  # no progress-bar redraws in a log file
@@ -53,7 +53,8 @@ def test_run_folder_has_results_and_curves(two_runs):
     run = two_runs / "a"
     results = json.loads((run / "results.json").read_text())
     table = (run / "results.md").read_text()
-    assert f"| fashion_mnist | {results['Acc@1']:.2f} | {results['FPS']:.2f} | 1 | {results['BN group']} | 2 | fp32 |" in table
+    row = f"| fashion_mnist | {results['Acc@1']:.2f} | {results['FPS']:.2f} | 1 | {results['BN group']} | 2 | fp32 |"
+    assert row in table
     png = run / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     with Image.open(png) as im:
@@ -90,7 +91,8 @@ def test_runs_lists_finished_and_failed(two_runs, fmnist_dir, monkeypatch, capsy
     dead.wait()
     import socket
 
-    (two_runs / "d" / "status.json").write_text(json.dumps({"status": "running", "pid": dead.pid, "host": socket.gethostname()}))
+    status = {"status": "running", "pid": dead.pid, "host": socket.gethostname()}
+    (two_runs / "d" / "status.json").write_text(json.dumps(status))
 
     rows = {r["run"]: r for r in list_runs(two_runs)}
     assert rows["a"]["status"] == rows["b"]["status"] == "finished"
@@ -123,7 +125,8 @@ def test_runs_of_one_run_folder_shows_it(two_runs, capsys):
     assert "no runs under" not in out
     rows = [line for line in out.splitlines() if line.startswith("| a |")]
     assert len(rows) == 1 and "| finished | 2/2 |" in rows[0]
-    assert f"| fashion_mnist | {results['Acc@1']:.2f} | {results['FPS']:.2f} | 1 | {results['BN group']} | 2 | fp32 |" in out
+    row = f"| fashion_mnist | {results['Acc@1']:.2f} | {results['FPS']:.2f} | 1 | {results['BN group']} | 2 | fp32 |"
+    assert row in out
 
 
 def test_runs_without_a_runs_folder_says_how_to_get_one(tmp_path, monkeypatch, capsys):

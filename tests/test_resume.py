@@ -29,7 +29,8 @@ VOLATILE = {"time", "img_s", "epoch_time"}
 
 
 def _cmd(data: Path, run: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "visionzoo", "train", "fashion_mnist", "--data", str(data), "--output", str(run), *RUN, *extra]
+    return [sys.executable, "-m", "visionzoo", "train", "fashion_mnist", "--data", str(data), "--output", str(run),
+            *RUN, *extra]
 
 
 def _env() -> dict:
@@ -41,7 +42,7 @@ def _logged_steps(run: Path) -> int:
         lines = (run / "metrics.jsonl").read_text().splitlines()
     except FileNotFoundError:
         return 0
-    steps = [json.loads(l)["step"] for l in lines if l.startswith('{"kind": "step"') and l.endswith("}")]
+    steps = [json.loads(line)["step"] for line in lines if line.startswith('{"kind": "step"') and line.endswith("}")]
     return max(steps, default=0)
 
 
@@ -117,7 +118,8 @@ def test_resume_auto_picks_the_unfinished_run(fmnist_dir, tmp_path, capsys):
         time.sleep(0.01)
     proc.kill()
     proc.wait()
-    assert main(["train", "fashion_mnist", "--data", str(fmnist_dir), "--output", str(run), "--resume", "auto", *RUN]) == 0
+    argv = ["train", "fashion_mnist", "--data", str(fmnist_dir), "--output", str(run), "--resume", "auto", *RUN]
+    assert main(argv) == 0
     assert "resuming" in capsys.readouterr().out
     assert json.loads((run / "results.json").read_text())["steps"] == 60
 

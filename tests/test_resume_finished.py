@@ -23,7 +23,8 @@ RECIPES = {
 
 def _snapshot(run: Path) -> dict[str, tuple[int, bytes]]:
     """Every file of a run folder with its modification time and bytes."""
-    return {str(p.relative_to(run)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(run.rglob("*")) if p.is_file()}
+    files = [p for p in sorted(run.rglob("*")) if p.is_file()]
+    return {str(p.relative_to(run)): (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
 
 
 @pytest.fixture(params=sorted(RECIPES))

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_FOLDER_RECIPE
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import TINY_FOLDER_RECIPE
 from visionzoo.cli import main
 from visionzoo.config import DataConfig
 from visionzoo.data.augment.presets import eval_transform
 from visionzoo.data.loading.build import build_datasets
+from visionzoo.data.loading.samplers import SampleOrder
 from visionzoo.data.loading.stream_loader import StreamLoader
 from visionzoo.data.sources.folder import load_image
 from visionzoo.run_folder import read_metrics
@@ -62,7 +63,8 @@ def test_pack_is_byte_identical_and_the_manifest_counts(jpeg_tree, wds_dir, tmp_
     assert main(["data", "pack", str(jpeg_tree), str(again), "--shard-samples", "5", "--workers", "2"]) == 0
     files = sorted(p.name for p in wds_dir.iterdir())
     assert files == sorted(p.name for p in again.iterdir())
-    assert len([f for f in files if f.startswith("train-")]) == 10 and len([f for f in files if f.startswith("val-")]) == 3
+    assert len([f for f in files if f.startswith("train-")]) == 10
+    assert len([f for f in files if f.startswith("val-")]) == 3
     for name in files:  # two packs, one with 2 encoding workers: the same bytes
         assert (wds_dir / name).read_bytes() == (again / name).read_bytes(), name
     manifest = json.loads((wds_dir / "manifest.json").read_text())
@@ -144,8 +146,8 @@ def test_each_training_sample_once_per_epoch_and_skip_is_exact(wds_dir, world, w
     usable = 48 // (world * batch) * world * batch
 
     # One loader per rank for every pass: persistent workers must follow set_epoch.
-    loaders = [StreamLoader(splits.train.as_bytes(), batch, workers, True, seed=3, rank=r, world_size=world,
-                            collate=list) for r in range(world)]
+    loaders = [StreamLoader(splits.train.as_bytes(), batch, workers, True,
+                            SampleOrder(seed=3, rank=r, world_size=world), collate=list) for r in range(world)]
 
     def epoch(e: int, skip: int = 0) -> list[list[list[str]]]:
         ranks = []
@@ -174,7 +176,7 @@ def test_validation_reads_every_sample_once(wds_dir, world, workers):
     ids = _decoded_ids(wds_dir, "val")
     seen = []
     for r in range(world):
-        loader = StreamLoader(splits.val, 4, workers, False, rank=r, world_size=world)
+        loader = StreamLoader(splits.val, 4, workers, False, SampleOrder(rank=r, world_size=world))
         batches = list(loader)
         assert len(batches) == len(loader)
         norm = splits.val.transform.normalize  # a bare StreamLoader hands over uint8 batches
@@ -223,8 +225,8 @@ def test_two_gloo_processes_see_every_training_sample_once_per_epoch(wds_dir, jp
     for rank in range(2):
         env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
                "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / f"r{rank}.json"), str(jpeg_tree), cfg],
-                                      env=env, stderr=subprocess.PIPE, text=True))
+        argv = [sys.executable, str(script), str(tmp_path / f"r{rank}.json"), str(jpeg_tree), cfg]
+        procs.append(subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True))
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
     r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2))
@@ -289,7 +291,8 @@ def test_train_from_parquet_and_from_a_save_to_disk_folder(hf_dir, jpeg_tree, tm
     res = _train(tmp_path, "parquet", str(hf_dir), "data.name=hfds", "--workers", "0")
     assert res["bad_images"] == 0 and res["steps"] == 24 and res["Acc@1"] is not None
     # The same images as a DatasetDict written by datasets' save_to_disk (Arrow files).
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["c0", "c1", "c2", "c3"])})
+    label = datasets.ClassLabel(names=["c0", "c1", "c2", "c3"])
+    features = datasets.Features({"image": datasets.Image(), "label": label})
 
     def split(name: str) -> datasets.Dataset:
         files = sorted((jpeg_tree / name).rglob("*.jpg"))

@@ -95,8 +95,9 @@ def test_init_exports_the_rendezvous_for_env_init(srun_env, monkeypatch):
 
     seen = {}
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(
-        {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}, backend=backend))
+        {k: os.environ.get(k) for k in keys}, backend=backend))
     distributed.init(from_env(), torch.device("cpu"))
     assert seen == {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu-a07",
                     "MASTER_PORT": "29742", "backend": "gloo"}
@@ -132,7 +133,7 @@ def test_two_srun_tasks_train_like_one_process(tmp_path):
         for t in tasks:
             if t.poll() is None:
                 t.kill()
-    for t, (_, err) in zip(tasks, outs):
+    for t, (_, err) in zip(tasks, outs, strict=True):
         assert t.returncode == 0, err[-2000:]
     # One job of two ranks: only rank 0 announces it (a relaunch would start two jobs of two).
     assert sum(out.count("visionzoo: training fashion_mnist") for out, _ in outs) == 1
@@ -147,9 +148,10 @@ def test_two_srun_tasks_train_like_one_process(tmp_path):
     w1, w2 = load_file(tmp_path / "one" / first), load_file(tmp_path / "two" / first)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-12, msg=k)
-    epochs = [[r for r in read_metrics(tmp_path / run / "metrics.jsonl") if r["kind"] == "epoch"] for run in ("one", "two")]
+    epochs = [[r for r in read_metrics(tmp_path / run / "metrics.jsonl") if r["kind"] == "epoch"]
+              for run in ("one", "two")]
     assert len(epochs[0]) == len(epochs[1]) == 2
-    for a, b in zip(*epochs):
+    for a, b in zip(*epochs, strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-9)
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-9)
     assert abs(res_two["Acc@1"] - res_one["Acc@1"]) <= 1.0

@@ -15,9 +15,12 @@ FAST = ["--epochs", "1", "--workers", "0", "--device", "cpu", "--amp", "none", "
 IMAGENET_SMALL = ["data.batch_size=4", "train.max_steps_per_epoch=2"]
 
 SCALED = {
-    "alexnet_imagenet": ("imagefolder_dir", IMAGENET_SMALL + ["data.image_size=64", "data.test_resize=72", "data.test_size=64"]),
-    "densenet201_imagenet": ("imagefolder_dir", IMAGENET_SMALL + ["data.image_size=32", "data.test_resize=36", "data.test_size=32"]),
-    "nfnet_f0_imagenet": ("imagefolder_dir", IMAGENET_SMALL + ["data.image_size=64", "data.test_resize=72", "data.test_size=64"]),
+    "alexnet_imagenet": ("imagefolder_dir",
+                         IMAGENET_SMALL + ["data.image_size=64", "data.test_resize=72", "data.test_size=64"]),
+    "densenet201_imagenet": ("imagefolder_dir",
+                             IMAGENET_SMALL + ["data.image_size=32", "data.test_resize=36", "data.test_size=32"]),
+    "nfnet_f0_imagenet": ("imagefolder_dir",
+                          IMAGENET_SMALL + ["data.image_size=64", "data.test_resize=72", "data.test_size=64"]),
     "resnet50_cifar100": ("cifar100_dir", ["data.batch_size=8", "train.max_steps_per_epoch=2"]),
     "fashion_mnist": ("fmnist_dir", ["data.batch_size=32", "train.max_steps_per_epoch=3"]),
 }
@@ -61,8 +64,8 @@ def test_scaled_recipe_trains_checkpoints_and_evaluates(recipe, request, tmp_pat
 
 def test_demo_recipe_learns(fmnist_dir, tmp_path):
     run = tmp_path / "demo"
-    args = ["train", "fashion_mnist", "--data", str(fmnist_dir), "--output", str(run), "--epochs", "3", "--device", "cpu",
-            "data.batch_size=32"]
+    args = ["train", "fashion_mnist", "--data", str(fmnist_dir), "--output", str(run), "--epochs", "3",
+            "--device", "cpu", "data.batch_size=32"]
     assert main(args) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["Acc@1"] >= 90.0  # the generated classes are easy; chance is 10%

@@ -22,7 +22,7 @@ from visionzoo.cli import main
 from visionzoo.config import ModelConfig, load_config
 from visionzoo.errors import UserError
 from visionzoo.models import build_model, create, model_args
-from visionzoo.models.weights import load_weights, model_from_weights, read_file
+from visionzoo.models.weights import model_from_weights, read_file
 
 # dino_fashion_mnist's ViT (28 px grey images, 7 px patches), as the DINO reference would build it.
 VIT_KW = {"img_size": 28, "patch_size": 7, "embed_dim": 96, "depth": 4, "num_heads": 3}
@@ -86,7 +86,8 @@ def _dino_full_checkpoint(path: Path) -> tuple[nn.Module, nn.Module, ReferenceDI
     teacher, student = _reference_vit(10), _reference_vit(11)
     head = ReferenceDINOHead(96, 64, 32, 16, seed=12)
     torch.save({
-        "student": {**{f"module.backbone.{k}": v for k, v in student.state_dict().items()}, **head.state("module.head.")},
+        "student": {**{f"module.backbone.{k}": v for k, v in student.state_dict().items()},
+                    **head.state("module.head.")},
         "teacher": {**{f"backbone.{k}": v for k, v in teacher.state_dict().items()}, **head.state("head.")},
         "optimizer": {"state": {}, "param_groups": [{"lr": 0.001, "params": [0, 1]}]}, "epoch": 100,
         "args": argparse.Namespace(arch="vit_small", patch_size=16, lr=0.0005, out_dim=65536),
@@ -225,7 +226,8 @@ def test_mismatched_weights_are_one_line_with_counts_and_names(tmp_path: Path, c
     (tmp_path / "junk.pth").write_bytes(b"not a pickle")
     assert main(["knn", "--weights", str(tmp_path / "junk.pth"), "--recipe", "dino_fashion_mnist"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"visionzoo: error: {tmp_path / 'junk.pth'} is a text file, not a checkpoint: pass a .pth/.pt/.bin/.safetensors weights file"
+    assert err == (f"visionzoo: error: {tmp_path / 'junk.pth'} is a text file, not a checkpoint: "
+                   "pass a .pth/.pt/.bin/.safetensors weights file")
 
 
 def test_pickled_code_is_refused(tmp_path: Path, capsys) -> None:

@@ -18,9 +18,12 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from visionzoo.errors import UserError
+
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig, RecipeConfig
 
 
 def _value(v: Any) -> str:
@@ -54,7 +57,7 @@ def overrides_from(args: Iterable[str] = (), kwargs: dict | None = None) -> list
     return out
 
 
-def load_recipe(name: str, *overrides: str, **kw: Any):
+def load_recipe(name: str, *overrides: str, **kw: Any) -> RecipeConfig:
     """A recipe (shipped name or YAML path) resolved with overrides: a ``RecipeConfig``
     dataclass, the object ``visionzoo train`` runs (``visionzoo recipes --show`` prints it)."""
     from visionzoo.config import load_config
@@ -76,7 +79,7 @@ class Run:
         return cls(p, json.loads(res.read_text()) if res.is_file() else {})
 
     @property
-    def config(self):
+    def config(self) -> RecipeConfig:
         """The run's resolved config (config.yaml)."""
         from visionzoo.config import load_config
 
@@ -102,7 +105,7 @@ class Run:
         return str(self.path)
 
 
-def fit_config(cfg, perf: bool = False, resume_dir: Path | None = None, summary: bool = True) -> dict:
+def fit_config(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None, summary: bool = True) -> dict:
     """Train a resolved config in this process (one device, or one rank under torchrun) through
     the run lifecycle (engine/run.py) with its task; ``summary``: print the results table at the
     end (the CLI does; ``train`` returns it). Returns results.json's dict."""
@@ -112,8 +115,9 @@ def fit_config(cfg, perf: bool = False, resume_dir: Path | None = None, summary:
     return fit(cfg, perf=perf, resume_dir=resume_dir, on_finished=report_at_end, summary=summary)
 
 
-def train(recipe_or_cfg: Any, *overrides: str, data: str | None = None, devices: int = 1, output: str | None = None,
-          perf: bool = False, resume: str | Path | None = None, summary: bool = False, **kw: Any) -> Run:
+def train(recipe_or_cfg: str | Path | RecipeConfig, *overrides: str, data: str | None = None, devices: int = 1,
+          output: str | None = None, perf: bool = False, resume: str | Path | None = None, summary: bool = False,
+          **kw: Any) -> Run:
     """Train a recipe (name, YAML path or ``load_recipe``'s config) with overrides, as
     ``visionzoo train``; ``data`` is the data folder (or "synthetic"), ``devices`` > 1 launches
     that many worker processes; ``resume`` ("auto" or a run folder) continues a run exactly as
@@ -145,7 +149,7 @@ def train(recipe_or_cfg: Any, *overrides: str, data: str | None = None, devices:
     return Run(Path(results["run_dir"]), results)
 
 
-def _train_launched(cfg, devices: int, perf: bool, resume_dir: Path | None = None) -> Run:
+def _train_launched(cfg: RecipeConfig, devices: int, perf: bool, resume_dir: Path | None = None) -> Run:
     """``devices`` local workers through the CLI's launcher, on the resolved config (or
     continuing ``resume_dir``)."""
     import tempfile
@@ -183,7 +187,7 @@ class Preprocess:
     (data/augment/presets.py EvalInput): an image of another size than a recipe that evaluates at
     the stored size (test_resize 0) is resized to it as infer does."""
 
-    def __init__(self, data_cfg, in_chans: int):
+    def __init__(self, data_cfg: DataConfig, in_chans: int):
         from visionzoo.data.augment.presets import EvalInput
 
         self.data, self.in_chans = data_cfg, in_chans
@@ -219,7 +223,7 @@ class Preprocess:
                 f"mean={list(d.mean)}, std={list(d.std)}, in_chans={self.in_chans})")
 
 
-def load(run_or_weights: Any, recipe: Any = None) -> Loaded:
+def load(run_or_weights: str | Path | Run, recipe: str | Path | RecipeConfig | None = None) -> Loaded:
     """A trained network: ``run_or_weights`` is a run folder, a ``Run`` or a visionzoo
     .safetensors file; with ``recipe`` (name, YAML or config) it is released weights in any
     format ``visionzoo eval --weights`` reads, put into that recipe's model. Returns
@@ -247,7 +251,8 @@ def load(run_or_weights: Any, recipe: Any = None) -> Loaded:
     return Loaded(model.eval(), Preprocess(cfg.data, int(meta["model"]["in_chans"])), list(meta["classes"]))
 
 
-def predict(model_or_run: Any, images: Any, topk: int = 5, batch_size: int = 64, device: str = "cpu") -> list[list[dict]]:
+def predict(model_or_run: Any, images: Any, topk: int = 5, batch_size: int = 64,
+            device: str = "cpu") -> list[list[dict]]:
     """The ``topk`` classes of each image, most probable first: ``[{"class", "index", "prob"}, ...]``
     per image. ``model_or_run``: a run folder / ``Run`` / weights file (loaded with ``load``) or
     ``load``'s result; ``images``: one or a list of PIL images, file paths or uint8 tensors, or a
@@ -263,8 +268,8 @@ def predict(model_or_run: Any, images: Any, topk: int = 5, batch_size: int = 64,
     if isinstance(images, torch.Tensor) and images.dim() == 4 and images.is_floating_point():
         batch_items = list(images)
     else:
-        items = images if isinstance(images, (list, tuple)) or (isinstance(images, torch.Tensor) and images.dim() == 4) \
-            else [images]
+        many = isinstance(images, (list, tuple)) or (isinstance(images, torch.Tensor) and images.dim() == 4)
+        items = images if many else [images]
         batch_items = [loaded.preprocess(i) for i in items]
     model = loaded.model.to(device)
     k = min(topk, len(loaded.classes))
@@ -273,6 +278,7 @@ def predict(model_or_run: Any, images: Any, topk: int = 5, batch_size: int = 64,
         for start in range(0, len(batch_items), batch_size):
             x = torch.stack(batch_items[start:start + batch_size]).to(device)
             p, i = model(x).float().softmax(1).topk(k, dim=1)
-            for probs, idx in zip(p.tolist(), i.tolist()):
-                out.append([{"class": loaded.classes[c], "index": c, "prob": q} for c, q in zip(idx, probs)])
+            for probs, idx in zip(p.tolist(), i.tolist(), strict=True):  # topk: k of each per image
+                out.append([{"class": loaded.classes[c], "index": c, "prob": q}
+                            for c, q in zip(idx, probs, strict=True)])
     return out

@@ -90,7 +90,8 @@ def command_config(checkpoint: str | None, overrides: list[str], weights: str | 
     if recipe and not weights:
         raise UserError("--recipe names the model for --weights; a run folder or checkpoint brings its own")
     if weights and recipe and checkpoint:
-        raise UserError(f"give either a run folder ({checkpoint}) or --recipe {recipe} to take the model for --weights from")
+        raise UserError(f"give either a run folder ({checkpoint}) or --recipe {recipe} to take the model for "
+                        f"--weights from")
     if weights and recipe:
         return load_config(recipe, overrides), None
     if not checkpoint:

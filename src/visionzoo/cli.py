@@ -6,8 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from visionzoo.errors import Stopped, UserError
+
+if TYPE_CHECKING:  # annotations only: the config is imported where a command needs it
+    from visionzoo.config import ModelConfig, RecipeConfig
 
 EXAMPLES = """examples:
   visionzoo recipes                                         # the recipes and their seed targets
@@ -59,7 +63,8 @@ def _add_weights_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("released weights")
     g.add_argument("--weights", metavar="FILE",
                    help="weights to use instead of the checkpoint's: DINO *_pretrain.pth or training checkpoint, "
-                        "timm/torchvision state dict (.pth/.bin/.safetensors), mmcls checkpoint, visionzoo .safetensors")
+                        "timm/torchvision state dict (.pth/.bin/.safetensors), mmcls checkpoint, "
+                        "visionzoo .safetensors")
     g.add_argument("--recipe", help="the recipe whose model and data --weights go with (default: the run folder's)")
     g.add_argument("--checkpoint-key", choices=("teacher", "student"),
                    help="network of a DINO training checkpoint (model.checkpoint_key, default teacher)")
@@ -105,14 +110,14 @@ def cmd_recipes(args: argparse.Namespace) -> None:
     print(format_table(rows, ("recipe", "model", "data", "seed target", "source")))
 
 
-def _model_name(m) -> str:
+def _model_name(m: ModelConfig) -> str:
     """A recipe's network as the recipes table names it: library and name, plus the constructor
     arguments that change it (a timm ViT resized to 28 px is not the 224 px one its name says)."""
     shape = ", ".join(f"{k} {v}" for k, v in m.kwargs.items() if k != "dynamic_img_size")
     return f"{m.library} {m.name}" + (f" with {shape}" if shape else "")
 
 
-def _shown_recipe(cfg) -> str:
+def _shown_recipe(cfg: RecipeConfig) -> str:
     """``recipes --show``'s YAML, with data.num_classes as training will have it: counted from
     the data where that needs no reading of images (class folders, a manifest), else said."""
     from visionzoo.config import to_yaml
@@ -233,12 +238,13 @@ def cmd_linear(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     args.overrides, args.data = [], None  # export takes no config flags beyond --checkpoint-key
     checkpoint, overrides, kw = _weights_args(args)
-    from visionzoo.commands.export import export_checkpoint
+    from visionzoo.commands.export import ExportOptions, export_checkpoint
 
-    export_checkpoint(checkpoint, args.format, args.opset, args.output, args.tolerance, overrides=overrides,
-                      precision=args.precision, calibration_images=args.calibration_images,
-                      calibration=args.calibration, data=args.calibration_data, int8_target=args.int8_target,
-                      full_checkpoint=args.full_checkpoint, **kw)
+    options = ExportOptions(
+        opset=args.opset, tolerance=args.tolerance, precision=args.precision,
+        calibration_images=args.calibration_images, calibration=args.calibration,
+        calibration_data=args.calibration_data, int8_target=args.int8_target, full_checkpoint=args.full_checkpoint)
+    export_checkpoint(checkpoint, args.format, args.output, overrides=overrides, options=options, **kw)
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
@@ -259,10 +265,11 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def cmd_data(args: argparse.Namespace) -> None:
     if args.data_command == "pack":
-        from visionzoo.data.pack import pack
+        from visionzoo.data.pack import PackOptions, pack
 
-        pack(args.src, args.out, args.format, args.shard_size, args.shard_samples, args.resize, args.workers,
-             args.seed, args.quality, args.source, check=not args.no_check)
+        options = PackOptions(shard_size=args.shard_size, shard_samples=args.shard_samples, resize=args.resize,
+                              quality=args.quality, seed=args.seed, workers=args.workers, check=not args.no_check)
+        pack(args.src, args.out, args.format, args.source, options)
     elif args.data_command == "verify":
         from visionzoo.data.pack import verify
 
@@ -282,6 +289,11 @@ def cmd_runs(args: argparse.Namespace) -> None:
         print_runs(args.dir)
 
 
+def _examples(*commands: str) -> str:
+    """A sub-command's --help epilog: its example command lines."""
+    return "examples:\n" + "".join(f"  {c}\n" for c in commands)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command (tests run each --help)."""
     fmt = argparse.RawDescriptionHelpFormatter
@@ -293,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("recipes", help="list the recipes, or print one resolved (--show)", formatter_class=fmt,
-                       epilog="examples:\n  visionzoo recipes\n  visionzoo recipes --show nfnet_f0_imagenet train.epochs=10\n")
+                       epilog=_examples("visionzoo recipes",
+                                        "visionzoo recipes --show nfnet_f0_imagenet train.epochs=10"))
     p.add_argument("--show", metavar="RECIPE", help="print RECIPE fully resolved, as YAML")
     _add_config_flags(p)
     p.set_defaults(func=cmd_recipes)
@@ -327,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "untimed warm-up: train.perf_warmup_steps)")
     p.add_argument("--precision", metavar="LIST",
                    help="comma-separated fp32,bf16,fp16 (default: fp32, bf16 where supported, and the recipe's)")
-    p.add_argument("--compile", action="store_true", help="also time each precision with torch.compile (slow to compile)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time each precision with torch.compile (slow to compile)")
     p.add_argument("--output", help="JSON file (*.json) or folder for bench.json (default runs/<recipe>-bench-<time>/)")
     p.add_argument("--devices", type=int, default=1,
                    help="worker processes on this machine, one per GPU; img/s are totals over all of them")
@@ -348,11 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("linear", "linear probe on a (DINO) checkpoint's frozen backbone: Acc@1",
          ["visionzoo linear runs/<run> --data /data/imagenet          # 100 epochs",
           "visionzoo linear runs/<run> --epochs 10 dino.linear_augment=false",
-          "visionzoo linear --weights dino_deitsmall16_pretrain.pth --recipe dino_vits16_imagenet --data /data/imagenet"],
+          "visionzoo linear --weights dino_deitsmall16_pretrain.pth --recipe dino_vits16_imagenet "
+          "--data /data/imagenet"],
          cmd_linear),
     ):
         p = sub.add_parser(name, help=text, formatter_class=fmt,
-                           epilog="examples:\n" + "".join(f"  {e}\n" for e in examples))
+                           epilog=_examples(*examples))
         p.add_argument("checkpoint", nargs="?", help="a run folder or a .safetensors file (optional with --weights)")
         _add_config_flags(p, training=False)
         if name == "linear":  # the probe's own training length
@@ -360,19 +375,22 @@ def build_parser() -> argparse.ArgumentParser:
         _add_weights_flags(p)
         p.set_defaults(func=func)
 
+    examples = _examples(
+        "visionzoo export runs/fashion_mnist-20261123-101500      # -> <run>/model.onnx + model.json",
+        "visionzoo export runs/<run>/best.safetensors --opset 18 --output exported/",
+        "visionzoo export runs/<run> --format torchscript",
+        "visionzoo export runs/<run> --precision int8     # + model.int8.onnx (static QDQ, calibrated)",
+        "visionzoo export --weights dm_nfnet_f0.pth --recipe nfnet_f0_imagenet --output nfnet/",
+        "visionzoo export runs/<run> --format hf       # -> <run>/model_hf/: timm folder + model card")
     p = sub.add_parser("export", help="export a checkpoint to ONNX (or TorchScript / .pt2, or the layouts of "
                        "timm/HF, torchvision, DINO, mmcls), checked against PyTorch",
-                       formatter_class=fmt,
-                       epilog="examples:\n  visionzoo export runs/fashion_mnist-20261123-101500      # -> <run>/model.onnx + model.json\n"
-                              "  visionzoo export runs/<run>/best.safetensors --opset 18 --output exported/\n"
-                              "  visionzoo export runs/<run> --format torchscript\n"
-                              "  visionzoo export runs/<run> --precision int8     # + model.int8.onnx (static QDQ, calibrated)\n"
-                              "  visionzoo export --weights dm_nfnet_f0.pth --recipe nfnet_f0_imagenet --output nfnet/\n"
-                              "  visionzoo export runs/<run> --format hf       # -> <run>/model_hf/: timm folder + model card\n")
+                       formatter_class=fmt, epilog=examples)
     p.add_argument("checkpoint", nargs="?", help="a run folder or a .safetensors file (optional with --weights)")
     _add_weights_flags(p)
-    p.add_argument("--format", default="onnx", choices=("onnx", "torchscript", "pt2", "hf", "torchvision", "dino", "mmcls"),
-                   help="default: onnx; hf (timm folder + model card), torchvision, dino, mmcls: the weights in that layout")
+    p.add_argument("--format", default="onnx",
+                   choices=("onnx", "torchscript", "pt2", "hf", "torchvision", "dino", "mmcls"),
+                   help="default: onnx; hf (timm folder + model card), torchvision, dino, mmcls: "
+                        "the weights in that layout")
     p.add_argument("--full-checkpoint", action="store_true", help="dino: main_dino.py's training checkpoint too "
                    "(student, teacher, optimizer), from the run's newest checkpoint")
     p.add_argument("--opset", type=int, help="ONNX opset (9-20, default 17)")
@@ -396,12 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "8-bit weights; arm: 64-bit Arm, 8-bit weights")
     p.set_defaults(func=cmd_export)
 
+    examples = _examples(
+        "visionzoo infer runs/<run>/model.onnx --data /usr/share/datasets/fashion-mnist",
+        "visionzoo infer runs/<run>/model.onnx --data /data/imagenet --batch-size 64 --output acc.json",
+        "visionzoo infer runs/<run>/model.onnx shoe.png shirt.jpg",
+        "visionzoo infer runs/<run>/model.onnx photos/ --output predictions.json")
     p = sub.add_parser("infer", help="run an exported ONNX model: accuracy and speed on a split, or top-5 per image",
-                       formatter_class=fmt,
-                       epilog="examples:\n  visionzoo infer runs/<run>/model.onnx --data /usr/share/datasets/fashion-mnist\n"
-                              "  visionzoo infer runs/<run>/model.onnx --data /data/imagenet --batch-size 64 --output acc.json\n"
-                              "  visionzoo infer runs/<run>/model.onnx shoe.png shirt.jpg\n"
-                              "  visionzoo infer runs/<run>/model.onnx photos/ --output predictions.json\n")
+                       formatter_class=fmt, epilog=examples)
     p.add_argument("model", help="a .onnx file written by visionzoo export (its .json sidecar next to it)")
     p.add_argument("images", nargs="*", help="image files to classify (instead of --data)")
     p.add_argument("--data", help="data folder of the validation split (default: the recipe's), or 'synthetic'")
@@ -428,24 +447,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="data.workers: loader processes for image folders")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("runs", help="list the runs under a folder, or compare two runs", formatter_class=fmt,
-                       epilog="examples:\n  visionzoo runs\n  visionzoo runs /scratch/runs\n  visionzoo runs runs/fashion_mnist-20261123-101500   # one run\n"
-                              "  visionzoo runs --compare runs/a runs/b     # differing config keys + results\n")
+                       epilog=_examples("visionzoo runs", "visionzoo runs /scratch/runs",
+                                        "visionzoo runs runs/fashion_mnist-20261123-101500   # one run",
+                                        "visionzoo runs --compare runs/a runs/b     # differing config keys + results"))
     p.add_argument("dir", nargs="?", default="runs",
                    help="folder holding run folders, or one run folder (default: runs)")
-    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="show two runs' config differences and results")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                   help="show two runs' config differences and results")
     p.set_defaults(func=cmd_runs)
     return parser
 
 
-def _add_data_parser(sub, fmt) -> None:
+def _add_data_parser(sub: argparse._SubParsersAction, fmt: type[argparse.HelpFormatter]) -> None:
     """``visionzoo data pack|verify|scan``: convert, check and inspect data sets."""
     from visionzoo.data.sources.table import names  # --format: the packed sources; --source: map-style ones
 
     p = sub.add_parser("data", help="pack data into shards, verify shards, scan an image folder", formatter_class=fmt,
-                       epilog="examples:\n  visionzoo data pack /data/imagenet /data/in1k-wds --format webdataset --workers 8\n"
-                              "  visionzoo data pack /data/imagenet /data/in1k-256 --resize 256 --shard-size 1GB\n"
-                              "  visionzoo data pack ~/data/cifar-100-python /data/c100-hf --format hfds\n"
-                              "  visionzoo data verify /data/in1k-wds\n  visionzoo data scan /data/imagenet --workers 8\n")
+                       epilog=_examples(
+                           "visionzoo data pack /data/imagenet /data/in1k-wds --format webdataset --workers 8",
+                           "visionzoo data pack /data/imagenet /data/in1k-256 --resize 256 --shard-size 1GB",
+                           "visionzoo data pack ~/data/cifar-100-python /data/c100-hf --format hfds",
+                           "visionzoo data verify /data/in1k-wds", "visionzoo data scan /data/imagenet --workers 8"))
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     q = dsub.add_parser("pack", help="convert an ImageFolder (or CIFAR / IDX) folder into tar or parquet shards",
                         formatter_class=fmt)
@@ -465,7 +487,8 @@ def _add_data_parser(sub, fmt) -> None:
                         "left out and listed in manifest.json)")
     q.add_argument("--source", default="auto", choices=("auto", *names(map_style=True, generated=False)),
                    help="what SRC holds (default: guessed)")
-    q = dsub.add_parser("verify", help="re-check shards against their manifest.json (size, sha256)", formatter_class=fmt)
+    q = dsub.add_parser("verify", help="re-check shards against their manifest.json (size, sha256)",
+                        formatter_class=fmt)
     q.add_argument("out", help="a folder written by visionzoo data pack")
     q.add_argument("--deep", action="store_true", help="also read every shard and count its samples")
     q = dsub.add_parser("scan", help="images per class, unreadable files and the file-list cache of an image folder",

@@ -11,11 +11,12 @@ import copy
 import dataclasses
 import difflib
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -60,7 +61,7 @@ class DataConfig:
     # A data source of data/sources/table.py (docs/data.md): the CLI checks it as it resolves the
     # config (config sits below data/, so the table is not imported here).
     name: str = "imagefolder"
-    path: Optional[str] = None  # folder of the data set; None: the data set's default location
+    path: str | None = None  # folder of the data set; None: the data set's default location
     num_classes: int = 1000  # used by synthetic data; real data sets count their classes
     batch_size: int = 256  # global batch (all devices together), images per optimizer step
     # >0: keep this many images per device on any number of devices instead; the global batch
@@ -88,7 +89,7 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop
     crop_padding: int = 4  # pixels of zero padding before RandomCrop (augment=cifar)
     hflip: float = 0.5  # probability of a horizontal flip
-    randaugment: Optional[str] = None  # timm RandAugment string, e.g. rand-m9-n2-mstd0.5
+    randaugment: str | None = None  # timm RandAugment string, e.g. rand-m9-n2-mstd0.5
     interpolation: str = "bilinear"  # bilinear | bicubic
     # Evaluation preprocessing: resize the short side to test_resize, centre-crop test_size.
     test_size: int = 224
@@ -106,8 +107,8 @@ class DataConfig:
     # Shards (data.name=webdataset: tar files; hfds: Hugging Face parquet / save_to_disk), see
     # data/sources/shards.py. train/val: the splits' shards (brace pattern, glob, folder or URL pattern);
     # None: found from data.path (DATA/train-*.tar + DATA/val-*.tar, or the Hub's parquet layout).
-    train: Optional[str] = None
-    val: Optional[str] = None
+    train: str | None = None
+    val: str | None = None
     shuffle_buffer: int = 2048  # samples each loader worker shuffles among (after a per-epoch shard order)
     io_timeout: float = 60.0  # seconds a shard URL may take to answer or to send more bytes
     io_retries: int = 2  # re-opens of a remote shard that broke off, continuing where it stopped
@@ -159,7 +160,7 @@ class ModelConfig:
     # Initial weights (training starts from them; see models/weights.py for the formats): a file
     # (visionzoo, DINO, timm, torchvision, mmcls checkpoints), or timm's/torchvision's own
     # pretrained weights (their download caches). Neither is stored with the run's checkpoints.
-    weights: Optional[str] = None
+    weights: str | None = None
     pretrained: bool = False
     checkpoint_key: str = "teacher"  # DINO training checkpoints: teacher | student
 
@@ -266,7 +267,7 @@ class TrainConfig:
             try:
                 float(self.loss_scale)
             except ValueError:
-                raise UserError(f"train.loss_scale must be 'dynamic' or a number, got {self.loss_scale!r}")
+                raise UserError(f"train.loss_scale must be 'dynamic' or a number, got {self.loss_scale!r}") from None
         if self.accum_steps < 1:
             raise UserError("train.accum_steps must be >= 1")
 
@@ -330,7 +331,8 @@ class DinoConfig:
             if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
                 raise UserError(f"dino.{key} must be [low, high] with 0 < low <= high, got {list(lo_hi)}")
         if len(self.color_jitter) != 4 or len(self.blur_p) != 3:
-            raise UserError("dino.color_jitter needs 4 values (b, c, s, h) and dino.blur_p 3 (global 1, global 2, local)")
+            raise UserError("dino.color_jitter needs 4 values (b, c, s, h) and dino.blur_p 3 "
+                            "(global 1, global 2, local)")
         if min(self.teacher_temp, self.warmup_teacher_temp, self.student_temp) <= 0:
             raise UserError("dino temperatures must be > 0")
         if self.local_crops_number < 0 or self.out_dim < 1 or self.head_layers < 1:
@@ -348,7 +350,7 @@ class LogConfig:
     # Experiment trackers (optional extras; rank 0 only; one that cannot be reached is a warning):
     mlflow: bool = False  # MLflow: log.mlflow_uri, else MLFLOW_TRACKING_URI, else MLflow's local store
     # e.g. http://host:5000, https://user:token@host (never written: https://***@host), sqlite:///path/mlflow.db
-    mlflow_uri: Optional[str] = None  # set: MLflow is on
+    mlflow_uri: str | None = None  # set: MLflow is on
     wandb: bool = False  # Weights & Biases (WANDB_MODE=offline writes RUN/wandb/ only; WANDB_PROJECT)
 
     def __post_init__(self) -> None:
@@ -373,7 +375,7 @@ class RecipeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)  # used when task=dino
     log: LogConfig = field(default_factory=LogConfig)
-    output: Optional[str] = None  # run folder; None: runs/<recipe>-<timestamp>
+    output: str | None = None  # run folder; None: runs/<recipe>-<timestamp>
 
     def __post_init__(self) -> None:
         # task: checked against the registry (engine/tasks TASKS, where a new task registers) by
@@ -441,7 +443,7 @@ _ITEM_WORDS = {bool: "true/false values", int: "whole numbers", float: "numbers"
 def _type_words(tp: Any) -> str:
     """``tp`` as a user reads it: "a whole number", "a list of numbers", "a number or null"."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) is typing.Union:  # Optional[X]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None (or Optional[X])
         return f"{_type_words(args[0])} or null"
     if typing.get_origin(tp) is list:
         return f"a list of {_ITEM_WORDS.get(args[0], 'values') if args else 'values'}"
@@ -581,7 +583,7 @@ def peak_lr(cfg: RecipeConfig) -> float:
     return o.lr
 
 
-def absolute_data_path(path: Optional[str]) -> Optional[str]:
+def absolute_data_path(path: str | None) -> str | None:
     """``data.path`` as an absolute path when it names a local file or folder (so a run's config,
     checkpoints and exports work from any directory); URLs, shard patterns and None unchanged."""
     if not path or "://" in path or path.startswith("pipe:") or not Path(path).expanduser().exists():

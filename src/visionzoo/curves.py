@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from visionzoo.run_folder import read_metrics
+
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 TOPK = 5
 # Labels are text: a class or run name with "$" must not be read as mathtext (matplotlib would
@@ -26,7 +31,7 @@ def step_to_epoch(steps: list[float], epochs: list[dict]) -> np.ndarray:
     ends = [(r["step"], r["epoch"]) for r in epochs if r.get("step") is not None]
     if not ends:
         return at / (max(steps, default=0) / max(len(epochs), 1) or 1)
-    xs, ys = zip(*([(0, 0)] + ends))
+    xs, ys = zip(*([(0, 0)] + ends), strict=True)  # (step, epoch) pairs
     per_epoch = xs[-1] / ys[-1] if ys[-1] else 1.0
     # Steps logged after the last epoch end (a run still going, or one killed mid-epoch) continue
     # at the average epoch length.
@@ -34,7 +39,7 @@ def step_to_epoch(steps: list[float], epochs: list[dict]) -> np.ndarray:
 
 
 def _finite(xs: list, ys: list) -> tuple[list, list]:
-    keep = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+    keep = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None and math.isfinite(y)]
     return [x for x, _ in keep], [y for _, y in keep]
 
 
@@ -75,7 +80,7 @@ def plot_curves(run_dir: Path, title: str | None = None, topk: int | None = None
     return out
 
 
-def _restarts(axes, records: list[dict], epochs: list[dict]) -> None:
+def _restarts(axes: np.ndarray, records: list[dict], epochs: list[dict]) -> None:
     """A dashed line on every panel where a session of a resumed run starts (its resume records),
     named in the loss panel's legend."""
     steps = sorted({r["step"] for r in records if r.get("kind") == "resume" and isinstance(r.get("step"), int)})
@@ -92,7 +97,7 @@ def _restarts(axes, records: list[dict], epochs: list[dict]) -> None:
             a.axvline(x + shift, color="tab:red", ls="--", lw=1, alpha=0.6, label=label)
 
 
-def curves_figure(records: list[dict], title: str, topk: int = TOPK):
+def curves_figure(records: list[dict], title: str, topk: int = TOPK) -> Figure:
     """Loss (per logged step and per epoch; log scale when it spans decades), accuracy with the
     best epoch marked (the "acc5" records named top-``topk``), learning rate per logged step, and
     throughput, against epochs; a dashed line where each restart of a resumed run begins."""
@@ -128,7 +133,7 @@ def curves_figure(records: list[dict], title: str, topk: int = TOPK):
     return fig
 
 
-def _loss_panel(ax, steps: list[dict], step_x: list[float], epochs: list[dict]) -> None:
+def _loss_panel(ax: Axes, steps: list[dict], step_x: list[float], epochs: list[dict]) -> None:
     losses: list[float] = []
     if steps:
         xs, ys = _finite(step_x, [r.get("loss") for r in steps])
@@ -146,7 +151,7 @@ def _loss_panel(ax, steps: list[dict], step_x: list[float], epochs: list[dict]) 
     ax.set(title="Loss", xlabel="epoch", ylabel="loss" + (" (log scale)" if ax.get_yscale() == "log" else ""))
 
 
-def _accuracy_panel(ax, epochs: list[dict], topk: int) -> None:
+def _accuracy_panel(ax: Axes, epochs: list[dict], topk: int) -> None:
     val = [r for r in epochs if r.get("acc1") is not None]
     if val:
         best = max(val, key=lambda r: r["acc1"])
@@ -164,7 +169,7 @@ def _accuracy_panel(ax, epochs: list[dict], topk: int) -> None:
         ax.legend(fontsize=8, loc="lower right")
 
 
-def _lr_panel(ax, steps: list[dict], step_x: list[float], epochs: list[dict]) -> None:
+def _lr_panel(ax: Axes, steps: list[dict], step_x: list[float], epochs: list[dict]) -> None:
     if steps and any(r.get("lr") is not None for r in steps):
         ax.plot(step_x, [r.get("lr") for r in steps], ".-", color="tab:purple", ms=3, label="per logged step")
     elif epochs:

@@ -15,9 +15,10 @@ import socket
 import sys
 import threading
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -310,7 +311,7 @@ def _launcher_scope(env_defaults: dict[str, str]) -> Iterator[None]:
     try:
         yield
     finally:
-        for log, level in zip(elastic_logs, old_levels):
+        for log, level in zip(elastic_logs, old_levels, strict=True):
             log.setLevel(level)
         for k in added:
             os.environ.pop(k, None)

@@ -1,5 +1,9 @@
 """The one exception type for mistakes a user can make (paths, config keys, data)."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 class UserError(Exception):
     """A problem the user can fix. The CLI prints its message on one line and exits 2."""
@@ -18,7 +22,8 @@ class Stopped(UserError):
     others) and exits with ``128 + signal number``, as a shell reports a process a signal ended:
     the same code for one process and for ``--devices N``."""
 
-    def __init__(self, step: int, run_dir, signum: int, note: str | None = None, quiet: bool = False) -> None:
+    def __init__(self, step: int, run_dir: str | Path, signum: int, note: str | None = None,
+                 quiet: bool = False) -> None:
         super().__init__(f"stopped at step {step}")
         self.step, self.run_dir, self.signum, self.note, self.quiet = step, run_dir, signum, note, quiet
         self.exit_code = 128 + signum

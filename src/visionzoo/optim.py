@@ -7,11 +7,15 @@ mode: the global norm, a value, timm's adaptive clipping (NFNet) or DINO's norm 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+if TYPE_CHECKING:
+    from visionzoo.config import OptimConfig, ScheduleConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool,
@@ -33,7 +37,7 @@ def param_groups(model: nn.Module, weight_decay: float, exclude_bias_norm: bool,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, o, device_type: str) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, o: OptimConfig, device_type: str) -> torch.optim.Optimizer:
     """SGD (optionally Nesterov) or AdamW for an OptimConfig, using the fastest kernels the
     device has (fused on CUDA, foreach elsewhere)."""
     groups = param_groups(model, o.weight_decay, o.wd_exclude_bias_norm, o.wd_exclude)
@@ -43,7 +47,7 @@ def build_optimizer(model: nn.Module, o, device_type: str) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), **fast)
 
 
-def clip_parameters(model: nn.Module, o) -> list[torch.Tensor]:
+def clip_parameters(model: nn.Module, o: OptimConfig) -> list[torch.Tensor]:
     """The parameters gradient clipping acts on: AGC leaves out the classifier (as NFNets do)."""
     if o.clip_mode != "agc" or not o.agc_exclude:
         return [p for p in model.parameters() if p.requires_grad]
@@ -90,7 +94,7 @@ def cosine_schedule(start: float, end: float, total_steps: int, warmup_steps: in
     return np.concatenate([warm, main])[:total_steps]
 
 
-def lr_schedule(s, base_lr: float, epochs: int, steps_per_epoch: int) -> np.ndarray:
+def lr_schedule(s: ScheduleConfig, base_lr: float, epochs: int, steps_per_epoch: int) -> np.ndarray:
     """LR for every optimizer step of the run: linear warm-up from ``warmup_lr``, then cosine to
     ``min_lr``, step decay at ``milestones``, or constant. ``by=epoch`` holds each value for a
     whole epoch (as schedulers stepped once per epoch do), the warm-up's too: torchvision's

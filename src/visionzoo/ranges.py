@@ -14,8 +14,8 @@ RANGES: dict[str, str] = {
     "data.num_classes": ">=1", "data.batch_size": ">=1", "data.batch_size_per_device": ">=0",
     "data.workers": ">=0", "data.in_chans": ">=1", "data.image_size": ">=1", "data.crop_scale": "0..1",
     "data.crop_padding": ">=0", "data.hflip": "0..1", "data.test_size": ">=1", "data.test_resize": ">=0",
-    "data.mean": ">=0", "data.std": ">0", "data.synthetic_samples": ">=1", "data.shuffle_buffer": ">=0", "data.io_timeout": ">0",
-    "data.io_retries": ">=0",
+    "data.mean": ">=0", "data.std": ">0", "data.synthetic_samples": ">=1", "data.shuffle_buffer": ">=0",
+    "data.io_timeout": ">0", "data.io_retries": ">=0",
     "model.drop_rate": "0..1", "model.drop_path_rate": "0..1", "model.bn_group": ">=0",
     "optim.lr": ">=0", "optim.momentum": "0..1", "optim.betas": "0..1", "optim.weight_decay": ">=0",
     "optim.clip_value": ">=0", "optim.lr_batch": ">=0",
@@ -34,8 +34,9 @@ RANGES: dict[str, str] = {
     "dino.global_crops_scale": "0..1", "dino.local_crops_scale": "0..1", "dino.local_crops_number": ">=0",
     "dino.local_crop_size": ">=1", "dino.color_jitter": ">=0", "dino.color_jitter_p": "0..1",
     "dino.grayscale_p": "0..1", "dino.blur_p": "0..1", "dino.blur_sigma": ">=0", "dino.solarize_p": "0..1",
-    "dino.knn_k": ">=1", "dino.knn_temperature": ">0", "dino.knn_report_k": ">=1", "dino.knn_max_train": ">=0", "dino.linear_epochs": ">=0",
-    "dino.linear_lr": ">=0", "dino.linear_batch_size": ">=1", "dino.linear_n_last_blocks": ">=1",
+    "dino.knn_k": ">=1", "dino.knn_temperature": ">0", "dino.knn_report_k": ">=1", "dino.knn_max_train": ">=0",
+    "dino.linear_epochs": ">=0", "dino.linear_lr": ">=0", "dino.linear_batch_size": ">=1",
+    "dino.linear_n_last_blocks": ">=1",
 }
 
 

@@ -83,7 +83,8 @@ class MetricsLog:
             kind = record.get("kind", "misc")
             step = record.get("step" if kind == "step" else "epoch", 0)
             for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("time", "step", "epoch"):
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if number and key not in ("time", "step", "epoch"):
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
         for tracker in self.trackers:
             tracker.log(record)

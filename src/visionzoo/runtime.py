@@ -212,7 +212,7 @@ class StopSignal:
         if self.signum is None:
             self.signum = signum
 
-    def __enter__(self) -> "StopSignal":
+    def __enter__(self) -> StopSignal:
         import signal
         import threading
 

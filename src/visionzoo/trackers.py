@@ -24,10 +24,13 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from visionzoo.redaction import REDACTED, redact_credentials
+
+if TYPE_CHECKING:
+    from visionzoo.config import RecipeConfig
 
 MLFLOW_EXPERIMENT = "visionzoo"  # MLFLOW_EXPERIMENT_NAME overrides it
 WANDB_PROJECT = "visionzoo"  # WANDB_PROJECT overrides it
@@ -184,7 +187,7 @@ def _check_reachable(uri: str, creds: dict[str, str]) -> None:
 class MlflowTracker(Tracker):
     name = "MLflow"
 
-    def __init__(self, cfg, run_dir: Path, uri: str | None):
+    def __init__(self, cfg: RecipeConfig, run_dir: Path, uri: str | None):
         super().__init__()
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
@@ -258,7 +261,7 @@ class MlflowTracker(Tracker):
 class WandbTracker(Tracker):
     name = "W&B"
 
-    def __init__(self, cfg, run_dir: Path):
+    def __init__(self, cfg: RecipeConfig, run_dir: Path):
         super().__init__()
         import wandb
 
@@ -309,7 +312,7 @@ class WandbTracker(Tracker):
             wandb.teardown()
 
 
-def open_trackers(cfg, run_dir: Path) -> list[Tracker]:
+def open_trackers(cfg: RecipeConfig, run_dir: Path) -> list[Tracker]:
     """The trackers the config asks for (log.mlflow or log.mlflow_uri, log.wandb), opened; one warning for each
     that is not installed or cannot be reached."""
     from visionzoo.errors import first_line

@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,10 +33,16 @@ import torch
 from torch.utils.data import Dataset
 
 from visionzoo import distributed
-from visionzoo.config import RecipeConfig, to_dict
+from visionzoo.config import DataConfig, RecipeConfig, to_dict
 from visionzoo.data.augment.presets import eval_transform, train_transform
-from visionzoo.data.loading.build import (Splits, build_datasets, cpu_fallbacks, loader_kind,
-                                          set_loader_epoch)
+from visionzoo.data.loading.build import (
+    Loader,
+    Splits,
+    build_datasets,
+    cpu_fallbacks,
+    loader_kind,
+    set_loader_epoch,
+)
 from visionzoo.data.sources.table import data_source
 from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 from visionzoo.engine.loop import LoopSettings, Position, RunHooks, Timer, timed_steps, train_epoch
@@ -87,7 +94,7 @@ class DecodedPool(Dataset):
     without the JPEG decode, so the recipe's per-image transforms run in DataLoader workers
     exactly as on real files."""
 
-    def __init__(self, images: list, labels: np.ndarray, classes: list[str], transform):
+    def __init__(self, images: list, labels: np.ndarray, classes: list[str], transform: Callable):
         self.images, self.labels, self.classes, self.transform = images, labels, classes, transform
         self.targets = [int(t) for t in labels]
 
@@ -98,7 +105,7 @@ class DecodedPool(Dataset):
         return self.transform(self.images[index % len(self.images)]), int(self.labels[index])
 
 
-def synthetic_source(d, n: int, seed: int = 0) -> Splits:
+def synthetic_source(d: DataConfig, n: int, seed: int = 0) -> Splits:
     """Random images shaped like the recipe's stored data (no files, no decode), wrapped so that
     ``build_loaders`` picks the loader the real data would get: the device-resident loader with
     its batch augmentation for CIFAR/MNIST-style recipes, DataLoader workers running the
@@ -155,7 +162,7 @@ def bench_settings(cfg: RecipeConfig, device: torch.device, precisions: str | No
     return [Setting(p, c) for p in names for c in ((False, True) if cfg.train.compile else (False,))]
 
 
-def _timed(task: Task, pos: Position, s: LoopSettings, loader, warmup: int, steps: int) -> dict:
+def _timed(task: Task, pos: Position, s: LoopSettings, loader: Loader | RepeatBatch, warmup: int, steps: int) -> dict:
     """``warmup`` untimed then ``steps`` timed optimizer steps of ``loader``, as ``train --perf``."""
     task.train_loader, pos.timer, start = loader, Timer(), pos.global_step
     timed_steps(task, pos, s, RunHooks(), start + warmup + steps, start + warmup, set_loader_epoch)
@@ -164,7 +171,11 @@ def _timed(task: Task, pos: Position, s: LoopSettings, loader, warmup: int, step
             "img_s": images / seconds if seconds > 0 else None, "final_loss": pos.last_loss}
 
 
-def _synthetic_batch(template, device: torch.device, memory_format: torch.memory_format, num_classes: int) -> tuple:
+Batch = torch.Tensor | list[torch.Tensor]  # a loader's images: one tensor, or DINO's list of crop batches
+
+
+def _synthetic_batch(template: Batch, device: torch.device, memory_format: torch.memory_format,
+                     num_classes: int) -> tuple:
     """Random values shaped, typed and laid out (strides) like the loader's batches on the device."""
     if isinstance(template, list):  # multi-crop: a list of crops
         return [torch.randn_like(c.to(device)) for c in template], torch.zeros(len(template[0]), dtype=torch.long)
@@ -172,8 +183,8 @@ def _synthetic_batch(template, device: torch.device, memory_format: torch.memory
     return images, torch.randint(0, num_classes, (len(images),), device=device)
 
 
-def bench_setting(cfg: RecipeConfig, setting: Setting, env: RunEnv, classes: list[str], train_loader,
-                  steps_per_epoch: int, template) -> dict:
+def bench_setting(cfg: RecipeConfig, setting: Setting, env: RunEnv, classes: list[str], train_loader: Loader,
+                  steps_per_epoch: int, template: Batch) -> dict:
     """Build the recipe's task for ``setting`` as a training run does, then time its first step
     (it includes compilation), model-only steps and end-to-end steps."""
     seed_everything(cfg.train.seed + env.rank)
@@ -265,8 +276,9 @@ def run_bench(cfg: RecipeConfig, synthetic: bool = False, precisions: str | None
         raise UserError("the first training batch held no readable image")
     loader_name = loader_kind(train_loader)
     if env.is_main:
-        print(f"visionzoo: bench {cfg.recipe} | {cfg.model.library} {cfg.model.name} | {env.world_size} × {env.device} | "
-              f"batch {d.batch_size} ({d.batch_size_per_device} per device) | data {source}, {loader_name} | "
+        print(f"visionzoo: bench {cfg.recipe} | {cfg.model.library} {cfg.model.name} | "
+              f"{env.world_size} × {env.device} | batch {d.batch_size} ({d.batch_size_per_device} per device) | "
+              f"data {source}, {loader_name} | "
               f"{cfg.train.perf_warmup_steps} warm-up + {cfg.train.perf_steps} timed steps | "
               f"{', '.join(s.name for s in settings)}", flush=True)
 

@@ -43,8 +43,9 @@ def evaluate_checkpoint(checkpoint: str | None, overrides: list[str], weights: s
     model = model.to(device, weights_dtype(cfg.train.amp), memory_format=memory_format)
     result = evaluate(model, loader, device, amp_dtype, channels_last, progress=cfg.log.progress)
     k = min(5, len(splits.classes))  # top-5 is top-k with fewer classes: named for what it is
-    print(f"{weights or checkpoint}: Acc@1 {result['acc1']:.2f}%  Acc@{k} {result['acc5']:.2f}%  loss {result['loss']:.4f}  "
-          f"({result['samples']} images, {precision_name(amp_dtype or weights_dtype(cfg.train.amp))} on {device})"
+    precision = precision_name(amp_dtype or weights_dtype(cfg.train.amp))
+    print(f"{weights or checkpoint}: Acc@1 {result['acc1']:.2f}%  Acc@{k} {result['acc5']:.2f}%  "
+          f"loss {result['loss']:.4f}  ({result['samples']} images, {precision} on {device})"
           + (f", {result['bad_images']} unreadable skipped" if result["bad_images"] else ""))
     return result
 

@@ -19,7 +19,9 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -29,6 +31,10 @@ from visionzoo.checkpoint import atomic_write, load_model, resolve_weights, sha2
 from visionzoo.commands.export_layouts import Source, check_layout_flags, export_weights
 from visionzoo.errors import UserError, first_line
 from visionzoo.models.weights_out import LAYOUTS
+
+if TYPE_CHECKING:
+    from visionzoo.commands.quantize import Int8Target
+    from visionzoo.config import DataConfig, RecipeConfig
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}  # graphs; the layouts: LAYOUTS
 DEFAULT_OPSET = 17  # ONNX Runtime >= 1.14 runs it; the TorchScript exporter's best-tested range
@@ -47,7 +53,7 @@ def sidecar_path(model_path: str | Path) -> Path:
     return p.with_suffix(".json") if p.suffix == ".onnx" else p.with_name(p.name + ".json")
 
 
-def input_size(d) -> int:
+def input_size(d: DataConfig) -> int:
     """Side of the square images the model sees at evaluation (data/augment/presets.py eval_size)."""
     from visionzoo.data.augment.presets import eval_size
 
@@ -214,7 +220,7 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _class_names(cfg, n: int) -> list[str]:
+def _class_names(cfg: RecipeConfig, n: int) -> list[str]:
     """Names of the ``n`` classes of released weights: the recipe's data set's when it is there
     and has ``n`` classes, else ImageNet-1k's synsets (timm's table, the ImageFolder folder names)
     for 1000, else "0".."n-1"."""
@@ -272,70 +278,128 @@ def _source(checkpoint: str | None, weights: str | None, recipe: str | None, ove
     return Source(model, meta, path, False)
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """The flags of ``visionzoo export`` beside what to export and where. ``opset`` and
+    ``tolerance``: None for DEFAULT_OPSET and DEFAULT_TOLERANCE. ``precision`` int8 or bf16 (ONNX
+    only) writes the fp32 model and then ``<name>.int8.onnx`` / ``<name>.bf16.onnx`` beside it
+    (quantize.py): int8 calibrated on ``calibration_images`` training images (of
+    ``calibration_data`` when given) with ``calibration`` (percentile | minmax | entropy; default
+    quantize.DEFAULT_CALIBRATION), for the CPUs of ``int8_target`` (quantize.INT8_TARGETS; default:
+    this machine's). ``full_checkpoint``: with the dino layout, DINO's training checkpoint too."""
+
+    opset: int | None = None
+    tolerance: float | None = None
+    precision: str = "fp32"
+    calibration_images: int | None = None
+    calibration: str | None = None
+    calibration_data: str | None = None
+    int8_target: str | None = None
+    full_checkpoint: bool = False
+
+
 def export_checkpoint(
-    checkpoint: str | None, fmt: str = "onnx", opset: int | None = None, output: str | None = None,
-    tolerance: float | None = None, weights: str | None = None, recipe: str | None = None,
-    overrides: list[str] | None = None, precision: str = "fp32", calibration_images: int | None = None,
-    calibration: str | None = None, data: str | None = None, int8_target: str | None = None,
-    full_checkpoint: bool = False,
+    checkpoint: str | None, fmt: str = "onnx", output: str | None = None, weights: str | None = None,
+    recipe: str | None = None, overrides: list[str] | None = None, options: ExportOptions | None = None,
 ) -> dict:
     """``visionzoo export``: write the checkpoint (a run folder or a .safetensors file), or
     ``weights`` in the model of ``recipe`` / of the run folder, as ``fmt`` with its sidecar,
-    after checking the exported model against PyTorch; return the sidecar. ``opset`` and
-    ``tolerance`` default to DEFAULT_OPSET and DEFAULT_TOLERANCE.
-
-    ``precision`` int8 or bf16 (ONNX only) writes the fp32 model and then ``<name>.int8.onnx`` /
-    ``<name>.bf16.onnx`` beside it (quantize.py): int8 calibrated on ``calibration_images``
-    training images (of ``data`` when given) with ``calibration`` (percentile | minmax | entropy;
-    default quantize.DEFAULT_CALIBRATION), for the CPUs of ``int8_target`` (quantize.INT8_TARGETS;
-    default: this machine's). An ``output`` named ``X.int8.onnx`` names the int8 file; its fp32
-    reference is then ``X.onnx``.
+    after checking the exported model against PyTorch; return the sidecar. ``options``: opset,
+    tolerance, low precision (ExportOptions). An ``output`` named ``X.int8.onnx`` names the int8
+    file; its fp32 reference is then ``X.onnx``.
 
     ``fmt`` hf, torchvision, dino or mmcls writes the weights in that library's layout instead
-    (export_weights; ``full_checkpoint``: DINO's training checkpoint too)."""
-    from visionzoo.commands import quantize
-    from visionzoo.config import absolute_data_path, from_dict, to_dict
-    from visionzoo.version import __version__
+    (export_weights)."""
+    from visionzoo.config import from_dict
 
+    opts = options or ExportOptions()
     if fmt not in FORMATS and fmt not in LAYOUTS:
         raise UserError(f"unknown export format '{fmt}' (have: {', '.join([*FORMATS, *LAYOUTS])})")
-    check_layout_flags(fmt, full_checkpoint, bool(weights), {
-        "--opset": opset, "--precision": precision != "fp32", "--calibration-images": calibration_images,
-        "--calibration": calibration, "--calibration-data": data, "--int8-target": int8_target})
-    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+    check_layout_flags(fmt, opts.full_checkpoint, bool(weights), {
+        "--opset": opts.opset, "--precision": opts.precision != "fp32",
+        "--calibration-images": opts.calibration_images, "--calibration": opts.calibration,
+        "--calibration-data": opts.calibration_data, "--int8-target": opts.int8_target})
+    tolerance = DEFAULT_TOLERANCE if opts.tolerance is None else opts.tolerance
     if fmt in LAYOUTS:  # the weights in a library's layout (export_layouts.py)
         src = _source(checkpoint, weights, recipe, overrides)
         return export_weights(src, fmt, input_size(from_dict(src.meta["config"]).data), output, tolerance,
-                              full_checkpoint)
-    if precision not in quantize.PRECISIONS:
-        raise UserError(f"unknown precision '{precision}' (have: {', '.join(quantize.PRECISIONS)})")
-    if precision != "fp32" and fmt != "onnx":
-        raise UserError(f"--precision {precision} is for ONNX exports (ONNX Runtime runs it); not --format {fmt}")
-    if int8_target is not None and precision != "int8":
-        raise UserError(f"--int8-target is for --precision int8 (this export is {precision})")
-    target = quantize.resolve_int8_target(int8_target) if precision == "int8" else None
-    if output is not None and precision != "fp32" and output.endswith(f".{precision}.onnx"):
-        output = output.removesuffix(f".{precision}.onnx") + ".onnx"  # --output names the low-precision file
-    low_options = quantize.bf16_session_options() if precision == "bf16" else {}
-    opset = DEFAULT_OPSET if opset is None else opset
+                              opts.full_checkpoint)
+    low = _check_precision(fmt, opts)
+    if output is not None and low is not None and output.endswith(f".{opts.precision}.onnx"):
+        output = output.removesuffix(f".{opts.precision}.onnx") + ".onnx"  # --output names the low-precision file
+    opset = DEFAULT_OPSET if opts.opset is None else opts.opset
     if fmt == "onnx":
         _require_onnx()
         if not ONNX_MIN_OPSET <= opset <= ONNX_MAX_OPSET:
             raise UserError(f"--opset {opset} is outside what the exporter writes ({ONNX_MIN_OPSET}-{ONNX_MAX_OPSET})")
-    model, meta, weights, _ = _source(checkpoint, weights, recipe, overrides)
-    # A DINO run's weights are the teacher backbone: it exports as a feature extractor.
-    features = meta.get("task", meta["config"].get("task", "supervised")) == "dino"
-    if features and precision != "fp32":
-        raise UserError(f"--precision {precision} is for classifiers; {weights} is a DINO backbone")
-    if not features and not meta.get("classes"):
-        raise UserError(f"{weights} holds no class names: it is not a classifier checkpoint visionzoo wrote")
-    model = model.float().eval()
-    cfg = from_dict(meta["config"])
-    d = cfg.data
-    size = input_size(d)
-    chans, classes = int(meta["model"]["in_chans"]), list(meta["classes"])
-    out_path = _output_path(weights, fmt, output)
+    src = _source(checkpoint, weights, recipe, overrides)
+    _check_exportable(src, opts.precision)
+    out_path = _output_path(src.path, fmt, output)
+    sidecar = _export_graph(src, fmt, opset, tolerance, out_path)
+    if low is not None:
+        sidecar = _low_precision(out_path, sidecar, from_dict(src.meta["config"]).data, opts, low)
+    return sidecar
 
+
+class _LowPrecision(NamedTuple):
+    """What a checked ``--precision`` int8 / bf16 resolves to before anything is exported."""
+
+    session_options: dict[str, str]  # ONNX Runtime session config entries (bf16's kernels)
+    target: Int8Target | None  # for int8
+
+
+def _check_precision(fmt: str, opts: ExportOptions) -> _LowPrecision | None:
+    """The low-precision flags checked (before the slow export): None for fp32."""
+    from visionzoo.commands import quantize
+
+    precision = opts.precision
+    if precision not in quantize.PRECISIONS:
+        raise UserError(f"unknown precision '{precision}' (have: {', '.join(quantize.PRECISIONS)})")
+    if precision != "fp32" and fmt != "onnx":
+        raise UserError(f"--precision {precision} is for ONNX exports (ONNX Runtime runs it); not --format {fmt}")
+    if opts.int8_target is not None and precision != "int8":
+        raise UserError(f"--int8-target is for --precision int8 (this export is {precision})")
+    if precision == "fp32":
+        return None
+    target = quantize.resolve_int8_target(opts.int8_target) if precision == "int8" else None
+    return _LowPrecision(quantize.bf16_session_options() if precision == "bf16" else {}, target)
+
+
+def _is_backbone(meta: dict) -> bool:
+    """A DINO run's weights are the teacher backbone: it exports as a feature extractor."""
+    return meta.get("task", meta["config"].get("task", "supervised")) == "dino"
+
+
+def _check_exportable(src: Source, precision: str) -> None:
+    """A backbone exports in fp32 only; a classifier needs its class names."""
+    if _is_backbone(src.meta) and precision != "fp32":
+        raise UserError(f"--precision {precision} is for classifiers; {src.path} is a DINO backbone")
+    if not _is_backbone(src.meta) and not src.meta.get("classes"):
+        raise UserError(f"{src.path} holds no class names: it is not a classifier checkpoint visionzoo wrote")
+
+
+def _parity(fmt: str, got: np.ndarray, reference: np.ndarray, tolerance: float, name: str) -> dict:
+    """The parity record of the exported model's outputs ``got`` against PyTorch's; a UserError
+    when they differ beyond the tolerance (relative to the largest logit)."""
+    same_shape = got.shape == reference.shape
+    diff = float(np.max(np.abs(got.astype(np.float64) - reference))) if same_shape else float("inf")
+    limit = tolerance * max(1.0, float(np.max(np.abs(reference))))
+    if not diff <= limit:  # also catches NaN
+        raise UserError(f"{fmt} export of {name} does not match PyTorch: max abs "
+                        f"difference {diff:.3g} on a random batch of {CHECK_BATCH} (limit {limit:.3g} = "
+                        f"tolerance {tolerance:g} x max(1, max |logit|)); nothing written")
+    return {"max_abs_diff": diff, "tolerance": tolerance, "limit": limit, "batch": CHECK_BATCH,
+            "runtime": "onnxruntime CPUExecutionProvider" if fmt == "onnx" else f"torch {fmt}"}
+
+
+def _export_graph(src: Source, fmt: str, opset: int, tolerance: float, out_path: Path) -> dict:
+    """Write the model of ``src`` as ``fmt`` to ``out_path`` when it matches PyTorch on a random
+    batch (nothing is kept when it does not), then its sidecar; return the sidecar."""
+    from visionzoo.config import from_dict
+
+    features, meta = _is_backbone(src.meta), src.meta
+    model, name = src.model.float().eval(), meta["model"]["name"]
+    size, chans = input_size(from_dict(meta["config"]).data), int(meta["model"]["in_chans"])
     # Random images in normalised units, like real preprocessed inputs; seeded for reruns.
     g = torch.Generator().manual_seed(0)
     example = torch.randn(TRACE_BATCH, chans, size, size, generator=g)
@@ -351,20 +415,33 @@ def export_checkpoint(
                 export_fn(model, example, tmp, opset, FEATURES_NAME if features else OUTPUT_NAME)
         except (RuntimeError, ValueError, NotImplementedError) as err:
             # Unsupported operators, data-dependent control flow, bad opsets: one line, no traceback.
-            raise UserError(f"{fmt} export of {meta['model']['name']} failed: {first_line(err)}") from None
-        got = run_fn(tmp, check.numpy())
-        same_shape = got.shape == reference.shape
-        diff = float(np.max(np.abs(got.astype(np.float64) - reference))) if same_shape else float("inf")
-        limit = tolerance * max(1.0, float(np.max(np.abs(reference))))
-        parity.update(max_abs_diff=diff, tolerance=tolerance, limit=limit, batch=CHECK_BATCH,
-                      runtime="onnxruntime CPUExecutionProvider" if fmt == "onnx" else f"torch {fmt}")
-        if not diff <= limit:  # also catches NaN
-            raise UserError(f"{fmt} export of {meta['model']['name']} does not match PyTorch: max abs "
-                            f"difference {diff:.3g} on a random batch of {CHECK_BATCH} (limit {limit:.3g} = "
-                            f"tolerance {tolerance:g} x max(1, max |logit|)); nothing written")
+            raise UserError(f"{fmt} export of {name} failed: {first_line(err)}") from None
+        parity.update(_parity(fmt, run_fn(tmp, check.numpy()), reference, tolerance, name))
 
     atomic_write(out_path, write)
-    sidecar = {
+    dims = int(reference.shape[-1])
+    sidecar = _graph_sidecar(src, fmt, opset, out_path, dims, parity)
+    side = sidecar_path(out_path)
+    atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
+    what = (f"DINO teacher backbone: [CLS] features of {dims} dims, no classifier"
+            if features else f"{len(sidecar['classes'])} classes")
+    print(f"{out_path}: {fmt} export of {meta['model']['library']} {name} "
+          f"(input [batch, {chans}, {size}, {size}], {what}); parity vs PyTorch: "
+          f"max abs diff {parity['max_abs_diff']:.2e} (limit {parity['limit']:.2e}); sidecar {side}")
+    return sidecar
+
+
+def _graph_sidecar(src: Source, fmt: str, opset: int, out_path: Path, dims: int, parity: dict) -> dict:
+    """The sidecar of the exported file ``out_path``: input, preprocessing, classes, the resolved
+    data section, the source checkpoint, the parity record, versions. ``dims``: the model's outputs."""
+    from visionzoo.config import absolute_data_path, from_dict, to_dict
+    from visionzoo.version import __version__
+
+    meta, features = src.meta, _is_backbone(src.meta)
+    cfg = from_dict(meta["config"])
+    d = cfg.data
+    size, chans, classes = input_size(d), int(meta["model"]["in_chans"]), list(meta["classes"])
+    return {
         "format": fmt,
         "file": out_path.name,
         "sha256": sha256_file(out_path),
@@ -372,7 +449,7 @@ def export_checkpoint(
         "precision": "fp32",
         "input": {"name": INPUT_NAME, "shape": ["batch", chans, size, size], "dtype": "float32"},
         "output": {"name": FEATURES_NAME if features else OUTPUT_NAME, "kind": "features" if features else "logits",
-                   "shape": ["batch", int(reference.shape[-1]) if features else len(classes)]},
+                   "shape": ["batch", dims if features else len(classes)]},
         "preprocess": {
             "in_chans": chans, "image_mode": "L" if chans == 1 else "RGB", "input_size": size,
             "resize": d.test_resize, "crop": d.test_size if d.test_resize > 0 else None,
@@ -380,46 +457,35 @@ def export_checkpoint(
         },
         "classes": classes,
         "recipe": cfg.recipe,
-        "data": {**to_dict(cfg)["data"], "path": absolute_data_path(cfg.data.path)},  # infer from any folder
+        "data": {**to_dict(cfg)["data"], "path": absolute_data_path(d.path)},  # infer from any folder
         "model": meta["model"],
-        "checkpoint": {"path": str(weights.resolve()), "sha256": sha256_file(weights),
+        "checkpoint": {"path": str(src.path.resolve()), "sha256": sha256_file(src.path),
                        "epoch": meta.get("epoch"), "acc1": meta.get("acc1")},
         "parity": parity,
         "versions": {"visionzoo": __version__, "torch": torch.__version__,
                      **{pkg: _version(pkg) for pkg in ("onnx", "onnxruntime")}},
     }
-    side = sidecar_path(out_path)
-    atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
-    what = (f"DINO teacher backbone: [CLS] features of {reference.shape[-1]} dims, no classifier"
-            if features else f"{len(classes)} classes")
-    print(f"{out_path}: {fmt} export of {meta['model']['library']} {meta['model']['name']} "
-          f"(input [batch, {chans}, {size}, {size}], {what}); parity vs PyTorch: "
-          f"max abs diff {parity['max_abs_diff']:.2e} (limit {parity['limit']:.2e}); sidecar {side}")
-    if precision != "fp32":
-        sidecar = _low_precision(out_path, sidecar, cfg.data, precision, low_options, calibration_images,
-                                 calibration, data, target)
-    return sidecar
 
 
-def _low_precision(fp32_path: Path, fp32_sidecar: dict, d, precision: str, options: dict[str, str],
-                   calibration_images: int | None, calibration: str | None, data: str | None,
-                   target=None) -> dict:
+def _low_precision(fp32_path: Path, fp32_sidecar: dict, d: DataConfig, opts: ExportOptions,
+                   low: _LowPrecision) -> dict:
     """The int8 (or bf16) model beside the fp32 ``fp32_path`` and its sidecar, which names the
     fp32 model as the reference ``infer`` compares accuracy with."""
     import shutil
 
     from visionzoo.commands import quantize
 
+    precision = opts.precision
     path = fp32_path.with_name(fp32_path.stem + f".{precision}.onnx")
-    extra: dict = {"session_options": options}
+    extra: dict = {"session_options": low.session_options}
     if precision == "int8":
-        n = quantize.DEFAULT_CALIBRATION_IMAGES if calibration_images is None else calibration_images
-        calib, check = quantize.calibration_sets(d, n, data)
+        n = quantize.DEFAULT_CALIBRATION_IMAGES if opts.calibration_images is None else opts.calibration_images
+        calib, check = quantize.calibration_sets(d, n, opts.calibration_data)
+        method = opts.calibration or quantize.DEFAULT_CALIBRATION
 
         def write(tmp: str) -> None:
-            extra["quantization"] = quantize.quantize_int8(fp32_path, tmp, calib,
-                                                           calibration or quantize.DEFAULT_CALIBRATION, target)
-            extra["parity"] = quantize.int8_agreement(fp32_path, tmp, check, target)
+            extra["quantization"] = quantize.quantize_int8(fp32_path, tmp, calib, method, low.target)
+            extra["parity"] = quantize.int8_agreement(fp32_path, tmp, check, low.target)
     else:
         def write(tmp: str) -> None:  # the same graph; ONNX Runtime computes it in bf16 (session option)
             shutil.copyfile(fp32_path, tmp)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from visionzoo.checkpoint import atomic_write
 from visionzoo.commands.export import sha256_file, sidecar_path
 from visionzoo.errors import UserError, first_line
 from visionzoo.progress import Progress
+
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig
 
 TOPK = 5
 MAX_DEFAULT_BATCH = 256  # recipes' global batches (1024) are sized for 8 GPUs, not one CPU process
@@ -95,9 +99,10 @@ def load_exported(model_path: str | Path) -> tuple[Any, dict]:
     inputs, outputs = session.get_inputs(), session.get_outputs()
     want_in, n_classes = list(meta["input"]["shape"]), len(meta["classes"])
     got_in = list(inputs[0].shape) if len(inputs) == 1 else None
-    # Symbolic dimensions (the batch axis, or spatial axes of a re-exported model) match anything.
+    # Symbolic dimensions (the batch axis, or spatial axes of a re-exported model) match anything;
+    # the lengths are equal by then.
     if got_in is None or len(got_in) != len(want_in) or any(
-            isinstance(g, int) and g != w for g, w in zip(got_in[1:], want_in[1:])):
+            isinstance(g, int) and g != w for g, w in zip(got_in[1:], want_in[1:], strict=True)):
         raise UserError(f"{sidecar_path(path).name} does not match {path.name}: the sidecar says input "
                         f"{want_in}, the model takes {[i.shape for i in inputs]}")
     got_out = outputs[0].shape[-1] if outputs and outputs[0].shape else None
@@ -117,7 +122,7 @@ def load_exported(model_path: str | Path) -> tuple[Any, dict]:
     return session, meta
 
 
-def _data_config(meta: dict, overrides: list[str]):
+def _data_config(meta: dict, overrides: list[str]) -> DataConfig:
     from visionzoo.config import from_dict
 
     return from_dict({"recipe": meta.get("recipe") or "export", "data": meta["data"]}, overrides).data
@@ -133,11 +138,31 @@ def infer_split(model: str, data: str | None = None, batch_size: int | None = No
     """Accuracy and speed of an ONNX model over the validation split of its recipe's data set
     (``data`` overrides the folder, as ``eval --data`` does); prints them and writes JSON.
     Unreadable images are skipped and counted; ``strict``: the first one stops it."""
+    session, meta = load_exported(model)
+    d, loader, batch = _split_loader(meta, data, batch_size, workers)
+    name, shape = session.get_inputs()[0].name, tuple(meta["input"]["shape"][1:])
+    session.run(None, {name: np.zeros((1, *shape), np.float32)})  # the first run allocates memory arenas
+    # A low-precision export (int8, bf16) is measured next to its fp32 model, on the same batches.
+    from visionzoo.commands.quantize import reference_session
+
+    reference = reference_session(Path(model).expanduser(), meta)
+    tally = _run_split(loader, session, reference, shape, strict)
+    if tally.count == 0:
+        raise UserError("no readable images in the validation split")
+    result = _split_result(model, d, meta, session, tally, batch)
+    out = Path(output) if output else Path(model).with_name(Path(model).stem + ".infer.json")
+    _write_json(out, result)
+    _print_split(model, meta, result, out)
+    return result
+
+
+def _split_loader(meta: dict, data: str | None, batch_size: int | None,
+                  workers: int | None) -> tuple[DataConfig, Any, int]:
+    """The data section of the sidecar (with ``data`` and ``workers`` overridden), the loader eval
+    uses over its validation split (on the CPU: ONNX Runtime takes numpy) and its batch size."""
     from visionzoo.data.loading.build import build_datasets, build_loaders
     from visionzoo.data.sources.table import data_override, data_source
-    from visionzoo.engine.evaluation.topk import topk_correct
 
-    session, meta = load_exported(model)
     overrides = [data_override(data)] if data else []
     if workers is not None:
         overrides.append(f"data.workers={workers}")
@@ -146,25 +171,38 @@ def infer_split(model: str, data: str | None = None, batch_size: int | None = No
     if batch < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch}")
     splits = build_datasets(d, train=False)
-    generated = data_source(d.name).generated
-    if not generated and splits.classes != meta["classes"]:
+    if not data_source(d.name).generated and splits.classes != meta["classes"]:
         raise UserError(f"the data's {len(splits.classes)} classes are not the {len(meta['classes'])} "
                         f"classes the model was trained on")
-    # The loader eval uses (same reader, same preprocessing), on the CPU: ONNX Runtime takes numpy.
+    # The loader eval uses (same reader, same preprocessing).
     _, loader = build_loaders(splits, d, batch, torch.device("cpu"), 0)
-    name, shape = session.get_inputs()[0].name, tuple(meta["input"]["shape"][1:])
-    session.run(None, {name: np.zeros((1, *shape), np.float32)})  # the first run allocates memory arenas
-    # A low-precision export (int8, bf16) is measured next to its fp32 model, on the same batches.
-    from visionzoo.commands.quantize import reference_session
+    return d, loader, batch
 
-    reference = reference_session(Path(model).expanduser(), meta)
-    ref_correct1, ref_s = 0, 0.0
 
-    correct1 = correct5 = count = bad = 0
-    run_s = 0.0
+@dataclass
+class _Tally:
+    """Counts and times of one pass over a split; ``ref_*``: the fp32 reference model's."""
+
+    correct1: int = 0
+    correct5: int = 0
+    count: int = 0
+    bad: int = 0
+    run_s: float = 0.0  # in ONNX Runtime, this model
+    wall_s: float = 0.0  # end to end, the reference's time left out
+    with_reference: bool = False
+    ref_correct1: int = 0
+    ref_s: float = 0.0
+
+
+def _run_split(loader: Any, session: Any, reference: Any, shape: tuple, strict: bool) -> _Tally:
+    """Run ``session`` (and ``reference``, when there is one) over the batches of ``loader``."""
+    from visionzoo.engine.evaluation.topk import topk_correct
+
+    name = session.get_inputs()[0].name
+    tally = _Tally(with_reference=reference is not None)
     t0 = time.perf_counter()
     for images, targets, n_bad in Progress(loader, len(loader), "infer", leave=False):
-        bad += _counted(n_bad, strict)
+        tally.bad += _counted(n_bad, strict)
         if images.numel() == 0:
             continue
         x = np.ascontiguousarray(images.numpy(), dtype=np.float32)
@@ -173,43 +211,53 @@ def infer_split(model: str, data: str | None = None, batch_size: int | None = No
                             f"takes {list(shape)}")
         t = time.perf_counter()
         logits = session.run(None, {name: x})[0]
-        run_s += time.perf_counter() - t
+        tally.run_s += time.perf_counter() - t
         c1, c5 = topk_correct(torch.from_numpy(logits), targets)
         if reference is not None:
             t = time.perf_counter()
             ref_logits = reference.run(None, {name: x})[0]
-            ref_s += time.perf_counter() - t  # left out of this model's images/s
-            ref_correct1 += int(topk_correct(torch.from_numpy(ref_logits), targets)[0])
-        correct1, correct5, count = correct1 + int(c1), correct5 + int(c5), count + len(targets)
-    wall = time.perf_counter() - t0 - ref_s
-    if count == 0:
-        raise UserError("no readable images in the validation split")
+            tally.ref_s += time.perf_counter() - t  # left out of this model's images/s
+            tally.ref_correct1 += int(topk_correct(torch.from_numpy(ref_logits), targets)[0])
+        tally.correct1, tally.correct5 = tally.correct1 + int(c1), tally.correct5 + int(c5)
+        tally.count += len(targets)
+    tally.wall_s = time.perf_counter() - t0 - tally.ref_s
+    return tally
 
+
+def _split_result(model: str, d: DataConfig, meta: dict, session: Any, tally: _Tally, batch: int) -> dict:
+    """The JSON record of ``visionzoo infer`` over a split."""
     import onnxruntime
 
+    from visionzoo.data.sources.table import data_source
+
+    count, wall = tally.count, tally.wall_s
     result = {
-        "model": str(model), "data": d.name if generated else d.path, "dataset": d.name,
-        "acc1": 100.0 * correct1 / count, "acc5": 100.0 * correct5 / count, "samples": count, "bad_images": bad,
+        "model": str(model), "data": d.name if data_source(d.name).generated else d.path, "dataset": d.name,
+        "acc1": 100.0 * tally.correct1 / count, "acc5": 100.0 * tally.correct5 / count, "samples": count,
+        "bad_images": tally.bad,
         "images_per_s": count / wall,  # end to end: reading, preprocessing and the model
-        "ms_per_image": 1000.0 * run_s / count,  # mean time in ONNX Runtime per image
+        "ms_per_image": 1000.0 * tally.run_s / count,  # mean time in ONNX Runtime per image
         "wall_s": wall, "batch_size": batch, "provider": session.get_providers()[0],
         "onnxruntime": onnxruntime.__version__, "precision": meta.get("precision", "fp32"),
     }
-    if reference is not None:
-        result["fp32_acc1"] = 100.0 * ref_correct1 / count
-        result["fp32_ms_per_image"] = 1000.0 * ref_s / count  # the same batches, for the speed-up
-    out = Path(output) if output else Path(model).with_name(Path(model).stem + ".infer.json")
-    _write_json(out, result)
+    if tally.with_reference:
+        result["fp32_acc1"] = 100.0 * tally.ref_correct1 / count
+        result["fp32_ms_per_image"] = 1000.0 * tally.ref_s / count  # the same batches, for the speed-up
+    return result
+
+
+def _print_split(model: str, meta: dict, result: dict, out: Path) -> None:
+    """The lines ``visionzoo infer`` ends with over a split (and the fp32 comparison of a low-precision model)."""
     k = min(5, len(meta["classes"]))  # top-5 is top-k with fewer classes: named for what it is
-    print(f"{model}: Acc@1 {result['acc1']:.2f}%  Acc@{k} {result['acc5']:.2f}%  ({count} images"
+    bad = result["bad_images"]
+    print(f"{model}: Acc@1 {result['acc1']:.2f}%  Acc@{k} {result['acc5']:.2f}%  ({result['samples']} images"
           + (f", {bad} unreadable skipped" if bad else "") + f") | {result['images_per_s']:.1f} images/s, "
-          f"{result['ms_per_image']:.3f} ms per image in ONNX Runtime ({result['provider']}, batch {batch}), "
-          f"{wall:.1f} s in all | results {out}")
-    if reference is not None:
+          f"{result['ms_per_image']:.3f} ms per image in ONNX Runtime ({result['provider']}, "
+          f"batch {result['batch_size']}), {result['wall_s']:.1f} s in all | results {out}")
+    if "fp32_acc1" in result:
         print(f"{model}: {result['precision']} Acc@1 {result['acc1']:.2f}% | fp32 Acc@1 {result['fp32_acc1']:.2f}% "
               f"({meta['reference']['file']}, same images) | difference {result['acc1'] - result['fp32_acc1']:+.2f} pt"
               f" | {result['fp32_ms_per_image'] / result['ms_per_image']:.2f}x the fp32 model's speed in ONNX Runtime")
-    return result
 
 
 def _counted(n_bad: int, strict: bool) -> int:
@@ -221,7 +269,7 @@ def _counted(n_bad: int, strict: bool) -> int:
                    f"{int(n_bad)} image(s) of the validation split cannot be decoded (--strict)")
 
 
-def preprocess_image(path: str | Path, d, in_chans: int, size: int) -> tuple[np.ndarray, str]:
+def preprocess_image(path: str | Path, d: DataConfig, in_chans: int, size: int) -> tuple[np.ndarray, str]:
     """One image file as the model's [C, size, size] float32 input, preprocessed as
     ``visionzoo eval`` and ``visionzoo.predict`` do (data/augment/presets.py EvalInput). Returns the
     array and a note (non-empty when the image had to be resized to the model's size). A file

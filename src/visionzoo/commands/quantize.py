@@ -23,15 +23,22 @@ import importlib
 import io
 import platform
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from visionzoo.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from onnxruntime import InferenceSession
+    from torch.utils.data import Dataset
+
+    from visionzoo.config import DataConfig
 
 PRECISIONS = ("fp32", "int8", "bf16")
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -145,10 +152,11 @@ def bf16_session_options() -> dict[str, str]:
     if platform.machine().lower() in ("aarch64", "arm64"):
         return {ARM_BF16_OPTION: "1"}
     raise UserError(f"--precision bf16: ONNX Runtime's CPU provider has bf16 matrix kernels only on Arm "
-                    f"(this is {platform.machine()}); use --precision int8, or bf16 in PyTorch (visionzoo eval --amp bf16)")
+                    f"(this is {platform.machine()}); use --precision int8, or bf16 in PyTorch "
+                    f"(visionzoo eval --amp bf16)")
 
 
-def eval_images(ds, indices, transform) -> np.ndarray:
+def eval_images(ds: Dataset, indices: np.ndarray, transform: Callable) -> np.ndarray:
     """The images ``indices`` of a map-style dataset as normalised float32 [N, C, H, W]: each one
     through the eval transform and its normalisation, unreadable ones skipped."""
     ds.transform = transform
@@ -162,7 +170,7 @@ def eval_images(ds, indices, transform) -> np.ndarray:
     return torch.stack(out).numpy().astype(np.float32)
 
 
-def calibration_sets(d, n: int, data: str | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def calibration_sets(d: DataConfig, n: int, data: str | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(calibration, check) image arrays: ``n`` training-split images and AGREEMENT_IMAGES
     validation images of the recipe's data (``data`` overrides its folder), both preprocessed
     with the eval transform, each drawn in a seeded random order (ImageFolder lists a class at a
@@ -193,7 +201,7 @@ def calibration_sets(d, n: int, data: str | None = None, seed: int = 0) -> tuple
     return calib, check
 
 
-def _session(path: str | Path):
+def _session(path: str | Path) -> InferenceSession:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -201,7 +209,7 @@ def _session(path: str | Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def run_batches(session, x: np.ndarray, batch: int = CALIBRATION_BATCH) -> np.ndarray:
+def run_batches(session: InferenceSession, x: np.ndarray, batch: int = CALIBRATION_BATCH) -> np.ndarray:
     """Logits of ``x`` through an ONNX Runtime session, ``batch`` images a call."""
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
@@ -231,8 +239,13 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray
     """Statically quantise the ONNX model ``fp32_path`` into ``out_path`` for the CPUs of
     ``target`` (default: this machine's): QDQ, per-channel weights, activations calibrated with
     ``method`` on ``calib``. Returns the sidecar's description of it."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method not in CALIBRATION_METHODS:
@@ -305,7 +318,7 @@ def int8_agreement(fp32_path: str | Path, int8_path: str | Path, check: np.ndarr
     return result
 
 
-def reference_session(model_path: Path, meta: dict):
+def reference_session(model_path: Path, meta: dict) -> InferenceSession | None:
     """The fp32 ONNX model a low-precision export names as its reference (same folder), or None
     with a printed reason: ``infer`` then reports the low-precision model's accuracy alone."""
     from visionzoo.checkpoint import sha256_file

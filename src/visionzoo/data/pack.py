@@ -26,9 +26,10 @@ import os
 import random
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -210,7 +211,8 @@ class _ParquetShards:
 
         self.out, self.split = out / "data", "validation" if split == "val" else split
         self.out.mkdir(exist_ok=True)
-        self.schema = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)}).arrow_schema
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+        self.schema = features.arrow_schema
         self.writer, self.rows = None, []
 
     def name(self, index: int) -> str:
@@ -229,7 +231,8 @@ class _ParquetShards:
 
         if self.rows:
             images = [{"bytes": d, "path": p} for d, p, _ in self.rows]
-            self.writer.write_table(pa.table({"image": images, "label": [t for _, _, t in self.rows]}, schema=self.schema))
+            labels = [t for _, _, t in self.rows]
+            self.writer.write_table(pa.table({"image": images, "label": labels}, schema=self.schema))
             self.rows = []
 
     def write(self, key: str, ext: str, data: bytes, label: int, rel: str | None) -> None:
@@ -270,12 +273,24 @@ def _encoded(items: list[Any], resize: int | None, quality: int, workers: int, c
         yield from map(encode, jobs)
 
 
-def pack(src: str, out: str, fmt: str = "webdataset", shard_size: str = "512MB", shard_samples: int = 0,
-         resize: int = 0, workers: int = 0, seed: int = 0, quality: int = 90, source: str = "auto",
-         check: bool = True) -> dict:
-    """Convert ``src`` into shards in ``out``; returns (and writes) the manifest. With ``check``
-    every image is decoded once, and those that do not decode are left out and listed in the
-    manifest's ``skipped`` (without it, files are copied unread)."""
+@dataclass(frozen=True)
+class PackOptions:
+    """How ``visionzoo data pack`` writes shards: at most ``shard_size`` ('512MB', '1GB', bytes)
+    and ``shard_samples`` images (0: no limit) each; ``resize`` S re-encodes images whose short
+    side exceeds S as JPEG of ``quality`` (0: files copied as they are); ``seed`` shuffles the
+    training split once; ``workers`` encode in parallel; ``check`` decodes every image once."""
+
+    shard_size: str = "512MB"
+    shard_samples: int = 0
+    resize: int = 0
+    quality: int = 90
+    seed: int = 0
+    workers: int = 0
+    check: bool = True
+
+
+def _require_writer(fmt: str) -> None:
+    """The packages the writer of ``fmt`` needs, or a UserError that says how to install them."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "hfds":
@@ -289,8 +304,17 @@ def pack(src: str, out: str, fmt: str = "webdataset", shard_size: str = "512MB",
             import webdataset  # noqa: F401
         except ImportError:
             raise UserError("--format webdataset needs webdataset: pip install 'visionzoo[shards]'") from None
-    max_bytes = parse_size(shard_size)
-    if resize < 0 or shard_samples < 0 or not 1 <= quality <= 100:
+
+
+def pack(src: str, out: str, fmt: str = "webdataset", source: str = "auto", options: PackOptions | None = None) -> dict:
+    """Convert ``src`` into shards in ``out``; returns (and writes) the manifest. ``source``
+    overrides the guess of find_source. With ``options.check`` every image is decoded once, and
+    those that do not decode are left out and listed in the manifest's ``skipped`` (without it,
+    files are copied unread)."""
+    opts = options or PackOptions()
+    _require_writer(fmt)
+    max_bytes = parse_size(opts.shard_size)
+    if opts.resize < 0 or opts.shard_samples < 0 or not 1 <= opts.quality <= 100:
         raise UserError("--resize and --shard-samples must be >= 0, --quality 1..100")
     data = find_source(src, source)
     out_dir = Path(out).expanduser()
@@ -298,42 +322,14 @@ def pack(src: str, out: str, fmt: str = "webdataset", shard_size: str = "512MB",
         raise UserError(f"output folder {out_dir} is not empty")
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict = {"format": fmt, "version": 1, "classes": data.classes, "source": data.kind,
-                      "options": {"resize": resize, "shard_size": max_bytes, "shard_samples": shard_samples,
-                                  "seed": seed, "quality": quality, "check": check}, "splits": {}}
+                      "options": {"resize": opts.resize, "shard_size": max_bytes, "shard_samples": opts.shard_samples,
+                                  "seed": opts.seed, "quality": opts.quality, "check": opts.check}, "splits": {}}
     nc = len(data.classes)
-    for split, (items, labels) in data.splits.items():
-        order = list(range(len(items)))
-        if split == "train":
-            random.Random(seed).shuffle(order)
+    for split in data.splits:
         writer = (_TarShards if fmt == "webdataset" else _ParquetShards)(out_dir, split, data.classes)
-        shards: list[dict] = []
-        skipped: list[str] = []
-        cur, written = None, 0
-        bar = _progress(len(order), f"pack {split}")
-        for i, (ext, payload) in zip(order, _encoded([items[i] for i in order], resize, quality, workers, check)):
-            bar.update(1)
-            rel = os.path.relpath(items[i], data.root) if isinstance(items[i], str) else None
-            if ext is None:
-                skipped.append(f"{rel or i}: {payload}")
-                continue
-            size = writer.size(ext, payload, labels[i])
-            if cur is not None and ((cur["bytes"] + size > max_bytes) or (shard_samples and cur["samples"] >= shard_samples)):
-                writer.close()
-                cur = None
-            if cur is None:
-                writer.open(len(shards))
-                cur = {"name": writer.name(len(shards)), "samples": 0, "bytes": 0, "per_class": [0] * nc}
-                shards.append(cur)
-            writer.write(f"{written:08d}", ext, payload, labels[i], rel)
-            written += 1
-            cur["samples"] += 1
-            cur["bytes"] += size
-            cur["per_class"][labels[i]] += 1
-        bar.close()
-        if cur is not None:
-            writer.close()
+        shards, skipped = _write_split(writer, data, split, opts, max_bytes)
         names = writer.finish([s["name"] for s in shards])
-        for s, name in zip(shards, names):
+        for s, name in zip(shards, names, strict=True):  # finish names each shard
             path = out_dir / ("data" if fmt == "hfds" else "") / name
             s.update(name=os.path.relpath(path, out_dir), bytes=path.stat().st_size, sha256=sha256_of(path))
         key = "validation" if (fmt == "hfds" and split == "val") else split
@@ -349,11 +345,58 @@ def pack(src: str, out: str, fmt: str = "webdataset", shard_size: str = "512MB",
     return manifest
 
 
+def _write_split(writer: _TarShards | _ParquetShards, data: Source, split: str, opts: PackOptions,
+                 max_bytes: int) -> tuple[list[dict], list[str]]:
+    """Write the images of ``split`` through ``writer``, a new shard whenever the current one is
+    full; returns the shards (name, samples, bytes, per_class) and the images left out."""
+    items, labels = data.splits[split]
+    order = list(range(len(items)))
+    if split == "train":
+        random.Random(opts.seed).shuffle(order)
+    shards: list[dict] = []
+    skipped: list[str] = []
+    cur, written = None, 0
+    bar = _progress(len(order), f"pack {split}")
+    encoded = _encoded([items[i] for i in order], opts.resize, opts.quality, opts.workers, opts.check)
+    for i, (ext, payload) in zip(order, encoded, strict=True):  # one encoded sample per item
+        bar.update(1)
+        rel = os.path.relpath(items[i], data.root) if isinstance(items[i], str) else None
+        if ext is None:
+            skipped.append(f"{rel or i}: {payload}")
+            continue
+        size = writer.size(ext, payload, labels[i])
+        if cur is not None and _full(cur, size, opts.shard_samples, max_bytes):
+            writer.close()
+            cur = None
+        if cur is None:
+            writer.open(len(shards))
+            cur = {"name": writer.name(len(shards)), "samples": 0, "bytes": 0, "per_class": [0] * len(data.classes)}
+            shards.append(cur)
+        writer.write(f"{written:08d}", ext, payload, labels[i], rel)
+        written += 1
+        cur["samples"] += 1
+        cur["bytes"] += size
+        cur["per_class"][labels[i]] += 1
+    bar.close()
+    if cur is not None:
+        writer.close()
+    return shards, skipped
+
+
+def _full(shard: dict, size: int, shard_samples: int, max_bytes: int) -> bool:
+    """Whether a sample of ``size`` bytes would take ``shard`` past its limits."""
+    return shard["bytes"] + size > max_bytes or bool(shard_samples and shard["samples"] >= shard_samples)
+
+
 def manifest_text(manifest: dict) -> str:
     """The manifest as JSON, one line per list of numbers or names (a 1000-class per_class list
     on one line, not a thousand)."""
     text = json.dumps(manifest, indent=1)
-    return re.sub(r"\[\n\s*([^\[\]{}]*?)\n\s*\]", lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]", text) + "\n"
+
+    def one_line(m: re.Match) -> str:
+        return "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]"
+
+    return re.sub(r"\[\n\s*([^\[\]{}]*?)\n\s*\]", one_line, text) + "\n"
 
 
 def verify(out: str, deep: bool = False) -> dict:

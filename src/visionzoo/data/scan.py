@@ -63,7 +63,8 @@ def _unreadable(paths: list[str], workers: int, desc: str) -> list[str]:
 
         with Pool(workers, initializer=default_signals) as pool:
             results = pool.imap(_check_file, paths, chunksize=64)
-            for p, why in Progress(zip(paths, results), len(paths), f"decode {desc}", leave=False):
+            checked = zip(paths, results, strict=True)  # imap: one result per path
+            for p, why in Progress(checked, len(paths), f"decode {desc}", leave=False):
                 if why:
                     bad.append(p)
     else:

@@ -188,13 +188,14 @@ def _onnx(run_dir: Path, topk: int) -> Section | None:
             rows.append([meta.get("file", side.stem), meta["format"], meta.get("opset"), p.get("max_abs_diff"),
                          p.get("limit"), p.get("runtime")])
         elif meta and "images_per_s" in meta and side.name.endswith(".infer.json"):
-            speed.append([Path(meta.get("model", side.stem)).name, meta.get("acc1"), meta.get("acc5"), meta.get("samples"),
-                          meta.get("images_per_s"), meta.get("ms_per_image"), meta.get("batch_size"), meta.get("provider")])
+            keys = ("acc1", "acc5", "samples", "images_per_s", "ms_per_image", "batch_size", "provider")
+            speed.append([Path(meta.get("model", side.stem)).name, *(meta.get(k) for k in keys)])
     if not rows and not speed:
         return None
     s = Section("onnx", "Exported model")
     if rows:
-        s.add("<h3>Parity with PyTorch</h3>" + table(["file", "format", "opset", "max |diff|", "limit", "checked with"], rows))
+        header = ["file", "format", "opset", "max |diff|", "limit", "checked with"]
+        s.add("<h3>Parity with PyTorch</h3>" + table(header, rows))
     if speed:
         s.add("<h3>ONNX Runtime on the validation split</h3>" + table(
             ["model", "Acc@1", f"Acc@{topk}", "images", "images/s", "ms per image", "batch", "provider"], speed))
@@ -269,8 +270,9 @@ def _analysis(run_dir: Path, out: Path, overrides: list[str], max_images: int, p
             s.add(paragraph("No attention maps: the backbone is not a ViT."))
         k = pred.knn
         if k:
-            s.add(image(figures.neighbours_figure(k["queries"], k["query_labels"], k["neighbours"], k["sims"], k["labels"],
-                                                  classes, out / "neighbours.png"), "k-NN neighbours"))
+            grid = figures.neighbours_figure(k["queries"], k["query_labels"], k["neighbours"], k["sims"], k["labels"],
+                                             classes, out / "neighbours.png")
+            s.add(image(grid, "k-NN neighbours"))
         else:
             s.add(paragraph("No neighbour images: the training split cannot be read by index (a shard stream)."))
         out_sections.append(s)

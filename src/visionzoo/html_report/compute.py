@@ -4,19 +4,37 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
 
-from visionzoo.html_report import attention
-from visionzoo.html_report.predictions import (ATTENTION_IMAGES, CACHE, NEIGHBOUR_QUERIES, NEIGHBOURS, Predictions,
-                                            classifier_scores, knn_scores, predict_split, thumbnail, unnormalise)
 from visionzoo.errors import UserError
+from visionzoo.html_report import attention
+from visionzoo.html_report.predictions import (
+    ATTENTION_IMAGES,
+    CACHE,
+    NEIGHBOUR_QUERIES,
+    NEIGHBOURS,
+    PassSettings,
+    Predictions,
+    classifier_scores,
+    knn_scores,
+    predict_split,
+    thumbnail,
+    unnormalise,
+)
+
+if TYPE_CHECKING:
+    from visionzoo.config import RecipeConfig
 
 
-def cache_key(weights: Path, cfg, max_images: int) -> str:
+def cache_key(weights: Path, cfg: RecipeConfig, max_images: int) -> str:
     """What a cached prediction set depends on: the weights file (path, size, modification
     time), the validation data and its preprocessing, and the grid size."""
     st = weights.stat()
@@ -27,7 +45,8 @@ def cache_key(weights: Path, cfg, max_images: int) -> str:
                        "max_images": max_images}, sort_keys=True)
 
 
-def cached_predictions(run_dir: Path, overrides: list[str], max_images: int, progress: str = "auto") -> tuple[Predictions, str]:
+def cached_predictions(run_dir: Path, overrides: list[str], max_images: int,
+                       progress: str = "auto") -> tuple[Predictions, str]:
     """The run's predictions: from predictions.npz when it was made from the same weights and
     data, else from one pass (then saved). Returns them and a note saying which."""
     from visionzoo.checkpoint import command_config, resolve_weights
@@ -49,18 +68,19 @@ def cached_predictions(run_dir: Path, overrides: list[str], max_images: int, pro
     return pred, f"one pass over the split, saved as {CACHE}"
 
 
-def predict_run(weights: Path, cfg, meta: dict, max_images: int, progress: str = "auto") -> Predictions:
+def predict_run(weights: Path, cfg: RecipeConfig, meta: dict, max_images: int, progress: str = "auto") -> Predictions:
     """One pass over the validation split of ``cfg.data`` with the model of ``weights``."""
     from visionzoo.checkpoint import load_model
     from visionzoo.runtime import resolve_amp, resolve_device, select_device
 
     device = resolve_device(cfg.train.device)
     select_device(device)
-    amp_dtype = resolve_amp(cfg.train.amp, device)
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    run = PassSettings(device, resolve_amp(cfg.train.amp, device), memory_format, progress)
     model, meta = load_model(weights)
     model = model.eval()
     if meta.get("task", cfg.task) == "dino":
-        return _predict_dino(model, cfg, meta, device, amp_dtype, max_images, progress)
+        return _predict_dino(model, cfg, replace(run, memory_format=torch.contiguous_format), max_images)
     from visionzoo.data.loading.build import build_datasets, build_loaders
     from visionzoo.data.sources.table import data_source
 
@@ -68,32 +88,30 @@ def predict_run(weights: Path, cfg, meta: dict, max_images: int, progress: str =
     if not data_source(cfg.data.name).generated and splits.classes != meta["classes"]:
         raise UserError(f"the data's {len(splits.classes)} classes are not the {len(meta['classes'])} "
                         f"classes the checkpoint was trained on")
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     _, loader = build_loaders(splits, cfg.data, cfg.data.batch_size, device, 0, memory_format=memory_format)
     model = model.to(device, memory_format=memory_format)
-    pred, _, _ = predict_split(classifier_scores(model), loader, device, amp_dtype, cfg.data, list(meta["classes"]),
-                               "classifier", max_images, memory_format, progress=progress)
+    pred, _, _ = predict_split(classifier_scores(model), loader, run, cfg.data, list(meta["classes"]),
+                               "classifier", max_images)
     return pred
 
 
-def _predict_dino(model, cfg, meta, device, amp_dtype, max_images: int, progress: str) -> Predictions:
+def _predict_dino(model: nn.Module, cfg: RecipeConfig, run: PassSettings, max_images: int) -> Predictions:
     """k-NN predictions of a DINO teacher backbone, its [CLS] attention maps and neighbours."""
     from torch.utils.data import IterableDataset
 
     from visionzoo.data.loading.build import build_loader
     from visionzoo.engine.evaluation.knn import eval_splits, extract_features
 
-    d, dc = cfg.data, cfg.dino
+    d, dc, device = cfg.data, cfg.dino, run.device
     model = model.to(device)
     train_ds, val_ds, classes = eval_splits(d)
-    bank, bank_labels = extract_features(model, train_ds, d.batch_size, d.workers, device, amp_dtype)
+    bank, bank_labels = extract_features(model, train_ds, d.batch_size, d.workers, device, run.amp_dtype)
     bank = F.normalize(bank, dim=1)
     loader = build_loader(val_ds, d.batch_size, d.workers, train=False, seed=0, device=device,
                           pin_memory=device.type == "cuda")
     score = knn_scores(model, bank, bank_labels, dc.knn_report_k, dc.knn_temperature, len(classes))
     keep = max(ATTENTION_IMAGES, NEIGHBOUR_QUERIES)
-    pred, inputs, labels = predict_split(score, loader, device, amp_dtype, d, list(classes), "knn", max_images,
-                                         keep_inputs=keep, progress=progress)
+    pred, inputs, labels = predict_split(score, loader, run, d, list(classes), "knn", max_images, keep_inputs=keep)
     if inputs is None:
         return pred
     to_uint8 = unnormalise(d.mean, d.std)
@@ -114,7 +132,7 @@ def _predict_dino(model, cfg, meta, device, amp_dtype, max_images: int, progress
     return pred
 
 
-def _train_image(ds, index: int) -> np.ndarray:
+def _train_image(ds: Dataset, index: int) -> np.ndarray:
     """Training image ``index`` as its (evaluation-preprocessed) uint8 [H, W, C] thumbnail."""
     item = ds[index]
     img = item[0] if item is not None else None

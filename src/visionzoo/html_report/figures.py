@@ -6,10 +6,15 @@ import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from visionzoo.curves import TEXT_ONLY
+
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 DPI = 100
 GRID_COLUMNS = 8
@@ -43,14 +48,14 @@ def cell_font_size(n: int, side: float) -> float:
     return float(np.clip(0.8 * side / max(n, 1) * 72 / 3, 6.0, 12.0))
 
 
-def _save(fig, path: Path) -> str:
+def _save(fig: Figure, path: Path) -> str:
     plt = _plt()
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return path.name
 
 
-def _show(ax, img: np.ndarray) -> None:
+def _show(ax: Axes, img: np.ndarray) -> None:
     ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
               vmin=0, vmax=255, interpolation="nearest" if img.shape[0] <= 64 else "antialiased")
     ax.set_xticks([]), ax.set_yticks([])

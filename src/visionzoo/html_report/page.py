@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1100px;
        padding: 1em 2em 4em; color: #222; }
-h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; }
+h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
 nav a { margin-right: 1em; } .muted { color: #666; font-size: 0.9em; }
 table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; } th { background: #f4f4f4; }
@@ -33,11 +34,11 @@ class Section:
         return self
 
 
-def esc(value) -> str:
+def esc(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def fmt(value) -> str:
+def fmt(value: object) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):

@@ -14,9 +14,11 @@ from the normalised batch itself, so they are exactly what the model saw and any
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +27,10 @@ from torch import nn
 
 from visionzoo.errors import UserError
 from visionzoo.progress import Progress
+
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig
+    from visionzoo.data.loading.build import Loader
 
 CACHE = "predictions.npz"
 TOPK = 5
@@ -48,7 +54,8 @@ class Predictions:
     # DINO: "images" [A, H, W, C] uint8, "maps" [A, heads, h, w] float32 (attention of [CLS] on the
     # patches, each map sums to 1), "masks" [A, heads, h, w] bool (the 60% mass threshold).
     attention: dict[str, np.ndarray] = field(default_factory=dict)
-    # DINO: "queries" [Q, H, W, C], "neighbours" [Q, 5, H, W, C] uint8, "sims" [Q, 5], "labels" [Q, 5], "query_labels" [Q].
+    # DINO: "queries" [Q, H, W, C], "neighbours" [Q, 5, H, W, C] uint8, "sims" [Q, 5], "labels" [Q, 5],
+    # "query_labels" [Q].
     knn: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
@@ -96,7 +103,7 @@ class TopImages:
         self.rows: list[tuple[int, int, float]] = []  # target, pred, prob
 
     def offer(self, score: np.ndarray, images: torch.Tensor, target: np.ndarray, pred: np.ndarray,
-              prob: np.ndarray, to_uint8) -> None:
+              prob: np.ndarray, to_uint8: Callable[[torch.Tensor], np.ndarray]) -> None:
         """Candidates of one batch: ``score`` [B] (NaN: not a candidate); ``images`` only the
         chosen ones are converted (``to_uint8``)."""
         if self.m <= 0:
@@ -116,7 +123,7 @@ class TopImages:
     def arrays(self) -> dict[str, np.ndarray]:
         if not self.images:
             return {}
-        t, p, q = zip(*self.rows)
+        t, p, q = zip(*self.rows, strict=True)  # rows of (target, pred, prob)
         return {"images": np.stack(self.images), "target": np.array(t), "pred": np.array(p),
                 "prob": np.array(q, dtype=np.float32)}
 
@@ -137,7 +144,7 @@ def thumbnail(img: np.ndarray) -> np.ndarray:
     return small[..., None] if small.ndim == 2 else small
 
 
-def unnormalise(mean: list[float], std: list[float]):
+def unnormalise(mean: list[float], std: list[float]) -> Callable[[torch.Tensor], np.ndarray]:
     """A function from one normalised [C, H, W] tensor back to the uint8 [H, W, C] thumbnail."""
     m, s = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
 
@@ -147,22 +154,37 @@ def unnormalise(mean: list[float], std: list[float]):
     return to_uint8
 
 
+Scores = Callable[[torch.Tensor], torch.Tensor]  # normalised images [B, C, H, W] -> class probabilities [B, K]
+
+
+@dataclass(frozen=True)
+class PassSettings:
+    """How a pass over a split runs: batches on ``device`` in ``memory_format``, under autocast to
+    ``amp_dtype`` (None: float32), with a progress bar as ``progress`` says (Progress)."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    memory_format: torch.memory_format = torch.contiguous_format
+    progress: str = "off"
+
+
 @torch.no_grad()
-def predict_split(score_fn, loader, device: torch.device, amp_dtype: torch.dtype | None, d, classes: list[str],
-                  kind: str, max_images: int, memory_format=torch.contiguous_format,
-                  keep_inputs: int = 0, progress: str = "off") -> tuple[Predictions, torch.Tensor | None, torch.Tensor | None]:
-    """Run ``score_fn`` (a batch of normalised images -> class probabilities [B, C]) over
-    ``loader``; keep the ``max_images`` most confident mistakes and least confident correct
-    predictions, and the first ``keep_inputs`` inputs (normalised, on the CPU) with their labels."""
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+def predict_split(score_fn: Scores, loader: Loader, run: PassSettings, d: DataConfig, classes: list[str],
+                  kind: str, max_images: int,
+                  keep_inputs: int = 0) -> tuple[Predictions, torch.Tensor | None, torch.Tensor | None]:
+    """Run ``score_fn`` over ``loader``; keep the ``max_images`` most confident mistakes and least
+    confident correct predictions, and the first ``keep_inputs`` inputs (normalised, on the CPU)
+    with their labels."""
+    device = run.device
+    autocast = torch.autocast(device.type, dtype=run.amp_dtype) if run.amp_dtype else nullcontext()
     to_uint8 = unnormalise(d.mean, d.std)
     k = min(TOPK, len(classes))
     targets, topk, topk_prob, kept, kept_labels = [], [], [], [], []
     mistakes, unsure = TopImages(max_images), TopImages(max_images)
-    for images, labels, _ in Progress(loader, len(loader), "predict", progress, leave=False):
+    for images, labels, _ in Progress(loader, len(loader), "predict", run.progress, leave=False):
         if images.numel() == 0:
             continue
-        x = images.to(device, non_blocking=True, memory_format=memory_format)
+        x = images.to(device, non_blocking=True, memory_format=run.memory_format)
         with autocast:
             probs = score_fn(x)
         probs = probs.float()
@@ -184,13 +206,13 @@ def predict_split(score_fn, loader, device: torch.device, amp_dtype: torch.dtype
     return pred, (torch.cat(kept) if kept else None), (torch.cat(kept_labels) if kept else None)
 
 
-def classifier_scores(model: nn.Module):
+def classifier_scores(model: nn.Module) -> Scores:
     """Softmax of a classifier's logits."""
     return lambda x: model(x).float().softmax(dim=1)
 
 
 def knn_scores(backbone: nn.Module, bank: torch.Tensor, bank_labels: torch.Tensor, k: int, temperature: float,
-               num_classes: int):
+               num_classes: int) -> Scores:
     """The weighted k-NN vote of ``engine/evaluation/knn.py`` (weights exp(cos / T) of the k most similar
     training features), normalised to sum 1, as class probabilities. ``bank``: L2-normalised."""
     kk = min(k, bank.shape[0])

@@ -3,7 +3,7 @@ classes the data has) into a network; checkpoints store exactly these arguments.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch.nn as nn
 import torchvision
@@ -11,6 +11,9 @@ import torchvision
 from visionzoo.errors import UserError
 from visionzoo.models.cifar_resnet import cifar_resnet
 from visionzoo.models.small_cnn import SmallCNN
+
+if TYPE_CHECKING:
+    from visionzoo.config import ModelConfig
 
 # visionzoo's own architectures; torchvision and timm bring theirs through their registries.
 VISIONZOO_MODELS = {
@@ -22,7 +25,7 @@ VISIONZOO_MODELS = {
 }
 
 
-def model_args(model_cfg: Any, num_classes: int, in_chans: int) -> dict:
+def model_args(model_cfg: ModelConfig, num_classes: int, in_chans: int) -> dict:
     """The constructor arguments of a model, as stored in checkpoints."""
     return {
         "name": model_cfg.name,
@@ -77,7 +80,8 @@ def _create_timm(args: dict, kwargs: dict, pretrained: bool) -> nn.Module:
         from visionzoo.models.weights import say
 
         had = model.pretrained_cfg.get("num_classes")
-        note = f"; classifier re-initialised for {nc} classes (the weights have {had})" if nc and had and nc != had else ""
+        reinitialised = nc and had and nc != had
+        note = f"; classifier re-initialised for {nc} classes (the weights have {had})" if reinitialised else ""
         say(f"timm's pretrained weights loaded into {name}{note}")
     return model
 
@@ -99,7 +103,7 @@ def _create_torchvision(args: dict, kwargs: dict, pretrained: bool) -> nn.Module
     return model
 
 
-def build_model(model_cfg: Any, num_classes: int, in_chans: int) -> tuple[nn.Module, dict]:
+def build_model(model_cfg: ModelConfig, num_classes: int, in_chans: int) -> tuple[nn.Module, dict]:
     """The network for a config's model section (with its initial weights: model.weights or
     model.pretrained), and its constructor arguments. (DINO training also takes the projection
     head of a DINO training checkpoint: see engine/dino.py build_dino_training.)"""

@@ -7,11 +7,16 @@ the teacher is an EMA of the student and never receives gradients (see ``update_
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
+
+if TYPE_CHECKING:
+    from visionzoo.config import DinoConfig
 
 LAST_LAYER = "head.last_layer"  # parameter-name prefix of the prototypes layer (frozen in epoch 1)
 
@@ -32,7 +37,7 @@ class DINOHead(nn.Module):
         else:
             dims = [in_dim] + [hidden_dim] * (nlayers - 1)
             layers: list[nn.Module] = []
-            for a, b in zip(dims[:-1], dims[1:]):
+            for a, b in itertools.pairwise(dims):
                 layers += [nn.Linear(a, b)] + ([nn.BatchNorm1d(b)] if use_bn else []) + [nn.GELU()]
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*layers)
@@ -80,7 +85,7 @@ class MultiCropWrapper(nn.Module):
         return self.head(torch.cat(feats))
 
 
-def build_dino(backbone: nn.Module, teacher_backbone: nn.Module, embed_dim: int, dino,
+def build_dino(backbone: nn.Module, teacher_backbone: nn.Module, embed_dim: int, dino: DinoConfig,
                head_state: dict | None = None) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     """Student and teacher for a DinoConfig. ``teacher_backbone`` has the student's architecture
     (built without drop path); it starts as an exact copy of the student and is frozen."""
@@ -168,7 +173,9 @@ class DINOLoss(nn.Module):
         return dino_loss(student_out, teacher_out, self.center, teacher_temp, self.student_temp, self.n_global)
 
     @torch.no_grad()
-    def update_center(self, teacher_out: torch.Tensor, all_reduce_sum=None, weight: float = 1.0) -> None:
+    def update_center(self, teacher_out: torch.Tensor,
+                      all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      weight: float = 1.0) -> None:
         """``center = m * center + (1 - m) * mean of teacher_out`` over all ranks' rows
         (``all_reduce_sum`` sums a tensor over ranks; None: one process). A rank whose rows are
         placeholders passes ``weight=0``: its rows count for nothing, and when no rank has a real

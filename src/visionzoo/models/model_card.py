@@ -6,12 +6,15 @@ precision, time), the command that trains them again and how to load them."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from visionzoo.config import to_dict
+from visionzoo.config import RecipeConfig, to_dict
 from visionzoo.version import __version__
+
+if TYPE_CHECKING:  # the hf export extra
+    from huggingface_hub import ModelCardData
 
 # visionzoo's data set names -> (Hub data set id, display name, evaluated split).
 HUB_DATASETS = {
@@ -24,7 +27,7 @@ IMAGENET = ("ILSVRC/imagenet-1k", "ImageNet-1k", "validation")
 HPARAM_SECTIONS = ("data", "model", "optim", "schedule", "train")  # + dino for DINO runs
 
 
-def dataset(cfg: Any) -> tuple[str | None, str, str]:
+def dataset(cfg: RecipeConfig) -> tuple[str | None, str, str]:
     """(Hub id or None, name, split) of the data a recipe evaluates on. The ImageNet recipes read
     an ImageFolder: their name (``*_imagenet``) and 1000 classes say which."""
     d = cfg.data
@@ -47,7 +50,7 @@ def _num(v: Any, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def results_rows(cfg: Any, meta: dict, results: dict | None) -> list[tuple[str, str, str]]:
+def results_rows(cfg: RecipeConfig, meta: dict, results: dict | None) -> list[tuple[str, str, str]]:
     """The results table's rows: (metric, this run, the seed's target)."""
     r = measured(meta, results)
     how = f" ({r['eval']})" if r.get("eval") else ""  # DINO runs: "k-NN k=20"
@@ -61,7 +64,7 @@ def results_rows(cfg: Any, meta: dict, results: dict | None) -> list[tuple[str, 
     return rows
 
 
-def card_data(cfg: Any, meta: dict, results: dict | None):
+def card_data(cfg: RecipeConfig, meta: dict, results: dict | None) -> ModelCardData:
     """huggingface_hub's ModelCardData: library, tags, license, data set, and the model-index
     (top-1 and top-5 accuracy in %, as results.json gives them)."""
     from huggingface_hub import EvalResult, ModelCardData
@@ -84,7 +87,7 @@ def card_data(cfg: Any, meta: dict, results: dict | None):
         model_name=cfg.recipe, eval_results=evals or None)
 
 
-def _what(cfg: Any, meta: dict) -> str:
+def _what(cfg: RecipeConfig, meta: dict) -> str:
     args = meta["model"]
     net = f"{args['library']} `{args['name']}`"
     if meta.get("task") == "dino":
@@ -92,7 +95,7 @@ def _what(cfg: Any, meta: dict) -> str:
     return f"A {net} classifier of {len(meta['classes'])} classes from visionzoo's `{cfg.recipe}` recipe"
 
 
-def _training(cfg: Any, meta: dict, results: dict | None, source: dict) -> list[str]:
+def _training(cfg: RecipeConfig, meta: dict, results: dict | None, source: dict) -> list[str]:
     d, r = cfg.data, measured(meta, results)
     crop = f"resize {d.test_resize}, centre crop {d.test_size}" if d.test_resize > 0 else f"{d.test_size} px as stored"
     lines = [f"- **Recipe:** `{cfg.recipe}`: {cfg.description} (source: {cfg.source or 'visionzoo'})",
@@ -110,7 +113,7 @@ def _training(cfg: Any, meta: dict, results: dict | None, source: dict) -> list[
     return lines
 
 
-def _reproduce(cfg: Any, results: dict | None, source: dict) -> list[str]:
+def _reproduce(cfg: RecipeConfig, results: dict | None, source: dict) -> list[str]:
     if source.get("weights_of"):  # weights visionzoo did not train: the export is what reproduces the folder
         return ["These weights were not trained here; the folder is made again with", "", "```bash",
                 f"visionzoo export --weights {source['path']} --recipe {cfg.recipe} --format hf", "```"]
@@ -137,7 +140,7 @@ def _usage(meta: dict) -> list[str]:
     return lines
 
 
-def model_card(cfg: Any, meta: dict, results: dict | None, source: dict, files: dict[str, str]) -> str:
+def model_card(cfg: RecipeConfig, meta: dict, results: dict | None, source: dict, files: dict[str, str]) -> str:
     """README.md of the folder. ``meta``: the checkpoint's metadata (model args, classes, task,
     epoch, acc1); ``results``: the run's results.json when the weights are its final ones;
     ``source``: path and sha256 of the exported weights (``weights_of``: they came with

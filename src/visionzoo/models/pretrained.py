@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 from urllib.parse import urlparse
 
 import torch
@@ -107,7 +107,8 @@ def torchvision_state_dict(name: str) -> dict:
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):
             return weights.get_state_dict(progress=sys.stderr.isatty(), check_hash=True, weights_only=True)
     except (OSError, RuntimeError) as err:
-        raise UserError(f"model.pretrained: torchvision's {name} weights could not be loaded: {first_line(err)}") from None
+        raise UserError(f"model.pretrained: torchvision's {name} weights could not be loaded: "
+                        f"{first_line(err)}") from None
 
 
 def load_torchvision_pretrained(model: nn.Module, args: dict) -> None:

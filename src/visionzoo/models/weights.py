@@ -26,12 +26,15 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
 from visionzoo.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from visionzoo.config import ModelConfig
 
 SHOWN = 4  # tensor names listed in a mismatch message
 VISIONZOO_META = "visionzoo"  # the safetensors metadata key of visionzoo's checkpoints (checkpoint.META_KEY)
@@ -305,7 +308,7 @@ def file_num_classes(path: str | Path, model: nn.Module, args: dict, checkpoint_
     return int(w.shape[0]) if w is not None and w.ndim >= 1 else None
 
 
-def model_from_weights(model_cfg: Any, path: str | Path, num_classes: int, in_chans: int,
+def model_from_weights(model_cfg: ModelConfig, path: str | Path, num_classes: int, in_chans: int,
                        allow_new_classifier: bool = False) -> tuple[nn.Module, dict]:
     """The network of a config's model section with the weights of ``path`` (``--weights``), and
     its constructor arguments (num_classes 0: a feature extractor)."""

@@ -25,12 +25,15 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
 from visionzoo.files import atomic_write, sha256_file, write_text
+
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig
 
 # The formats and what each holds (the command's help and its refusals say this).
 LAYOUTS = {
@@ -90,7 +93,7 @@ def fitting(model: nn.Module, args: dict, task: str, always: tuple[str, ...]) ->
 
 # ----------------------------------------------------------------------------- hf
 
-def _crop_pct(d: Any) -> float:
+def _crop_pct(d: DataConfig) -> float:
     """timm's crop_pct for the eval resize/crop: timm resizes to floor(size / crop_pct), so the
     ratio is rounded down (6 decimals) to give test_resize exactly; 1.0 without a resize."""
     if d.test_resize <= 0:
@@ -98,7 +101,7 @@ def _crop_pct(d: Any) -> float:
     return math.floor(d.test_size / d.test_resize * 1e6) / 1e6
 
 
-def hf_config(model: nn.Module, args: dict, classes: list[str], d: Any, size: int) -> dict:
+def hf_config(model: nn.Module, args: dict, classes: list[str], d: DataConfig, size: int) -> dict:
     """config.json in timm's layout (what timm's ``save_for_hf`` writes and
     ``timm.create_model("local-dir:PATH")`` reads): the architecture and its arguments, the labels,
     and the evaluation preprocessing in ``pretrained_cfg`` (mean/std in 0-1 units). A timm

@@ -12,7 +12,8 @@ function and an apply function (``crop_flip_draws`` / ``crop_flip``, ``resized_c
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,9 @@ from visionzoo.data.augment.normalize import Normalize
 from visionzoo.data.augment.per_image import central_box
 from visionzoo.errors import UserError
 from visionzoo.transfer import send
+
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig, DinoConfig
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
 _TRIES = 10  # crop draws before the central-crop fallback, as torchvision's get_params
@@ -69,7 +73,8 @@ def random_crop_flip(
     return crop_flip(x, size, padding, *crop_flip_draws(b, h, w, size, padding, hflip, generator))
 
 
-def crop_params(height: int, width: int, scale, ratio, u: list[list[float]]) -> tuple[int, int, int, int]:
+def crop_params(height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
+                u: list[list[float]]) -> tuple[int, int, int, int]:
     """RandomResizedCrop.get_params (top, left, h, w) with its uniform draws taken from ``u``
     (``_TRIES`` rows of 4 numbers in [0, 1)) instead of the global RNG."""
     area = height * width
@@ -122,7 +127,8 @@ def resize_weights(n_in: torch.Tensor, out: int, cap: int, mode: str, flip: torc
 
 
 def resized_crop_draws(
-    sizes: list[tuple[int, int]], scale, ratio, hflip: float, generator: torch.Generator
+    sizes: list[tuple[int, int]], scale: Sequence[float], ratio: Sequence[float], hflip: float,
+    generator: torch.Generator,
 ) -> tuple[list[tuple[int, int, int, int]], torch.Tensor]:
     """The draws of ``random_resized_crop`` for images of (height, width) ``sizes``, from the CPU
     ``generator``: ``_TRIES`` x 4 uniforms per image, then one flip uniform per image. Returns the
@@ -134,8 +140,8 @@ def resized_crop_draws(
 
 
 def random_resized_crop(
-    images: list[torch.Tensor], size: int, scale, ratio, hflip: float, generator: torch.Generator,
-    interpolation: str = "bilinear",
+    images: list[torch.Tensor], size: int, scale: Sequence[float], ratio: Sequence[float], hflip: float,
+    generator: torch.Generator, interpolation: str = "bilinear",
 ) -> torch.Tensor:
     """RandomResizedCrop(size, scale, ratio, antialias) + RandomHorizontalFlip(hflip) of uint8
     CHW images (any sizes, one device; a list or a [B, C, H, W] batch) into a float32
@@ -198,7 +204,9 @@ def crop_groups(boxes: list[tuple[int, int, int, int]], size: int, slack: float 
     return [sorted(g) for g in groups]
 
 
-def _resize_crops(images, boxes, group, hs, ws, flips, size: int, interpolation: str) -> torch.Tensor:
+def _resize_crops(images: list[torch.Tensor] | torch.Tensor, boxes: list[tuple[int, int, int, int]],
+                  group: Sequence[int], hs: torch.Tensor, ws: torch.Tensor, flips: torch.Tensor, size: int,
+                  interpolation: str) -> torch.Tensor:
     """The crops ``boxes[k]`` of ``images[k]`` for k in ``group``, copied into one uint8 buffer
     of the group's largest crop and resized as a batch: float32 [len(group), C, size, size]."""
     c, device = images[group[0]].shape[0], images[group[0]].device
@@ -218,7 +226,7 @@ class BatchResizedCropFlip:
     scale, flip probability and interpolation (``resized_crop_draws``, ``resized_crops``); uint8
     CHW images of any sizes (a list, or a [B, C, H, W] batch) in, float32 out."""
 
-    def __init__(self, d: Any):
+    def __init__(self, d: DataConfig):
         self.size, self.scale, self.hflip = d.image_size, tuple(d.crop_scale), d.hflip
         self.interpolation = d.interpolation
 
@@ -237,7 +245,7 @@ class BatchPadCropFlip:
     """data.augment=cifar a batch at a time: zero padding, a uniformly placed crop and a flip per
     image (``crop_flip_draws``, ``crop_flip``) of a [B, C, H, W] batch, in its dtype."""
 
-    def __init__(self, d: Any):
+    def __init__(self, d: DataConfig):
         self.size, self.padding, self.hflip = d.image_size, d.crop_padding, d.hflip
 
     def draw(self, x: torch.Tensor, generator: torch.Generator) -> tuple:
@@ -253,7 +261,7 @@ class BatchPadCropFlip:
 class BatchStored:
     """data.augment=none a batch at a time: the images as stored."""
 
-    def __init__(self, d: Any):
+    def __init__(self, d: DataConfig):
         pass
 
     def draw(self, x: torch.Tensor, generator: torch.Generator) -> None:
@@ -302,7 +310,7 @@ class BatchAugment:
 class MultiCropAugment:
     """Decoded images (uint8 CHW, many sizes, on the device) → DINO's list of crop batches."""
 
-    def __init__(self, d: Any, dino: Any):
+    def __init__(self, d: DataConfig, dino: DinoConfig):
         self.multicrop = BatchedMultiCrop(d, dino)
         self.size = d.image_size
 

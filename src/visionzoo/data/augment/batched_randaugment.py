@@ -22,7 +22,7 @@ same augmentation on any device and nothing waits on the GPU. Known differences 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from visionzoo.data.augment.per_image import timm_randaugment  # the CPU path's exact timm set-up
 from visionzoo.errors import UserError
 from visionzoo.transfer import send
+
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig
 
 _DENOM = 10.0  # timm's _LEVEL_DENOM: magnitude 10 is the "full strength" level
 _GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel"}
@@ -54,7 +57,7 @@ class RandAugmentParams:
     magnitude: torch.Tensor
     negate: torch.Tensor
 
-    def select(self, idx) -> RandAugmentParams:
+    def select(self, idx: int | slice | torch.Tensor) -> RandAugmentParams:
         """The draws of the samples ``idx`` (an index or slice over B)."""
         return RandAugmentParams(*(t[:, idx] for t in (self.op_index, self.apply, self.magnitude, self.negate)))
 
@@ -263,7 +266,7 @@ class BatchedRandAugment:
                                 f"from {int((self.choice_weights > 0).sum())}")
 
     @classmethod
-    def of(cls, d: Any) -> BatchedRandAugment:
+    def of(cls, d: DataConfig) -> BatchedRandAugment:
         """The RandAugment data.randaugment configures, as per_image.randaugment_of configures timm's."""
         return cls(d.randaugment, d.image_size, d.mean, d.interpolation)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,9 @@ from visionzoo.data.augment.per_image import (
     random_resized_crop,
     resized_crop,
 )
+
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig, DinoConfig
 
 # ColorJitter's ops in its numbering (brightness, contrast, saturation, hue), on tensors.
 _JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
@@ -102,7 +105,7 @@ class MultiCropTransform:
     """image → list of uint8 crops ``[global_1, global_2, local_1, ..., local_n]`` (``normalize``:
     the data's mean/std, applied to the batch on the device)."""
 
-    def __init__(self, d: Any, dino: Any):
+    def __init__(self, d: DataConfig, dino: DinoConfig):
         b, c, s, h = dino.color_jitter
         gsize, lsize = d.image_size, dino.local_crop_size
         p1, p2, pl = dino.blur_p

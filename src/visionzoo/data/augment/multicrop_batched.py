@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,15 @@ from torchvision.ops import roi_align
 from visionzoo.data.augment.normalize import Normalize
 from visionzoo.transfer import send
 
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig, DinoConfig
 
-def random_resized_boxes(n: int, h, w, scale: list[float], g: torch.Generator,
+# Images' (heights, widths): two numbers for a batch of one size, or two [B] tensors (pad_batch).
+Sizes = tuple[int, int] | tuple[torch.Tensor, torch.Tensor]
+
+
+def random_resized_boxes(n: int, h: float | torch.Tensor, w: float | torch.Tensor, scale: list[float],
+                         g: torch.Generator,
                          ratio: tuple[float, float] = (3 / 4, 4 / 3), tries: int = 10) -> torch.Tensor:
     """[n, 4] boxes (x1, y1, x2, y2) in pixels, drawn as RandomResizedCrop.get_params does: area
     fraction U(scale), log aspect ratio uniform; first of ``tries`` that fits, else the whole
@@ -142,12 +150,12 @@ class BatchedMultiCrop:
     copy of a chunk is bounded by ``CHUNK_BYTES``), and the colour ops run on each crop batch.
     Nothing is read back from the device."""
 
-    def __init__(self, d, dino):
+    def __init__(self, d: DataConfig, dino: DinoConfig):
         self.d, self.dino = d, dino
         self.normalize = Normalize.of(d)  # in the reference's order (data.normalize), as every other path
         self._stats: dict[torch.device, tuple] = {}  # its constants on each device, sent once
 
-    def _draw(self, b: int, c: int, sizes, scale: list[float], blur_p: float, solarize_p: float,
+    def _draw(self, b: int, c: int, sizes: Sizes, scale: list[float], blur_p: float, solarize_p: float,
               g: torch.Generator) -> dict:
         """One crop position's draws for ``b`` images (CPU tensors)."""
         dino = self.dino
@@ -190,7 +198,7 @@ class BatchedMultiCrop:
             jittered = torch.where(p["order"].bool().view(b, 1, 1, 1), contrast(brightness(y)), brightness(contrast(y)))
             y = torch.where(p["jitter"].bool().view(b, 1, 1, 1), jittered, y)
         else:
-            for (_, op, _), rows in zip(p["groups"], p["rows"]):
+            for (_, op, _), rows in zip(p["groups"], p["rows"], strict=True):  # apply: one rows entry per group
                 if rows is not None:
                     y[rows] = _jitter_op(op, y[rows], p["factors"][op][rows])
             y = torch.where(p["grey"].bool().view(b, 1, 1, 1), grey(y).expand(-1, 3, -1, -1), y)
@@ -210,7 +218,7 @@ class BatchedMultiCrop:
                  (d.image_size, dino.global_crops_scale, p2, dino.solarize_p)]
         return specs + [(dino.local_crop_size, dino.local_crops_scale, pl, 0.0)] * dino.local_crops_number
 
-    def draw(self, b: int, c: int, sizes, g: torch.Generator) -> list[dict]:
+    def draw(self, b: int, c: int, sizes: Sizes, g: torch.Generator) -> list[dict]:
         """Every random draw of ``b`` images of ``c`` channels and (heights, widths) ``sizes``
         (numbers, or [b] tensors), crop position after crop position, from the CPU generator."""
         return [self._draw(b, c, sizes, scale, blur, sol, g) for _, scale, blur, sol in self.specs()]
@@ -272,7 +280,7 @@ class BatchedMultiCrop:
                 pieces[js[n]].append(j)
         inverse = next(sent).long() if regroup else None
         crops = []
-        for (size, *_), p, piece in zip(specs, draws, pieces):
+        for (size, *_), p, piece in zip(specs, draws, pieces, strict=True):  # one of each per crop position
             on_device = {n: next(sent) for n in names if n in p}
             on_device["groups"] = p.get("groups", [])
             on_device["rows"] = [next(sent).long() if len(rows) else None for _, _, rows in on_device["groups"]]

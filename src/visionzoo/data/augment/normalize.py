@@ -6,9 +6,12 @@ recipe's reference. The per-image path applies it to each uint8 batch on the tra
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class Normalize:
     order: str = "unit"
 
     @classmethod
-    def of(cls, d: Any) -> Normalize:
+    def of(cls, d: DataConfig) -> Normalize:
         """The normalisation of a config's data section."""
         return cls(tuple(d.mean), tuple(d.std), d.normalize)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from visionzoo.data.augment.normalize import Normalize
 from visionzoo.errors import UserError
+
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig
 
 _INTERP = {
     "bilinear": InterpolationMode.BILINEAR,
@@ -122,7 +125,7 @@ def timm_randaugment(config_str: str, image_size: int, mean: list[float], interp
     return rand_augment_transform(config_str, hparams)
 
 
-def randaugment_of(d: Any) -> Callable:
+def randaugment_of(d: DataConfig) -> Callable:
     """timm's RandAugment as data.randaugment configures it (per image, on PIL images)."""
     return timm_randaugment(d.randaugment, d.image_size, d.mean, d.interpolation)
 
@@ -236,7 +239,7 @@ def resize_size(width: int, height: int, short: int) -> tuple[int, int]:
     return int(short * width / height), short
 
 
-def eval_size(d: Any) -> int:
+def eval_size(d: DataConfig) -> int:
     """Side of the square images a model sees at evaluation: the centre crop (test_size) when
     images are resized, else the stored size the recipe trains at (CIFAR, MNIST: image_size).
     Generated (synthetic) validation images are made at test_size."""
@@ -252,7 +255,7 @@ class ResizeCenterCrop:
     resize and centre crop, to ``eval_size``. A JPEG much larger than the resize target is decoded
     at 1/2-1/8 of its size (``draft``) and resized from there."""
 
-    def __init__(self, d, draft_decode: bool = True):
+    def __init__(self, d: DataConfig, draft_decode: bool = True):
         self.resize, self.size = d.test_resize, d.test_size
         self.stored = eval_size(d)  # resize 0: the size images must have
         self.interp, self.resample = _INTERP[d.interpolation], PIL_RESAMPLE[d.interpolation]

@@ -9,26 +9,28 @@ short side to data.test_resize, centre-crop data.test_size. Both end in uint8 [C
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-
 from PIL import Image
 
 from visionzoo.data.augment import registry
 from visionzoo.data.augment.per_image import ResizeCenterCrop, eval_size
 from visionzoo.data.sources.folder import to_rgb
 
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig
+
 __all__ = ["EvalInput", "eval_size", "eval_transform", "normalized", "train_transform"]
 
 
-def train_transform(d: Any) -> Callable:
+def train_transform(d: DataConfig) -> Callable:
     """Training augmentation for a DataConfig, per image, ending in uint8 (its ``.normalize`` is
     applied to the batch on the device): the preset's crop and flip, then RandAugment."""
     return registry.per_image(d)
 
 
-def eval_transform(d: Any) -> Callable:
+def eval_transform(d: DataConfig) -> Callable:
     """Evaluation preprocessing, ending in uint8 (its ``.normalize`` is applied to the batch on
     the device): resize the short side to test_resize, centre-crop test_size (test_resize 0:
     images are used at their stored size, as for CIFAR and MNIST). JPEGs are decoded in full
@@ -48,7 +50,7 @@ class EvalInput:
     (after ``to_rgb``, which scales 16-bit grey and composites alpha), else RGB, then the eval
     transform and its normalisation: the preprocessing ``visionzoo eval``'s loaders apply."""
 
-    def __init__(self, d: Any, in_chans: int):
+    def __init__(self, d: DataConfig, in_chans: int):
         self.transform, self.in_chans, self.size = eval_transform(d), in_chans, eval_size(d)
 
     def __call__(self, img: Image.Image | torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,6 +43,9 @@ from visionzoo.data.augment.multicrop_batched import BatchedMultiCrop
 from visionzoo.data.augment.normalize import Normalize
 from visionzoo.data.augment.per_image import PadCropFlip, PerImageAugment, ResizedCropFlip, Stored, randaugment_of
 from visionzoo.errors import UserError
+
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig, DinoConfig
 
 PER_IMAGE, DEVICE_DECODE, IN_MEMORY = "per image", "device decode", "in memory"
 # The settings that put a training split on each path.
@@ -130,7 +133,7 @@ BY_NAME = {p.name: p for p in PRESETS}
 AUGMENTS = tuple(p.name for p in PRESETS if not p.modifier)  # data.augment's values (config.AUGMENTS)
 
 
-def pipeline(d: Any, views: bool = False) -> list[Preset]:
+def pipeline(d: DataConfig, views: bool = False) -> list[Preset]:
     """The presets a config's training augmentation is made of, in order: DINO's multi-crop views
     alone (``views``), else data.augment, then RandAugment when data.randaugment is set."""
     if views:
@@ -138,7 +141,7 @@ def pipeline(d: Any, views: bool = False) -> list[Preset]:
     return [BY_NAME[d.augment]] + ([BY_NAME["randaugment"]] if d.randaugment else [])
 
 
-def check(d: Any, path: str, views: bool = False) -> None:
+def check(d: DataConfig, path: str, views: bool = False) -> None:
     """Refuse, in one line naming the paths that run it, a training augmentation ``path`` does
     not implement."""
     for preset in pipeline(d, views):
@@ -147,7 +150,7 @@ def check(d: Any, path: str, views: bool = False) -> None:
             raise UserError(f"{preset.setting} has no {path} version ({PATHS[path]}); the paths that run it: {runs}")
 
 
-def per_image(d: Any) -> PerImageAugment:
+def per_image(d: DataConfig) -> PerImageAugment:
     """The per-image training transform of a DataConfig (presets.train_transform)."""
     check(d, PER_IMAGE)
     augment, *rest = pipeline(d)
@@ -155,7 +158,7 @@ def per_image(d: Any) -> PerImageAugment:
     return PerImageAugment(augment.paths[PER_IMAGE].build(d), randaugment, Normalize.of(d))
 
 
-def batched(d: Any, path: str, device: torch.device,
+def batched(d: DataConfig, path: str, device: torch.device,
             memory_format: torch.memory_format = torch.contiguous_format) -> BatchAugment:
     """The batch-at-a-time training augmentation of a DataConfig on ``path`` (device decode or in
     memory), ending in the normalised batch; a user error when ``path`` does not run it."""
@@ -165,14 +168,14 @@ def batched(d: Any, path: str, device: torch.device,
     return BatchAugment(augment.paths[path].build(d), randaugment, Normalize.of(d), device, memory_format)
 
 
-def multicrop(d: Any, dino: Any, path: str) -> Callable:
+def multicrop(d: DataConfig, dino: DinoConfig, path: str) -> Callable:
     """DINO's multi-crop views on ``path``: the per-image transform, or the batched augmentation
     (device decode: decoded images of many sizes; in memory: a [B, C, H, W] batch)."""
     check(d, path, views=True)
     return BY_NAME["multicrop"].paths[path].build(d, dino)
 
 
-def only_normalize(d: Any, device: torch.device,
+def only_normalize(d: DataConfig, device: torch.device,
                    memory_format: torch.memory_format = torch.contiguous_format) -> BatchAugment:
     """No augmentation (evaluation, synthetic data): the normalisation and memory format alone."""
     return BatchAugment(None, None, Normalize.of(d), device, memory_format)

@@ -19,7 +19,7 @@ from visionzoo.data.loading.collate import collate_multicrop, collate_skip_bad
 from visionzoo.data.loading.device_batches import DeviceBatches, find_normalize
 from visionzoo.data.loading.device_decode import DeviceDecodeLoader
 from visionzoo.data.loading.in_memory import InMemoryLoader, InMemoryMultiCropLoader
-from visionzoo.data.loading.samplers import SeededDataset, ShardSampler
+from visionzoo.data.loading.samplers import SampleOrder, SeededDataset, ShardSampler
 from visionzoo.data.loading.stream_loader import StreamLoader
 from visionzoo.data.sources.shards import ShardStream
 from visionzoo.data.sources.splits import Splits
@@ -28,7 +28,12 @@ from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 from visionzoo.errors import UserError
 
 if TYPE_CHECKING:
-    from visionzoo.config import DataConfig
+    from visionzoo.config import DataConfig, DinoConfig
+
+# What build_loader(s) and multicrop_train_loader return: each yields (images, targets, n_bad)
+# batches on the device and has set_epoch(epoch, skip_batches).
+Loader = DeviceBatches | InMemoryLoader | InMemoryMultiCropLoader | DeviceDecodeLoader
+
 
 def with_packed_format(d: DataConfig) -> DataConfig:
     """``d`` with data.name set to the format of a folder written by ``visionzoo data pack`` (its
@@ -75,7 +80,9 @@ def build_datasets(d: DataConfig, train: bool = True) -> Splits:
     return splits
 
 
-def build_loader(
+# engine/ (evaluation/knn.py, linear_probe.py) calls this with these keywords and is off-limits to the
+# change that groups them (seed, rank, world_size, rank_groups as a SampleOrder): see issue 31.
+def build_loader(  # noqa: PLR0913
     ds: Dataset, batch_size: int, workers: int, train: bool, seed: int,
     rank: int = 0, world_size: int = 1, pin_memory: bool = False, device: torch.device | None = None,
     memory_format: torch.memory_format = torch.contiguous_format, collate_fn: Callable = collate_skip_bad,
@@ -92,9 +99,11 @@ def build_loader(
     interface (data/sources/shards.py)."""
     normalize, device = find_normalize(ds), device or torch.device("cpu")
     if isinstance(ds, ShardStream):
-        return DeviceBatches(StreamLoader(ds, batch_size, workers, train, seed, rank, world_size, collate_fn, pin_memory),
+        order = SampleOrder(seed, rank, world_size)
+        return DeviceBatches(StreamLoader(ds, batch_size, workers, train, order, collate_fn, pin_memory),
                              device, normalize, memory_format)
-    sampler = ShardSampler(len(ds), train, seed, rank, world_size, rank_groups)  # rank_groups: samplers.train_indices
+    # rank_groups: the training order of samplers.train_indices
+    sampler = ShardSampler(len(ds), train, seed, rank, world_size, rank_groups)
     if train:
         ds = SeededDataset(ds, seed)
     workers = max(0, min(workers, os.cpu_count() or 1))
@@ -118,7 +127,7 @@ def multicrop_loader(ds: Dataset, batch_size: int, workers: int, seed: int, rank
                         collate_fn=collate_multicrop)
 
 
-def training_path(d, ds: Dataset) -> str:
+def training_path(d: DataConfig, ds: Dataset) -> str:
     """The path of data/augment/registry.py that augments the training split ``ds``: device decode
     with data.decode=device; in memory for a split held in memory with data.device_resident (and
     synthetic data); per image otherwise."""
@@ -129,8 +138,8 @@ def training_path(d, ds: Dataset) -> str:
     return registry.PER_IMAGE
 
 
-def multicrop_train_loader(ds: Dataset, d, dino, batch_size: int, device: torch.device, seed: int,
-                           rank: int = 0, world_size: int = 1):
+def multicrop_train_loader(ds: Dataset, d: DataConfig, dino: DinoConfig, batch_size: int, device: torch.device,
+                           seed: int, rank: int = 0, world_size: int = 1) -> Loader:
     """DINO's training loader: batches ``(crops, labels, n_bad)`` of ``ds`` (labels carried, never
     used), the views made on ``training_path(d, ds)`` by the table's multi-crop implementation
     there; call ``set_epoch(epoch, skip_batches)`` every epoch."""
@@ -139,7 +148,8 @@ def multicrop_train_loader(ds: Dataset, d, dino, batch_size: int, device: torch.
         return InMemoryMultiCropLoader(ds, batch_size, device, d, dino, seed, rank, world_size)
     views = registry.multicrop(d, dino, path)
     if path == registry.DEVICE_DECODE:
-        return DeviceDecodeLoader(ds, batch_size, d.workers, device, d, seed, rank, world_size, augment=views)
+        return DeviceDecodeLoader(ds, batch_size, d.workers, device, d, SampleOrder(seed, rank, world_size),
+                                  augment=views)
     if not hasattr(ds, "transform"):
         raise UserError(f"data.name={d.name} gives no per-image transform to apply multi-crop to")
     ds.transform = views
@@ -147,11 +157,13 @@ def multicrop_train_loader(ds: Dataset, d, dino, batch_size: int, device: torch.
                             device=device)
 
 
-def build_loaders(
-    splits: Splits, d, batch_size: int, device: torch.device, seed: int, rank: int = 0,
+# engine/tasks/classify.py calls this with these arguments and is off-limits to the change that
+# groups them (seed, rank, world_size, rank_groups as a SampleOrder): see issue 31.
+def build_loaders(  # noqa: PLR0913
+    splits: Splits, d: DataConfig, batch_size: int, device: torch.device, seed: int, rank: int = 0,
     world_size: int = 1, memory_format: torch.memory_format = torch.contiguous_format,
     rank_groups: tuple[int, int] = (1, 0),
-) -> tuple:
+) -> tuple[Loader | None, Loader]:
     """Train and val loaders for ``splits`` (train is None when ``splits.train`` is), both
     yielding ``(images, targets, n_bad)`` with ``batch_size`` images per device.
 
@@ -164,23 +176,22 @@ def build_loaders(
     samplers.train_indices."""
     synthetic = data_source(d.name).generated
     in_memory = synthetic or (d.device_resident and isinstance(splits.val, TensorImageDataset))
+    order = SampleOrder(seed, rank, world_size, rank_groups)
 
-    def make(ds, train):
+    def make(ds: Dataset, train: bool) -> Loader:
         if in_memory and (train or synthetic or d.test_resize <= 0):
-            return InMemoryLoader(ds, batch_size, train, device, d, seed, rank, world_size, memory_format,
-                                  augment=not synthetic, rank_groups=rank_groups)
+            return InMemoryLoader(ds, batch_size, train, device, d, order, memory_format, augment=not synthetic)
         return build_loader(ds, batch_size, d.workers, train, seed, rank, world_size,
                             pin_memory=device.type == "cuda", device=device, memory_format=memory_format,
                             rank_groups=rank_groups)
     if splits.train is not None and d.decode == "device":  # training only; validation stays on the CPU path
-        train = DeviceDecodeLoader(splits.train, batch_size, d.workers, device, d, seed, rank, world_size,
-                                   memory_format, rank_groups=rank_groups)
+        train = DeviceDecodeLoader(splits.train, batch_size, d.workers, device, d, order, memory_format)
     else:
         train = make(splits.train, True) if splits.train is not None else None
     return train, make(splits.val, False)
 
 
-def set_loader_epoch(loader, epoch: int, skip_batches: int) -> None:
+def set_loader_epoch(loader: Loader | DataLoader, epoch: int, skip_batches: int) -> None:
     """Select an epoch's sample order in any kind of loader, skipping the batches already trained on."""
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch, skip_batches)
@@ -194,7 +205,7 @@ def loader_workers(loader: Any) -> int:
     return int(getattr(inner, "num_workers", 0) or 0)
 
 
-def loader_kind(loader) -> str:
+def loader_kind(loader: Loader) -> str:
     """How a training loader produces batches, as results and bench name it."""
     if isinstance(loader, DeviceDecodeLoader):
         return f"device decode ({loader.num_workers} byte-reading workers per device)"
@@ -223,7 +234,7 @@ def failed_shards(*loaders) -> list[str]:
     return names
 
 
-def cpu_fallbacks(loader, device: torch.device) -> int | None:
+def cpu_fallbacks(loader: Loader, device: torch.device) -> int | None:
     """Images a device-decode loader handed to Pillow instead of the device decoder, summed over
     ranks (a collective when distributed); None for loaders that decode on the CPU anyway."""
     n = getattr(loader, "cpu_fallbacks", None)

@@ -16,7 +16,7 @@ def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
     if first.dim() != 3 or first.shape[0] == 1 or any(i.shape != first.shape for i in images):
         return torch.stack(images)  # (stack names the mismatch, if any)
     out = torch.empty((len(images), *first.shape[1:], first.shape[0]), dtype=first.dtype)
-    for o, i in zip(out, images):
+    for o, i in zip(out, images, strict=True):  # out has a row per image
         o.copy_(i.permute(1, 2, 0))
     return out.permute(0, 3, 1, 2)
 

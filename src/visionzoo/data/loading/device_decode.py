@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader
@@ -33,7 +35,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from visionzoo.data.augment import registry
 from visionzoo.data.augment.batched import MultiCropAugment
-from visionzoo.data.loading.samplers import ShardSampler, sample_seed
+from visionzoo.data.loading.samplers import SampleOrder, ShardSampler, sample_seed
 from visionzoo.data.loading.stream_loader import StreamLoader
 from visionzoo.data.sources.encoded import FileBytes, pil_decode
 from visionzoo.data.sources.shards import ShardStream
@@ -41,11 +43,15 @@ from visionzoo.data.sources.table import data_source
 from visionzoo.errors import UserError
 from visionzoo.transfer import to_device
 
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig
+    from visionzoo.data.sources.folder import ImageFolderDataset
+
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec and warns on every call.
 _TV_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
 
 
-def check_device_decode(d, multicrop: bool = False) -> None:
+def check_device_decode(d: DataConfig, multicrop: bool = False) -> None:
     """The recipe settings data.decode=device cannot honour, as one-line user errors."""
     if not data_source(d.name).encoded:
         raise UserError(f"data.decode=device reads image files or shards; data.name={d.name} needs data.decode=cpu")
@@ -127,27 +133,28 @@ class DeviceDecodeLoader:
     decoded by Pillow instead of ``decode_jpeg``."""
 
     def __init__(
-        self, dataset, batch_size: int, workers: int, device: torch.device, d, seed: int = 0,
-        rank: int = 0, world_size: int = 1, memory_format: torch.memory_format = torch.contiguous_format,
-        augment=None, rank_groups: tuple[int, int] = (1, 0),
+        self, dataset: ImageFolderDataset | ShardStream, batch_size: int, workers: int, device: torch.device,
+        d: DataConfig, order: SampleOrder | None = None,
+        memory_format: torch.memory_format = torch.contiguous_format, augment: Callable | None = None,
     ):
         check_device_decode(d, multicrop=isinstance(augment, MultiCropAugment))
+        order = order or SampleOrder()
         self.dataset, self.batch_size, self.device = dataset, batch_size, torch.device(device)
-        self.seed, self.rank, self.world_size, self.epoch, self.skip_batches = seed, rank, world_size, 0, 0
+        self.seed, self.rank, self.world_size = order.seed, order.rank, order.world_size
+        self.epoch, self.skip_batches = 0, 0
         self.augment = augment if augment is not None else registry.batched(d, registry.DEVICE_DECODE, self.device,
                                                                              memory_format)
         self.cpu_fallbacks = 0
         self.num_workers = max(0, min(workers, os.cpu_count() or 1))
         if isinstance(dataset, ShardStream):  # tar / parquet shards: the stream's own loader, bytes only
-            self.loader = StreamLoader(dataset.as_bytes(), batch_size, workers, True, seed, rank, world_size,
-                                       collate=collate_bytes)
+            self.loader = StreamLoader(dataset.as_bytes(), batch_size, workers, True, order, collate=collate_bytes)
             self.sampler = self.loader.sampler
             return
-        self.sampler = ShardSampler(len(dataset), True, seed, rank, world_size, rank_groups)
+        self.sampler = ShardSampler(len(dataset), True, order.seed, order.rank, order.world_size, order.rank_groups)
         self.loader = DataLoader(
             FileBytes(dataset.samples), batch_size=batch_size, sampler=self.sampler,
             num_workers=self.num_workers, collate_fn=collate_bytes,
-            generator=torch.Generator().manual_seed(seed), drop_last=True,
+            generator=torch.Generator().manual_seed(order.seed), drop_last=True,
             persistent_workers=self.num_workers > 0, prefetch_factor=4 if self.num_workers > 0 else None,
         )
 
@@ -170,7 +177,7 @@ class DeviceDecodeLoader:
     def assemble(self, batch: dict, generator: torch.Generator) -> tuple:
         """One collated batch of bytes → (augmented batch on the device, targets, n_bad)."""
         chunks = list(torch.split(batch["buffer"], batch["lengths"])) if batch["lengths"] else []
-        decoded = iter(zip(chunks, self._decode(chunks)))
+        decoded = iter(zip(chunks, self._decode(chunks), strict=True))  # one decoded image (or None) per chunk
         pixels = iter(batch["pixels"])
         images, keep, n_bad = [], [], batch["n_bad"]
         for k, is_jpeg in enumerate(batch["is_jpeg"]):

@@ -10,12 +10,17 @@ per-image path (``presets.train_transform``) given the same draws."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from visionzoo.data.augment import registry
-from visionzoo.data.loading.samplers import eval_indices, sample_seed, train_count, train_indices
+from visionzoo.data.loading.samplers import SampleOrder, eval_indices, sample_seed, train_count, train_indices
 from visionzoo.transfer import to_device
+
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig, DinoConfig
+    from visionzoo.data.sources.tensor_dataset import TensorImageDataset
 
 
 class InMemoryLoader:
@@ -26,23 +31,25 @@ class InMemoryLoader:
     rank's contiguous shard in order, no sample repeated."""
 
     def __init__(
-        self, dataset, batch_size: int, train: bool, device: torch.device, d, seed: int = 0,
-        rank: int = 0, world_size: int = 1, memory_format: torch.memory_format = torch.contiguous_format,
-        augment: bool = True, rank_groups: tuple[int, int] = (1, 0),
+        self, dataset: TensorImageDataset, batch_size: int, train: bool, device: torch.device, d: DataConfig,
+        order: SampleOrder | None = None, memory_format: torch.memory_format = torch.contiguous_format,
+        augment: bool = True,
     ):
+        order = order or SampleOrder()
         self.dataset = dataset
         self.images = dataset.images.to(device)
         self.labels = dataset.labels.to(device)
         self.batch_size, self.train, self.device = batch_size, train, device
-        self.seed, self.rank, self.world_size, self.epoch, self.skip_batches = seed, rank, world_size, 0, 0
+        self.seed, self.rank, self.world_size = order.seed, order.rank, order.world_size
+        self.epoch, self.skip_batches = 0, 0
         # Training batches: the preset (and RandAugment) of the config; evaluation and synthetic
         # data: the normalisation (data.normalize) alone.
         self.augment = (registry.batched(d, registry.IN_MEMORY, device, memory_format) if train and augment
                         else registry.only_normalize(d, device, memory_format))
-        self.rank_groups = rank_groups  # the training order of samplers.train_indices
+        self.rank_groups = order.rank_groups  # the training order of samplers.train_indices
         n = len(self.labels)
-        self.per_rank = train_count(n, world_size, rank_groups)
-        self.indices = None if train else eval_indices(n, rank, world_size).to(device)
+        self.per_rank = train_count(n, order.world_size, order.rank_groups)
+        self.indices = None if train else eval_indices(n, order.rank, order.world_size).to(device)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Select the epoch's order; ``skip_batches`` resumes after that many batches."""
@@ -73,8 +80,8 @@ class InMemoryMultiCropLoader:
     ``device``, in the order of the shared shard rule (``samplers.train_indices``; call
     ``set_epoch``); the last partial batch is dropped."""
 
-    def __init__(self, dataset, batch_size: int, device: torch.device, d, dino, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(self, dataset: TensorImageDataset, batch_size: int, device: torch.device, d: DataConfig,
+                 dino: DinoConfig, seed: int = 0, rank: int = 0, world_size: int = 1):
         self.images, self.labels = dataset.images.to(device), dataset.labels.to(device)
         self.batch_size, self.device, self.seed, self.rank, self.world_size = batch_size, device, seed, rank, world_size
         self.epoch, self.skip_batches = 0, 0

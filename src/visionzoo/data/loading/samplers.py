@@ -16,11 +16,25 @@ epoch draws exactly what the uninterrupted run drew."""
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
+
+
+@dataclass(frozen=True)
+class SampleOrder:
+    """Which samples one rank reads and in which order, as every loader deals them: ``seed`` (the
+    epoch permutations and the per-sample augmentation seeds, ``sample_seed``), ``rank`` of
+    ``world_size``, and ``rank_groups`` (the training order of ``train_indices``)."""
+
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    rank_groups: tuple[int, int] = (1, 0)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

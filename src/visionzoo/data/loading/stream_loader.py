@@ -28,13 +28,14 @@ from __future__ import annotations
 import os
 import random
 import weakref
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from visionzoo.data.loading.collate import collate_skip_bad
-from visionzoo.data.loading.samplers import SeededDataset, eval_indices, sample_seed
+from visionzoo.data.loading.samplers import SampleOrder, SeededDataset, eval_indices, sample_seed
 from visionzoo.data.sources.shards import SampleWarnings, Shard, ShardStream, decode_sample, warn
 
 
@@ -173,7 +174,7 @@ class _Collate:
 class _EpochSetter:
     """``loader.sampler.set_epoch(epoch, skip_samples)`` for code written against ShardSampler."""
 
-    def __init__(self, loader: "StreamLoader"):
+    def __init__(self, loader: StreamLoader):
         # A weak reference: no cycle, so a dropped loader stops its workers at once instead of in
         # a later garbage collection, which may run in a forked worker of another loader.
         self.loader = weakref.ref(loader)
@@ -188,8 +189,11 @@ class StreamLoader:
     batches only, the same number on every rank). Call ``set_epoch(epoch, skip_batches)`` before
     each epoch; ``bad_shards`` lists the shards that failed so far."""
 
-    def __init__(self, stream: ShardStream, batch_size: int, workers: int, train: bool, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, collate: Callable | None = None, pin_memory: bool = False):
+    def __init__(self, stream: ShardStream, batch_size: int, workers: int, train: bool,
+                 order: SampleOrder | None = None, collate: Callable | None = None, pin_memory: bool = False):
+        # A stream deals its shards by train_plan / eval_plan: order.rank_groups does not apply.
+        order = order or SampleOrder()
+        seed, rank, world_size = order.seed, order.rank, order.world_size
         self.stream, self.batch_size, self.train = stream, batch_size, train
         self.num_workers = max(0, min(workers, os.cpu_count() or 1))
         n_virtual = max(self.num_workers, 1)

@@ -63,8 +63,9 @@ def _find_folder(root: Path, layout: _Layout) -> Path:
         if (folder / layout.meta_file).is_file():
             return folder
     other = _LAYOUTS[110 - layout.num_classes]  # the other CIFAR: a likely mix-up, name its data.name
+    elsewhere = [root, root / other.folder, *candidates[2:]]
     hint = next((f"; it holds CIFAR-{other.num_classes} ({folder}): set data.name=cifar{other.num_classes}"
-                 for folder in [root, root / other.folder, *candidates[2:]] if (folder / other.meta_file).is_file()), "")
+                 for folder in elsewhere if (folder / other.meta_file).is_file()), "")
     raise UserError(
         f"no CIFAR-{layout.num_classes} data under {root}: "
         f"looked for {layout.meta_file} in {root} and in {root / layout.folder}{hint}"

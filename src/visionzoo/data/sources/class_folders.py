@@ -8,9 +8,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from visionzoo.data.sources.idx import FASHION_MNIST_CLASSES, MNIST_CLASSES
 from visionzoo.errors import UserError
+
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig
 
 VAL_DIR_NAMES = ("val", "validation", "test")  # an ImageFolder's validation split, first found
 FIXED_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": len(MNIST_CLASSES),
@@ -62,7 +66,7 @@ def _manifest_classes(folder: Path) -> list[str] | None:
     return None
 
 
-def count_classes(d) -> tuple[int | None, str]:
+def count_classes(d: DataConfig) -> tuple[int | None, str]:
     """How many classes training on DataConfig ``d`` will have, and where that comes from; the
     count is None (with the reason) when it cannot be known without reading the data."""
     if d.name == "synthetic":

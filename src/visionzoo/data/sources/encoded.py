@@ -73,7 +73,7 @@ class FileBytes(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, item):
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple | None:
         index = item[0] if isinstance(item, tuple) else item
         path, target = self.samples[index]
         try:

@@ -118,7 +118,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(source: str | os.PathLike | bytes | IO[bytes], transform: Callable[[Image.Image], Any] | None = None) -> Any:
+def load_image(source: str | os.PathLike | bytes | IO[bytes],
+               transform: Callable[[Image.Image], Any] | None = None) -> Any:
     """Decode an image (a path, its bytes, or a binary file object) to 8-bit RGB and apply
     ``transform``; None when it cannot be decoded. The one decode of every file-based reader
     (ImageFolder here, tar and parquet shards in data/sources/shards.py).
@@ -238,7 +239,7 @@ class _Items(list):
 def with_bad_names(items: list, names: list[str]) -> list:
     """``items`` (a batch, None for an undecodable image) carrying the names of its None items."""
     out = _Items(items)
-    out.bad = tuple(name for name, item in zip(names, items) if item is None)
+    out.bad = tuple(name for name, item in zip(names, items, strict=True) if item is None)  # a name per item
     return out
 
 

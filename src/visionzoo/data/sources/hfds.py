@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import glob
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from visionzoo.data.sources.shards import Shard, ShardStream
 from visionzoo.data.sources.splits import Splits, check_folder
 from visionzoo.errors import UserError, first_line
 
 if TYPE_CHECKING:
+    import pyarrow
+
     from visionzoo.config import DataConfig
 
 IMAGE, LABEL = "image", "label"
@@ -42,11 +45,11 @@ def _need_libs() -> None:
         raise UserError("data.name=hfds needs datasets and pyarrow: pip install 'visionzoo[shards]'") from None
 
 
-def check_schema(schema, where: str) -> None:
+def check_schema(schema: pyarrow.Schema, where: str) -> None:
     """The image and label columns must be there, with types this reader understands."""
     import pyarrow as pa
 
-    def binary(t) -> bool:  # never a string: a string of bytes would be taken for a file name
+    def binary(t: pyarrow.DataType) -> bool:  # never a string: a string of bytes would be taken for a file name
         return pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
     names = schema.names
@@ -57,11 +60,12 @@ def check_schema(schema, where: str) -> None:
              or pa.types.is_large_string(image.field("path").type))))
     ok_label = LABEL in names and pa.types.is_integer(schema.field(LABEL).type)
     if not (ok_image and ok_label):
+        columns = ", ".join(f"{n} ({schema.field(n).type})" for n in names)
         raise UserError(f"{where}: expected an '{IMAGE}' column ({{bytes: binary, path: string}} or binary) and an "
-                        f"integer '{LABEL}' column; it has {', '.join(f'{n} ({schema.field(n).type})' for n in names)}")
+                        f"integer '{LABEL}' column; it has {columns}")
 
 
-def _rows(name: str, batch, first: int, start: int) -> Iterator:
+def _rows(name: str, batch: pyarrow.RecordBatch, first: int, start: int) -> Iterator:
     """The samples of one record batch (``first``: the row number of its first row)."""
     import pyarrow as pa
 
@@ -71,7 +75,7 @@ def _rows(name: str, batch, first: int, start: int) -> Iterator:
         paths = images.field("path").to_pylist() if images.type.get_field_index("path") >= 0 else [None] * len(data)
     else:
         data, paths = images.to_pylist(), [None] * len(labels)
-    for k, (img, path, label) in enumerate(zip(data, paths, labels)):
+    for k, (img, path, label) in enumerate(zip(data, paths, labels, strict=True)):  # columns of one batch
         row = first + k
         if row < start:
             continue
@@ -79,7 +83,8 @@ def _rows(name: str, batch, first: int, start: int) -> Iterator:
         if img is None:
             local = _inside_data_folder(path, name) if path else None
             if local is None:
-                yield key, None, label, "no image bytes" + (f" (path {path} is not a file in the data folder)" if path else "")
+                why = f" (path {path} is not a file in the data folder)" if path else ""
+                yield key, None, label, "no image bytes" + why
                 continue
             img = local.read_bytes()  # an image kept as a file next to the parquet files
         yield key, img, label, None if label is not None else "no label"
@@ -215,7 +220,7 @@ def _resolve(spec: str) -> tuple[str, list[str]]:
     return "parquet", files
 
 
-def _split_specs(d, train: bool) -> tuple[tuple[str, list[str]] | None, tuple[str, list[str]], Path | None]:
+def _split_specs(d: DataConfig, train: bool) -> tuple[tuple[str, list[str]] | None, tuple[str, list[str]], Path | None]:
     """(train source, val source, the folder class files may lie in)."""
     if d.train or d.val:
         if (train and not d.train) or not d.val:
@@ -270,7 +275,7 @@ def hfds_splits(d: DataConfig, train: bool) -> Splits:
         if top < 0:
             raise UserError(f"hfds: no class names and no labels in {folder}")
         classes = [str(i) for i in range(top + 1)]
-    def reader(src):
+    def reader(src: tuple[str, list[str]]) -> ArrowReader | ParquetReader:
         return ArrowReader() if src[0] == "arrow" else ParquetReader()
 
     kw = dict(classes=classes, shuffle_buffer=d.shuffle_buffer, retries=0)

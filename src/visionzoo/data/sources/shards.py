@@ -16,8 +16,9 @@ are counted as bad: the epoch goes on with the same number of batches on every r
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 from torch.utils.data import IterableDataset
 
@@ -96,12 +97,13 @@ class ShardStream(IterableDataset):
                  shuffle_buffer: int = 0, retries: int = 0):
         self.shards, self.reader, self.classes, self.transform = list(shards), reader, list(classes), transform
         self.shuffle_buffer, self.retries = shuffle_buffer, retries
-        self.mode = "image"  # image: (tensor, label) items; bytes: data/loading/device_decode.py's (bytes, pixels, label)
+        # image: (tensor, label) items; bytes: data/loading/device_decode.py's (bytes, pixels, label)
+        self.mode = "image"
 
     def __len__(self) -> int:
         return sum(s.samples for s in self.shards)
 
-    def as_bytes(self) -> "ShardStream":
+    def as_bytes(self) -> ShardStream:
         """The same stream yielding undecoded samples for the device decoder."""
         other = replace_stream(self)
         other.mode = "bytes"

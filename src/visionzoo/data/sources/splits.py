@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch.utils.data import Dataset
 
 from visionzoo.errors import UserError
+
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig
 
 
 @dataclass
@@ -32,7 +36,7 @@ def existing_dir(path: str | None, what: str) -> Path:
     return p
 
 
-def check_folder(d) -> None:
+def check_folder(d: DataConfig) -> None:
     """The default path check of a data source: ``data.path``, when given, is a folder."""
     if d.path:
         existing_dir(d.path, d.name)

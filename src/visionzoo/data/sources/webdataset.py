@@ -22,8 +22,9 @@ import io
 import json
 import os
 import posixpath
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Iterator
+from typing import IO, TYPE_CHECKING
 
 from visionzoo.data.sources.class_folders import MANIFEST
 from visionzoo.data.sources.shards import Shard, ShardStream, shard_error, warn
@@ -41,6 +42,11 @@ _READ_CHUNK = 1 << 20  # bytes per read from a URL: tarfile itself asks for 10 K
 
 def is_url(spec: str) -> bool:
     return "://" in spec
+
+
+def _join(folder: str, name: str) -> str:
+    """``name`` inside ``folder``, a URL or a local path."""
+    return posixpath.join(folder, name) if is_url(folder) else os.path.join(folder, name)
 
 
 def _missing_extra(what: str, extra: str) -> UserError:
@@ -82,7 +88,7 @@ class _Buffered(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b) -> int:
+    def readinto(self, b: bytearray | memoryview) -> int:
         data = self.f.read(len(b))
         b[:len(data)] = data
         return len(data)
@@ -202,7 +208,7 @@ def _derive_val(train_spec: str) -> str | None:
     return posixpath.join(head, tail.replace("train", "val"))
 
 
-def split_specs(d, train: bool) -> tuple[str | None, str]:
+def split_specs(d: DataConfig, train: bool) -> tuple[str | None, str]:
     """(training pattern or None, validation pattern) from data.train / data.val / data.path."""
     train_spec, val_spec = d.train, d.val
     path = d.path
@@ -229,7 +235,8 @@ def _folder_specs(folder: str, local: bool, timeout: float) -> tuple[str, str | 
     root = folder if not local else os.path.abspath(os.path.expanduser(folder))
     manifest = load_manifest(root, timeout)
     if manifest is not None and manifest.get("format", "webdataset") != "webdataset":
-        raise UserError(f"{folder} holds {manifest['format']} shards (its {MANIFEST}): use data.name={manifest['format']}")
+        fmt = manifest["format"]
+        raise UserError(f"{folder} holds {fmt} shards (its {MANIFEST}): use data.name={fmt}")
     if manifest is not None:
         from visionzoo.data.sources.manifest import checked_splits
 
@@ -273,7 +280,7 @@ _manifests: dict[str, dict | None] = {}
 def load_manifest(folder: str, timeout: float) -> dict | None:
     """``manifest.json`` of a shard folder (local or URL), or None."""
     if folder not in _manifests:
-        raw = read_small(posixpath.join(folder, MANIFEST) if is_url(folder) else os.path.join(folder, MANIFEST), timeout)
+        raw = read_small(_join(folder, MANIFEST), timeout)
         try:
             _manifests[folder] = json.loads(raw) if raw is not None else None
         except ValueError as err:
@@ -321,7 +328,7 @@ def counted_shards(names: list[str], timeout: float) -> tuple[list[Shard], dict[
 
         for split in checked_splits(manifest, f"{folder}/{MANIFEST}", ("name", "samples")).values():
             for s in split:
-                known[posixpath.join(folder, s["name"]) if is_url(folder) else os.path.join(folder, s["name"])] = int(s["samples"])
+                known[_join(folder, s["name"])] = int(s["samples"])
     key = (lambda n: n) if names and is_url(names[0]) else os.path.abspath
     todo = [n for n in names if key(n) not in known]
 
