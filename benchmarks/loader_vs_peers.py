@@ -54,14 +54,15 @@ def visionzoo_loader(recipe: str, root: Path, batch: int, workers: int, epoch: i
     from visionzoo.config import load_config
     from visionzoo.data.augment.multicrop import MultiCropTransform
     from visionzoo.data.loading.build import build_datasets, build_loader, multicrop_loader
+    from visionzoo.data.loading.samplers import SampleOrder
 
     cfg = load_config(RECIPES[recipe], [f"data.path={root}", f"data.draft={str(draft).lower()}"])
     ds = build_datasets(cfg.data, train=True).train
     if recipe == "dino":
         ds.transform = MultiCropTransform(cfg.data, cfg.dino)
-        loader = multicrop_loader(ds, batch, workers, cfg.train.seed)
+        loader = multicrop_loader(ds, batch, workers, SampleOrder(cfg.train.seed))
     else:
-        loader = build_loader(ds, batch, workers, True, cfg.train.seed)
+        loader = build_loader(ds, batch, workers, True, SampleOrder(cfg.train.seed))
     loader.set_epoch(epoch)
     return loader.loader  # the DataLoader: uint8 batches as the workers hand them over
 

@@ -58,7 +58,7 @@ def throughput(kind: str, path: str, batch: int, workers: int, warm: int, steps:
         ds = ImageFolderDataset(Path(path) / "train", transform=train_transform(d))
     else:
         ds = build_datasets(replace(d, name="hfds" if kind == "parquet" else "webdataset", path=path), train=True).train
-    loader = build_loader(ds, batch, workers, True, seed=0)
+    loader = build_loader(ds, batch, workers, True)
     set_loader_epoch(loader, 0, 0)
     it = iter(loader)
     for _ in range(warm):

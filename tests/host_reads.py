@@ -368,7 +368,7 @@ def measure_eval(recipe: str, overrides: list[str], start: int = 1, steps: int =
     counter = HostReads(device)
     with counter, cuda_pinning():
         splits = build_datasets(cfg.data, train=False)
-        _, val = build_loaders(splits, cfg.data, cfg.data.batch_size, device, 0)
+        _, val = build_loaders(splits, cfg.data, cfg.data.batch_size, device)
         net, _ = build_model(cfg.model, len(splits.classes), cfg.data.in_chans)
         net = net.to(device)
         counter.counting_batches(val, start, start + steps)

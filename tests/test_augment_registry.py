@@ -367,11 +367,11 @@ def test_in_memory_data_runs_every_preset_there_and_evaluates_there_at_its_store
     ds = TensorImageDataset(images, np.arange(8) % 2, ["a", "b"])
     for augment in registry.AUGMENTS:
         d = _data(3, augment=augment, image_size=24 if augment != "none" else 30, test_resize=0, test_size=30)
-        train, val = build_loaders(Splits(ds, ds, ["a", "b"]), d, 4, CPU, 0)
+        train, val = build_loaders(Splits(ds, ds, ["a", "b"]), d, 4, CPU)
         assert isinstance(train, InMemoryLoader) and isinstance(val, InMemoryLoader)
         x, y, _ = next(iter(train))
         assert x.shape == (4, 3, d.image_size, d.image_size) and y.shape == (4,)
     # An eval resize the in-memory loader does not do: validation goes through the per-image path.
-    _, val = build_loaders(Splits(ds, ds, ["a", "b"]), replace(d, test_resize=34, test_size=30), 4, CPU, 0)
+    _, val = build_loaders(Splits(ds, ds, ["a", "b"]), replace(d, test_resize=34, test_size=30), 4, CPU)
     assert not isinstance(val, InMemoryLoader) and next(iter(val))[0].shape == (4, 3, 30, 30)
 

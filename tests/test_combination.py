@@ -8,8 +8,6 @@ tests/test_matrix.py."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import start_ranks, write_fmnist
 from safetensors.torch import load_file
 
+from conftest import start_ranks, write_fmnist
 from visionzoo.cli import main
 from visionzoo.config import for_world_size, from_dict, load_config
 from visionzoo.engine import lockstep
@@ -94,7 +92,6 @@ def test_7_dino_teacher_statistics_do_not_move_on_the_placeholder():
     """Before: the teacher ran its placeholder forward in training mode: its BatchNorm running
     statistics (dino.use_bn_in_head) moved on all-zero images (mean 0.0 -> 0.0 but var 1 -> 0.9)."""
     from test_dino import TINY_OVERRIDES
-
     from visionzoo.engine.tasks.dino import DinoTask
 
     cfg = for_world_size(load_config("dino_fashion_mnist", [*TINY_OVERRIDES, "dino.use_bn_in_head=true"]), 1)
@@ -280,8 +277,9 @@ def test_10_a_resumed_run_continues_its_mlflow_and_wandb_runs(fmnist_dir, tmp_pa
     """Before: every resume opened a new MLflow and W&B run (a job requeued N times was N runs)."""
     pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
-    import visionzoo.engine.run as run_engine
     from mlflow.tracking import MlflowClient
+
+    import visionzoo.engine.run as run_engine
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("WANDB_MODE", "offline")

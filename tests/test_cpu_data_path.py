@@ -25,7 +25,7 @@ from visionzoo.data.augment.per_image import timm_randaugment
 from visionzoo.data.loading.build import build_datasets, build_loader, build_loaders, multicrop_loader
 from visionzoo.data.loading.collate import stack_images
 from visionzoo.data.loading.device_batches import DeviceBatches
-from visionzoo.data.loading.samplers import SeededDataset, sample_seed
+from visionzoo.data.loading.samplers import SampleOrder, SeededDataset, sample_seed
 from visionzoo.data.sources.folder import to_rgb
 
 SEED, EPOCH = 3, 1
@@ -139,7 +139,7 @@ def _epoch_order(loader) -> list[int]:
 def test_training_batches_equal_the_v2_pipeline(tree, recipe, overrides) -> None:
     d = _cfg(recipe, tree, *overrides).data
     splits = build_datasets(d)
-    loader = build_loader(splits.train, 4, 0, True, SEED)
+    loader = build_loader(splits.train, 4, 0, True, SampleOrder(SEED))
     loader.set_epoch(EPOCH)
     order = _epoch_order(loader)
     old = old_train_transform(d)
@@ -152,7 +152,7 @@ def test_training_batches_equal_the_v2_pipeline(tree, recipe, overrides) -> None
 def test_eval_batches_equal_the_v2_pipeline(tree) -> None:
     d = _cfg("alexnet_imagenet", tree, "data.test_resize=72", "data.test_size=64").data
     splits = build_datasets(d)
-    _, val = build_loaders(splits, d, 3, torch.device("cpu"), 0)
+    _, val = build_loaders(splits, d, 3, torch.device("cpu"))
     got = torch.cat([images for images, _, _ in val])
     old = old_eval_transform(d)
     assert torch.equal(got, torch.stack([old(_old_decode(p)) for p, _ in splits.val.samples]))
@@ -164,7 +164,7 @@ def test_multicrop_equals_the_v2_pipeline_up_to_the_separable_blur(tree) -> None
     d, dc = cfg.data, cfg.dino
     ds = build_datasets(d).train
     ds.transform = MultiCropTransform(d, dc)
-    loader = multicrop_loader(ds, 4, 0, SEED)
+    loader = multicrop_loader(ds, 4, 0, SampleOrder(SEED))
     loader.set_epoch(EPOCH)
     order = _epoch_order(loader)
     old = old_multicrop(d, dc)
@@ -194,7 +194,7 @@ def test_the_same_sample_gives_the_same_batch_with_any_worker_count(tree) -> Non
     splits = build_datasets(d)
     batches = []
     for workers in (0, 2):
-        loader = build_loader(splits.train, 3, workers, True, SEED)
+        loader = build_loader(splits.train, 3, workers, True, SampleOrder(SEED))
         loader.set_epoch(EPOCH)
         batches.append(torch.cat([images for images, _, _ in loader]))
     assert torch.equal(batches[0], batches[1])
@@ -319,7 +319,7 @@ def test_stack_images_refuses_mixed_sizes() -> None:
 def test_loaders_resume_mid_epoch(tree) -> None:
     d = _cfg("alexnet_imagenet", tree, "data.image_size=32").data
     splits = build_datasets(d)
-    loader = build_loader(splits.train, 2, 0, True, SEED)
+    loader = build_loader(splits.train, 2, 0, True, SampleOrder(SEED))
     loader.set_epoch(EPOCH)
     full = [images for images, _, _ in loader]
     loader.set_epoch(EPOCH, skip_batches=2)

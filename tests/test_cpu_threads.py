@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_FOLDER_RECIPE
 
+from conftest import TINY_FOLDER_RECIPE
 from visionzoo import runtime
 from visionzoo.cli import main
 from visionzoo.runtime import cpu_threads

@@ -224,15 +224,15 @@ def test_unsupported_settings_are_user_errors(tree) -> None:
     root, _ = tree
     splits = Splits(_dataset(root), _dataset(root), ["a", "b"])
     with pytest.raises(UserError, match=r"RandAugment op GaussianBlur.* has no batched version"):
-        build_loaders(splits, _cfg(randaugment="rand-m9-n2-t3a"), 2, torch.device("cpu"), 0)
+        build_loaders(splits, _cfg(randaugment="rand-m9-n2-t3a"), 2, torch.device("cpu"))
     with pytest.raises(UserError) as refused:
-        build_loaders(splits, _cfg(augment="cifar"), 2, torch.device("cpu"), 0)
+        build_loaders(splits, _cfg(augment="cifar"), 2, torch.device("cpu"))
     assert str(refused.value) == ("data.augment=cifar has no device decode version (data.decode=device); the paths "
                                   "that run it: per image (data.decode=cpu, data.device_resident=false), in memory "
                                   "(data.device_resident=true)")
     with pytest.raises(UserError, match="data.decode"):
         _cfg(decode="gpu")
-    train, val = build_loaders(splits, _cfg(), 2, torch.device("cpu"), 0)
+    train, val = build_loaders(splits, _cfg(), 2, torch.device("cpu"))
     assert isinstance(train, DeviceDecodeLoader) and not isinstance(val, DeviceDecodeLoader)
 
 

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_FOLDER_RECIPE, start_ranks, write_jpeg_tree
 from safetensors.torch import load_file
+
+from conftest import TINY_FOLDER_RECIPE, start_ranks, write_jpeg_tree
 from test_combination import StopAfter
 from test_dino import TINY_OVERRIDES
-
 from visionzoo.cli import main
 from visionzoo.config import for_world_size, load_config
 from visionzoo.data.loading.samplers import train_indices
@@ -166,7 +166,8 @@ def _reported(task: str, results: dict, run: Path) -> None:
         from visionzoo.checkpoint import read_metadata
 
         assert results["BN group"] == 2 and results["BN layers grouped"] > 0
-        assert results["weights"] == "ema (train.ema_decay=0.5)" and read_metadata(run / "model.safetensors")["weights"] == "ema"
+        assert results["weights"] == "ema (train.ema_decay=0.5)"
+        assert read_metadata(run / "model.safetensors")["weights"] == "ema"
     else:
         assert results["eval"] == "k-NN k=5"
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from visionzoo.config import load_config
-from visionzoo.engine.step import GradStep
+from visionzoo.engine.step import Clipping, GradStep
 from visionzoo.models import build_model, create
 from visionzoo.optim import build_optimizer, clip_parameters, lr_schedule
 
@@ -103,7 +103,7 @@ def _tiny():
 
 def test_gradstep_norm_clipping():
     model, opt = _tiny()
-    step = GradStep(opt, torch.device("cpu"), None, "dynamic", 2**16, "norm", 1.0, list(model.parameters()))
+    step = GradStep(opt, torch.device("cpu"), None, "dynamic", 2**16, Clipping("norm", 1.0, list(model.parameters())))
     w0 = model.weight.detach().clone()
     loss = (model(torch.full((4, 3), 100.0)) ** 2).sum()
     step(loss)
@@ -114,7 +114,7 @@ def test_gradstep_norm_clipping():
 
 def test_gradstep_fp16_skips_non_finite_and_keeps_static_scale():
     model, opt = _tiny()
-    step = GradStep(opt, torch.device("cpu"), torch.float16, "1024", 2**16, "none", 0.0, list(model.parameters()))
+    step = GradStep(opt, torch.device("cpu"), torch.float16, "1024", 2**16)
     assert step.scaler.get_scale() == 1024
     w0 = model.weight.detach().clone()
     step(model(torch.ones(1, 3)).sum() * float("inf"))
@@ -126,7 +126,7 @@ def test_gradstep_fp16_skips_non_finite_and_keeps_static_scale():
 
 def test_gradstep_accumulation_steps_once():
     model, opt = _tiny()
-    step = GradStep(opt, torch.device("cpu"), None, "dynamic", 2**16, "none", 0.0, list(model.parameters()))
+    step = GradStep(opt, torch.device("cpu"), None, "dynamic", 2**16)
     w0 = model.weight.detach().clone()
     step(model(torch.ones(1, 3)).sum(), update=False)
     assert torch.equal(model.weight, w0) and model.weight.grad is not None

@@ -192,6 +192,7 @@ from visionzoo.config import DataConfig
 from visionzoo.data.sources import folder
 from visionzoo.data.loading.build import build_datasets, build_loaders
 from visionzoo.data.loading.build import set_loader_epoch
+from visionzoo.data.loading.samplers import SampleOrder
 
 info = distributed.from_env()
 distributed.init(info, torch.device("cpu"), 120)
@@ -202,7 +203,7 @@ if info.rank == 1:  # the ImageFolder file list comes from rank 0: rank 1 must n
 tree = folder.ImageFolderDataset(sys.argv[2] + "/train", scan_cache=False)
 d = DataConfig(**json.loads(sys.argv[3]))
 splits = build_datasets(d, train=True)
-train, val = build_loaders(splits, d, 4, torch.device("cpu"), 0, info.rank, info.world_size)
+train, val = build_loaders(splits, d, 4, torch.device("cpu"), SampleOrder(0, info.rank, info.world_size))
 digest = lambda t: hashlib.sha1(t.contiguous().numpy().tobytes()).hexdigest()
 out = {"epochs": [], "files": len(tree), "scan": tree.scan_state}
 for epoch in range(2):

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from visionzoo.cli import main
 from visionzoo.config import to_dict
 from visionzoo.data.loading.build import build_datasets, build_loaders
+from visionzoo.data.loading.samplers import SampleOrder
 from visionzoo.engine import lockstep, tasks
 from visionzoo.engine.evaluation.topk import evaluate
 from visionzoo.engine.step import GradStep
@@ -33,8 +34,8 @@ class FrozenBackboneLinear(Task):
         d, env = self.cfg.data, self.env
         splits = splits or build_datasets(d, train=True)
         self.classes = list(splits.classes)
-        self.train_loader, self.val_loader = build_loaders(splits, d, d.batch_size_per_device, env.device,
-                                                           self.cfg.train.seed, env.rank, env.world_size)
+        order = SampleOrder(self.cfg.train.seed, env.rank, env.world_size)
+        self.train_loader, self.val_loader = build_loaders(splits, d, d.batch_size_per_device, env.device, order)
         self.steps_per_epoch = len(self.train_loader)
 
     def build(self) -> None:
@@ -44,7 +45,7 @@ class FrozenBackboneLinear(Task):
         self.head = nn.Linear(8, len(self.classes))
         self.net = nn.Sequential(self.backbone, self.head)
         opt = torch.optim.SGD(self.head.parameters(), lr=self.cfg.optim.lr, momentum=0.9)
-        self.step = GradStep(opt, self.env.device, None, "dynamic", 1.0, "none", 0.0, [])
+        self.step = GradStep(opt, self.env.device, None, "dynamic", 1.0)
         self.meta = {"config": to_dict(self.cfg), "model": {"name": "frozen_linear"}, "classes": self.classes}
 
     def train(self) -> None:

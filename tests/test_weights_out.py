@@ -268,8 +268,8 @@ def test_dino_run_as_released_backbone_and_training_checkpoint(dino_run: Path, t
                              if k.startswith("backbone.")})
         torch.testing.assert_close(_outputs(net, x), _outputs(ref, x), rtol=0, atol=0)
     # DINO training starts from it: student and teacher as the run's teacher, head included.
-    student, _, _ = build_student_teacher(replace(cfg, model=replace(cfg.model, weights=str(full))), torch.device("cpu"),
-                                          ddp=False)
+    cpu = torch.device("cpu")
+    student, _, _ = build_student_teacher(replace(cfg, model=replace(cfg.model, weights=str(full))), cpu, ddp=False)
     _, teacher, _ = build_student_teacher(replace(cfg, model=replace(cfg.model, weights=None)), torch.device("cpu"),
                                           ddp=False)
     teacher.load_state_dict(state["teacher"])

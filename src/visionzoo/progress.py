@@ -74,7 +74,8 @@ class Progress:
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = elapsed / done * (self.total - self.count) if done else 0.0
         fields = f" {text}" if text else ""
-        print(f"{self.desc} step {self.count}/{self.total}{fields} | {rate:.3g} it/s | ETA {_duration(eta)}", flush=True)
+        print(f"{self.desc} step {self.count}/{self.total}{fields} | {rate:.3g} it/s | ETA {_duration(eta)}",
+              flush=True)
         self.last_line = now
 
     def close(self) -> None:

@@ -39,7 +39,7 @@ def evaluate_checkpoint(checkpoint: str | None, overrides: list[str], weights: s
                             f"classes the checkpoint was trained on")
     channels_last = cfg.model.channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    _, loader = build_loaders(splits, cfg.data, cfg.data.batch_size, device, 0, memory_format=memory_format)
+    _, loader = build_loaders(splits, cfg.data, cfg.data.batch_size, device, memory_format=memory_format)
     model = model.to(device, weights_dtype(cfg.train.amp), memory_format=memory_format)
     result = evaluate(model, loader, device, amp_dtype, channels_last, progress=cfg.log.progress)
     k = min(5, len(splits.classes))  # top-5 is top-k with fewer classes: named for what it is

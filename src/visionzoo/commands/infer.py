@@ -175,7 +175,7 @@ def _split_loader(meta: dict, data: str | None, batch_size: int | None,
         raise UserError(f"the data's {len(splits.classes)} classes are not the {len(meta['classes'])} "
                         f"classes the model was trained on")
     # The loader eval uses (same reader, same preprocessing).
-    _, loader = build_loaders(splits, d, batch, torch.device("cpu"), 0)
+    _, loader = build_loaders(splits, d, batch, torch.device("cpu"))
     return d, loader, batch
 
 

@@ -29,7 +29,7 @@ class BadImages:
     def first(self, k: int = SHOWN) -> list[str]:
         return sorted(self.names)[:k]
 
-    def over_ranks(self) -> "BadImages":
+    def over_ranks(self) -> BadImages:
         """The images every rank reported (a collective when distributed): names joined, so a
         file two ranks read in different epochs counts once; unnamed counts summed."""
         import torch.distributed as dist

@@ -22,7 +22,8 @@ With one process nothing has to be matched: an empty batch is skipped, as before
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

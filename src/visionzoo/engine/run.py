@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -29,8 +30,15 @@ from visionzoo.engine.stopping import StopVote, end_failed_run
 from visionzoo.engine.tasks import make_task
 from visionzoo.engine.tasks.base import Evaluation, RunEnv, Task
 from visionzoo.errors import UserError
-from visionzoo.run_folder import (MetricsLog, RunLock, live_owner, mark_status, new_run_dir, report_fallbacks,
-                                  write_results)
+from visionzoo.run_folder import (
+    MetricsLog,
+    RunLock,
+    live_owner,
+    mark_status,
+    new_run_dir,
+    report_fallbacks,
+    write_results,
+)
 from visionzoo.runtime import (
     StopSignal,
     configure_determinism,
@@ -69,7 +77,8 @@ class RunFolder:
         self.path = Path(resume_dir) if resume_dir is not None else new_run_dir(cfg.recipe, cfg.output)
         self.lock = RunLock(self.path)
         if not self.lock.acquire():  # checked before, but two jobs may have started at once
-            raise UserError(f"{self.path} is being trained by another process ({live_owner(self.path) or 'its lock is held'}); "
+            owner = live_owner(self.path) or "its lock is held"
+            raise UserError(f"{self.path} is being trained by another process ({owner}); "
                             "two jobs cannot train one run folder")
         if resume_dir is not None:
             truncate_metrics(self.path, pos.global_step, pos.epoch)
@@ -235,7 +244,8 @@ class Run(RunHooks):
             print(f"warning: {results['bad_images']} unreadable image(s) were skipped: {'; '.join(parts)}", flush=True)
         report_fallbacks(results["cpu_fallbacks"])
         if self.cfg.train.compile and self.pos.first_step_s:
-            print(f"torch.compile: the first step took {self.pos.first_step_s:.1f} s (compilation included)", flush=True)
+            print(f"torch.compile: the first step took {self.pos.first_step_s:.1f} s (compilation included)",
+                  flush=True)
         folder.log.finish(folder.path, results, "FINISHED")
 
 

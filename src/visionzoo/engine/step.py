@@ -13,21 +13,31 @@ checkpoints, results)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from visionzoo.optim import clip_gradients
 
 
+@dataclass(frozen=True)
+class Clipping:
+    """Gradient clipping: ``mode`` (optim.py ``clip_gradients``: none | norm | value | agc |
+    per_tensor), its ``value`` and the ``params`` it acts on."""
+
+    mode: str = "none"
+    value: float = 0.0
+    params: list = field(default_factory=list)
+
+
 class GradStep:
     """Applies a loss to the optimizer; one instance per run."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, amp_dtype: torch.dtype | None,
-                 loss_scale: str, init_scale: float, clip_mode: str, clip_value: float, clip_params: list,
+                 loss_scale: str, init_scale: float, clipping: Clipping | None = None,
                  before_step: Callable[[], None] | None = None):
-        self.optimizer = optimizer
-        self.clip_mode, self.clip_value, self.clip_params = clip_mode, clip_value, clip_params
+        self.optimizer, self.clipping = optimizer, clipping or Clipping()
         self.before_step = before_step
         fp16 = amp_dtype == torch.float16
         self.static_scale = float(loss_scale) if fp16 and loss_scale != "dynamic" else None
@@ -47,9 +57,10 @@ class GradStep:
         self.scaler.scale(loss).backward()
         if not update:
             return
-        if self.clip_mode != "none":
+        c = self.clipping
+        if c.mode != "none":
             self.scaler.unscale_(self.optimizer)
-            clip_gradients(self.clip_params, self.clip_mode, self.clip_value)
+            clip_gradients(c.params, c.mode, c.value)
         if self.before_step is not None:
             self.before_step()
         self.scaler.step(self.optimizer)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from visionzoo.errors import Stopped
-from visionzoo.run_folder import mark_status
+from visionzoo.run_folder import MetricsLog, mark_status
 from visionzoo.runtime import REQUEUE, STOP
 
 
@@ -97,7 +97,7 @@ def requeue_slurm_job() -> str | None:
     return f"Slurm job {job} requeued"
 
 
-def end_failed_run(err: BaseException, is_main: bool, run_dir: Path | None, log, step: int) -> None:
+def end_failed_run(err: BaseException, is_main: bool, run_dir: Path | None, log: MetricsLog | None, step: int) -> None:
     """Record why a run ended early (status interrupted or failed, on rank 0) and re-raise: a
     stop signal becomes ``errors.Stopped`` (one line naming the checkpoint; rank 0 requeues the
     Slurm job after SIGUSR1)."""

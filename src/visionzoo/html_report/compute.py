@@ -88,7 +88,7 @@ def predict_run(weights: Path, cfg: RecipeConfig, meta: dict, max_images: int, p
     if not data_source(cfg.data.name).generated and splits.classes != meta["classes"]:
         raise UserError(f"the data's {len(splits.classes)} classes are not the {len(meta['classes'])} "
                         f"classes the checkpoint was trained on")
-    _, loader = build_loaders(splits, cfg.data, cfg.data.batch_size, device, 0, memory_format=memory_format)
+    _, loader = build_loaders(splits, cfg.data, cfg.data.batch_size, device, memory_format=memory_format)
     model = model.to(device, memory_format=memory_format)
     pred, _, _ = predict_split(classifier_scores(model), loader, run, cfg.data, list(meta["classes"]),
                                "classifier", max_images)
@@ -107,8 +107,7 @@ def _predict_dino(model: nn.Module, cfg: RecipeConfig, run: PassSettings, max_im
     train_ds, val_ds, classes = eval_splits(d)
     bank, bank_labels = extract_features(model, train_ds, d.batch_size, d.workers, device, run.amp_dtype)
     bank = F.normalize(bank, dim=1)
-    loader = build_loader(val_ds, d.batch_size, d.workers, train=False, seed=0, device=device,
-                          pin_memory=device.type == "cuda")
+    loader = build_loader(val_ds, d.batch_size, d.workers, train=False, device=device)
     score = knn_scores(model, bank, bank_labels, dc.knn_report_k, dc.knn_temperature, len(classes))
     keep = max(ATTENTION_IMAGES, NEIGHBOUR_QUERIES)
     pred, inputs, labels = predict_split(score, loader, run, d, list(classes), "knn", max_images, keep_inputs=keep)

@@ -80,17 +80,19 @@ def build_datasets(d: DataConfig, train: bool = True) -> Splits:
     return splits
 
 
-# engine/ (evaluation/knn.py, linear_probe.py) calls this with these keywords and is off-limits to the
-# change that groups them (seed, rank, world_size, rank_groups as a SampleOrder): see issue 31.
-def build_loader(  # noqa: PLR0913
-    ds: Dataset, batch_size: int, workers: int, train: bool, seed: int,
-    rank: int = 0, world_size: int = 1, pin_memory: bool = False, device: torch.device | None = None,
-    memory_format: torch.memory_format = torch.contiguous_format, collate_fn: Callable = collate_skip_bad,
-    rank_groups: tuple[int, int] = (1, 0),
+FIRST = SampleOrder()  # one process, seed 0: evaluation and single-process loaders
+
+
+def build_loader(
+    ds: Dataset, batch_size: int, workers: int, train: bool, order: SampleOrder = FIRST,
+    device: torch.device | None = None, memory_format: torch.memory_format = torch.contiguous_format,
+    collate_fn: Callable = collate_skip_bad,
 ) -> DeviceBatches:
     """A loader yielding ``(images, targets, n_bad)`` on ``device`` (default: the CPU), images
-    as normalised float32 in ``memory_format``; ``batch_size`` is per device. ``collate_fn``
-    stacks the items (DINO: its crops, data/augment/multicrop.py).
+    as normalised float32 in ``memory_format``; ``batch_size`` is per device; ``order``: which
+    samples this rank reads (seed, rank, world size, the reference's rank groups). ``collate_fn``
+    stacks the items (DINO: its crops, data/augment/multicrop.py). On CUDA the batches come
+    through pinned memory.
 
     Workers decode and augment each image and hand over uint8; the batch is normalised on the
     device (data/loading/device_batches.py). Training shuffles per epoch (``loader.set_epoch``) and
@@ -98,12 +100,12 @@ def build_loader(  # noqa: PLR0913
     data/loading/samplers.py). Shard streams (webdataset, hfds) are read by a StreamLoader with the same
     interface (data/sources/shards.py)."""
     normalize, device = find_normalize(ds), device or torch.device("cpu")
+    pin_memory, seed = device.type == "cuda", order.seed
     if isinstance(ds, ShardStream):
-        order = SampleOrder(seed, rank, world_size)
         return DeviceBatches(StreamLoader(ds, batch_size, workers, train, order, collate_fn, pin_memory),
                              device, normalize, memory_format)
     # rank_groups: the training order of samplers.train_indices
-    sampler = ShardSampler(len(ds), train, seed, rank, world_size, rank_groups)
+    sampler = ShardSampler(len(ds), train, seed, order.rank, order.world_size, order.rank_groups)
     if train:
         ds = SeededDataset(ds, seed)
     workers = max(0, min(workers, os.cpu_count() or 1))
@@ -116,15 +118,13 @@ def build_loader(  # noqa: PLR0913
     return DeviceBatches(loader, device, normalize, memory_format)
 
 
-def multicrop_loader(ds: Dataset, batch_size: int, workers: int, seed: int, rank: int = 0,
-                     world_size: int = 1, pin_memory: bool = False,
+def multicrop_loader(ds: Dataset, batch_size: int, workers: int, order: SampleOrder = FIRST,
                      device: torch.device | None = None) -> DeviceBatches:
     """A loader of ``(crops, targets, n_bad)`` batches on ``device`` (default: the CPU), crops
     normalised there, ``batch_size`` images per device, with the shared shard rule and
     per-sample seeded augmentation of loading/samplers.py (call ``loader.set_epoch`` every epoch);
     the last partial batch is dropped."""
-    return build_loader(ds, batch_size, workers, True, seed, rank, world_size, pin_memory, device,
-                        collate_fn=collate_multicrop)
+    return build_loader(ds, batch_size, workers, True, order, device, collate_fn=collate_multicrop)
 
 
 def training_path(d: DataConfig, ds: Dataset) -> str:
@@ -153,16 +153,12 @@ def multicrop_train_loader(ds: Dataset, d: DataConfig, dino: DinoConfig, batch_s
     if not hasattr(ds, "transform"):
         raise UserError(f"data.name={d.name} gives no per-image transform to apply multi-crop to")
     ds.transform = views
-    return multicrop_loader(ds, batch_size, d.workers, seed, rank, world_size, pin_memory=device.type == "cuda",
-                            device=device)
+    return multicrop_loader(ds, batch_size, d.workers, SampleOrder(seed, rank, world_size), device)
 
 
-# engine/tasks/classify.py calls this with these arguments and is off-limits to the change that
-# groups them (seed, rank, world_size, rank_groups as a SampleOrder): see issue 31.
-def build_loaders(  # noqa: PLR0913
-    splits: Splits, d: DataConfig, batch_size: int, device: torch.device, seed: int, rank: int = 0,
-    world_size: int = 1, memory_format: torch.memory_format = torch.contiguous_format,
-    rank_groups: tuple[int, int] = (1, 0),
+def build_loaders(
+    splits: Splits, d: DataConfig, batch_size: int, device: torch.device, order: SampleOrder = FIRST,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> tuple[Loader | None, Loader]:
     """Train and val loaders for ``splits`` (train is None when ``splits.train`` is), both
     yielding ``(images, targets, n_bad)`` with ``batch_size`` images per device.
@@ -172,18 +168,15 @@ def build_loaders(  # noqa: PLR0913
     preprocessing keeps the stored size, data.test_resize 0); synthetic data always does,
     unaugmented, so that a --perf run on it measures the model; everything else goes through
     DataLoader. With ``d.decode == "device"`` ImageFolder training batches are decoded on
-    ``device`` (data/loading/device_decode.py). ``rank_groups``: the training order of
+    ``device`` (data/loading/device_decode.py). ``order.rank_groups``: the training order of
     samplers.train_indices."""
     synthetic = data_source(d.name).generated
     in_memory = synthetic or (d.device_resident and isinstance(splits.val, TensorImageDataset))
-    order = SampleOrder(seed, rank, world_size, rank_groups)
 
     def make(ds: Dataset, train: bool) -> Loader:
         if in_memory and (train or synthetic or d.test_resize <= 0):
             return InMemoryLoader(ds, batch_size, train, device, d, order, memory_format, augment=not synthetic)
-        return build_loader(ds, batch_size, d.workers, train, seed, rank, world_size,
-                            pin_memory=device.type == "cuda", device=device, memory_format=memory_format,
-                            rank_groups=rank_groups)
+        return build_loader(ds, batch_size, d.workers, train, order, device, memory_format)
     if splits.train is not None and d.decode == "device":  # training only; validation stays on the CPU path
         train = DeviceDecodeLoader(splits.train, batch_size, d.workers, device, d, order, memory_format)
     else:

@@ -11,9 +11,10 @@ blocks, concatenated), SGD momentum 0.9 without weight decay, cosine per epoch."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import replace
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -23,8 +24,12 @@ from torch.utils.data import Dataset, IterableDataset, Subset
 
 from visionzoo.data.augment.presets import eval_transform, train_transform
 from visionzoo.data.loading.build import build_datasets, build_loader
+from visionzoo.data.loading.samplers import SampleOrder
 from visionzoo.errors import UserError
 from visionzoo.progress import Progress
+
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig, DinoConfig
 
 FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -51,20 +56,20 @@ def probe_features(n_last_blocks: int, avgpool: bool) -> FeatureFn:
     return fn
 
 
-def reference_eval_transform(d) -> Callable:
+def reference_eval_transform(d: DataConfig) -> Callable:
     """DINO's evaluation preprocessing (eval_knn.py and eval_linear.py: Resize(256, bicubic) +
     CenterCrop(224)): the recipe's resize and crop sizes, bicubic whatever data.interpolation."""
     return eval_transform(replace(d, interpolation="bicubic"))
 
 
-def reference_probe_transform(d) -> Callable:
+def reference_probe_transform(d: DataConfig) -> Callable:
     """DINO's linear-probe training augmentation (eval_linear.py: RandomResizedCrop(224), whose
     default interpolation is bilinear, + RandomHorizontalFlip): the recipe's crop size, scale and
     flip, bilinear whatever data.interpolation (the recipe's is the pre-training crops')."""
     return train_transform(replace(d, interpolation="bilinear", randaugment=None))
 
 
-def eval_splits(d) -> tuple[Dataset, Dataset, list[str]]:
+def eval_splits(d: DataConfig) -> tuple[Dataset, Dataset, list[str]]:
     """The training split with *evaluation* preprocessing (the k-NN memory bank) and the
     validation split, as build_datasets reads them, both preprocessed as the reference's
     eval_knn.py (``reference_eval_transform``)."""
@@ -75,7 +80,7 @@ def eval_splits(d) -> tuple[Dataset, Dataset, list[str]]:
     return splits.train, splits.val, splits.classes
 
 
-def probe_splits(d) -> tuple[Dataset, Dataset, list[str]]:
+def probe_splits(d: DataConfig) -> tuple[Dataset, Dataset, list[str]]:
     """The linear probe's training split (``reference_probe_transform``) and validation split
     (``reference_eval_transform``)."""
     splits = build_datasets(d, train=True)
@@ -98,7 +103,7 @@ def _gather(t: torch.Tensor) -> torch.Tensor:
     padded[: t.shape[0]] = t
     parts = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
 
 
 @torch.no_grad()
@@ -113,8 +118,7 @@ def extract_features(
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if world > 1 and not isinstance(ds, IterableDataset):  # shard streams split themselves by rank
         ds, rank, world = Subset(ds, range(rank, len(ds), world)), 0, 1
-    loader = build_loader(ds, batch_size, workers, train=False, seed=0, rank=rank, world_size=world,
-                          pin_memory=device.type == "cuda", device=device)
+    loader = build_loader(ds, batch_size, workers, train=False, order=SampleOrder(0, rank, world), device=device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     feats, labels = [], []
     main_rank = not dist.is_initialized() or dist.get_rank() == 0
@@ -172,7 +176,7 @@ def knn_classify(
     return {k: (100.0 * h1 / n, 100.0 * h5 / n) for k, (h1, h5) in hits.items()}
 
 
-def knn_eval(backbone: nn.Module, d, dino, device: torch.device, amp_dtype: torch.dtype | None,
+def knn_eval(backbone: nn.Module, d: DataConfig, dino: DinoConfig, device: torch.device, amp_dtype: torch.dtype | None,
              batch_size: int, ks: list[int] | None = None) -> tuple[dict[int, tuple[float, float]], list[str]]:
     """Extract the normalised features of both splits of ``d`` and run ``knn_classify`` for
     ``ks`` (default: dino.knn_k)."""

@@ -5,21 +5,31 @@ frozen features (for ViTs: the [CLS] tokens of the last N blocks, concatenated),
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-from typing import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from visionzoo.data.loading.build import build_loader
-from visionzoo.engine.evaluation.knn import extract_features, probe_features, probe_splits, reference_eval_transform
+from visionzoo.engine.evaluation.knn import (
+    FeatureFn,
+    extract_features,
+    probe_features,
+    probe_splits,
+    reference_eval_transform,
+)
 from visionzoo.engine.evaluation.topk import topk_correct
 from visionzoo.errors import UserError
 
+if TYPE_CHECKING:
+    from visionzoo.config import DataConfig, DinoConfig
+
 
 def train_linear(
-    backbone: nn.Module, d, dino, device: torch.device, amp_dtype: torch.dtype | None,
+    backbone: nn.Module, d: DataConfig, dino: DinoConfig, device: torch.device, amp_dtype: torch.dtype | None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Train a linear probe on frozen ``backbone`` features; return val Acc@1/Acc@5 (%) after the
@@ -40,8 +50,7 @@ def train_linear(
     base_lr = dino.linear_lr * batch / 256  # the reference's linear scaling rule
     opt = torch.optim.SGD(probe.parameters(), lr=base_lr, momentum=0.9, weight_decay=0.0)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    loader = None if cached else build_loader(train_ds, batch, d.workers, train=True, seed=0,
-                                              pin_memory=device.type == "cuda", device=device)
+    loader = None if cached else build_loader(train_ds, batch, d.workers, train=True, device=device)
     if loader is not None and len(loader) == 0:
         raise UserError(f"the training split ({len(train_ds)} images) is smaller than one probe "
                         f"batch (dino.linear_batch_size={batch})")
@@ -73,7 +82,8 @@ def train_linear(
             "samples": len(val_y), "features": val_f.shape[1], "classes": len(classes)}
 
 
-def _feature_batches(backbone, loader, device, autocast, fn):
+def _feature_batches(backbone: nn.Module, loader: Iterable, device: torch.device, autocast: AbstractContextManager,
+                     fn: FeatureFn) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(features, labels) of augmented training batches through the frozen backbone."""
     for images, targets, _ in loader:
         if images.numel() == 0:

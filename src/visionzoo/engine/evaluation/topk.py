@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -24,7 +25,7 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None,
-    channels_last: bool = False, reduce=None, progress: str = "off",
+    channels_last: bool = False, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: str = "off",
 ) -> dict:
     """Mean cross-entropy loss, Acc@1 and Acc@5 (percent) of ``model`` over ``loader``.
 

@@ -10,9 +10,9 @@ engine/tasks/ and one line in ``engine/tasks/__init__.py: TASKS``."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -36,7 +36,7 @@ class RunEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> AbstractContextManager:
         """Autocast in the run's precision (a no-op without one)."""
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
 
@@ -121,7 +121,7 @@ class Task:
         as the values a log point records."""
         raise NotImplementedError
 
-    def accumulate(self, update: bool) -> ContextManager:
+    def accumulate(self, update: bool) -> AbstractContextManager:
         """The context of a micro-batch's forward and backward (DDP's no_sync until ``update``)."""
         return nullcontext()
 

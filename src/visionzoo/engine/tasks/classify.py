@@ -8,8 +8,8 @@ per device, the loaders putting reference rank i's images in group i (``referenc
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -18,14 +18,22 @@ from visionzoo import distributed
 from visionzoo.config import RecipeConfig, absolute_data_path, peak_lr, to_dict
 from visionzoo.data.augment.mix import PerSampleMixup
 from visionzoo.data.loading.build import build_datasets, build_loaders
+from visionzoo.data.loading.samplers import SampleOrder
 from visionzoo.engine import lockstep
 from visionzoo.engine.evaluation.topk import evaluate
-from visionzoo.engine.step import GradStep
+from visionzoo.engine.step import Clipping, GradStep
 from visionzoo.engine.tasks.base import Batch, Evaluation, Task, Weights
 from visionzoo.errors import UserError
 from visionzoo.models import build_model
-from visionzoo.models.ghost_bn import (bn_group_size, group_sizes, grouped_layers, has_batchnorm, set_group_sizes,
-                                       update_stats, use_bn_groups)
+from visionzoo.models.ghost_bn import (
+    bn_group_size,
+    group_sizes,
+    grouped_layers,
+    has_batchnorm,
+    set_group_sizes,
+    update_stats,
+    use_bn_groups,
+)
 from visionzoo.optim import build_optimizer, clip_parameters, lr_schedule
 from visionzoo.runtime import weights_dtype
 
@@ -96,7 +104,8 @@ def build_network(cfg: RecipeConfig, num_classes: int, device: torch.device, mem
     return net, model_args
 
 
-def wrap_model(net: nn.Module, device: torch.device, ddp: bool, compile: bool, broadcast_buffers: bool = True) -> nn.Module:
+def wrap_model(net: nn.Module, device: torch.device, ddp: bool, compile: bool,
+               broadcast_buffers: bool = True) -> nn.Module:
     """What the training step calls: ``net`` in DistributedDataParallel (more than one rank;
     ``broadcast_buffers``: rank 0's BatchNorm statistics go to every rank before each forward)
     and ``torch.compile`` (``compile``)."""
@@ -123,9 +132,9 @@ class ClassifyTask(Task):
         cfg.data.path = absolute_data_path(cfg.data.path)  # eval/export/infer of the run work from any folder
         self._warn_empty_classes(getattr(splits.train, "empty_classes", []))
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-        self.train_loader, self.val_loader = build_loaders(
-            splits, cfg.data, cfg.data.batch_size_per_device, env.device, cfg.train.seed, env.rank, env.world_size,
-            self.memory_format, rank_groups=reference_ranks(cfg, env.world_size))
+        order = SampleOrder(cfg.train.seed, env.rank, env.world_size, reference_ranks(cfg, env.world_size))
+        self.train_loader, self.val_loader = build_loaders(splits, cfg.data, cfg.data.batch_size_per_device,
+                                                           env.device, order, self.memory_format)
         self.n_train, self.n_val = len(splits.train), len(splits.val)
         self.steps_per_epoch = len(self.train_loader) // cfg.train.accum_steps
         if cfg.train.max_steps_per_epoch:
@@ -148,8 +157,9 @@ class ClassifyTask(Task):
         self.model: nn.Module = self.net  # what is called: DDP- and compile-wrapped by ``wrap``
         self.optimizer = build_optimizer(self.net, cfg.optim, env.device.type)
         self.lrs = lr_schedule(cfg.schedule, peak_lr(cfg), cfg.train.epochs, max(self.steps_per_epoch, 1))
+        clipping = Clipping(cfg.optim.clip_mode, cfg.optim.clip_value, clip_parameters(self.net, cfg.optim))
         self.step = GradStep(self.optimizer, env.device, env.amp_dtype, cfg.train.loss_scale, cfg.train.init_scale,
-                             cfg.optim.clip_mode, cfg.optim.clip_value, clip_parameters(self.net, cfg.optim))
+                             clipping)
         self.criterion, self.mixup = build_criterion(cfg, num_classes)
         self.ema, self._ema_loaded = None, False
         if cfg.train.ema_decay > 0:
@@ -222,7 +232,7 @@ class ClassifyTask(Task):
             group["lr"] = lr
         return {"lr": lr}
 
-    def accumulate(self, update: bool) -> ContextManager:
+    def accumulate(self, update: bool) -> AbstractContextManager:
         return self.model.no_sync() if not update and hasattr(self.model, "no_sync") else nullcontext()
 
     def loss(self, batch: Batch, micro: int) -> tuple[torch.Tensor, torch.Tensor]:

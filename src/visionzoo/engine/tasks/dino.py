@@ -26,7 +26,7 @@ from visionzoo.config import RecipeConfig, peak_lr, to_dict
 from visionzoo.data.loading.build import build_datasets, multicrop_train_loader
 from visionzoo.engine import lockstep
 from visionzoo.engine.evaluation.knn import knn_eval
-from visionzoo.engine.step import GradStep
+from visionzoo.engine.step import Clipping, GradStep
 from visionzoo.engine.tasks.base import Batch, Evaluation, Task, Weights
 from visionzoo.errors import UserError
 from visionzoo.models import build_model, create
@@ -71,7 +71,8 @@ def build_student_teacher(cfg: RecipeConfig, device: torch.device, ddp: bool) ->
     d, dc = cfg.data, cfg.dino
     # model.weights: the backbone's weights, and the head's too when the file is a DINO training checkpoint.
     backbone, model_args = build_model(replace(cfg.model, weights=None), 0, d.in_chans)
-    head_state = load_weights(backbone, model_args, cfg.model.weights, cfg.model.checkpoint_key) if cfg.model.weights else None
+    weights = cfg.model.weights
+    head_state = load_weights(backbone, model_args, weights, cfg.model.checkpoint_key) if weights else None
     teacher_args = {**model_args, "drop_rate": 0.0, "drop_path_rate": 0.0}  # the reference's teacher
     student, teacher = build_dino(backbone, create(teacher_args), _feature_dim(backbone, d.in_chans, d.image_size), dc,
                                   head_state)
@@ -127,9 +128,9 @@ class DinoTask(Task):
         self.optimizer = build_optimizer(self.student, cfg.optim, env.device.type)
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.frozen_last_layer = False
+        clipping = Clipping("per_tensor", dc.clip_grad, params) if dc.clip_grad > 0 else None
         self.step = GradStep(self.optimizer, env.device, env.amp_dtype, cfg.train.loss_scale, cfg.train.init_scale,
-                             "per_tensor" if dc.clip_grad > 0 else "none", dc.clip_grad, params,
-                             before_step=self._before_step)
+                             clipping, before_step=self._before_step)
         self.reduce = distributed.all_reduce_sum if env.ddp else None
         # At least one epoch of schedule, so that a --perf run of a 0-epoch config has values.
         epochs, n = max(cfg.train.epochs, 1), max(self.steps_per_epoch, 1)
