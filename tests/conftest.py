@@ -158,3 +158,25 @@ def start_ranks(argv_of, world: int = 2, **popen) -> list:
                              env={**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1", "RANK": str(rank),
                                   "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
             for rank in range(world)]
+
+
+class StopAfter:
+    """engine/run.py's StopSignal as if SIGTERM arrived before optimizer step ``n`` + 1: the ranks'
+    vote after step ``n`` stops the run (monkeypatch ``visionzoo.engine.run.StopSignal`` with it)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls, self.signum = n, 0, 15
+
+    def __call__(self) -> StopAfter:  # used where the class StopSignal is called
+        return self
+
+    def __enter__(self) -> StopAfter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    @property
+    def code(self) -> int:
+        self.calls += 1
+        return 1 if self.calls >= self.n else 0

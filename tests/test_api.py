@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import visionzoo
+from conftest import StopAfter
 from visionzoo.cli import main
 from visionzoo.errors import Stopped, UserError
 
@@ -93,22 +94,8 @@ def test_train_resume_continues_as_the_cli_does(fmnist_dir, tmp_path, monkeypatc
               train__checkpoint_every_steps=3, log__progress="off")
     ref = visionzoo.train("fashion_mnist", output=str(tmp_path / "ref"), **kw)
 
-    class StopAt4:
-        calls, signum = 0, 15
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return None
-
-        @property
-        def code(self):
-            StopAt4.calls += 1
-            return 1 if StopAt4.calls >= 4 else 0
-
     with monkeypatch.context() as m:
-        m.setattr(run_engine, "StopSignal", StopAt4)
+        m.setattr(run_engine, "StopSignal", StopAfter(4))
         with pytest.raises(Stopped):
             visionzoo.train("fashion_mnist", output=str(tmp_path / "run"), **kw)
     capsys.readouterr()

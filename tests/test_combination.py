@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from conftest import start_ranks, write_fmnist
+from conftest import StopAfter, start_ranks, write_fmnist
 from visionzoo.cli import main
 from visionzoo.config import for_world_size, from_dict, load_config
 from visionzoo.engine import lockstep
@@ -29,28 +29,6 @@ from visionzoo.errors import UserError
 
 CPU = torch.device("cpu")
 FAST = ["--device", "cpu", "--amp", "none", "log.progress=off", "data.batch_size=32", "train.log_every=1"]
-
-
-class StopAfter:
-    """runtime.StopSignal as if SIGTERM arrived before optimizer step ``n`` + 1: the ranks' vote
-    after step ``n`` stops the run."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.calls, self.signum = n, 0, 15
-
-    def __call__(self):  # the class is called like StopSignal()
-        return self
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
-    @property
-    def code(self) -> int:
-        self.calls += 1
-        return 1 if self.calls >= self.n else 0
 
 
 # ----------------------------------------------------------------------------- 1, 7: the placeholder forward
@@ -281,6 +259,7 @@ def test_10_a_resumed_run_continues_its_mlflow_and_wandb_runs(fmnist_dir, tmp_pa
 
     import visionzoo.engine.run as run_engine
 
+    monkeypatch.chdir(tmp_path)  # a sqlite store puts its artifacts in ./mlruns of where it was made
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))

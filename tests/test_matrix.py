@@ -33,8 +33,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_FOLDER_RECIPE, start_ranks, write_jpeg_tree
-from test_combination import StopAfter
+from conftest import TINY_FOLDER_RECIPE, StopAfter, start_ranks, write_jpeg_tree
 from test_dino import TINY_OVERRIDES
 from visionzoo.cli import main
 from visionzoo.config import for_world_size, load_config
@@ -105,13 +104,13 @@ def _argv(task: str, folder: Path, data: Path, run: Path, *extra: str) -> list[s
             *(SUPERVISED if task == "supervised" else DINO), *extra]
 
 
-def _launch(launcher: str, argv: list[str]) -> list[subprocess.Popen]:
+def _launch(launcher: str, argv: list[str], cwd: Path) -> list[subprocess.Popen]:
     cmd = [sys.executable, "-m", "visionzoo", *argv]
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     if launcher == "--devices 2":
         return [subprocess.Popen([*cmd, "--devices", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True, start_new_session=True)]
-    return start_ranks(lambda rank: cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                 text=True, start_new_session=True, cwd=cwd)]
+    return start_ranks(lambda rank: cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd)
 
 
 def _finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str]]:
@@ -182,6 +181,7 @@ def test_one_process_cell(cell: Cell, folder, tmp_path, monkeypatch, capsys):
     import visionzoo.engine.run as run_engine
 
     data = folder / "data"
+    monkeypatch.chdir(tmp_path)  # a sqlite MLflow store puts its artifacts in ./mlruns of where it was made
     tracker = ["log.mlflow_uri=sqlite:///" + str(tmp_path / "mlflow.db")] if "MLflow" in cell.features else []
     if "W&B" in cell.features:
         monkeypatch.setenv("WANDB_MODE", "offline")
@@ -221,7 +221,7 @@ def test_two_rank_cell(cell: Cell, folder, tmp_path, capsys):
     # Two ranks agree on a stop at every 10th step (engine/loop.py): a stopped cell runs 5 epochs of 6 steps.
     epochs = 5 if stop else 2
     argv = _argv(cell.task, folder, data, run, *extra, "train.log_every=1", f"train.epochs={epochs}")
-    procs = _launch(cell.launcher, argv)
+    procs = _launch(cell.launcher, argv, tmp_path)
     if stop is not None:
         sig = signal.SIGUSR1 if stop.startswith("SIGUSR1") else signal.SIGTERM
         _wait_for_steps(run, procs, 2)
@@ -230,7 +230,7 @@ def test_two_rank_cell(cell: Cell, folder, tmp_path, capsys):
         codes = _finish(procs)
         assert all(c == 128 + sig for c, _ in codes), codes
         assert json.loads((run / "status.json").read_text())["signal"] == sig.name
-        procs = _launch(cell.launcher, ["train", argv[1], "--resume", str(run), *extra])
+        procs = _launch(cell.launcher, ["train", argv[1], "--resume", str(run), *extra], tmp_path)
     codes = _finish(procs)
     assert all(c == 0 for c, _ in codes), [e[-2000:] for _, e in codes]
     _no_orphans(run)

@@ -257,8 +257,11 @@ def _train(tmp_path: Path, name: str, data: str, *extra: str) -> dict:
     return json.loads((run / "results.json").read_text())
 
 
-def test_train_from_local_shards_and_over_http_alike(wds_dir, tmp_path):
+def test_train_from_local_shards_and_over_http_alike(wds_dir, tmp_path, monkeypatch):
     # workers 0 and 1 give the same plan (one reader per rank): here the URL is read in a worker process.
+    # One loader worker costs the run a thread (runtime.cpu_threads), and another thread count sums in
+    # another order: OMP_NUM_THREADS pins the count so the two runs may be compared bit for bit.
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
     local = _train(tmp_path, "local", str(wds_dir), "data.name=webdataset", "--workers", "0")
     assert local["bad_images"] == 0 and local["bad_shards"] == [] and local["loader"].startswith("shard stream")
     assert local["steps"] == 2 * 48 // 4

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from conftest import StopAfter
 from visionzoo.cli import main
 from visionzoo.config import to_dict
 from visionzoo.data.loading.build import build_datasets, build_loaders
@@ -111,25 +112,8 @@ def test_a_third_task_trains_stops_and_resumes_through_the_lifecycle(linear_head
     # SIGTERM after step 7 (a stop vote at a step boundary): a checkpoint, exit 143, then --resume.
     import visionzoo.engine.run as run_engine
 
-    class StopAfter7:
-        def __init__(self):
-            self.calls = 0
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return None
-
-        @property
-        def code(self):
-            self.calls += 1
-            return 1 if self.calls >= 7 else 0
-
-        signum = 15
-
     with monkeypatch.context() as m:
-        m.setattr(run_engine, "StopSignal", StopAfter7)
+        m.setattr(run_engine, "StopSignal", StopAfter(7))
         assert main(["train", *ARGS, "--data", str(fmnist_dir), "--output", str(run)]) == 128 + 15
     assert "stopped at step 7" in capsys.readouterr().err
     assert main(["train", *ARGS, "--data", str(fmnist_dir), "--resume", str(run)]) == 0
