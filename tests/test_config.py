@@ -56,6 +56,30 @@ def test_overrides_change_values_with_types():
     assert load_config("fashion_mnist", ["train.mixup_mode=elem"]).train.mixup_mode == "elem"
 
 
+def test_a_mapping_override_replaces_the_recipes_mapping_and_a_dotted_key_changes_one_entry():
+    assert load_config("fashion_mnist").model.kwargs == {"width": 16}
+    assert load_config("fashion_mnist", ["model.kwargs={}"]).model.kwargs == {}
+    assert load_config("fashion_mnist", ["model.kwargs={depth: 2}"]).model.kwargs == {"depth": 2}
+    assert load_config("fashion_mnist", ["model.kwargs.depth=2"]).model.kwargs == {"width": 16, "depth": 2}
+    # the next override applies to the replaced mapping; a list value stays a type error
+    assert load_config("fashion_mnist", ["model.kwargs={}", "model.kwargs.a=1"]).model.kwargs == {"a": 1}
+    with pytest.raises(UserError, match="model.kwargs"):
+        load_config("fashion_mnist", ["model.kwargs=[1,2]"])
+
+
+def test_the_recipes_kwargs_left_for_another_model_are_named_in_one_line():
+    from visionzoo.models import build_model
+
+    cfg = load_config("fashion_mnist", ["model.library=timm", "model.name=resnet18"])
+    with pytest.raises(UserError) as err:
+        build_model(cfg.model, 10, 1)
+    assert str(err.value) == ("timm resnet18 takes no argument 'width' of model.kwargs={width: 16} (the recipe's "
+                              "kwargs are for its own model: give resnet18's, e.g. model.kwargs={})")
+    cfg = load_config("fashion_mnist", ["model.name=small_cnn", "model.kwargs={widht: 4}"])
+    with pytest.raises(UserError, match="visionzoo small_cnn takes no argument 'widht'"):
+        build_model(cfg.model, 10, 1)
+
+
 @pytest.mark.parametrize("override, words", [
     (["optim.lrr=0.1"], ["unknown config key", "optim.lr"]),
     (["data.batch_size=big"], ["data.batch_size"]),

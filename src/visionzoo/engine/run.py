@@ -156,7 +156,8 @@ class Run(RunHooks):
         record = dict(kind="epoch", epoch=epoch + 1, step=pos.global_step, train_loss=stats.loss,
                       **({"train_acc1": stats.acc1} if stats.acc1 is not None else {}),
                       lr=float(task.step.optimizer.param_groups[0]["lr"]),
-                      img_s=(images1 - images0) / (seconds1 - seconds0) if seconds1 > seconds0 else float("nan"))
+                      img_s=(images1 - images0) / (seconds1 - seconds0) if seconds1 > seconds0 else float("nan"),
+                      **task.epoch_metrics())
         evaluated = None
         if epoch + 1 == t.epochs or (t.eval_every > 0 and (epoch + 1) % t.eval_every == 0):
             evaluated = task.evaluate()
@@ -171,6 +172,9 @@ class Run(RunHooks):
         self.checkpoint(record.get("acc1"))
         if env.is_main:
             print(self._epoch_line(record, stats), flush=True)
+            warning = task.epoch_warning(record)
+            if warning:
+                print(f"warning: {warning}", flush=True)
             if improved:  # model.safetensors: the measured model (the EMA when there is one)
                 publish(self.folder.path / WEIGHTS, self.folder.path / BEST)
         return evaluated

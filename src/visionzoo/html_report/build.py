@@ -61,6 +61,9 @@ def write_report(run: str | Path, overrides: list[str] | None = None, max_images
     topk = topk_of(run_dir)  # the k of "Acc@5": fewer than 5 classes make it top-N
     sections = [_curves(run_dir, out, results, topk), _results(results, topk), _recipe(run_dir),
                 _environment(run_dir, results)]
+    collapse = _collapse(run_dir)
+    if collapse is not None:
+        sections.append(collapse)
     onnx = _onnx(run_dir, topk)
     if onnx is not None:
         sections.append(onnx)
@@ -175,6 +178,34 @@ def _environment(run_dir: Path, results: dict) -> Section:
             "numpy": np.__version__, "platform": platform.platform(),
             "accelerator": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
     return s.add("<h3>This report</h3>" + key_values(here))
+
+
+def _collapse(run_dir: Path) -> Section | None:
+    """DINO's collapse indicators per epoch (the epoch records' collapse_* figures), with the
+    warning's verdict; None for a run without them (supervised, or DINO before they existed)."""
+    from visionzoo.engine.evaluation.collapse import Spread, collapse_warning
+    from visionzoo.run_folder import read_metrics
+
+    metrics_file = run_dir / "metrics.jsonl"
+    epochs = [r for r in read_metrics(metrics_file) if r.get("kind") == "epoch" and "collapse_teacher_info" in r] \
+        if metrics_file.is_file() else []
+    if not epochs:
+        return None
+    rows = []
+    for r in epochs:
+        s = Spread(**{k.removeprefix("collapse_"): r[k] for k in r if k.startswith("collapse_")})
+        rows.append([r["epoch"], f"{s.teacher_entropy:.2f}", f"{s.teacher_image_entropy:.2f}",
+                     f"{s.teacher_info:.2f} of {s.teacher_info_max:.2f}", f"{s.feature_cosine:.3f}",
+                     f"{s.feature_rank:.1f}", collapse_warning(s) or "no sign of collapse"])
+    header = ["epoch", "H(mean output) nats", "H(one image's output)", "information about the image",
+              "mean pairwise cosine", "effective rank", "verdict"]
+    note = ("The teacher on the epoch's last batch (first global crop of each image): the entropy of its mean output "
+            "distribution (0: every image on one prototype), of one image's (log K: uniform outputs), their "
+            "difference (what the output says about the image; 0 in either collapse), and the spread of the "
+            "backbone features k-NN uses (mean cosine near 1 and effective rank near 1: one direction). "
+            "docs/dino.md explains them.")
+    return Section("collapse", "DINO: spread of the teacher's outputs and features").add(
+        paragraph(note, "note") + table(header, rows))
 
 
 def _onnx(run_dir: Path, topk: int) -> Section | None:

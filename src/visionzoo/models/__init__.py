@@ -50,16 +50,29 @@ def create(args: dict, pretrained: bool = False) -> nn.Module:
         if pretrained:
             raise UserError(f"model.pretrained=true needs a timm or torchvision model; visionzoo's {name} has "
                             "no released weights (use model.weights=PATH)")
-        model = VISIONZOO_MODELS[name](nc, ic, args["drop_rate"], **kwargs)
-    elif lib == "timm":
-        model = _create_timm(args, kwargs, pretrained)
-    else:
-        model = _create_torchvision(args, kwargs, pretrained)
+    try:
+        if lib == "visionzoo":
+            model = VISIONZOO_MODELS[name](nc, ic, args["drop_rate"], **kwargs)
+        elif lib == "timm":
+            model = _create_timm(args, kwargs, pretrained)
+        else:
+            model = _create_torchvision(args, kwargs, pretrained)
+    except TypeError as err:  # e.g. the recipe's model.kwargs kept after model.name was changed
+        if "unexpected keyword argument" not in str(err) or not kwargs:
+            raise
+        bad = str(err).rsplit("argument", 1)[-1].strip(" '\"")
+        raise UserError(f"{lib} {name} takes no argument '{bad}' of model.kwargs={_flow(kwargs)} (the recipe's "
+                        f"kwargs are for its own model: give {name}'s, e.g. model.kwargs={{}})") from None
     if args.get("vit_pos_embed", "timm") == "dino":  # checkpoints written before the key existed: timm's
         from visionzoo.models.vit_pos_embed import use_dino_pos_embed
 
         model = use_dino_pos_embed(model)
     return model
+
+
+def _flow(value: dict) -> str:
+    """A mapping as an override writes it: {width: 16}."""
+    return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
 
 
 def _create_timm(args: dict, kwargs: dict, pretrained: bool) -> nn.Module:

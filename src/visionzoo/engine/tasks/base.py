@@ -141,6 +141,15 @@ class Task:
     def end_epoch(self) -> None:
         """Epoch end, before evaluation: e.g. BatchNorm statistics averaged over the ranks."""
 
+    def epoch_metrics(self) -> dict[str, float]:
+        """Figures the task adds to each epoch's record, measured after ``end_epoch`` (DINO: the
+        collapse indicators of engine/evaluation/collapse.py)."""
+        return {}
+
+    def epoch_warning(self, record: dict) -> str | None:
+        """One line the run prints after the epoch's line when ``record`` shows trouble, else None."""
+        return None
+
     def evaluate(self) -> Evaluation | None:
         """Evaluate the network the run reports (every rank takes part)."""
         return None

@@ -25,6 +25,7 @@ from visionzoo import distributed
 from visionzoo.config import RecipeConfig, peak_lr, to_dict
 from visionzoo.data.loading.build import build_datasets, multicrop_train_loader
 from visionzoo.engine import lockstep
+from visionzoo.engine.evaluation.collapse import Spread, collapse_warning, spread
 from visionzoo.engine.evaluation.knn import knn_eval
 from visionzoo.engine.step import Clipping, GradStep
 from visionzoo.engine.tasks.base import Batch, Evaluation, Task, Weights
@@ -151,6 +152,7 @@ class DinoTask(Task):
                      "task": "dino"}
         self._momentum = self._temp = 0.0
         self._teacher_out, self._weight = None, 1.0
+        self._last_view: torch.Tensor | None = None  # the latest batch's first global crops (epoch_metrics)
 
     def wrap(self, resumed: bool) -> None:
         """DDP around the student on several ranks (a new run's teacher then starts from rank 0's
@@ -198,7 +200,7 @@ class DinoTask(Task):
             with torch.no_grad():
                 self._teacher_out = self.teacher_fwd(crops[:2])
             loss = self.criterion(self.model(crops), self._teacher_out, self._temp)
-        self._weight = 1.0
+        self._weight, self._last_view = 1.0, crops[0]
         return loss, None
 
     def placeholder_loss(self) -> torch.Tensor:
@@ -218,6 +220,30 @@ class DinoTask(Task):
     # --- epochs, evaluation, state ---------------------------------------------------------------
     def end_epoch(self) -> None:
         distributed.average_bn_stats(self.student, self.teacher)  # BN without SyncBN (CPU): ranks agree
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """The collapse indicators (engine/evaluation/collapse.py) of the teacher on the epoch's
+        last batch (this rank's first global crop of each image): the spread of its sharpened,
+        centred outputs at the epoch's teacher temperature, and of its backbone features. The
+        teacher runs in eval mode (BatchNorm statistics untouched, no collective) and the
+        student and the loader's order are not touched, so the run itself is unchanged."""
+        if self._last_view is None or self._last_view.shape[0] < 2:
+            return {}
+        teacher, was_training = self.teacher, self.teacher.training
+        with torch.no_grad(), self.env.autocast():
+            teacher.eval()
+            features = teacher.backbone(self._last_view)
+            out = teacher.head(features)
+        teacher.train(was_training)
+        self._last_view = None  # the next epoch measures its own
+        return spread(out, self.criterion.center, self._temp, features).as_dict()
+
+    def epoch_warning(self, record: dict) -> str | None:
+        figures = {k.removeprefix("collapse_"): v for k, v in record.items() if k.startswith("collapse_")}
+        if not figures:
+            return None
+        line = collapse_warning(Spread(**figures))
+        return line and f"{line} (docs/dino.md: collapse)"
 
     def evaluate(self) -> Evaluation:
         """Weighted k-NN of the teacher backbone for dino.knn_k and dino.knn_report_k (every rank
