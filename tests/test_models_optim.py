@@ -44,6 +44,19 @@ def test_cifar_stem_keeps_resolution():
     assert model.layer1(model.relu(model.bn1(model.conv1(torch.randn(1, 3, 32, 32))))).shape[-1] == 32
 
 
+def test_small_cnn_without_classes_is_a_backbone_of_its_pooled_features():
+    torch.manual_seed(0)
+    full = create({"name": "small_cnn", "library": "visionzoo", "num_classes": 10, "in_chans": 1, "drop_rate": 0.0,
+                   "kwargs": {"width": 8}})
+    backbone = create({"name": "small_cnn", "library": "visionzoo", "num_classes": 0, "in_chans": 1,
+                       "drop_rate": 0.0, "kwargs": {"width": 8}})
+    backbone.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith("fc.")})
+    x = torch.randn(3, 1, 28, 28)
+    feats = backbone.eval()(x)
+    assert backbone.num_features == 32 and feats.shape == (3, 32)
+    assert torch.equal(full.eval().fc(feats), full(x))  # the classifier's input, as timm's num_classes=0
+
+
 def test_nfnet_optimizer_and_agc_exclusions():
     cfg = load_config("nfnet_f0_imagenet")
     model, _ = build_model(cfg.model, 10, 3)

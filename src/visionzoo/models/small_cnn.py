@@ -29,7 +29,9 @@ class SmallCNN(nn.Module):
             _block(2 * w, 4 * w, norm), nn.AdaptiveAvgPool2d(1),
         )
         self.dropout = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(4 * w, num_classes)
+        self.num_features = 4 * w
+        # num_classes=0: the pooled features themselves (a backbone, as timm's models give it: DINO, k-NN)
+        self.fc = nn.Linear(4 * w, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(torch.flatten(self.features(x), 1)))
