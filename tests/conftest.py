@@ -180,3 +180,15 @@ class StopAfter:
     def code(self) -> int:
         self.calls += 1
         return 1 if self.calls >= self.n else 0
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests: OpenMP threads only add spin-wait
+    overhead there (30x on a busy 2-core machine); the count is put back afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -35,13 +35,8 @@ CPU = torch.device("cpu")
 MEAN, STD = [124.0, 116.0, 104.0], [58.0, 57.0, 57.5]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors: OpenMP threads only add spin-wait overhead on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: OpenMP threads only add spin-wait overhead (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _photo(seed: int, w: int, h: int, channels: int = 3) -> np.ndarray:

@@ -16,13 +16,8 @@ NFNET = "rand-m5-n4-mstd0.5-inc1"
 MEAN = [124.2, 116.5, 104.0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: OpenMP threads only add spin-wait overhead (30x on a busy 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: OpenMP threads only add spin-wait overhead (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _names(config: str) -> list[str]:
