@@ -151,7 +151,7 @@ def test_numbers_out_of_range_are_refused(override, words):
     ("schedule.milestones=30,60", "override 'schedule.milestones=30,60': schedule.milestones takes a list of whole "
                                   "numbers: write schedule.milestones=[30,60] (currently [])"),
     ("data.hflip=yes", "override 'data.hflip=yes': data.hflip takes a number, not 'yes' (currently 0.5)"),
-    ("train.epochs=1.5", "override 'train.epochs=1.5': train.epochs takes a whole number, not '1.5' (currently 8)"),
+    ("train.epochs=1.5", "override 'train.epochs=1.5': train.epochs takes a whole number, not '1.5' (currently 5)"),
     ("model.pretrained=maybe", "override 'model.pretrained=maybe': model.pretrained takes true or false, not 'maybe' "
                                "(currently false)"),
     ("data.path=[1]", "override 'data.path=[1]': data.path takes a text value or null, not '[1]' (currently null)"),
