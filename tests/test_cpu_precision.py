@@ -65,3 +65,22 @@ def test_run_header_and_results_name_the_cpu_precision(monkeypatch, fmnist_dir, 
     assert ("1 × cpu bf16 (avx512_bf16)," if native else "1 × cpu fp32 (no native bf16),") in header  # then its threads
     results = json.loads((run / "results.json").read_text())
     assert results["precision"] == ("bf16" if native else "fp32")
+
+
+@pytest.mark.parametrize("capability, simdlen", [("DEFAULT", 1), ("AVX2", 256), ("AVX512", None)])
+def test_compiled_kernels_follow_the_instruction_set_aten_was_told(monkeypatch, capability, simdlen):
+    """Inductor detects the CPU itself: under ATEN_CPU_CAPABILITY=default it emitted at::vec code
+    its headers could not compile (test_train_cli's compiled run failed); the vector width now
+    follows ATen's choice, and is left to inductor on a CPU used as it is and off the CPU."""
+    import torch._inductor.config as inductor_config
+
+    from visionzoo.runtime import compile_module
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    net = torch.nn.Linear(2, 2)
+    with inductor_config.patch({"cpp.simdlen": None}):  # put back afterwards
+        compiled = compile_module(net, torch.device("cpu"))
+        assert inductor_config.cpp.simdlen == simdlen and compiled is not net
+    with inductor_config.patch({"cpp.simdlen": None}):
+        compile_module(net, torch.device("cuda"))  # no CUDA needed: nothing runs
+        assert inductor_config.cpp.simdlen is None

@@ -90,6 +90,23 @@ def cpu_bf16_isa() -> str | None:
     return None
 
 
+# Inductor's C++ vector width for the instruction set ATen was told to use (ATEN_CPU_CAPABILITY):
+# inductor detects the CPU itself, and for ``default`` it emits at::vec code that its own headers,
+# built without vectorisation then, cannot compile ("'vec' is not a member of 'at'").
+_INDUCTOR_SIMDLEN = {"DEFAULT": 1, "AVX2": 256}
+
+
+def compile_module(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``torch.compile(module)``; on the CPU, inductor's vector width follows the instruction set
+    ATen dispatches (1, no vectorisation, under ATEN_CPU_CAPABILITY=default; 256 bits under avx2)."""
+    simdlen = _INDUCTOR_SIMDLEN.get(torch.backends.cpu.get_cpu_capability()) if device.type == "cpu" else None
+    if simdlen is not None:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.simdlen = simdlen
+    return torch.compile(module)
+
+
 def cpu_cores() -> int:
     """The cores this process may run on (its CPU affinity: a cgroup's or taskset's share)."""
     affinity = getattr(os, "sched_getaffinity", None)

@@ -35,7 +35,7 @@ from visionzoo.models.ghost_bn import (
     use_bn_groups,
 )
 from visionzoo.optim import build_optimizer, clip_parameters, lr_schedule
-from visionzoo.runtime import weights_dtype
+from visionzoo.runtime import compile_module, weights_dtype
 
 
 def reference_ranks(cfg: RecipeConfig, world_size: int) -> tuple[int, int]:
@@ -113,7 +113,7 @@ def wrap_model(net: nn.Module, device: torch.device, ddp: bool, compile: bool,
     if ddp:
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                                     **distributed.buffer_sync(broadcast_buffers))
-    return torch.compile(model) if compile else model
+    return compile_module(model, device) if compile else model
 
 
 class ClassifyTask(Task):

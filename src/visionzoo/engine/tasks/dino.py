@@ -34,6 +34,7 @@ from visionzoo.models import build_model, create
 from visionzoo.models.dino import DINOLoss, build_dino, cancel_last_layer_grads, update_teacher
 from visionzoo.models.weights import load_weights
 from visionzoo.optim import build_optimizer, cosine_schedule
+from visionzoo.runtime import compile_module
 
 
 def teacher_temp_schedule(warmup_temp: float, temp: float, warmup_epochs: int, epochs: int,
@@ -164,7 +165,8 @@ class DinoTask(Task):
             if not resumed:
                 self.teacher.load_state_dict(self.student.state_dict())
         if self.cfg.train.compile:
-            self.model, self.teacher_fwd = torch.compile(self.model), torch.compile(self.teacher)
+            self.model = compile_module(self.model, env.device)
+            self.teacher_fwd = compile_module(self.teacher, env.device)
 
     # --- a step --------------------------------------------------------------------------------
     def train(self) -> None:
