@@ -531,14 +531,13 @@ def resolve(base: Any, name: str, overrides: list[str] | None = None) -> RecipeC
         except (OmegaConfBaseException, yaml.YAMLError) as err:
             raise UserError(f"override '{item}': the value is not valid YAML ({str(err).splitlines()[0]})") from None
         key, value = item.split("=", 1)
-        if typing.get_origin(_field_type(key)) is dict and not isinstance(OmegaConf.select(dot, key), DictConfig):
-            # (OmegaConf's merge raises a bare TypeError here)
-            raise UserError(f"override '{item}': {_bad_type(key, value, OmegaConf.select(cfg, key), 'currently')}")
         if typing.get_origin(_field_type(key)) is dict:
             # model.kwargs={...} replaces the recipe's mapping (a merge would keep its keys, which
             # belong to the recipe's model); model.kwargs.img_size=32 still changes one key.
-            cfg = OmegaConf.merge(cfg, {})  # a copy, then the key set whole
-            OmegaConf.update(cfg, key, OmegaConf.select(dot, key), merge=False)
+            mapping = OmegaConf.select(dot, key)
+            if not isinstance(mapping, DictConfig):  # (OmegaConf's merge raises a bare TypeError)
+                raise UserError(f"override '{item}': {_bad_type(key, value, OmegaConf.select(cfg, key), 'currently')}")
+            OmegaConf.update(cfg, key, mapping, merge=False)  # cfg is this function's own merge result
             continue
         cfg = _merge(cfg, dot, f"override '{item}'", value)
     if not cfg.recipe:

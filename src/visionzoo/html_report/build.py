@@ -187,14 +187,13 @@ def _collapse(run_dir: Path) -> Section | None:
     from visionzoo.run_folder import read_metrics
 
     metrics_file = run_dir / "metrics.jsonl"
-    epochs = [r for r in read_metrics(metrics_file) if r.get("kind") == "epoch" and "collapse_teacher_info" in r] \
-        if metrics_file.is_file() else []
+    records = read_metrics(metrics_file) if metrics_file.is_file() else []
+    epochs = [(r["epoch"], s) for r in records if r.get("kind") == "epoch" and (s := Spread.from_record(r))]
     if not epochs:
         return None
     rows = []
-    for r in epochs:
-        s = Spread(**{k.removeprefix("collapse_"): r[k] for k in r if k.startswith("collapse_")})
-        rows.append([r["epoch"], f"{s.teacher_entropy:.2f}", f"{s.teacher_image_entropy:.2f}",
+    for epoch, s in epochs:
+        rows.append([epoch, f"{s.teacher_entropy:.2f}", f"{s.teacher_image_entropy:.2f}",
                      f"{s.teacher_info:.2f} of {s.teacher_info_max:.2f}", f"{s.feature_cosine:.3f}",
                      f"{s.feature_rank:.1f}", collapse_warning(s) or "no sign of collapse"])
     header = ["epoch", "H(mean output) nats", "H(one image's output)", "information about the image",

@@ -25,6 +25,7 @@ MIN_INFO_FRACTION = 0.05
 # ... or the backbone's features all point (nearly) one way.
 MAX_FEATURE_COSINE = 0.99
 MIN_EFFECTIVE_RANK = 2.0
+PREFIX = "collapse_"  # of the figures' names in an epoch record (metrics.jsonl, trackers)
 
 
 def teacher_entropies(teacher_out: torch.Tensor, center: torch.Tensor | float,
@@ -73,9 +74,15 @@ class Spread:
     rows: int  # N, images in the batch
     prototypes: int  # K
 
-    def as_dict(self, prefix: str = "collapse_") -> dict[str, float]:
+    def as_dict(self, prefix: str = PREFIX) -> dict[str, float]:
         """The figures as flat metrics (e.g. a metrics.jsonl epoch record): ``{prefix + name: value}``."""
         return {prefix + k: v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_record(cls, record: dict) -> Spread | None:
+        """The figures ``as_dict`` put in ``record`` (an epoch record), or None when it has none."""
+        figures = {k.removeprefix(PREFIX): v for k, v in record.items() if k.startswith(PREFIX)}
+        return cls(**figures) if figures else None
 
 
 def spread(teacher_out: torch.Tensor, center: torch.Tensor | float, temperature: float,

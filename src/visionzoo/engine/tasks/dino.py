@@ -241,10 +241,8 @@ class DinoTask(Task):
         return spread(out, self.criterion.center, self._temp, features).as_dict()
 
     def epoch_warning(self, record: dict) -> str | None:
-        figures = {k.removeprefix("collapse_"): v for k, v in record.items() if k.startswith("collapse_")}
-        if not figures:
-            return None
-        line = collapse_warning(Spread(**figures))
+        figures = Spread.from_record(record)
+        line = collapse_warning(figures) if figures else None
         return line and f"{line} (docs/dino.md: collapse)"
 
     def evaluate(self) -> Evaluation:
