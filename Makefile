@@ -12,6 +12,9 @@ TORCH_PINS ?= torch==2.9.1 torchvision==0.24.1
 endif
 FMNIST := /usr/share/datasets/fashion-mnist
 
+# PYTEST_ARGS="-n 2": pytest-xdist, 2 test processes (README "Tests"); CI runs them one at a time.
+PYTEST_ARGS ?=
+
 .PHONY: setup data demo test clean
 
 setup: $(VENV)/.installed
@@ -39,7 +42,7 @@ demo: setup data
 test: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
