@@ -57,10 +57,11 @@ def test_overrides_change_values_with_types():
 
 
 def test_a_mapping_override_replaces_the_recipes_mapping_and_a_dotted_key_changes_one_entry():
-    assert load_config("fashion_mnist").model.kwargs == {"width": 16}
+    shipped = {"width": 16, "stem": "patch", "pool": 7}
+    assert load_config("fashion_mnist").model.kwargs == shipped
     assert load_config("fashion_mnist", ["model.kwargs={}"]).model.kwargs == {}
     assert load_config("fashion_mnist", ["model.kwargs={depth: 2}"]).model.kwargs == {"depth": 2}
-    assert load_config("fashion_mnist", ["model.kwargs.depth=2"]).model.kwargs == {"width": 16, "depth": 2}
+    assert load_config("fashion_mnist", ["model.kwargs.depth=2"]).model.kwargs == {**shipped, "depth": 2}
     # the next override applies to the replaced mapping; a list value stays a type error
     assert load_config("fashion_mnist", ["model.kwargs={}", "model.kwargs.a=1"]).model.kwargs == {"a": 1}
     with pytest.raises(UserError, match="model.kwargs"):
@@ -73,8 +74,9 @@ def test_the_recipes_kwargs_left_for_another_model_are_named_in_one_line():
     cfg = load_config("fashion_mnist", ["model.library=timm", "model.name=resnet18"])
     with pytest.raises(UserError) as err:
         build_model(cfg.model, 10, 1)
-    assert str(err.value) == ("timm resnet18 takes no argument 'width' of model.kwargs={width: 16} (the recipe's "
-                              "kwargs are for its own model: give resnet18's, e.g. model.kwargs={})")
+    assert str(err.value) == ("timm resnet18 takes no argument 'width' of model.kwargs={width: 16, stem: patch, "
+                              "pool: 7} (the recipe's kwargs are for its own model: give resnet18's, "
+                              "e.g. model.kwargs={})")
     cfg = load_config("fashion_mnist", ["model.name=small_cnn", "model.kwargs={widht: 4}"])
     with pytest.raises(UserError, match="visionzoo small_cnn takes no argument 'widht'"):
         build_model(cfg.model, 10, 1)
@@ -151,7 +153,7 @@ def test_numbers_out_of_range_are_refused(override, words):
     ("schedule.milestones=30,60", "override 'schedule.milestones=30,60': schedule.milestones takes a list of whole "
                                   "numbers: write schedule.milestones=[30,60] (currently [])"),
     ("data.hflip=yes", "override 'data.hflip=yes': data.hflip takes a number, not 'yes' (currently 0.5)"),
-    ("train.epochs=1.5", "override 'train.epochs=1.5': train.epochs takes a whole number, not '1.5' (currently 5)"),
+    ("train.epochs=1.5", "override 'train.epochs=1.5': train.epochs takes a whole number, not '1.5' (currently 4)"),
     ("model.pretrained=maybe", "override 'model.pretrained=maybe': model.pretrained takes true or false, not 'maybe' "
                                "(currently false)"),
     ("data.path=[1]", "override 'data.path=[1]': data.path takes a text value or null, not '[1]' (currently null)"),

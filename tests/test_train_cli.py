@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
+from conftest import write_idx
 from visionzoo.cli import main
 from visionzoo.run_folder import read_metrics
 
@@ -62,13 +64,28 @@ def test_scaled_recipe_trains_checkpoints_and_evaluates(recipe, request, tmp_pat
     assert f"Acc@1 {results['Acc@1']:.2f}%" in line and f"Acc@{k} {results['Acc@5']:.2f}%" in line
 
 
-def test_demo_recipe_learns(fmnist_dir, tmp_path):
+def test_demo_recipe_learns(tmp_path):
+    # Real Fashion-MNIST (Debian's dataset-fashion-mnist, which `make data` and CI install): the
+    # demo's classifier reads the layout of centred clothes, which the suite's generated stripe
+    # textures do not have. 4000 training images, 3 epochs of batch 64: 83.4% on an AVX2 CPU.
+    from visionzoo.data.sources.idx import load_idx_split
+    from visionzoo.data.sources.table import data_source
+
+    source = Path(data_source("fashion_mnist").default_path)
+    if not source.is_dir():
+        pytest.skip(f"{source} is missing: make data")
+    data = tmp_path / "fm"
+    data.mkdir()
+    for train, n, prefix in ((True, 4000, "train"), (False, 1000, "t10k")):
+        images, labels = load_idx_split(source, train)
+        write_idx(data / f"{prefix}-images-idx3-ubyte.gz", images[:n])
+        write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", labels[:n])
     run = tmp_path / "demo"
-    args = ["train", "fashion_mnist", "--data", str(fmnist_dir), "--output", str(run), "--epochs", "3",
-            "--device", "cpu", "data.batch_size=32"]
+    args = ["train", "fashion_mnist", "--data", str(data), "--output", str(run), "--epochs", "3",
+            "--device", "cpu", "data.batch_size=64"]
     assert main(args) == 0
     results = json.loads((run / "results.json").read_text())
-    assert results["Acc@1"] >= 90.0  # the generated classes are easy; chance is 10%
+    assert results["Acc@1"] >= 75.0  # chance is 10%
     epochs = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "epoch"]
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
 
