@@ -182,6 +182,16 @@ class StopAfter:
         return 1 if self.calls >= self.n else 0
 
 
+@pytest.fixture(autouse=True)
+def unprobed_load(monkeypatch):
+    """In-process runs choose their CPU threads as where the machine's load cannot be read (the
+    cores less the loader workers): a parallel test process must not change a run's thread
+    count, and so its round-off. tests/test_cpu_threads.py sets the load it tests."""
+    from visionzoo.engine import run
+
+    monkeypatch.setattr(run, "busy_elsewhere", lambda: None)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module of tiny-tensor tests: OpenMP threads only add spin-wait

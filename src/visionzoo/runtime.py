@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import numpy as np
 import torch
@@ -113,24 +114,63 @@ def cpu_cores() -> int:
     return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
 
 
-def cpu_threads(workers: int, local_ranks: int, environ: dict | None = None) -> tuple[int, str]:
-    """Intra-op threads for training on the CPU, and why: this rank's share of the cores
-    (cores / ranks on this machine) less the loader workers that keep cores busy decoding and
-    augmenting. PyTorch's default, one thread per core in every process, oversubscribes the cores
-    as soon as workers or a second rank run beside it (BENCHMARKS.md "CPU threads").
+def _busy_ticks(cpus: set[int], stat: str) -> int:
+    """Clock ticks the CPUs ``cpus`` spent busy (user, nice, system, irq, softirq) in /proc/stat's text."""
+    total = 0
+    for line in stat.splitlines():
+        name, _, rest = line.partition(" ")
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in rest.split()[:7])
+            total += user + nice + system + irq + softirq
+    return total
+
+
+def busy_elsewhere(seconds: float = 0.15) -> float | None:
+    """Cores that other processes keep busy, sampled over ``seconds``: the busy time of the cores
+    this process may use (/proc/stat) less this process's own CPU time. None without /proc/stat."""
+    try:
+        cpus = set(os.sched_getaffinity(0))
+        with open("/proc/stat") as f:
+            before = _busy_ticks(cpus, f.read())
+        own0, wall0 = os.times(), time.perf_counter()
+        time.sleep(seconds)
+        with open("/proc/stat") as f:
+            after = _busy_ticks(cpus, f.read())
+        own1, wall = os.times(), time.perf_counter() - wall0
+    except (OSError, AttributeError, ValueError):
+        return None
+    own = (own1.user + own1.system) - (own0.user + own0.system)
+    return max(0.0, ((after - before) / os.sysconf("SC_CLK_TCK") - own) / wall)
+
+
+def cpu_threads(workers: int, local_ranks: int, environ: dict | None = None,
+                elsewhere: float | None = None) -> tuple[int, str]:
+    """Intra-op threads for training on the CPU, and why.
+
+    PyTorch's default, a thread per core in every process, collapses as soon as anything else
+    keeps a core busy: its threads wait for each other at every operation (BENCHMARKS.md "CPU
+    threads": 52 images/s beside one busy core against 139 with one thread). So: one rank alone on
+    an idle machine (``elsewhere``, the cores busy with other processes, rounds to 0) keeps a thread
+    per core, the fastest there even beside loader workers that are mostly idle; on a machine
+    other processes load, the cores they keep busy and the loader workers are taken off; with
+    several ranks on the machine, each takes its share of the cores less its workers.
     OMP_NUM_THREADS, when set, is the user's choice and is kept."""
     environ = os.environ if environ is None else environ
     if environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads(), f"OMP_NUM_THREADS={environ['OMP_NUM_THREADS']}"
     cores = cpu_cores()
     share = max(1, cores // max(local_ranks, 1))
-    threads = max(1, share - workers)
     parts = [f"{cores} core{'s' if cores != 1 else ''}"]
     if local_ranks > 1:
         parts.append(f"/ {local_ranks} ranks")
+    busy = round(elsewhere) if local_ranks <= 1 and elsewhere is not None else None
+    if busy == 0:
+        return share, f"{parts[0]}, idle"
+    if busy:
+        parts.append(f"- {busy} busy elsewhere")
     if workers:
         parts.append(f"- {workers} loader worker{'s' if workers != 1 else ''}")
-    return threads, " ".join(parts)
+    return max(1, share - (busy or 0) - workers), " ".join(parts)
 
 
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:

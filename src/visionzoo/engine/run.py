@@ -41,6 +41,7 @@ from visionzoo.run_folder import (
 )
 from visionzoo.runtime import (
     StopSignal,
+    busy_elsewhere,
     configure_determinism,
     cpu_threads,
     precision_label,
@@ -114,7 +115,8 @@ class Run(RunHooks):
         pos = self.pos
         state = {**pos.state(), "elapsed_s": pos.elapsed_before + time.perf_counter() - self.t0,
                  "task": self.task.state_dict(),
-                 "ranks": per_rank({"rng": rng_state(self.env.device), **pos.rank_state()})}
+                 "ranks": per_rank({"rng": rng_state(self.env.device), **pos.rank_state(),
+                                    "threads": torch.get_num_threads() if self.env.device.type == "cpu" else None})}
         if self.folder is not None:
             save_checkpoint(self.folder.path, pos.global_step, w.module, {**w.meta, "epoch": pos.epoch, "acc1": acc1},
                             state, self.cfg.train.keep_checkpoints, w.ema)
@@ -299,13 +301,31 @@ def _local_ranks() -> int:
 
 
 def set_cpu_threads(env: RunEnv, task: Task) -> str | None:
-    """On the CPU: as many intra-op threads as this rank's cores less its busy loader workers
-    (runtime.cpu_threads), said in the run header; None on an accelerator."""
+    """On the CPU: intra-op threads by runtime.cpu_threads (a thread per core on an idle machine,
+    fewer beside other processes' load, loader workers and other ranks), said in the run header;
+    None on an accelerator."""
     if env.device.type != "cpu":
         return None
-    n, why = cpu_threads(loader_workers(task.train_loader), _local_ranks())
+    ranks = _local_ranks()
+    # Only a rank alone can tell other processes' load from its own job's (the other ranks).
+    probe = ranks == 1 and not os.environ.get("OMP_NUM_THREADS")
+    n, why = cpu_threads(loader_workers(task.train_loader), ranks, elsewhere=busy_elsewhere() if probe else None)
     torch.set_num_threads(n)
+    return _threads_text(n, why)
+
+
+def _threads_text(n: int, why: str) -> str:
     return f"{n} thread{'s' if n != 1 else ''} ({why})"
+
+
+def _resumed_threads(state: dict, env: RunEnv, threads: str | None) -> str | None:
+    """A resumed CPU run keeps the thread count its checkpoint was written with: the count
+    changes the round-off, and the load that chose it may differ now. OMP_NUM_THREADS wins."""
+    recorded = state["ranks"][env.rank].get("threads")
+    if env.device.type != "cpu" or not recorded or os.environ.get("OMP_NUM_THREADS"):
+        return threads
+    torch.set_num_threads(int(recorded))
+    return _threads_text(int(recorded), "as before the resume")
 
 
 def fit(cfg: RecipeConfig, perf: bool = False, resume_dir: Path | None = None,
@@ -343,6 +363,7 @@ def _fit(cfg: RecipeConfig, env: RunEnv, task: Task, req: FitRequest, t0: float,
     pos, state, resumed = Position(), None, None
     if resume_dir is not None:
         state, resumed = _resume(task, pos, resume_dir, env)
+        threads = _resumed_threads(state, env, threads)
     task.wrap(resumed is not None)
     # Rank 0 writes the folder; a failure there (a read-only folder, a run another job holds)
     # ends every rank at once instead of leaving them waiting in their first collective.
