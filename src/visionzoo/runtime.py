@@ -149,9 +149,9 @@ def cpu_threads(workers: int, local_ranks: int, environ: dict | None = None,
 
     PyTorch's default, a thread per core in every process, collapses as soon as anything else
     keeps a core busy: its threads wait for each other at every operation (BENCHMARKS.md "CPU
-    threads": 52 images/s beside one busy core against 139 with one thread). So: one rank alone on
+    threads": 23 images/s beside one busy core against 42 with one thread). So: one rank alone on
     an idle machine (``elsewhere``, the cores busy with other processes, rounds to 0) keeps a thread
-    per core, the fastest there even beside loader workers that are mostly idle; on a machine
+    per core, the fastest there even beside loader workers that decode all the time; on a machine
     other processes load, the cores they keep busy and the loader workers are taken off; with
     several ranks on the machine, each takes its share of the cores less its workers.
     OMP_NUM_THREADS, when set, is the user's choice and is kept."""
