@@ -49,7 +49,6 @@ class SmallCNN(nn.Module):
             _block(2 * w, 4 * w, norm),
         )
         self.pool = nn.AdaptiveAvgPool2d(pool)
-        self.pool_size = pool
         self.dropout = nn.Dropout(drop_rate)
         self.num_features = 4 * w * pool * pool
         # num_classes=0: the pooled features themselves (a backbone, as timm's models give it: DINO, k-NN)
@@ -57,7 +56,7 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
-        if x.shape[-2:] != (self.pool_size, self.pool_size):
+        if x.shape[-2:] != (self.pool.output_size,) * 2:
             # An identity average pool still costs ~15% of a CPU step (its backward), so skip it.
             x = self.pool(x)
         return self.fc(self.dropout(torch.flatten(x, 1)))
