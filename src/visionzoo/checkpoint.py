@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from visionzoo.distributed import raise_agreed
 from visionzoo.errors import UserError
 from visionzoo.files import atomic_write, sha256_file  # noqa: F401  (also imported from here)
 
@@ -217,7 +218,7 @@ def load_latest(run_dir: Path) -> tuple[dict, dict, Path]:
         dist.broadcast_object_list(choice, src=0)
     kind, value = choice[0]
     if kind == "error":
-        raise UserError(value)
+        raise_agreed(value)
     if main:
         return loaded
     weights = Path(run_dir) / CHECKPOINTS / value

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -170,8 +170,18 @@ def on_main_rank(fn: Callable[[], T], what: str) -> T | None:
     if several:
         dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
-        raise UserError(error[0])
+        raise_agreed(error[0])
     return out
+
+
+def raise_agreed(message: str) -> NoReturn:
+    """Raise the UserError every rank has just received from rank 0's broadcast. With several
+    ranks, a barrier first: each rank is about to exit, and one that exits while gloo's threads
+    still drop the broadcast's tensors aborts in interpreter shutdown (see ``shutdown``), exit -6
+    instead of 2. Call it on every rank or on none."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    raise UserError(message)
 
 
 def world_size() -> int:

@@ -29,7 +29,7 @@ from visionzoo.engine.resume import RESIZE_WHY, per_rank, rng_state, set_rng_sta
 from visionzoo.engine.stopping import StopVote, end_failed_run
 from visionzoo.engine.tasks import make_task
 from visionzoo.engine.tasks.base import Evaluation, RunEnv, Task
-from visionzoo.errors import UserError
+from visionzoo.errors import Stopped, UserError
 from visionzoo.run_folder import (
     MetricsLog,
     RunLock,
@@ -376,6 +376,13 @@ def _fit(cfg: RecipeConfig, env: RunEnv, task: Task, req: FitRequest, t0: float,
         run = Run(cfg, env, task, pos, folder, t0)
         run.summary = req.summary
         results = _train(run, perf, on_finished)
+    except Stopped:
+        # Every rank agreed on the stop and wrote its part of the checkpoint, so every rank gets
+        # here: leave the group as a finished run does, or a rank that exits at once can abort
+        # in interpreter shutdown (distributed.shutdown) and print "terminate called ..." after
+        # the stop line.
+        distributed.shutdown()
+        raise
     finally:
         if folder is not None:
             folder.lock.release()

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from visionzoo.distributed import raise_agreed
 from visionzoo.errors import UserError
 
 VERSION = 1
@@ -54,11 +55,12 @@ def computed_once(fn: Callable[[], Any]) -> Any:
         except Exception as err:
             box[0] = ("error", f"rank 0 failed: {type(err).__name__}: {err}")
             dist.broadcast_object_list(box, src=0)
+            dist.barrier()  # the other ranks' raise_agreed
             raise
     dist.broadcast_object_list(box, src=0)
     status, value = box[0]
     if status == "error":
-        raise UserError(value)
+        raise_agreed(value)
     return value
 
 
