@@ -143,3 +143,21 @@ def test_killing_a_worker_ends_the_job(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_an_error_every_rank_meets_is_said_once(tmp_path):
+    """A run that diverges on 2 ranks (both read the same all-reduced NaN flag): one line from rank
+    0 and exit 2, as with one process. Before: the line once per rank, torch's agent's
+    "failed (exitcode: 2) local_rank: 0 ..." log, "worker rank 0 failed (exit code 2); the other
+    workers were stopped" and exit 1."""
+    run = tmp_path / "diverged"
+    argv = ["train", "fashion_mnist", "--data", "synthetic", "--devices", "2", "--epochs", "1", "--device", "cpu",
+            "--output", str(run), "optim.lr=1e30", "train.log_every=1", "data.batch_size=16",
+            "data.synthetic_samples=512", "log.progress=off"]
+    proc = subprocess.run([sys.executable, "-m", "visionzoo", *argv], env={**os.environ, "PYTHONPATH": SRC},
+                          capture_output=True, text=True, timeout=300)
+    status = json.loads((run / "status.json").read_text())
+    assert proc.returncode == 2 and status["status"] == "failed", proc.stderr[-2000:]
+    line = status["error"].removeprefix("UserError: ")
+    assert line.startswith("the loss became NaN/inf by epoch 1, step ") and "training diverged" in line
+    assert proc.stderr.splitlines() == [f"visionzoo: error: {line}"]

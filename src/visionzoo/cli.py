@@ -535,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"visionzoo: {err}", file=sys.stderr, flush=True)
         return err.exit_code
     except UserError as err:
-        print(f"visionzoo: error: {err}", file=sys.stderr)
+        if not err.quiet:
+            print(f"visionzoo: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("visionzoo: interrupted", file=sys.stderr)

@@ -175,13 +175,15 @@ def on_main_rank(fn: Callable[[], T], what: str) -> T | None:
 
 
 def raise_agreed(message: str) -> NoReturn:
-    """Raise the UserError every rank has just received from rank 0's broadcast. With several
-    ranks, a barrier first: each rank is about to exit, and one that exits while gloo's threads
-    still drop the broadcast's tensors aborts in interpreter shutdown (see ``shutdown``), exit -6
-    instead of 2. Call it on every rank or on none."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    """Raise the UserError every rank has just met together (rank 0's broadcast, an all-reduced
+    flag); rank 0 says it, the others exit 2 quietly. With several ranks, a barrier first: each
+    rank is about to exit, and one that exits while gloo's threads still drop the last
+    collective's tensors aborts in interpreter shutdown (see ``shutdown``), exit -6 instead of 2.
+    Call it on every rank or on none."""
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    if several:
         dist.barrier()
-    raise UserError(message)
+    raise UserError(message, quiet=several and dist.get_rank() != 0)
 
 
 def world_size() -> int:
@@ -247,7 +249,8 @@ def _free_port() -> int:
 def launch_local(nproc: int, argv: list[str], monitor_interval: float = 0.5) -> int:
     """Run ``python -m visionzoo ARGV`` in ``nproc`` worker processes on this machine through
     torch's elastic launcher (what torchrun runs). If any worker fails, the launcher stops the
-    others and this returns 1 with one line naming the failed rank; 0 when all succeed."""
+    others and this returns 1 with one line naming the failed rank, or 2 when the first to fail
+    met a user error (its own line says which); 0 when all succeed."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -270,12 +273,16 @@ def launch_local(nproc: int, argv: list[str], monitor_interval: float = 0.5) -> 
             codes = {f.exitcode for f in err.failures.values()}
             if codes <= STOPPED_EXIT_CODES:  # the workers themselves were signalled and stopped cleanly
                 return failure.exitcode
+            if failure.exitcode == USER_ERROR_EXIT:  # the first to fail met a user error and said it
+                return USER_ERROR_EXIT
             print(f"visionzoo: error: worker rank {rank} failed (exit code {failure.exitcode}); "
                   f"the other workers were stopped", file=sys.stderr)
             return 1
     return 0
 
 
+# The exit code of a worker that met a UserError (cli.main), having printed its one line.
+USER_ERROR_EXIT = 2
 # Exit codes of a worker that stopped on SIGINT, SIGTERM or SIGUSR1 after its checkpoint (errors.Stopped).
 STOPPED_EXIT_CODES = {128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGUSR1}
 
@@ -303,7 +310,8 @@ def _launcher_scope(env_defaults: dict[str, str]) -> Iterator[None]:
     the signal."""
     added = {k: v for k, v in env_defaults.items() if k not in os.environ}
     # The agent's warnings on a stop ("Received 15 death signal", "Sending process ... closing
-    # signal") add nothing to the workers' own line; its errors still show.
+    # signal") and its error on a failed worker ("failed (exitcode: 2) local_rank: 0 ...") add
+    # nothing to the workers' own line and launch_local's; a failure it cannot report raises.
     import logging
 
     # (torch sets a level on each of its modules' loggers, so each is raised, not the parent.)
@@ -311,7 +319,7 @@ def _launcher_scope(env_defaults: dict[str, str]) -> Iterator[None]:
                     if n.startswith("torch.distributed.elastic")]
     old_levels = [log.level for log in elastic_logs]
     for log in elastic_logs:
-        log.setLevel(logging.ERROR)
+        log.setLevel(logging.CRITICAL)
     saved = {}
     if threading.current_thread() is threading.main_thread():
         saved = {s: signal.getsignal(s) for s in (getattr(signal, n, None) for n in _LAUNCHER_SIGNALS) if s}

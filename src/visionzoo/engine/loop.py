@@ -25,7 +25,6 @@ from visionzoo.engine import lockstep
 from visionzoo.engine.bad_images import BadImages
 from visionzoo.engine.stopping import Interrupted
 from visionzoo.engine.tasks.base import Task
-from visionzoo.errors import UserError
 from visionzoo.progress import Progress
 from visionzoo.runtime import synchronize
 
@@ -160,9 +159,11 @@ def check_finite(task: Task, pos: Position) -> None:
 
 
 def _diverged(pos: Position) -> None:
-    raise UserError(f"the loss became NaN/inf by epoch {pos.epoch + 1}, step {pos.global_step}: training "
-                    "diverged; the last good checkpoint is kept. Try a lower optim.lr, train.amp=bf16 or none, "
-                    "a longer schedule.warmup_epochs, or let train.skip_nonfinite=N steps be skipped")
+    """Every rank has read the same all-reduced count and ends with the same line."""
+    distributed.raise_agreed(f"the loss became NaN/inf by epoch {pos.epoch + 1}, step {pos.global_step}: "
+                             "training diverged; the last good checkpoint is kept. Try a lower optim.lr, "
+                             "train.amp=bf16 or none, a longer schedule.warmup_epochs, or let "
+                             "train.skip_nonfinite=N steps be skipped")
 
 
 def _skip_nonfinite(task: Task, pos: Position, s: LoopSettings, loss: torch.Tensor) -> bool:
@@ -174,9 +175,10 @@ def _skip_nonfinite(task: Task, pos: Position, s: LoopSettings, loss: torch.Tens
     pos.nonfinite_skipped += 1
     task.step.optimizer.zero_grad(set_to_none=True)
     if pos.nonfinite_skipped > s.skip_nonfinite:
-        raise UserError(f"{pos.nonfinite_skipped} steps had a NaN/inf loss by epoch {pos.epoch + 1}, step "
-                        f"{pos.global_step} (train.skip_nonfinite={s.skip_nonfinite}): training diverged; the last "
-                        "good checkpoint is kept. Try a lower optim.lr or train.amp=bf16/none")
+        distributed.raise_agreed(f"{pos.nonfinite_skipped} steps had a NaN/inf loss by epoch {pos.epoch + 1}, "
+                                 f"step {pos.global_step} (train.skip_nonfinite={s.skip_nonfinite}): training "
+                                 "diverged; the last good checkpoint is kept. Try a lower optim.lr or "
+                                 "train.amp=bf16/none")
     return True
 
 

@@ -262,8 +262,8 @@ def _check_weights(*modules: torch.nn.Module | None) -> None:
         return
     flag = torch.stack([(~torch.isfinite(t)).any() for t in tensors]).float().sum()
     if bool(distributed.all_reduce_sum(flag) > 0):
-        raise UserError("the weights became NaN/inf; the last good checkpoint is kept. Lower optim.lr, use "
-                        "train.amp=bf16/none, or let train.skip_nonfinite=N steps be skipped")
+        distributed.raise_agreed("the weights became NaN/inf; the last good checkpoint is kept. Lower optim.lr, "
+                                 "use train.amp=bf16/none, or let train.skip_nonfinite=N steps be skipped")
 
 
 def _resume(task: Task, pos: Position, resume_dir: Path, env: RunEnv) -> tuple[dict, Path]:
