@@ -161,3 +161,31 @@ def test_an_error_every_rank_meets_is_said_once(tmp_path):
     line = status["error"].removeprefix("UserError: ")
     assert line.startswith("the loss became NaN/inf by epoch 1, step ") and "training diverged" in line
     assert proc.stderr.splitlines() == [f"visionzoo: error: {line}"]
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["fashion_mnist", "--devices", "3", "data.batch_size=20"],
+     "data.batch_size=20 (global) does not split into 3 device(s) x 1 accumulation step(s); set "
+     "data.batch_size_per_device instead"),
+    (["dino_fashion_mnist", "--devices", "2", "train.ema_decay=0.9"],
+     "task=dino does not use train.ema_decay=0.9 (they are for supervised training; DINO's teacher is its own "
+     "EMA): leave them at 0"),
+    (["fashion_mnist", "--devices", "2", "data.batch_size=32", "model.bn_group=7"],
+     "model.bn_group=7 does not divide the batch per device and micro-step (16 = data.batch_size 32 / 2 device(s) / "
+     "train.accum_steps 1): its last group would hold 2 image(s); choose a data.batch_size whose share per device "
+     "is a multiple of 7"),
+], ids=["batch", "dino", "bn_group"])
+def test_a_config_the_workers_would_refuse_is_refused_once_before_they_start(argv, line, tmp_path, capsys,
+                                                                             monkeypatch):
+    """Before: each of the N workers started, imported torch, refused the same config and printed
+    the same line (N lines, then the launcher's "worker rank 0 failed", exit 1)."""
+    import visionzoo
+    from visionzoo import distributed
+
+    monkeypatch.setattr(distributed, "launch_local", lambda *a, **k: pytest.fail("workers were started"))
+    assert main(["train", *argv[:3], "--data", "synthetic", "--device", "cpu", "--output", str(tmp_path / "r"),
+                 *argv[3:]]) == 2
+    assert capsys.readouterr().err == f"visionzoo: error: {line}\n"
+    with pytest.raises(UserError, match=line.split(" (")[0].replace(".", r"\.")):  # the Python API alike
+        visionzoo.train(argv[0], data="synthetic", devices=int(argv[2]), device="cpu", output=str(tmp_path / "a"),
+                        **dict(a.replace(".", "__", 1).split("=") for a in argv[3:]))

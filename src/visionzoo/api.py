@@ -155,18 +155,16 @@ def _train_launched(cfg: RecipeConfig, devices: int, perf: bool, resume_dir: Pat
     import tempfile
     from datetime import datetime
 
-    from visionzoo import distributed
     from visionzoo.config import to_yaml
-    from visionzoo.data.loading.build import check_data_path
+    from visionzoo.engine.run import launch
 
-    check_data_path(cfg.data)
     out = Path(resume_dir or cfg.output or Path("runs") / f"{cfg.recipe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     with tempfile.TemporaryDirectory() as tmp:  # the workers read the resolved config from here
         recipe = Path(tmp) / f"{cfg.recipe}.yaml"
         recipe.write_text(to_yaml(cfg, secrets=True))  # for this run's own workers only
         argv = ["train", str(recipe), "--devices", str(devices)] + (["--perf"] if perf else [])
         argv += ["--resume", str(out)] if resume_dir is not None else ["--output", str(out)]
-        code = distributed.launch_local(devices, argv)  # what visionzoo train --devices N runs
+        code = launch(cfg, devices, argv)  # what visionzoo train --devices N runs
     if code != 0:
         raise UserError(f"training on {devices} devices failed (exit code {code}); see the messages above")
     return Run.open(out)

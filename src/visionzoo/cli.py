@@ -145,8 +145,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     check_task(cfg.task)
     from visionzoo import distributed
     from visionzoo.api import fit_config
-    from visionzoo.data.loading.build import check_data_path
     from visionzoo.engine.resume import plan_resume
+    from visionzoo.engine.run import launch
 
     plan = plan_resume(cfg, args.resume, args.output, overrides)  # what visionzoo.train(resume=...) does too
     if plan.finished is not None:
@@ -158,8 +158,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if plan.note and not distributed.in_launched_worker():
         print(f"visionzoo: {plan.note}")
     if args.devices > 1 and not distributed.in_launched_worker():
-        check_data_path(plan.cfg.data)
-        raise SystemExit(distributed.launch_local(args.devices, args.argv))
+        raise SystemExit(launch(plan.cfg, args.devices, args.argv))
     try:
         fit_config(plan.cfg, perf=args.perf, resume_dir=plan.resume_dir)  # what visionzoo.train runs too
     except Stopped as err:  # the command that continues the run, as this one was typed
@@ -182,11 +181,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     cfg = _config(args.recipe, overrides)  # before torch is imported
     from visionzoo import distributed
     from visionzoo.commands.bench import run_bench
-    from visionzoo.data.loading.build import check_data_path
+    from visionzoo.engine.run import launch
 
     if args.devices > 1 and not distributed.in_launched_worker():
-        check_data_path(cfg.data)
-        raise SystemExit(distributed.launch_local(args.devices, args.argv))
+        raise SystemExit(launch(cfg, args.devices, args.argv))
     run_bench(cfg, synthetic=synthetic, precisions=args.precision, output=args.output)
 
 

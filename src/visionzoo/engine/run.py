@@ -20,14 +20,21 @@ import torch
 
 from visionzoo import distributed
 from visionzoo.checkpoint import BEST, WEIGHTS, load_latest, publish, save_checkpoint
-from visionzoo.config import RecipeConfig, for_world_size, to_yaml
+from visionzoo.config import RecipeConfig, to_yaml
 from visionzoo.curves import curves_title, plot_curves
-from visionzoo.data.loading.build import cpu_fallbacks, failed_shards, loader_kind, loader_workers, set_loader_epoch
+from visionzoo.data.loading.build import (
+    check_data_path,
+    cpu_fallbacks,
+    failed_shards,
+    loader_kind,
+    loader_workers,
+    set_loader_epoch,
+)
 from visionzoo.engine.bad_images import describe
 from visionzoo.engine.loop import LoopSettings, Position, RunHooks, check_finite, timed_steps, train_epoch
 from visionzoo.engine.resume import RESIZE_WHY, per_rank, rng_state, set_rng_state, truncate_metrics
 from visionzoo.engine.stopping import StopVote, end_failed_run
-from visionzoo.engine.tasks import make_task
+from visionzoo.engine.tasks import check_config, make_task
 from visionzoo.engine.tasks.base import Evaluation, RunEnv, Task
 from visionzoo.errors import Stopped, UserError
 from visionzoo.run_folder import (
@@ -54,17 +61,31 @@ from visionzoo.runtime import (
 
 
 def start_env(cfg: RecipeConfig, amp_dtype: Any = "config") -> tuple[RecipeConfig, RunEnv]:
-    """``cfg`` as it runs on this job's ranks (for_world_size), and where it runs: the device
-    made current, the process group joined, every RNG seeded (seed + rank), the precision
-    resolved (``amp_dtype``: a dtype or None instead of train.amp's choice, for bench)."""
+    """``cfg`` as it runs on this job's ranks (tasks.check_config: for_world_size and the task's
+    checks), and where it runs: the device made current, the process group joined, every RNG
+    seeded (seed + rank), the precision resolved (``amp_dtype``: a dtype or None instead of
+    train.amp's choice, for bench)."""
     info = distributed.from_env()
-    cfg = for_world_size(cfg, info.world_size)
     configure_determinism(cfg.train.deterministic, cfg.train.cudnn_benchmark)  # before CUDA initialises
     device = resolve_device(cfg.train.device, info.local_rank)
+    try:
+        cfg = check_config(cfg, info.world_size, device.type)
+    except UserError as err:
+        err.quiet = info.rank != 0  # every rank checks the same config: rank 0 says it
+        raise
     distributed.init(info, device, cfg.train.dist_timeout)  # makes `device` current first
     seed_everything(cfg.train.seed + info.rank)
     amp = resolve_amp(cfg.train.amp, device) if amp_dtype == "config" else amp_dtype
     return cfg, RunEnv(device, amp, info.rank, info.world_size, info.enabled)
+
+
+def launch(cfg: RecipeConfig, devices: int, argv: list[str]) -> int:
+    """``visionzoo ARGV`` in ``devices`` worker processes on this machine
+    (distributed.launch_local; returns its exit code), once the data path and the config have
+    passed the checks each worker would make: a mistake there is said once, before any starts."""
+    check_data_path(cfg.data)
+    check_config(cfg, devices, resolve_device(cfg.train.device).type)
+    return distributed.launch_local(devices, argv)
 
 
 def _precision(cfg: RecipeConfig, env: RunEnv) -> str:

@@ -39,6 +39,17 @@ def check_task(name: str) -> None:
         raise UserError(f"task={name!r} is not a task visionzoo has{hint} (have: {', '.join(TASKS)})")
 
 
+def check_config(cfg: RecipeConfig, world_size: int, device_type: str) -> RecipeConfig:
+    """``cfg`` as it runs on ``world_size`` devices of ``device_type`` (config.for_world_size),
+    once its task has passed the checks that need no data (``Task.check``); a UserError otherwise."""
+    from visionzoo.config import for_world_size
+
+    check_task(cfg.task)
+    cfg = for_world_size(cfg, world_size)
+    TASKS[cfg.task]().check(cfg, world_size, device_type)
+    return cfg
+
+
 def make_task(cfg: RecipeConfig, env: RunEnv) -> Task:
     """The task ``cfg.task`` names, for ``cfg`` on ``env`` (not yet set up)."""
     check_task(cfg.task)

@@ -89,6 +89,12 @@ class Task:
         self.model_args: dict = {}
         self.classes: list[str] = []
 
+    @classmethod
+    def check(cls, cfg: RecipeConfig, world_size: int, device_type: str) -> None:
+        """Refuse in one line what this task cannot train, from the config (as ``for_world_size``
+        resolved it), the device count and the device type alone: checked before any data is
+        read, in each rank's ``start_env`` and once by the ``--devices N`` launcher."""
+
     # --- built once -------------------------------------------------------------------------
     def setup(self) -> None:
         """Build data, then model(s), optimizer, step and schedules from ``self.cfg``."""

@@ -78,9 +78,6 @@ def build_criterion(cfg: RecipeConfig, num_classes: int) -> tuple[nn.Module, Any
     if t.mixup > 0 or t.cutmix > 0:
         from timm.loss import SoftTargetCrossEntropy
 
-        if cfg.data.batch_size_per_device % 2:
-            raise UserError(f"mixup/cutmix pair the images of a batch: the batch per device "
-                            f"({cfg.data.batch_size_per_device}) must be even")
         kw = dict(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, prob=t.mixup_prob, switch_prob=t.mixup_switch_prob,
                   label_smoothing=t.label_smoothing, num_classes=num_classes)
         if t.mixup_mode == "elem":  # per-sample lambda, method and box, in a few batched ops
@@ -121,11 +118,17 @@ class ClassifyTask(Task):
 
     name = "supervised"
 
+    @classmethod
+    def check(cls, cfg: RecipeConfig, world_size: int, device_type: str) -> None:
+        if cfg.model.sync_bn and world_size > 1 and device_type == "cpu":
+            raise UserError("model.sync_bn=true needs an accelerator (PyTorch's SyncBatchNorm has no CPU kernel)")
+        check_bn_group(cfg, world_size)
+        if (cfg.train.mixup > 0 or cfg.train.cutmix > 0) and cfg.data.batch_size_per_device % 2:
+            raise UserError(f"mixup/cutmix pair the images of a batch: the batch per device "
+                            f"({cfg.data.batch_size_per_device}) must be even")
+
     def setup_data(self, splits: Any = None) -> None:
         cfg, env = self.cfg, self.env
-        if cfg.model.sync_bn and env.ddp and env.device.type == "cpu":
-            raise UserError("model.sync_bn=true needs an accelerator (PyTorch's SyncBatchNorm has no CPU kernel)")
-        check_bn_group(cfg, env.world_size)
         splits = splits or build_datasets(cfg.data, train=True)
         self.classes = list(splits.classes)
         cfg.data.num_classes = len(self.classes)  # recorded as built (config.yaml, checkpoints, exports)

@@ -97,8 +97,8 @@ class DinoTask(Task):
         self.accuracy_label = f"k-NN Accuracy (k={cfg.dino.knn_report_k})"
         self.knn: dict | None = None
 
-    def setup_data(self, splits: Any = None) -> None:
-        cfg, env, d = self.cfg, self.env, self.cfg.data
+    @classmethod
+    def check(cls, cfg: RecipeConfig, world_size: int, device_type: str) -> None:
         if cfg.train.accum_steps != 1:
             raise UserError("task=dino does not support train.accum_steps (centre and teacher move every step)")
         t, m = cfg.train, cfg.model
@@ -108,6 +108,9 @@ class DinoTask(Task):
         if unused:  # refused, not silently ignored
             raise UserError(f"task=dino does not use {', '.join(f'{k}={v}' for k, v in unused.items())} (they are for "
                             "supervised training; DINO's teacher is its own EMA): leave them at 0")
+
+    def setup_data(self, splits: Any = None) -> None:
+        cfg, env, d = self.cfg, self.env, self.cfg.data
         splits = splits or build_datasets(d, train=True)
         self.train_loader = dino_loader(cfg, splits.train, env.device, env.rank, env.world_size)
         self.n_images, self.classes = len(splits.train), list(splits.classes)
