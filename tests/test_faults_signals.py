@@ -200,25 +200,34 @@ def test_the_devices_launcher_passes_its_signal_on(tmp_path, sig):
     assert weights.name == f"step-{step:09d}.safetensors" and len(state["ranks"]) == 2
 
 
-def test_a_stopped_run_leaves_the_process_group_as_a_finished_one_does(tmp_path, monkeypatch):
-    """A stop goes through distributed.shutdown (a barrier, then destroy_process_group) before
-    Stopped reaches the CLI. Before, a rank that went straight on to exit could abort in
-    interpreter shutdown while gloo's threads still held the checkpoint's last collective:
-    "terminate called without an active exception" after the stop line (the SIGUSR1 case of the
-    test above, 1 of 3 in a CI run)."""
+@pytest.mark.parametrize("end", ["stop", "divergence"])
+def test_a_run_every_rank_ends_together_leaves_the_process_group_once_recorded(tmp_path, monkeypatch, end):
+    """A stop, or an error every rank met together (an all-reduced NaN flag), goes through
+    distributed.shutdown (a barrier, then destroy_process_group) after rank 0 has recorded it.
+    Before, a rank that went straight on to exit could abort in interpreter shutdown while gloo's
+    threads still held the last collective ("terminate called without an active exception" after
+    the stop line: the SIGUSR1 case of the test above, 1 of 3 in a CI run), or, exiting first,
+    have the launcher stop rank 0 before it wrote status.json and said why."""
     import visionzoo
     import visionzoo.engine.run as run_engine
     from conftest import StopAfter
-    from visionzoo.errors import Stopped
+    from visionzoo.errors import Stopped, UserError
 
-    left = []
-    monkeypatch.setattr(run_engine.distributed, "shutdown", lambda: left.append(True))
-    monkeypatch.setattr(run_engine, "StopSignal", StopAfter(2))
-    with pytest.raises(Stopped) as stop:
-        visionzoo.train("fashion_mnist", data="synthetic", output=str(tmp_path / "run"), epochs=1, device="cpu",
-                        amp="none", data__synthetic_samples=256, data__batch_size=32, log__progress="off")
-    assert left == [True] and stop.value.exit_code == 128 + signal.SIGTERM
-    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "interrupted"
+    run = tmp_path / "run"
+    left = []  # status.json's status when the group is left
+    monkeypatch.setattr(run_engine.distributed, "shutdown",
+                        lambda: left.append(json.loads((run / "status.json").read_text())["status"]))
+    kw = dict(data="synthetic", output=str(run), epochs=1, device="cpu", amp="none", data__synthetic_samples=256,
+              data__batch_size=32, log__progress="off")
+    if end == "stop":
+        monkeypatch.setattr(run_engine, "StopSignal", StopAfter(2))
+        with pytest.raises(Stopped) as err:
+            visionzoo.train("fashion_mnist", **kw)
+        assert left == ["interrupted"] and err.value.exit_code == 128 + signal.SIGTERM
+    else:
+        with pytest.raises(UserError, match="the loss became NaN/inf") as err:
+            visionzoo.train("fashion_mnist", optim__lr=1e30, train__log_every=1, **kw)
+        assert left == ["failed"] and err.value.agreed and not err.value.quiet
 
 
 FAKE_SRUN = """#!/bin/bash

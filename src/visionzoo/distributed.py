@@ -183,7 +183,7 @@ def raise_agreed(message: str) -> NoReturn:
     several = dist.is_initialized() and dist.get_world_size() > 1
     if several:
         dist.barrier()
-    raise UserError(message, quiet=several and dist.get_rank() != 0)
+    raise UserError(message, quiet=several and dist.get_rank() != 0, agreed=True)
 
 
 def world_size() -> int:

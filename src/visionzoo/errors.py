@@ -8,12 +8,12 @@ from pathlib import Path
 class UserError(Exception):
     """A problem the user can fix. The CLI prints its message on one line and exits 2.
 
-    ``quiet``: the same error is said by rank 0 of the same job (every rank met it together), so
-    this process exits 2 without printing it again."""
+    ``agreed``: every rank of the job met it together (distributed.raise_agreed); ``quiet``: rank
+    0 says it, so this process exits 2 without printing it again."""
 
-    def __init__(self, *args: object, quiet: bool = False) -> None:
+    def __init__(self, *args: object, quiet: bool = False, agreed: bool = False) -> None:
         super().__init__(*args)
-        self.quiet = quiet
+        self.quiet, self.agreed = quiet, agreed
 
 
 def first_line(err: BaseException) -> str:

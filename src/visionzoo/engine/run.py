@@ -68,11 +68,9 @@ def start_env(cfg: RecipeConfig, amp_dtype: Any = "config") -> tuple[RecipeConfi
     info = distributed.from_env()
     configure_determinism(cfg.train.deterministic, cfg.train.cudnn_benchmark)  # before CUDA initialises
     device = resolve_device(cfg.train.device, info.local_rank)
-    try:
-        cfg = check_config(cfg, info.world_size, device.type)
-    except UserError as err:
-        err.quiet = info.rank != 0  # every rank checks the same config: rank 0 says it
-        raise
+    # Each rank says a refusal here itself: ranks start seconds apart, and one that exited first
+    # in silence could have the launcher (or srun --kill-on-bad-exit) stop rank 0 before it spoke.
+    cfg = check_config(cfg, info.world_size, device.type)
     distributed.init(info, device, cfg.train.dist_timeout)  # makes `device` current first
     seed_everything(cfg.train.seed + info.rank)
     amp = resolve_amp(cfg.train.amp, device) if amp_dtype == "config" else amp_dtype
@@ -397,12 +395,13 @@ def _fit(cfg: RecipeConfig, env: RunEnv, task: Task, req: FitRequest, t0: float,
         run = Run(cfg, env, task, pos, folder, t0)
         run.summary = req.summary
         results = _train(run, perf, on_finished)
-    except Stopped:
-        # Every rank agreed on the stop and wrote its part of the checkpoint, so every rank gets
-        # here: leave the group as a finished run does, or a rank that exits at once can abort
-        # in interpreter shutdown (distributed.shutdown) and print "terminate called ..." after
-        # the stop line.
-        distributed.shutdown()
+    except UserError as err:
+        if isinstance(err, Stopped) or err.agreed:
+            # Every rank met this together (a stop after its checkpoint, an all-reduced NaN), and
+            # rank 0 has recorded it: leave the group as a finished run does. A rank that exited
+            # at once could abort in interpreter shutdown ("terminate called ..." after the line,
+            # distributed.shutdown), or have the launcher stop rank 0 before it said why.
+            distributed.shutdown()
         raise
     finally:
         if folder is not None:
