@@ -36,7 +36,7 @@ from visionzoo.engine.resume import RESIZE_WHY, per_rank, rng_state, set_rng_sta
 from visionzoo.engine.stopping import StopVote, end_failed_run
 from visionzoo.engine.tasks import check_config, make_task
 from visionzoo.engine.tasks.base import Evaluation, RunEnv, Task
-from visionzoo.errors import Stopped, UserError
+from visionzoo.errors import UserError
 from visionzoo.run_folder import (
     MetricsLog,
     RunLock,
@@ -396,7 +396,7 @@ def _fit(cfg: RecipeConfig, env: RunEnv, task: Task, req: FitRequest, t0: float,
         run.summary = req.summary
         results = _train(run, perf, on_finished)
     except UserError as err:
-        if isinstance(err, Stopped) or err.agreed:
+        if err.agreed:
             # Every rank met this together (a stop after its checkpoint, an all-reduced NaN), and
             # rank 0 has recorded it: leave the group as a finished run does. A rank that exited
             # at once could abort in interpreter shutdown ("terminate called ..." after the line,
