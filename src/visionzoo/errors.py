@@ -31,8 +31,8 @@ class Stopped(UserError):
 
     def __init__(self, step: int, run_dir: str | Path, signum: int, note: str | None = None,
                  quiet: bool = False) -> None:
-        super().__init__(f"stopped at step {step}", agreed=True)  # every rank stopped at this step
-        self.step, self.run_dir, self.signum, self.note, self.quiet = step, run_dir, signum, note, quiet
+        super().__init__(f"stopped at step {step}", quiet=quiet, agreed=True)  # every rank stopped at this step
+        self.step, self.run_dir, self.signum, self.note = step, run_dir, signum, note
         self.exit_code = 128 + signum
         self.resume_command = f"visionzoo train RECIPE --resume {run_dir}"  # the CLI fills in the recipe
 
