@@ -422,8 +422,9 @@ def cases(fmnist: Path, jpegs: Path, out: Path) -> dict:
             patch=fused_optimizers),
         "dino_fashion_mnist (as shipped: 4-block ViT, 2 crops)": lambda: measure(
             "dino_fashion_mnist", fm + ["--perf", "--steps", "6", "train.perf_warmup_steps=0"]),
-        "dino_fashion_mnist, tiny ViT, 2 local crops": lambda: measure(
-            "dino_fashion_mnist", fm + tiny_dino + ["dino.local_crops_number=2", "dino.local_crop_size=14"]),
+        "dino_fashion_mnist, tiny ViT, 2 local crops, KoLeo": lambda: measure(
+            "dino_fashion_mnist", fm + tiny_dino + ["dino.local_crops_number=2", "dino.local_crop_size=14",
+                                                    "dino.koleo_weight=0.1"]),
         "dino_vits16_imagenet data: decode=device, RGB jitter (tiny ViT)": lambda: measure(
             "dino_vits16_imagenet", folder + rgb_dino + ["train.max_steps_per_epoch=4"], start=1, steps=2,
             patch=both(device_decoder, fused_optimizers)),

@@ -28,6 +28,7 @@ from visionzoo.models.dino import (
     build_dino,
     cancel_last_layer_grads,
     dino_loss,
+    koleo_loss,
     update_teacher,
 )
 from visionzoo.optim import clip_per_tensor, cosine_schedule
@@ -68,6 +69,50 @@ def test_loss_equals_direct_formula() -> None:
     got = dino_loss(student, teacher, center, t_temp, s_temp)
     assert got.item() == pytest.approx(expected, rel=1e-5)
     assert pairs == 2 * (n_crops - 1)
+
+
+def test_koleo_loss_known_answer_and_it_spreads_the_batch() -> None:
+    # Unit vectors at 0, 90 and 100 degrees: row 0's nearest is row 1 (chord sqrt 2), rows 1 and 2
+    # are each other's nearest (chord 2 sin 5 degrees); the scale of a row does not matter.
+    a = math.radians(100)
+    x = torch.tensor([[3.0, 0.0], [0.0, 0.5], [math.cos(a), math.sin(a)]], requires_grad=True)
+    near = 2 * math.sin(math.radians(5))
+    expected = -(math.log(math.sqrt(2)) + 2 * math.log(near)) / 3
+    assert koleo_loss(x).item() == pytest.approx(expected, rel=1e-5)
+    # A step down its gradient pushes the close pair apart, and the loss falls.
+    koleo_loss(x).backward()
+    with torch.no_grad():
+        moved = torch.nn.functional.normalize(x - 0.01 * x.grad, dim=1)
+    assert (moved[1] - moved[2]).norm() > near + 1e-3
+    assert koleo_loss(moved).item() < expected
+    # Identical rows: every nearest distance is ~0, a large loss (what the term fights).
+    assert koleo_loss(torch.ones(4, 8)).item() > 15
+
+
+def test_koleo_weight_adds_the_term_on_the_student_global_crops(idx_dir: Path, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """dino.koleo_weight=w: the step's loss is the DINO loss + w x (KoLeo of global crop 1 + of
+    global crop 2), on the student's backbone features (with gradients), local crops left out."""
+    import visionzoo.engine.tasks.dino as task
+
+    seen: list[tuple[tuple, bool, float]] = []
+
+    def recording(features: torch.Tensor) -> torch.Tensor:
+        value = koleo_loss(features)
+        seen.append((tuple(features.shape), features.requires_grad, value.item()))
+        return value
+
+    monkeypatch.setattr(task, "koleo_loss", recording)
+    first = {}
+    for w in (0.0, 0.5):
+        run = tmp_path / f"w{w}"
+        assert main(["train", "dino_fashion_mnist", "--data", str(idx_dir), "--output", str(run), *TINY_OVERRIDES,
+                     f"dino.koleo_weight={w}", "train.amp=none"]) == 0
+        steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        first[w] = next(r["loss"] for r in steps if r["kind"] == "step")
+    assert len(seen) == 2 * 6  # 2 global crops x 6 steps, none for w = 0
+    assert all(shape == (8, 24) and grad for shape, grad, _ in seen)  # batch 8, embed 24
+    assert first[0.5] - first[0.0] == pytest.approx(0.5 * (seen[0][2] + seen[1][2]), abs=1e-4)
 
 
 def test_centre_is_an_ema_of_the_teacher_batch_mean() -> None:

@@ -296,6 +296,9 @@ class DinoConfig:
     warmup_teacher_temp_epochs: int = 0  # linear warm-up length (reference variant: 0.04→0.07 over 30)
     student_temp: float = 0.1
     center_momentum: float = 0.9  # EMA of the teacher output mean that is subtracted (centering)
+    # DINOv2's KoLeo term on the student's global-crop features, summed over the 2 crops (each
+    # crop's batch on its own rank); 0: off, as DINO v1 (DINOv2 uses 0.1).
+    koleo_weight: float = 0.0
     # DINO-specific optimisation.
     weight_decay_end: float = 0.4  # cosine from optim.weight_decay to this (not on biases/norms)
     clip_grad: float = 3.0  # max L2 norm of each parameter's gradient, clipped tensor by tensor; 0: off

@@ -30,7 +30,7 @@ RANGES: dict[str, str] = {
     "dino.out_dim": ">=1", "dino.hidden_dim": ">=1", "dino.bottleneck_dim": ">=1", "dino.head_layers": ">=1",
     "dino.freeze_last_layer": ">=0", "dino.momentum_teacher": "0..1", "dino.warmup_teacher_temp": ">0",
     "dino.teacher_temp": ">0", "dino.warmup_teacher_temp_epochs": ">=0", "dino.student_temp": ">0",
-    "dino.center_momentum": "0..1", "dino.weight_decay_end": ">=0", "dino.clip_grad": ">=0",
+    "dino.center_momentum": "0..1", "dino.koleo_weight": ">=0", "dino.weight_decay_end": ">=0", "dino.clip_grad": ">=0",
     "dino.global_crops_scale": "0..1", "dino.local_crops_scale": "0..1", "dino.local_crops_number": ">=0",
     "dino.local_crop_size": ">=1", "dino.color_jitter": ">=0", "dino.color_jitter_p": "0..1",
     "dino.grayscale_p": "0..1", "dino.blur_p": "0..1", "dino.blur_sigma": ">=0", "dino.solarize_p": "0..1",

@@ -72,7 +72,10 @@ class MultiCropWrapper(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, crops: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    def forward(self, crops: list[torch.Tensor] | torch.Tensor,
+                with_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The head's logits, crop-major; with ``with_features`` also the backbone features
+        (crop-major, the same rows) that the KoLeo term spreads."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         feats, start = [], 0
@@ -82,7 +85,9 @@ class MultiCropWrapper(nn.Module):
             end = start + len(list(run))
             feats.append(self.backbone(torch.cat(crops[start:end])))
             start = end
-        return self.head(torch.cat(feats))
+        features = torch.cat(feats)
+        out = self.head(features)
+        return (out, features) if with_features else out
 
 
 def build_dino(backbone: nn.Module, teacher_backbone: nn.Module, embed_dim: int, dino: DinoConfig,
@@ -157,6 +162,20 @@ def dino_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, center: torc
             total = total + torch.sum(-q_i * log_p_v, dim=-1).mean()
             pairs += 1
     return total / pairs
+
+
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Kozachenko-Leonenko entropy estimate, negated (DINOv2's KoLeo regulariser): the mean of
+    ``-log d_i`` where ``d_i`` is the Euclidean distance from row i of the L2-normalised
+    ``features [B, D]`` to its nearest other row. Minimising it spreads the batch's features
+    over the sphere, so that nearest neighbours (what k-NN reads) stay apart."""
+    x = F.normalize(features.float(), dim=-1, eps=eps)
+    with torch.no_grad():  # which row is nearest is a choice, not a function to differentiate
+        dots = x @ x.t()
+        dots.fill_diagonal_(-2.0)  # below any cosine: a row is never its own neighbour
+        nearest = dots.argmax(dim=1)
+    distances = F.pairwise_distance(x, x[nearest], p=2, eps=eps)
+    return -torch.log(distances + eps).mean()
 
 
 class DINOLoss(nn.Module):

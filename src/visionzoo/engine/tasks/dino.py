@@ -2,7 +2,8 @@
 
 A step: multi-crop batch → teacher (EMA network, global crops only, no gradients) and student
 (all crops) under autocast → cross-entropy of the centred, sharpened teacher distribution of
-each global crop against the student's distribution of every *other* crop → GradStep (backward,
+each global crop against the student's distribution of every *other* crop (plus, with
+dino.koleo_weight, DINOv2's KoLeo term on the student's global-crop features) → GradStep (backward,
 per-tensor gradient clipping, the prototypes' gradients dropped while the last layer is frozen,
 optimizer step) → teacher EMA update → centre update (mean teacher output over all ranks).
 
@@ -31,7 +32,7 @@ from visionzoo.engine.step import Clipping, GradStep
 from visionzoo.engine.tasks.base import Batch, Evaluation, Task, Weights
 from visionzoo.errors import UserError
 from visionzoo.models import build_model, create
-from visionzoo.models.dino import DINOLoss, build_dino, cancel_last_layer_grads, update_teacher
+from visionzoo.models.dino import DINOLoss, build_dino, cancel_last_layer_grads, koleo_loss, update_teacher
 from visionzoo.models.weights import load_weights
 from visionzoo.optim import build_optimizer, cosine_schedule
 from visionzoo.runtime import compile_module
@@ -204,7 +205,14 @@ class DinoTask(Task):
         with self.env.autocast():
             with torch.no_grad():
                 self._teacher_out = self.teacher_fwd(crops[:2])
-            loss = self.criterion(self.model(crops), self._teacher_out, self._temp)
+            koleo = self.cfg.dino.koleo_weight
+            if koleo > 0 and crops[0].shape[0] > 1:  # a row needs another to be nearest to
+                out, features = self.model(crops, with_features=True)
+                loss = self.criterion(out, self._teacher_out, self._temp)
+                batch = crops[0].shape[0]  # the 2 global crops' rows come first, crop-major
+                loss = loss + koleo * sum(koleo_loss(f) for f in features[:2 * batch].chunk(2))
+            else:
+                loss = self.criterion(self.model(crops), self._teacher_out, self._temp)
         self._weight, self._last_view = 1.0, crops[0]
         return loss, None
 
