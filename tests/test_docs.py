@@ -405,7 +405,7 @@ def test_the_dino_demo_model_is_named_as_the_recipe_builds_it():
     m = load_config("dino_fashion_mnist").model
     k = m.kwargs
     words = [m.name, f"{k['depth']}-block ViT", f"{k['patch_size']} px patches", f"embed {k['embed_dim']}",
-             f"{k['num_heads']} heads", f"{k['img_size']} px"]
+             f"{k['num_heads']} heads", f"{k['img_size']} px", "mean patch token"]
     for page in (ROOT / "README.md", ROOT / "docs" / "dino.md"):
         text = page.read_text()
         assert [w for w in words if w not in text] == [], page.name
@@ -414,4 +414,4 @@ def test_the_dino_demo_model_is_named_as_the_recipe_builds_it():
         cli.main(["recipes"])
     row = next(line for line in out.getvalue().splitlines() if line.startswith("| dino_fashion_mnist |"))
     assert f"timm {m.name} with img_size {k['img_size']}, patch_size {k['patch_size']}, embed_dim " \
-           f"{k['embed_dim']}, depth {k['depth']}, num_heads {k['num_heads']} |" in row
+           f"{k['embed_dim']}, depth {k['depth']}, num_heads {k['num_heads']}, global_pool {k['global_pool']} |" in row

@@ -14,12 +14,14 @@ import torch
 from browser import inspect_page, require_chromium, screenshot
 from visionzoo.cli import main
 from visionzoo.html_report import metrics
-from visionzoo.html_report.attention import cls_attention, mass_mask
+from visionzoo.html_report.attention import POOLED_LABEL, cls_attention, feature_attention, mass_mask
+from visionzoo.html_report.figures import CLS_ATTENTION
 from visionzoo.html_report.predictions import CACHE, Predictions
 
 FAST = ["--epochs", "1", "--device", "cpu", "--amp", "none", "log.progress=off"]
 DINO_TINY = [
-    "model.kwargs={img_size: 28, patch_size: 7, embed_dim: 24, depth: 1, num_heads: 3, dynamic_img_size: true}",
+    "model.kwargs={img_size: 28, patch_size: 7, embed_dim: 24, depth: 1, num_heads: 3, dynamic_img_size: true, "
+    "global_pool: avg}",  # as the recipe: the feature pools the patch tokens
     "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.local_crops_number=0",
     "data.batch_size=32", "train.max_steps_per_epoch=2", "train.log_every=1", "dino.knn_k=[5,20]",
 ]
@@ -121,15 +123,16 @@ def test_calibration_and_confusion_formulas():
     np.testing.assert_allclose(metrics.row_normalise(cm).sum(1), 1.0)
 
 
-def test_dino_attention_equals_the_last_block_computed_directly():
+def _tiny_vit(**kwargs):
     import timm
 
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, in_chans=1, img_size=28, patch_size=7, embed_dim=24,
-                            depth=2, num_heads=3, dynamic_img_size=True).eval()
-    x = torch.randn(2, 1, 28, 28)
-    got = cls_attention(vit, x)
-    # Directly: the tokens entering the last block's attention, then softmax(q k^T / sqrt(d)).
+    return timm.create_model("vit_tiny_patch16_224", num_classes=0, in_chans=1, img_size=28, patch_size=7,
+                             embed_dim=24, depth=2, num_heads=3, dynamic_img_size=True, **kwargs).eval()
+
+
+def _last_block_attention(vit, x):
+    """The tokens entering the last block's attention, then softmax(q k^T / sqrt(d)), by hand."""
     seen = []
     hook = vit.blocks[-1].attn.register_forward_hook(lambda m, i, o: seen.append(i[0]))
     with torch.no_grad():
@@ -139,16 +142,41 @@ def test_dino_attention_equals_the_last_block_computed_directly():
     b, n, c = tokens.shape
     qkv = attn.qkv(tokens).reshape(b, n, 3, 3, c // 3).permute(2, 0, 3, 1, 4)
     q, k = qkv[0], qkv[1]
-    a = ((q @ k.transpose(-2, -1)) / (c // 3) ** 0.5).softmax(-1)
+    return ((q @ k.transpose(-2, -1)) / (c // 3) ** 0.5).softmax(-1)
+
+
+def test_dino_attention_equals_the_last_block_computed_directly():
+    vit = _tiny_vit()
+    x = torch.randn(2, 1, 28, 28)
+    got = cls_attention(vit, x)
+    a = _last_block_attention(vit, x)
+    b = x.shape[0]
     expect = a[:, :, 0, 1:].reshape(b, 3, 4, 4)
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)
     assert torch.allclose(got.sum((-2, -1)) + a[:, :, 0, 0], torch.ones(b, 3))
+    maps, of = feature_attention(vit, x)  # the feature is [CLS]: its row
+    assert of == CLS_ATTENTION == "[CLS] self-attention" and torch.equal(maps, got)
     # The reference's threshold: the largest patches until they hold >= 60% of the map's mass.
     mask = mass_mask(got)
     for m, keep in zip(got.flatten(0, 1), mask.flatten(0, 1), strict=True):
         flat, kept = m.flatten().numpy(), keep.flatten().numpy()
         share = np.sort(flat).cumsum() / flat.sum()  # ascending, as visualize_attention.py
         assert kept.sum() == np.sum(share > 1 - 0.6) and flat[kept].min() >= flat[~kept].max()
+
+
+def test_dino_attention_of_a_vit_that_pools_its_patch_tokens():
+    """global_pool=avg: [CLS]'s last row feeds nothing, so the maps are the patch tokens' rows
+    averaged (patch columns only), not the [CLS] row."""
+    vit = _tiny_vit(global_pool="avg")
+    x = torch.randn(3, 1, 28, 28)
+    maps, of = feature_attention(vit, x)
+    a = _last_block_attention(vit, x)
+    expect = a[:, :, 1:, 1:].mean(2).reshape(3, 3, 4, 4)
+    assert of == POOLED_LABEL
+    torch.testing.assert_close(maps, expect, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(maps, a[:, :, 0, 1:].reshape(3, 3, 4, 4), atol=1e-3)
+    # each map: the mean over 16 query rows of the mass they put on the patches (the rest on [CLS])
+    torch.testing.assert_close(maps.sum((-2, -1)), 1 - a[:, :, 1:, 0].mean(2), rtol=1e-5, atol=1e-6)
 
 
 def test_dino_report_in_a_browser(fmnist_dir, browser, tmp_path, capsys):
@@ -162,6 +190,8 @@ def test_dino_report_in_a_browser(fmnist_dir, browser, tmp_path, capsys):
     assert {"attention.png", "neighbours.png", "confusion.png"} <= {i["src"] for i in found["images"]}
     pred = Predictions.load(run / CACHE)
     assert pred.kind == "knn" and pred.attention["maps"].shape == (4, 3, 4, 4)
+    assert str(pred.attention["of"]) == POOLED_LABEL
+    assert f'alt="{POOLED_LABEL} maps per head"' in (run / "report" / "index.html").read_text()
     assert pred.knn["neighbours"].shape[:2] == (4, 5)
     # The k-NN top-1 of the page is the run's own k-NN figure (same k, same features).
     results = json.loads((run / "results.json").read_text())

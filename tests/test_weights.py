@@ -26,6 +26,8 @@ from visionzoo.models.weights import model_from_weights, read_file
 
 # dino_fashion_mnist's ViT (28 px grey images, 7 px patches), as the DINO reference would build it.
 VIT_KW = {"img_size": 28, "patch_size": 7, "embed_dim": 96, "depth": 4, "num_heads": 3}
+# The recipe's feature is its mean patch token (timm's fc_norm); DINO's ViT reads [CLS] (norm).
+CLS = "model.kwargs.global_pool=token"
 
 
 def _randomise(model: nn.Module, seed: int) -> nn.Module:
@@ -101,7 +103,7 @@ def _dino_full_checkpoint(path: Path) -> tuple[nn.Module, nn.Module, ReferenceDI
 def test_dino_released_backbone_loads_into_the_recipe_model(tmp_path: Path) -> None:
     ref = _reference_vit(0)
     torch.save(ref.state_dict(), tmp_path / "dino_vittiny_pretrain.pth")  # *_pretrain.pth: the bare backbone
-    cfg = load_config("dino_fashion_mnist")
+    cfg = load_config("dino_fashion_mnist", [CLS])
     model, args = model_from_weights(cfg.model, tmp_path / "dino_vittiny_pretrain.pth", 0, 1)
     x = _dino_images()
     with torch.no_grad():
@@ -112,7 +114,7 @@ def test_dino_released_backbone_loads_into_the_recipe_model(tmp_path: Path) -> N
 @pytest.mark.parametrize("key", ["teacher", "student"])
 def test_dino_training_checkpoint_network_by_key(tmp_path: Path, key: str) -> None:
     teacher, student, _ = _dino_full_checkpoint(tmp_path / "checkpoint.pth")
-    cfg = load_config("dino_fashion_mnist", [f"model.checkpoint_key={key}"])
+    cfg = load_config("dino_fashion_mnist", [f"model.checkpoint_key={key}", CLS])
     model, _ = model_from_weights(cfg.model, tmp_path / "checkpoint.pth", 0, 1)
     x = _dino_images()
     with torch.no_grad():
@@ -124,7 +126,7 @@ def test_dino_training_checkpoint_initialises_student_and_teacher_with_the_head(
 
     teacher, _, head = _dino_full_checkpoint(tmp_path / "checkpoint.pth")
     cfg = load_config("dino_fashion_mnist", [f"model.weights={tmp_path / 'checkpoint.pth'}", "dino.out_dim=64",
-                                             "dino.hidden_dim=32", "dino.bottleneck_dim=16"])
+                                             "dino.hidden_dim=32", "dino.bottleneck_dim=16", CLS])
     student, dino_teacher, _ = build_student_teacher(cfg, torch.device("cpu"), ddp=False)
     x = _dino_images()
     with torch.no_grad():
@@ -138,7 +140,7 @@ def test_dino_head_of_another_shape_is_one_line(tmp_path: Path) -> None:
 
     _dino_full_checkpoint(tmp_path / "checkpoint.pth")
     cfg = load_config("dino_fashion_mnist", [f"model.weights={tmp_path / 'checkpoint.pth'}", "dino.out_dim=128",
-                                             "dino.hidden_dim=32", "dino.bottleneck_dim=16"])
+                                             "dino.hidden_dim=32", "dino.bottleneck_dim=16", CLS])
     with pytest.raises(UserError, match=r"DINO head .* 2 of another shape \(last_layer"):
         build_student_teacher(cfg, torch.device("cpu"), ddp=False)
 
@@ -222,7 +224,7 @@ def test_mismatched_weights_are_one_line_with_counts_and_names(tmp_path: Path, c
     sd["blocks.9.attn.qkv.weight"] = torch.zeros(3)
     torch.save(sd, tmp_path / "broken.pth")
     with pytest.raises(UserError, match=r"1 missing \(norm.weight\); 1 unexpected \(blocks.9.attn.qkv.weight\)"):
-        model_from_weights(load_config("dino_fashion_mnist").model, tmp_path / "broken.pth", 0, 1)
+        model_from_weights(load_config("dino_fashion_mnist", [CLS]).model, tmp_path / "broken.pth", 0, 1)
     (tmp_path / "junk.pth").write_bytes(b"not a pickle")
     assert main(["knn", "--weights", str(tmp_path / "junk.pth"), "--recipe", "dino_fashion_mnist"]) == 2
     err = capsys.readouterr().err.strip()
@@ -301,20 +303,22 @@ def test_knn_linear_eval_export_with_weights_and_recipe(fmnist_dir: Path, tmp_pa
     ref = _reference_vit(8)
     torch.save(ref.state_dict(), tmp_path / "dino_backbone.pth")
     common = ["--data", str(fmnist_dir), "--device", "cpu", "--amp", "none", "log.progress=off"]
+    dino = [*common, CLS]
     assert main(["knn", "--weights", str(tmp_path / "dino_backbone.pth"), "--recipe", "dino_fashion_mnist",
-                 *common, "dino.knn_k=[5]"]) == 0
+                 *dino, "dino.knn_k=[5]"]) == 0
     out = capsys.readouterr().out
     assert "dino_backbone.pth: weighted k-NN" in out and "5-NN: Top1" in out
     assert main(["linear", "--weights", str(tmp_path / "dino_backbone.pth"), "--recipe", "dino_fashion_mnist",
-                 *common, "--epochs", "1", "dino.linear_n_last_blocks=1"]) == 0
-    assert "linear probe (96 features, 1 epoch)" in capsys.readouterr().out
+                 *dino, "--epochs", "1", "dino.linear_n_last_blocks=1"]) == 0
+    # the last [CLS] token and (the recipe's dino.linear_avgpool) the mean patch token
+    assert "linear probe (192 features, 1 epoch)" in capsys.readouterr().out
     _dino_full_checkpoint(tmp_path / "checkpoint.pth")
     assert main(["knn", "--weights", str(tmp_path / "checkpoint.pth"), "--checkpoint-key", "student",
-                 "--recipe", "dino_fashion_mnist", *common, "dino.knn_k=[5]"]) == 0
+                 "--recipe", "dino_fashion_mnist", *dino, "dino.knn_k=[5]"]) == 0
     assert "DINO training checkpoint, student" in capsys.readouterr().out
     onnx = tmp_path / "exported" / "dino.onnx"
     assert main(["export", "--weights", str(tmp_path / "dino_backbone.pth"), "--recipe", "dino_fashion_mnist",
-                 "--output", str(onnx)]) == 0
+                 "--output", str(onnx), CLS]) == 0
     side = json.loads(onnx.with_suffix(".json").read_text())
     assert side["output"]["kind"] == "features" and side["checkpoint"]["path"].endswith("dino_backbone.pth")
 

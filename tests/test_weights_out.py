@@ -276,6 +276,21 @@ def test_dino_run_as_released_backbone_and_training_checkpoint(dino_run: Path, t
     torch.testing.assert_close(_outputs(student, x), _outputs(teacher, x), rtol=0, atol=0)
 
 
+def test_dino_layout_refuses_a_vit_whose_feature_pools_its_patch_tokens() -> None:
+    """dino_fashion_mnist's ViT (global_pool avg) would load into DINO's ViT, which returns [CLS]:
+    a different feature, so the layout says why it cannot hold it; a [CLS] ViT passes that check."""
+    import timm
+
+    from visionzoo.models.weights_out import unfit
+
+    kw = dict(num_classes=0, in_chans=1, img_size=28, patch_size=7, embed_dim=24, depth=1, num_heads=3)
+    args = {"library": "timm", "name": "vit_tiny_patch16_224", "num_classes": 0}
+    pooled = timm.create_model("vit_tiny_patch16_224", global_pool="avg", **kw)
+    assert unfit("dino", pooled, args, "dino") == (
+        "DINO's ViT reads its [CLS] token, this backbone's feature pools its patch tokens (global_pool avg)")
+    assert unfit("dino", timm.create_model("vit_tiny_patch16_224", **kw), args, "dino") is None
+
+
 def test_a_layout_that_cannot_hold_the_model_is_one_line_naming_those_that_can(timm_run: Path, capsys) -> None:
     def error(*argv: str) -> str:
         assert main(["export", str(timm_run), *argv]) == 2

@@ -1,6 +1,6 @@
-"""DINO's pictures: the [CLS] token's self-attention in the last block, per head (as
-facebookresearch/dino visualize_attention.py), and a query's nearest training images in the
-frozen feature space."""
+"""DINO's pictures: the self-attention in the last block of what the feature is made of, per head
+(the [CLS] token's, as facebookresearch/dino visualize_attention.py; the patch tokens' mean for a
+ViT whose feature pools them), and a query's nearest training images in the frozen feature space."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visionzoo.html_report.figures import CLS_ATTENTION
+
 ATTENTION_MASS = 0.6  # visualize_attention.py --threshold: keep the patches holding 60% of the mass
 
 
-@torch.no_grad()
-def cls_attention(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """[B, heads, h, w]: the attention of the [CLS] token on each patch in the last block of a
-    timm ViT (softmax(q k^T / sqrt(d)), the row of [CLS], prefix tokens left out). The attention
+POOLED_LABEL = "self-attention of the patch tokens (mean over them: the pooled feature)"
+
+
+def _last_attention(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """[B, heads, N, N]: softmax(q k^T / sqrt(d)) of the last block of a timm ViT. The attention
     module is run unfused once so that its probabilities can be read where timm computes them."""
     attn = vit.blocks[-1].attn
     seen: list[torch.Tensor] = []
@@ -29,11 +32,37 @@ def cls_attention(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
         attn.fused_attn = fused
         hook.remove()
         vit.train(was_training)
-    a = seen[-1]  # [B, heads, N, N]
-    prefix = getattr(vit, "num_prefix_tokens", 1)
+    return seen[-1]
+
+
+def _as_maps(rows: torch.Tensor, vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ph, pw = vit.patch_embed.patch_size
-    h, w = x.shape[-2] // ph, x.shape[-1] // pw
-    return a[:, :, 0, prefix:].reshape(a.shape[0], a.shape[1], h, w).float()
+    return rows.reshape(rows.shape[0], rows.shape[1], x.shape[-2] // ph, x.shape[-1] // pw).float()
+
+
+@torch.no_grad()
+def cls_attention(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """[B, heads, h, w]: the attention of the [CLS] token on each patch in the last block of a
+    timm ViT (the row of [CLS], prefix tokens left out)."""
+    prefix = getattr(vit, "num_prefix_tokens", 1)
+    return _as_maps(_last_attention(vit, x)[:, :, 0, prefix:], vit, x)
+
+
+def pools_patch_tokens(vit: nn.Module) -> bool:
+    """Whether the ViT's feature pools its patch tokens (timm ``global_pool`` avg/max/avgmax)
+    instead of reading [CLS]: then the [CLS] row of the last block feeds nothing."""
+    return getattr(vit, "global_pool", "token") in ("avg", "avgmax", "max")
+
+
+@torch.no_grad()
+def feature_attention(vit: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """[B, heads, h, w] maps of where the feature's tokens look in the last block, and their
+    name: the [CLS] row, or for a ViT that pools its patch tokens the mean of the patch tokens'
+    rows (the feature averages those tokens, so their attention is what it is built from)."""
+    if not pools_patch_tokens(vit):
+        return cls_attention(vit, x), CLS_ATTENTION
+    prefix = getattr(vit, "num_prefix_tokens", 1)
+    return _as_maps(_last_attention(vit, x)[:, :, prefix:, prefix:].mean(2), vit, x), POOLED_LABEL
 
 
 def mass_mask(maps: torch.Tensor, mass: float = ATTENTION_MASS) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Cheap parts (written at the end of every training run): training curves, results, the resolved
 recipe, the environment, ONNX parity and speed. Full report (on demand): also per-class
 accuracy, the confusion matrix, image grids of the most confident mistakes and the least
-confident correct predictions, calibration (reliability diagram, ECE) and, for DINO runs, [CLS]
+confident correct predictions, calibration (reliability diagram, ECE) and, for DINO runs, the
 attention maps and k-NN neighbours. Its predictions come from one pass over the validation split,
 cached as RUN/predictions.npz and reused while the weights and data are the same."""
 
@@ -294,8 +294,9 @@ def _analysis(run_dir: Path, out: Path, overrides: list[str], max_images: int, p
         s = Section("dino", "DINO: attention and neighbours")
         a = pred.attention
         if a:
-            s.add(image(figures.attention_figure(a["images"], a["maps"], a["masks"], out / "attention.png"),
-                        "[CLS] self-attention maps per head"))
+            of = str(a["of"]) if "of" in a else figures.CLS_ATTENTION  # caches written before "of" existed
+            s.add(image(figures.attention_figure(a["images"], a["maps"], a["masks"], out / "attention.png", of),
+                        f"{of} maps per head"))
         else:
             s.add(paragraph("No attention maps: the backbone is not a ViT."))
         k = pred.knn

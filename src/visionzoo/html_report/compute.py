@@ -96,7 +96,7 @@ def predict_run(weights: Path, cfg: RecipeConfig, meta: dict, max_images: int, p
 
 
 def _predict_dino(model: nn.Module, cfg: RecipeConfig, run: PassSettings, max_images: int) -> Predictions:
-    """k-NN predictions of a DINO teacher backbone, its [CLS] attention maps and neighbours."""
+    """k-NN predictions of a DINO teacher backbone, its attention maps and neighbours."""
     from torch.utils.data import IterableDataset
 
     from visionzoo.data.loading.build import build_loader
@@ -116,9 +116,10 @@ def _predict_dino(model: nn.Module, cfg: RecipeConfig, run: PassSettings, max_im
     to_uint8 = unnormalise(d.mean, d.std)
     x = inputs.to(device)
     if attention.is_vit(model):
-        maps = attention.cls_attention(model, x[:ATTENTION_IMAGES])
+        maps, of = attention.feature_attention(model, x[:ATTENTION_IMAGES])
         pred.attention = {"images": np.stack([to_uint8(i) for i in x[:ATTENTION_IMAGES]]),
-                          "maps": attention.as_numpy(maps), "masks": attention.mass_mask(maps).cpu().numpy()}
+                          "maps": attention.as_numpy(maps), "masks": attention.mass_mask(maps).cpu().numpy(),
+                          "of": np.array(of)}
     if not isinstance(train_ds, IterableDataset):
         with torch.no_grad():
             sims, idx = attention.nearest_training_images(model(x[:NEIGHBOUR_QUERIES]).float(), bank, NEIGHBOURS)

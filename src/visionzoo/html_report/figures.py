@@ -16,6 +16,8 @@ if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+CLS_ATTENTION = "[CLS] self-attention"  # the attention figure's default subject (DINO's visualisation)
+
 DPI = 100
 GRID_COLUMNS = 8
 ANNOTATE_UP_TO = 30  # classes: more, and the matrix is drawn without numbers (plus a top-pairs table)
@@ -146,8 +148,10 @@ def reliability_figure(cal: dict, path: Path) -> str:
 
 
 @_text_labels
-def attention_figure(images: np.ndarray, maps: np.ndarray, masks: np.ndarray, path: Path) -> str:
-    """One row per image: the image, then each head's [CLS] attention with its 60%-mass outline."""
+def attention_figure(images: np.ndarray, maps: np.ndarray, masks: np.ndarray, path: Path,
+                     of: str = CLS_ATTENTION) -> str:
+    """One row per image: the image, then each head's attention map (``of``: whose) with its
+    60%-mass outline."""
     plt = _plt()
     n, heads = maps.shape[0], maps.shape[1]
     fig, axes = plt.subplots(n, heads + 1, figsize=(1.7 * (heads + 1), 1.8 * n), squeeze=False)
@@ -163,7 +167,7 @@ def attention_figure(images: np.ndarray, maps: np.ndarray, masks: np.ndarray, pa
             ax.set_xticks([]), ax.set_yticks([])
             if r == 0:
                 ax.set_title(f"head {h}", fontsize=8)
-    fig.suptitle("[CLS] self-attention of the last block (cyan: patches holding 60% of it)", fontsize=9)
+    fig.suptitle(f"{of} in the last block (cyan: patches holding 60% of it)", fontsize=9)
     return _save(fig, path)
 
 

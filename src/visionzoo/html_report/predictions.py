@@ -52,7 +52,8 @@ class Predictions:
     # Grids: name -> arrays "images" [M, H, W, C] uint8, "target" [M], "pred" [M], "prob" [M].
     grids: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     # DINO: "images" [A, H, W, C] uint8, "maps" [A, heads, h, w] float32 (attention of [CLS] on the
-    # patches, each map sums to 1), "masks" [A, heads, h, w] bool (the 60% mass threshold).
+    # patches, or the patch tokens' mean attention for a ViT that pools them), "masks" [A, heads, h, w]
+    # bool (the 60% mass threshold), "of" [] str (whose attention: the figure's title).
     attention: dict[str, np.ndarray] = field(default_factory=dict)
     # DINO: "queries" [Q, H, W, C], "neighbours" [Q, 5, H, W, C] uint8, "sims" [Q, 5], "labels" [Q, 5],
     # "query_labels" [Q].

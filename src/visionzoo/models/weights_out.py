@@ -73,6 +73,11 @@ def unfit(fmt: str, model: nn.Module, args: dict, task: str) -> str | None:
     if fmt == "dino":
         if task != "dino":
             return "DINO's layout is for the backbones of DINO runs, this is a classifier"
+        pool = getattr(model, "global_pool", "token")
+        if isinstance(pool, str) and pool not in ("token", ""):
+            # DINO's ViT always returns [CLS]: this backbone's feature would be lost there, silently
+            return f"DINO's ViT reads its [CLS] token, this backbone's feature pools its patch tokens " \
+                   f"(global_pool {pool})"
         depth = len(getattr(model, "blocks", []))
         if sorted(model.state_dict()) != sorted(dino_vit_keys(depth)):
             return "DINO's layout is for ViTs with its tensors: class token, position embeddings, qkv biases, " \

@@ -35,7 +35,8 @@ FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 def cls_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The backbone's own output (a timm ViT built with num_classes=0: the final [CLS] token)."""
+    """The backbone's own output (a timm ViT built with num_classes=0: the final [CLS] token, or
+    the mean patch token with ``global_pool="avg"``)."""
     return model(x)
 
 
