@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionzoo.html_report.figures import CLS_ATTENTION
+from visionzoo.models.weights_out import pools_patch_tokens
 
 ATTENTION_MASS = 0.6  # visualize_attention.py --threshold: keep the patches holding 60% of the mass
 
@@ -46,12 +47,6 @@ def cls_attention(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     timm ViT (the row of [CLS], prefix tokens left out)."""
     prefix = getattr(vit, "num_prefix_tokens", 1)
     return _as_maps(_last_attention(vit, x)[:, :, 0, prefix:], vit, x)
-
-
-def pools_patch_tokens(vit: nn.Module) -> bool:
-    """Whether the ViT's feature pools its patch tokens (timm ``global_pool`` avg/max/avgmax)
-    instead of reading [CLS]: then the [CLS] row of the last block feeds nothing."""
-    return getattr(vit, "global_pool", "token") in ("avg", "avgmax", "max")
 
 
 @torch.no_grad()

@@ -65,6 +65,13 @@ def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
+def pools_patch_tokens(model: nn.Module) -> bool:
+    """Whether a timm ViT's feature pools its patch tokens (``global_pool`` avg, max, map, ...)
+    instead of reading [CLS]: then the last block's [CLS] row feeds nothing."""
+    pool = getattr(model, "global_pool", "token")
+    return isinstance(pool, str) and pool not in ("token", "")
+
+
 def unfit(fmt: str, model: nn.Module, args: dict, task: str) -> str | None:
     """Why layout ``fmt`` cannot hold ``model`` (built from ``args``, trained by ``task``), or None."""
     lib, name = args["library"], args["name"]
@@ -73,11 +80,10 @@ def unfit(fmt: str, model: nn.Module, args: dict, task: str) -> str | None:
     if fmt == "dino":
         if task != "dino":
             return "DINO's layout is for the backbones of DINO runs, this is a classifier"
-        pool = getattr(model, "global_pool", "token")
-        if isinstance(pool, str) and pool not in ("token", ""):
+        if pools_patch_tokens(model):
             # DINO's ViT always returns [CLS]: this backbone's feature would be lost there, silently
             return f"DINO's ViT reads its [CLS] token, this backbone's feature pools its patch tokens " \
-                   f"(global_pool {pool})"
+                   f"(global_pool {model.global_pool})"
         depth = len(getattr(model, "blocks", []))
         if sorted(model.state_dict()) != sorted(dino_vit_keys(depth)):
             return "DINO's layout is for ViTs with its tensors: class token, position embeddings, qkv biases, " \
