@@ -387,7 +387,7 @@ def cases(fmnist: Path, jpegs: Path, out: Path) -> dict:
               "train.log_every=0", "train.epochs=1"]
     cpu_folder = [a for a in folder if a != "data.decode=device"]
     tiny_dino = [
-        "model.kwargs={img_size: 28, patch_size: 7, embed_dim: 24, depth: 1, num_heads: 3, dynamic_img_size: true}",
+        "model.kwargs={img_size: 27, patch_size: 9, embed_dim: 24, depth: 1, num_heads: 3, dynamic_img_size: true}",
         "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.knn_k=[2]", "dino.knn_report_k=2"]
     rgb_dino = ["data.image_size=32", "dino.local_crop_size=16", "dino.local_crops_number=2", "data.batch_size=4",
                 "model.kwargs={img_size: 32, patch_size: 8, embed_dim: 24, depth: 1, num_heads: 3, "
@@ -423,7 +423,7 @@ def cases(fmnist: Path, jpegs: Path, out: Path) -> dict:
         "dino_fashion_mnist (as shipped: 4-block ViT, 2 crops)": lambda: measure(
             "dino_fashion_mnist", fm + ["--perf", "--steps", "6", "train.perf_warmup_steps=0"]),
         "dino_fashion_mnist, tiny ViT, 2 local crops, KoLeo": lambda: measure(
-            "dino_fashion_mnist", fm + tiny_dino + ["dino.local_crops_number=2", "dino.local_crop_size=14",
+            "dino_fashion_mnist", fm + tiny_dino + ["dino.local_crops_number=2", "dino.local_crop_size=18",
                                                     "dino.koleo_weight=0.1"]),
         "dino_vits16_imagenet data: decode=device, RGB jitter (tiny ViT)": lambda: measure(
             "dino_vits16_imagenet", folder + rgb_dino + ["train.max_steps_per_epoch=4"], start=1, steps=2,

@@ -341,7 +341,8 @@ def test_a_path_that_does_not_run_a_preset_is_refused_in_one_line() -> None:
 
 
 def test_dino_loader_follows_the_path_of_its_data() -> None:
-    cfg = load_config("dino_fashion_mnist", ["data.image_size=28", "dino.local_crops_number=1"])
+    cfg = load_config("dino_fashion_mnist",
+                      ["data.image_size=28", "dino.local_crops_number=1", "dino.local_crop_size=14"])
     images = TensorImageDataset(np.stack([_photo(i, 28, 28, 1) for i in range(8)]), np.zeros(8, int), ["a"])
     loader = multicrop_train_loader(images, cfg.data, cfg.dino, 4, CPU, 0)
     assert isinstance(loader, InMemoryMultiCropLoader) and training_path(cfg.data, images) == IN_MEMORY

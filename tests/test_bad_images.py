@@ -64,7 +64,7 @@ def test_dino_names_unreadable_images(jpeg_tree, tmp_path, capsys):
     assert main(["train", "dino_fashion_mnist", "--data", str(data), "--output", str(run), "--device", "cpu",
                  *TINY_OVERRIDES, "data.name=imagefolder", "data.in_chans=3", "data.mean=[128,128,128]",
                  "data.std=[64,64,64]", "train.epochs=1", "data.workers=0",
-                 "data.image_size=28", "data.test_size=28", "data.test_resize=28", "dino.knn_k=[5]",
+                 "data.image_size=27", "data.test_size=27", "data.test_resize=27", "dino.knn_k=[5]",
                  "dino.knn_report_k=5"]) == 0
     results = json.loads((run / "results.json").read_text())
     assert results["bad_images"] == 1 and results["bad_images_per_split"] == {"train": 1, "val": 0}

@@ -37,9 +37,9 @@ TINY_VIT = {"name": "vit_tiny_patch16_224", "library": "timm", "num_classes": 0,
             "drop_path_rate": 0.0, "kwargs": {"img_size": 28, "patch_size": 7, "embed_dim": 24, "depth": 1,
                                               "num_heads": 3, "dynamic_img_size": True}}
 TINY_OVERRIDES = [
-    "model.kwargs={img_size: 28, patch_size: 7, embed_dim: 24, depth: 1, num_heads: 3, dynamic_img_size: true}",
+    "model.kwargs={img_size: 27, patch_size: 9, embed_dim: 24, depth: 1, num_heads: 3, dynamic_img_size: true}",
     "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.local_crops_number=2",
-    "dino.local_crop_size=14", "data.batch_size=8", "train.epochs=1", "train.log_every=1",
+    "dino.local_crop_size=18", "data.batch_size=8", "train.epochs=1", "train.log_every=1",
     "dino.knn_k=[5,20]", "dino.linear_batch_size=16", "dino.freeze_last_layer=1",
 ]
 
@@ -223,12 +223,13 @@ def test_multicrop_shapes_per_image_and_batched() -> None:
 
     # The recipe itself runs without local crops (a CPU-time choice); switch them on to test both paths.
     fm = load_config("dino_fashion_mnist", ["dino.local_crops_number=3", "dino.solarize_p=0.5"])
-    n_local, size = fm.dino.local_crops_number, fm.dino.local_crop_size
+    n_local, size, g = fm.dino.local_crops_number, fm.dino.local_crop_size, fm.data.image_size
+    assert (g, size) == (27, 18)  # 3x3 and 2x2 patches of 9 px, cut from the stored 28 px images
     grey = MultiCropTransform(fm.data, fm.dino)(torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8))
-    assert [tuple(c.shape) for c in grey] == [(1, 28, 28)] * 2 + [(1, size, size)] * n_local
+    assert [tuple(c.shape) for c in grey] == [(1, g, g)] * 2 + [(1, size, size)] * n_local
     images = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
     out = BatchedMultiCrop(fm.data, fm.dino)(images, torch.Generator().manual_seed(0))
-    assert [tuple(c.shape) for c in out] == [(5, 1, 28, 28)] * 2 + [(5, 1, size, size)] * n_local
+    assert [tuple(c.shape) for c in out] == [(5, 1, g, g)] * 2 + [(5, 1, size, size)] * n_local
     assert all(torch.isfinite(c).all() for c in out)
 
 

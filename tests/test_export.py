@@ -173,7 +173,7 @@ def test_dino_exports_its_backbone_as_features(tmp_path: Path, fmnist_dir: Path,
     infer refuses it with a pointer to knn/linear instead of printing meaningless classes."""
     run = tmp_path / "dino"
     assert main(["train", "dino_fashion_mnist", "--data", str(fmnist_dir), "--output", str(run), "train.epochs=0",
-                 "model.kwargs={img_size: 28, patch_size: 7, embed_dim: 24, depth: 1, num_heads: 3, "
+                 "model.kwargs={img_size: 27, patch_size: 9, embed_dim: 24, depth: 1, num_heads: 3, "
                  "dynamic_img_size: true}",
                  "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.knn_k=[5]",
                  "dino.knn_report_k=5"]) == 0
@@ -187,7 +187,7 @@ def test_dino_exports_its_backbone_as_features(tmp_path: Path, fmnist_dir: Path,
 
     session = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_outputs()[0].name == "features"
-    feats = session.run(None, {"images": np.zeros((5, 1, 28, 28), np.float32)})[0]
+    feats = session.run(None, {"images": np.zeros((5, 1, 27, 27), np.float32)})[0]
     assert feats.shape == (5, 24)
     _one_line_error(capsys, main(["infer", str(run / "model.onnx"), "x.png"]), "DINO backbone", "visionzoo knn")
 

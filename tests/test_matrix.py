@@ -48,7 +48,7 @@ SUPERVISED = ["data.image_size=32", "data.test_resize=36",
               "data.test_size=32", "data.batch_size=8", "model.bn_group=2", "train.ema_decay=0.5",
               "train.mixup=0.2", "train.epochs=2", "log.progress=off", "train.dist_timeout=60"]
 DINO = [*TINY_OVERRIDES, "data.name=imagefolder", "data.in_chans=3", "data.mean=[128,128,128]",
-        "data.std=[64,64,64]", "data.image_size=28", "data.test_size=28", "data.test_resize=28", "dino.knn_k=[5]",
+        "data.std=[64,64,64]", "data.image_size=27", "data.test_size=27", "data.test_resize=27", "dino.knn_k=[5]",
         "dino.knn_report_k=5", "data.workers=0", "train.epochs=2", "log.progress=off", "train.dist_timeout=60",
         "train.device=cpu"]
 

@@ -89,7 +89,7 @@ def _reference_cosine_scheduler(base: float, final: float, epochs: int, iters_pe
 
 
 TINY_DINO = [
-    "model.kwargs={img_size: 28, patch_size: 7, embed_dim: 24, depth: 1, num_heads: 3, dynamic_img_size: true}",
+    "model.kwargs={img_size: 27, patch_size: 9, embed_dim: 24, depth: 1, num_heads: 3, dynamic_img_size: true}",
     "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.knn_k=[5]", "dino.knn_report_k=5",
     "train.device=cpu", "train.amp=none", "train.log_every=1", "log.progress=off",
 ]

@@ -20,7 +20,7 @@ from visionzoo.html_report.predictions import CACHE, Predictions
 
 FAST = ["--epochs", "1", "--device", "cpu", "--amp", "none", "log.progress=off"]
 DINO_TINY = [
-    "model.kwargs={img_size: 28, patch_size: 7, embed_dim: 24, depth: 1, num_heads: 3, dynamic_img_size: true, "
+    "model.kwargs={img_size: 27, patch_size: 9, embed_dim: 24, depth: 1, num_heads: 3, dynamic_img_size: true, "
     "global_pool: avg}",  # as the recipe: the feature pools the patch tokens
     "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.local_crops_number=0",
     "data.batch_size=32", "train.max_steps_per_epoch=2", "train.log_every=1", "dino.knn_k=[5,20]",
@@ -189,7 +189,7 @@ def test_dino_report_in_a_browser(fmnist_dir, browser, tmp_path, capsys):
     found = _check_page(browser, run / "report" / "index.html", tmp_path, sections)
     assert {"attention.png", "neighbours.png", "confusion.png"} <= {i["src"] for i in found["images"]}
     pred = Predictions.load(run / CACHE)
-    assert pred.kind == "knn" and pred.attention["maps"].shape == (4, 3, 4, 4)
+    assert pred.kind == "knn" and pred.attention["maps"].shape == (4, 3, 3, 3)  # 3 heads, 3x3 patches of 9 px
     assert str(pred.attention["of"]) == POOLED_LABEL
     assert f'alt="{POOLED_LABEL} maps per head"' in (run / "report" / "index.html").read_text()
     assert pred.knn["neighbours"].shape[:2] == (4, 5)

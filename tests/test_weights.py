@@ -24,8 +24,8 @@ from visionzoo.errors import UserError
 from visionzoo.models import build_model, create, model_args
 from visionzoo.models.weights import model_from_weights, read_file
 
-# dino_fashion_mnist's ViT (28 px grey images, 7 px patches), as the DINO reference would build it.
-VIT_KW = {"img_size": 28, "patch_size": 7, "embed_dim": 96, "depth": 4, "num_heads": 3}
+# dino_fashion_mnist's ViT (27 px grey crops, 9 px patches), as the DINO reference would build it.
+VIT_KW = {"img_size": 27, "patch_size": 9, "embed_dim": 96, "depth": 4, "num_heads": 3}
 # The recipe's feature is its mean patch token (timm's fc_norm); DINO's ViT reads [CLS] (norm).
 CLS = "model.kwargs.global_pool=token"
 
@@ -56,7 +56,7 @@ def _reference_vit(seed: int, num_classes: int = 0) -> nn.Module:
 
 
 def _dino_images(n: int = 3) -> torch.Tensor:
-    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    return torch.randn(n, 1, 27, 27, generator=torch.Generator().manual_seed(1))
 
 
 class ReferenceDINOHead(nn.Module):

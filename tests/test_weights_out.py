@@ -101,7 +101,7 @@ def dino_run(fmnist_dir: Path, tmp_path_factory) -> Path:
     assert main(["train", "dino_fashion_mnist", "--data", str(fmnist_dir), "--output", str(run), "--epochs", "1",
                  "--workers", "0", "--device", "cpu", "--amp", "none", "data.batch_size=16",
                  "train.max_steps_per_epoch=1", "log.progress=off",
-                 "model.kwargs={img_size: 28, patch_size: 7, embed_dim: 24, depth: 1, num_heads: 3, "
+                 "model.kwargs={img_size: 27, patch_size: 9, embed_dim: 24, depth: 1, num_heads: 3, "
                  "dynamic_img_size: true}",
                  "dino.out_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.knn_k=[5]",
                  "dino.knn_report_k=5"]) == 0
@@ -237,7 +237,7 @@ def test_dino_run_as_released_backbone_and_training_checkpoint(dino_run: Path, t
     assert main(["export", str(dino_run), "--format", "dino", "--full-checkpoint", "--output", str(out)]) == 0
     model, meta = load_model(dino_run)
     cfg = from_dict(meta["config"])
-    x = _images(1, 28)
+    x = _images(1, cfg.data.image_size)  # the recipe's 27 px crops (3x3 patches of 9 px)
     expected = _outputs(model, x)
 
     backbone = torch.load(out, map_location="cpu", weights_only=True)
